@@ -1,0 +1,33 @@
+/**
+ * The seam between registry access (remote/) and everything that reads layer bytes (estargz/, reader/).
+ * A BlobSource is one layer blob, already resolved to a URL with working credentials.
+ */
+export interface BlobSource {
+  /** `sha256:<hex>` of the compressed blob. */
+  readonly digest: string;
+  /** Compressed size in bytes, as the registry reports it. */
+  readonly size: number;
+  /**
+   * Reads exactly the bytes [offset, offset + length) of the blob. Rejects with a RegistryError when the
+   * registry cannot serve them; never resolves with fewer bytes than asked for.
+   */
+  readRange(offset: number, length: number, signal?: AbortSignal): Promise<Buffer>;
+}
+
+/** A BlobSource over bytes in memory: for tests and for blobs that are already local. */
+export class BufferBlobSource implements BlobSource {
+  readonly size: number;
+  constructor(
+    readonly digest: string,
+    private readonly bytes: Buffer,
+  ) {
+    this.size = bytes.length;
+  }
+
+  async readRange(offset: number, length: number): Promise<Buffer> {
+    if (offset < 0 || length < 0 || offset + length > this.size) {
+      throw new RangeError(`range ${offset}+${length} outside blob of ${this.size} bytes`);
+    }
+    return this.bytes.subarray(offset, offset + length);
+  }
+}
