@@ -1,0 +1,234 @@
+/**
+ * The daemon's typed config, loaded from TOML at startup.
+ *
+ * Key names and defaults follow the reference (containerd-stargz-grpc config.toml), including its rule that
+ * a key set to 0 means "use the default" (go-toml leaves 0 for absent keys, so the reference cannot tell
+ * them apart). Our own key `[cache] memory_max_bytes` follows the same rule. Reference keys we do not
+ * implement yet are accepted with one warning each (see keys.ts); unknown keys and wrong types are errors
+ * naming the key path, so a typo never silently falls back to a default.
+ */
+import { readFile } from 'node:fs/promises';
+import { parse as parseToml, TomlError } from 'smol-toml';
+import { ConfigError, errorCode } from '../errors';
+import { MIRROR_KEYS, TABLE_KEYS, TOP_LEVEL_KEYS, type KeySpec, type KeyType } from './keys';
+
+export const DEFAULT_PREFETCH_TIMEOUT_SEC = 10;
+export const DEFAULT_PREFETCH_SIZE_BYTES = 0;
+/**
+ * FUSE attribute/entry cache lifetime. The reference's default is 1 s. Layer content is immutable, so a long
+ * timeout would be safe and save lookups; we keep the reference's default for now and let config raise it.
+ */
+export const DEFAULT_FUSE_ATTR_TIMEOUT_SEC = 1;
+export const DEFAULT_FUSE_ENTRY_TIMEOUT_SEC = 1;
+/** 256 MiB of decompressed chunks in RAM. */
+export const DEFAULT_CACHE_MEMORY_MAX_BYTES = 268_435_456;
+export const DEFAULT_REQUEST_TIMEOUT_SEC = 30;
+export const DEFAULT_FETCHING_TIMEOUT_SEC = 300;
+
+export interface FuseConfig {
+  /** Kernel attribute cache lifetime (`[fuse] attr_timeout`). */
+  readonly attrTimeoutSec: number;
+  /** Kernel name-lookup cache lifetime (`[fuse] entry_timeout`). */
+  readonly entryTimeoutSec: number;
+}
+
+export interface CacheConfig {
+  /** Bound of the in-memory cache (`[cache] memory_max_bytes`, ours). */
+  readonly memoryMaxBytes: number;
+}
+
+export interface ResolverConfig {
+  /** Bound of each registry request (`[resolver] request_timeout_sec`); <= 0 means no timeout. */
+  readonly requestTimeoutSec: number;
+}
+
+export interface BlobConfig {
+  /** Bound of one blob range fetch (`[blob] fetching_timeout_sec`). */
+  readonly fetchingTimeoutSec: number;
+}
+
+export interface Config {
+  /** `noprefetch`: don't prefetch the landmark/prefetch range at mount. */
+  readonly noPrefetch: boolean;
+  /** `no_background_fetch`: don't fetch the rest of each layer in the background. */
+  readonly noBackgroundFetch: boolean;
+  /** `prefetch_timeout_sec`: how long the first Check waits for prefetch. */
+  readonly prefetchTimeoutSec: number;
+  /** `prefetch_size`: bytes to prefetch when the layer has no landmark and no label says. */
+  readonly prefetchSizeBytes: number;
+  /** `disable_verification`: skip TOC and chunk digest checks everywhere. */
+  readonly disableVerification: boolean;
+  /** `allow_no_verification`: let the skip-verify label mount layers without a TOC digest. */
+  readonly allowNoVerification: boolean;
+  /** `metrics_address`: TCP address for /metrics; empty = off. */
+  readonly metricsAddress: string;
+  readonly fuse: FuseConfig;
+  readonly cache: CacheConfig;
+  readonly resolver: ResolverConfig;
+  readonly blob: BlobConfig;
+}
+
+export interface LoadedConfig {
+  config: Config;
+  /** One line per ignored (not yet implemented) key. */
+  warnings: string[];
+}
+
+export function defaultConfig(): Config {
+  return {
+    noPrefetch: false,
+    noBackgroundFetch: false,
+    prefetchTimeoutSec: DEFAULT_PREFETCH_TIMEOUT_SEC,
+    prefetchSizeBytes: DEFAULT_PREFETCH_SIZE_BYTES,
+    disableVerification: false,
+    allowNoVerification: false,
+    metricsAddress: '',
+    fuse: { attrTimeoutSec: DEFAULT_FUSE_ATTR_TIMEOUT_SEC, entryTimeoutSec: DEFAULT_FUSE_ENTRY_TIMEOUT_SEC },
+    cache: { memoryMaxBytes: DEFAULT_CACHE_MEMORY_MAX_BYTES },
+    resolver: { requestTimeoutSec: DEFAULT_REQUEST_TIMEOUT_SEC },
+    blob: { fetchingTimeoutSec: DEFAULT_FETCHING_TIMEOUT_SEC },
+  };
+}
+
+/**
+ * Loads the config file. A missing file is fine when it is the default path (`explicit: false`) and an
+ * error when the user named it. An empty file gives the defaults.
+ */
+export async function loadConfig(path: string, opts: { explicit: boolean }): Promise<LoadedConfig> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (err) {
+    const code = errorCode(err);
+    if (code === 'ENOENT' && !opts.explicit) return { config: defaultConfig(), warnings: [] };
+    if (code === 'ENOENT') throw new ConfigError(`config file ${path} does not exist`);
+    throw new ConfigError(`cannot read config file ${path}: ${code ?? (err instanceof Error ? err.message : String(err))}`);
+  }
+  return parseConfig(text, path);
+}
+
+type Table = Record<string, unknown>;
+
+function isTable(v: unknown): v is Table {
+  return typeof v === 'object' && v !== null && !Array.isArray(v) && !(v instanceof Date);
+}
+
+/** TOML key path as a user would write it: bare keys joined by dots, others quoted. */
+function keyPath(parts: readonly string[]): string {
+  return parts.map((p) => (/^[A-Za-z0-9_-]+$/.test(p) ? p : JSON.stringify(p))).join('.');
+}
+
+function describe(v: unknown): string {
+  if (Array.isArray(v)) return 'an array';
+  if (v instanceof Date || (typeof v === 'object' && v !== null && 'toISOString' in v)) return 'a date';
+  if (isTable(v)) return 'a table';
+  if (typeof v === 'number') return Number.isInteger(v) ? 'an integer' : 'a float';
+  return `a ${typeof v}`;
+}
+
+function checkType(v: unknown, type: KeyType, source: string, path: string): void {
+  const ok = type === 'boolean' ? typeof v === 'boolean' : type === 'string' ? typeof v === 'string' : typeof v === 'number' && Number.isInteger(v);
+  if (!ok) throw new ConfigError(`${source}: ${path} must be ${type === 'integer' ? 'an integer' : `a ${type}`}, got ${describe(v)}`);
+}
+
+/** Parses config TOML text; `source` names the file in messages. */
+export function parseConfig(text: string, source = 'config'): LoadedConfig {
+  let doc: Table;
+  try {
+    doc = parseToml(text, { unsafeKeyBehaviour: 'throw' });
+  } catch (err) {
+    const where = err instanceof TomlError ? ` at line ${err.line}, column ${err.column}` : '';
+    const first = err instanceof Error ? (err.message.split('\n')[0] ?? '') : String(err);
+    throw new ConfigError(`${source}: invalid TOML${where}: ${first}`);
+  }
+
+  const warnings: string[] = [];
+  const values = new Map<string, unknown>();
+  const ignored = (path: string, extra = ''): void => {
+    warnings.push(`${source}: config key ${path} is not implemented yet, ignored${extra}`);
+  };
+  const takeKey = (spec: KeySpec | undefined, value: unknown, parts: string[]): void => {
+    const path = keyPath(parts);
+    if (spec === undefined) throw new ConfigError(`${source}: unknown config key ${path}`);
+    checkType(value, spec.type, source, path);
+    if (spec.implemented) values.set(parts.join('.'), value);
+    else ignored(path);
+  };
+
+  for (const [key, value] of Object.entries(doc)) {
+    const tableSpec = TABLE_KEYS[key];
+    if (tableSpec !== undefined) {
+      if (!isTable(value)) throw new ConfigError(`${source}: ${keyPath([key])} must be a table, got ${describe(value)}`);
+      for (const [sub, subValue] of Object.entries(value)) {
+        if (key === 'resolver' && sub === 'host') {
+          checkResolverHosts(subValue, source);
+          ignored(keyPath([key, sub]), ' (registry mirrors: configure them in hosts.toml under the hosts dir)');
+          continue;
+        }
+        takeKey(tableSpec[sub], subValue, [key, sub]);
+      }
+      continue;
+    }
+    takeKey(TOP_LEVEL_KEYS[key], value, [key]);
+  }
+
+  const get = <T>(path: string): T | undefined => values.get(path) as T | undefined;
+  const nonNegative = (path: string, dflt: number): number => {
+    const v = get<number>(path);
+    if (v === undefined || v === 0) return dflt;
+    if (v < 0) throw new ConfigError(`${source}: ${path} must not be negative, got ${v}`);
+    return v;
+  };
+  const d = defaultConfig();
+  const requestTimeout = get<number>('resolver.request_timeout_sec');
+  const config: Config = {
+    noPrefetch: get<boolean>('noprefetch') ?? d.noPrefetch,
+    noBackgroundFetch: get<boolean>('no_background_fetch') ?? d.noBackgroundFetch,
+    prefetchTimeoutSec: nonNegative('prefetch_timeout_sec', d.prefetchTimeoutSec),
+    prefetchSizeBytes: nonNegative('prefetch_size', d.prefetchSizeBytes),
+    disableVerification: get<boolean>('disable_verification') ?? d.disableVerification,
+    allowNoVerification: get<boolean>('allow_no_verification') ?? d.allowNoVerification,
+    metricsAddress: get<string>('metrics_address') ?? d.metricsAddress,
+    fuse: {
+      attrTimeoutSec: nonNegative('fuse.attr_timeout', d.fuse.attrTimeoutSec),
+      entryTimeoutSec: nonNegative('fuse.entry_timeout', d.fuse.entryTimeoutSec),
+    },
+    cache: { memoryMaxBytes: nonNegative('cache.memory_max_bytes', d.cache.memoryMaxBytes) },
+    // Reference: 0 -> default, negative -> no timeout (kept negative; consumers treat <= 0 as "none").
+    resolver: { requestTimeoutSec: requestTimeout === undefined || requestTimeout === 0 ? d.resolver.requestTimeoutSec : requestTimeout },
+    blob: { fetchingTimeoutSec: nonNegative('blob.fetching_timeout_sec', d.blob.fetchingTimeoutSec) },
+  };
+  return { config, warnings };
+}
+
+/** `[[resolver.host."<registry>".mirrors]]`: checked for shape and types even though it is ignored. */
+function checkResolverHosts(value: unknown, source: string): void {
+  const base = ['resolver', 'host'];
+  if (!isTable(value)) throw new ConfigError(`${source}: ${keyPath(base)} must be a table of registries, got ${describe(value)}`);
+  for (const [registry, entry] of Object.entries(value)) {
+    const at = [...base, registry];
+    if (!isTable(entry)) throw new ConfigError(`${source}: ${keyPath(at)} must be a table, got ${describe(entry)}`);
+    for (const [key, mirrors] of Object.entries(entry)) {
+      if (key !== 'mirrors') throw new ConfigError(`${source}: unknown config key ${keyPath([...at, key])}`);
+      if (!Array.isArray(mirrors)) throw new ConfigError(`${source}: ${keyPath([...at, key])} must be an array of tables ([[...mirrors]]), got ${describe(mirrors)}`);
+      mirrors.forEach((mirror: unknown, i: number) => {
+        const mpath = `${keyPath([...at, key])}[${i}]`;
+        if (!isTable(mirror)) throw new ConfigError(`${source}: ${mpath} must be a table, got ${describe(mirror)}`);
+        for (const [mk, mv] of Object.entries(mirror)) {
+          const type = MIRROR_KEYS[mk];
+          const path = `${mpath}.${keyPath([mk])}`;
+          if (type === undefined) throw new ConfigError(`${source}: unknown config key ${path}`);
+          if (type !== 'header') {
+            checkType(mv, type, source, path);
+            continue;
+          }
+          if (!isTable(mv)) throw new ConfigError(`${source}: ${path} must be a table, got ${describe(mv)}`);
+          for (const [hk, hv] of Object.entries(mv)) {
+            const ok = typeof hv === 'string' || (Array.isArray(hv) && hv.every((x) => typeof x === 'string'));
+            if (!ok) throw new ConfigError(`${source}: ${path}.${keyPath([hk])} must be a string or an array of strings, got ${describe(hv)}`);
+          }
+        }
+      });
+    }
+  }
+}

@@ -1,0 +1,780 @@
+/**
+ * Registry access over HTTP (undici): resolve a layer blob to a BlobSource that serves byte ranges, and fetch
+ * manifests and whole blobs for rpull/convert.
+ *
+ * Resolving a blob (reference: fs/remote/resolver.go) tries each endpoint from hosts.toml in order, mirrors
+ * first, and the first that works wins; errors from all of them are reported together:
+ *   1. GET <endpoint>/<repo>/blobs/<digest> with `Range: bytes=0-1` (GET, not HEAD: some registries answer
+ *      HEAD 200 without the redirect). A 3xx is followed one hop and its Location becomes the URL all later
+ *      range reads go to (registry auth and custom headers are not sent to another origin).
+ *   2. The size comes from that probe (Content-Range total on 206, Content-Length on 200) when it can, saving
+ *      a round trip; otherwise HEAD on the final URL, then GET bytes=0-1 as the reference does.
+ * Range reads expect 206 with a matching Content-Range; a 200 (server ignored Range) is read only up to the
+ * wanted slice and the rest of the connection is dropped, so a whole blob is never buffered. 403 on a
+ * redirected URL (expired pre-signed URL) re-resolves once; 401 re-authenticates once.
+ *
+ * Timeouts: `requestTimeoutMs` ([resolver] request_timeout_sec) bounds every small request end to end and is
+ * the idle limit (headers, gap between body chunks) of every request; a range read is bounded end to end by
+ * `fetchTimeoutMs` ([blob] fetching_timeout_sec); a whole-blob stream has only the idle limit, because its
+ * length is the caller's business. The caller's AbortSignal is honoured everywhere.
+ *
+ * Error messages name the registry host, the repository and the digest, never credentials, tokens or the full
+ * final URL (pre-signed storage URLs carry secrets in their query string).
+ */
+import { createHash } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
+import { rootCertificates } from 'node:tls';
+import { type Readable, Transform, type TransformCallback, pipeline } from 'node:stream';
+import { Pool, type Dispatcher } from 'undici';
+import { RegistryAuthError, RegistryError, StargazeError, errorCode, errorMessage } from '../errors';
+import { log as rootLog, type Logger } from '../log';
+import { MAX_TOKEN_RESPONSE_BYTES, RegistryAuthorizer, pullScope, type TokenHttp } from './auth';
+import type { BlobSource } from './blob-source';
+import { DockerConfigKeychain, chainCredentials, type CredentialProvider } from './credentials';
+import { resolveHosts, type HostCapability, type RegistryEndpoint } from './hosts';
+import { isDockerHub, parseReference, validateDigest, type ImageReference } from './reference';
+
+/** [resolver] request_timeout_sec default. */
+export const DEFAULT_REQUEST_TIMEOUT_MS = 30_000;
+/** [blob] fetching_timeout_sec default. */
+export const DEFAULT_FETCH_TIMEOUT_MS = 300_000;
+/** Connections kept per origin; FUSE reads of several files of one layer run in parallel. */
+export const DEFAULT_CONNECTIONS_PER_ORIGIN = 16;
+/** Idle keep-alive sockets are closed after this (undici's default is only 4 s). */
+export const KEEP_ALIVE_TIMEOUT_MS = 30_000;
+/** containerd's limit for a manifest or index body. */
+export const MAX_MANIFEST_BYTES = 4 * 1024 * 1024;
+/** Redirect hops followed for manifests and whole blobs (range probes follow exactly one, as the reference). */
+export const MAX_REDIRECTS = 5;
+/** Bytes of an unwanted body (401 page, error JSON) read to keep the connection reusable before dropping it. */
+const DRAIN_LIMIT_BYTES = 64 * 1024;
+/** setTimeout's limit; longer timeouts are clamped. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+export const MANIFEST_MEDIA_TYPES = [
+  'application/vnd.oci.image.index.v1+json',
+  'application/vnd.docker.distribution.manifest.list.v2+json',
+  'application/vnd.oci.image.manifest.v1+json',
+  'application/vnd.docker.distribution.manifest.v2+json',
+] as const;
+
+export interface RegistryClientOptions {
+  /** containerd hosts dir (certs.d layout). Missing or absent: every registry is its own only endpoint. */
+  hostsDir?: string;
+  /** Directory of docker's config.json; default `$DOCKER_CONFIG` or ~/.docker. */
+  dockerConfigDir?: string;
+  /** Credentials tried before docker's config.json, e.g. from CRI or tests. */
+  credentials?: (host: string) => { username: string; password: string } | undefined;
+  log?: Logger;
+  /** Per-request bound; null or <= 0 disables it (reference: negative request_timeout_sec). Default 30 s. */
+  requestTimeoutMs?: number | null;
+  /** End-to-end bound of one range read; null or <= 0 disables it. Default 300 s. */
+  fetchTimeoutMs?: number | null;
+  connectionsPerOrigin?: number;
+}
+
+export interface FetchedManifest {
+  /** Content-Type the registry served. */
+  readonly mediaType: string;
+  /** sha256 of the bytes received (equal to the reference's digest when it pins one). */
+  readonly digest: string;
+  readonly body: Buffer;
+}
+
+export interface BlobStream {
+  readonly digest: string;
+  /** Content-Length, when the server sent one. */
+  readonly size: number | undefined;
+  /** The blob's bytes; errors at the end if they don't hash to `digest` (sha256 digests). */
+  readonly body: Readable;
+}
+
+/** Where a resolved blob's bytes are served from. */
+interface BlobLocation {
+  readonly endpoint: RegistryEndpoint;
+  /** `<endpoint>/<repo>/blobs/<digest>` */
+  readonly blobUrl: URL;
+  /** blobUrl, or where it redirected to. */
+  readonly url: URL;
+  /** True when `url` is on another origin: no registry auth, no custom headers, default TLS. */
+  readonly foreign: boolean;
+}
+
+interface SendOptions {
+  method: 'GET' | 'HEAD' | 'POST';
+  headers: Record<string, string | string[]>;
+  body?: string;
+  signal: AbortSignal | undefined;
+}
+
+interface TlsSettings {
+  skipVerify: boolean;
+  caFiles: readonly string[];
+  clientCerts: RegistryEndpoint['clientCerts'];
+}
+
+const DEFAULT_TLS: TlsSettings = { skipVerify: false, caFiles: [], clientCerts: [] };
+
+function firstHeader(res: Dispatcher.ResponseData, name: string): string | undefined {
+  const v = res.headers[name];
+  return Array.isArray(v) ? v[0] : v;
+}
+
+function parseNonNegativeInt(s: string | undefined): number | undefined {
+  if (s === undefined || !/^\d+$/.test(s.trim())) return undefined;
+  const n = Number(s.trim());
+  return Number.isSafeInteger(n) ? n : undefined;
+}
+
+/** `bytes a-b/total` (total may be `*`). */
+function parseContentRange(s: string | undefined): { start: number; end: number; total: number | undefined } | undefined {
+  if (s === undefined) return undefined;
+  const m = /^bytes\s+(\d+)-(\d+)\/(\d+|\*)$/i.exec(s.trim());
+  if (m === null) return undefined;
+  return { start: Number(m[1]), end: Number(m[2]), total: m[3] === '*' ? undefined : Number(m[3]) };
+}
+
+/** Best effort: read a little of an unwanted body so the socket can be reused, else drop it. */
+async function discard(res: Dispatcher.ResponseData): Promise<void> {
+  try {
+    await res.body.dump({ limit: DRAIN_LIMIT_BYTES });
+  } catch {
+    // The connection is gone either way; nothing to report.
+  }
+}
+
+/** undefined -> default; null, 0 or negative -> no timeout. */
+function timeoutOption(v: number | null | undefined, dflt: number): number | null {
+  if (v === undefined) return dflt;
+  return v === null || !(v > 0) ? null : v;
+}
+
+/** A function, not an inline check, so TypeScript does not narrow `aborted` across awaits. */
+function isAborted(signal: AbortSignal | undefined): boolean {
+  return signal?.aborted === true;
+}
+
+function isRedirect(status: number): boolean {
+  return status === 301 || status === 302 || status === 303 || status === 307 || status === 308;
+}
+
+/**
+ * An AbortSignal that fires when the caller aborts or `ms` passes, whichever is first. Built by hand rather
+ * than with AbortSignal.any so nothing stays attached to a long-lived caller signal after dispose().
+ */
+class Deadline {
+  readonly signal: AbortSignal;
+  private readonly controller = new AbortController();
+  private readonly timer: NodeJS.Timeout | undefined;
+  private readonly onParentAbort: () => void;
+  timedOut = false;
+
+  constructor(
+    private readonly parent: AbortSignal | undefined,
+    readonly ms: number | null,
+  ) {
+    this.signal = this.controller.signal;
+    this.onParentAbort = () => this.controller.abort(parent?.reason);
+    if (parent?.aborted === true) {
+      this.controller.abort(parent.reason);
+    } else {
+      parent?.addEventListener('abort', this.onParentAbort, { once: true });
+    }
+    if (ms !== null && !this.signal.aborted) {
+      this.timer = setTimeout(() => {
+        this.timedOut = true;
+        this.controller.abort(new RegistryError(`timed out after ${ms} ms`));
+      }, Math.min(ms, MAX_TIMER_MS));
+    }
+  }
+
+  /** What to throw for `err`: the caller's abort reason, our own timeout as a RegistryError about `what`, or `err`. */
+  error(err: unknown, what: string): unknown {
+    if (this.parent?.aborted === true) return this.parent.reason ?? err;
+    if (this.timedOut) return new RegistryError(`${what}: timed out after ${this.ms} ms`);
+    return err;
+  }
+
+  dispose(): void {
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.parent?.removeEventListener('abort', this.onParentAbort);
+  }
+}
+
+export class RegistryClient {
+  private readonly hostsDir: string | undefined;
+  private readonly log: Logger;
+  private readonly requestTimeoutMs: number | null;
+  private readonly fetchTimeoutMs: number | null;
+  private readonly connectionsPerOrigin: number;
+  readonly authorizer: RegistryAuthorizer;
+  /** One keep-alive pool per (origin, TLS settings). */
+  private readonly pools = new Map<string, Promise<Pool>>();
+  /** hosts.toml warnings already logged, so each is logged once. */
+  private readonly warned = new Set<string>();
+  private closed = false;
+
+  constructor(opts: RegistryClientOptions) {
+    this.hostsDir = opts.hostsDir;
+    this.log = opts.log ?? rootLog.child({ module: 'remote' });
+    this.requestTimeoutMs = timeoutOption(opts.requestTimeoutMs, DEFAULT_REQUEST_TIMEOUT_MS);
+    this.fetchTimeoutMs = timeoutOption(opts.fetchTimeoutMs, DEFAULT_FETCH_TIMEOUT_MS);
+    this.connectionsPerOrigin = opts.connectionsPerOrigin ?? DEFAULT_CONNECTIONS_PER_ORIGIN;
+    const explicit = opts.credentials;
+    const fromOptions: CredentialProvider | undefined =
+      explicit === undefined ? undefined : async (host) => explicit(host);
+    const keychain = new DockerConfigKeychain({ configDir: opts.dockerConfigDir, log: this.log });
+    this.authorizer = new RegistryAuthorizer({
+      credentials: chainCredentials(fromOptions, keychain.provider),
+      http: this.tokenHttp,
+      log: this.log,
+    });
+  }
+
+  /** Closes every connection pool; in-flight requests fail. */
+  async close(): Promise<void> {
+    this.closed = true;
+    const pools = [...this.pools.values()];
+    this.pools.clear();
+    await Promise.all(pools.map(async (p) => (await p).destroy().catch(() => undefined)));
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Public verbs
+
+  /** Resolves a layer blob of `ref` to a BlobSource serving ranges of it. */
+  async resolveBlob(ref: string, digest: string, signal?: AbortSignal): Promise<BlobSource> {
+    const reference = parseReference(ref);
+    validateDigest(digest, 'blob digest');
+    const what = `blob ${digest} of ${reference.name}`;
+    return this.tryEndpoints(reference, ['pull'], what, signal, async (endpoint) => {
+      const blobUrl = this.objectUrl(endpoint, reference, 'blobs', digest);
+      const { location, size } = await this.locateBlob(endpoint, reference, blobUrl, what, signal);
+      this.log.debug({ host: endpoint.host, repository: reference.repository, digest, size, redirected: location.foreign }, 'blob resolved');
+      return new RegistryBlobSource(this, reference, digest, size, location);
+    });
+  }
+
+  /** Fetches a manifest or index; `accept` lists the media types wanted (default: OCI and Docker v2 ones). */
+  async fetchManifest(ref: string, accept: string | readonly string[] = MANIFEST_MEDIA_TYPES, signal?: AbortSignal): Promise<FetchedManifest> {
+    const reference = parseReference(ref);
+    const what = `manifest ${reference.object} of ${reference.name}`;
+    // Resolving a tag needs a host trusted to resolve; a pinned digest can come from any pull mirror.
+    const caps: HostCapability[] = reference.digest !== undefined ? ['pull', 'resolve'] : ['resolve'];
+    const acceptHeader = typeof accept === 'string' ? accept : accept.join(', ');
+    return this.tryEndpoints(reference, caps, what, signal, async (endpoint) => {
+      const url = this.objectUrl(endpoint, reference, 'manifests', reference.object);
+      const deadline = new Deadline(signal, this.requestTimeoutMs);
+      try {
+        const res = await this.follow(endpoint, reference, url, { accept: acceptHeader }, what, deadline.signal);
+        if (res.statusCode !== 200) {
+          await discard(res);
+          throw this.statusError(what, endpoint.host, res.statusCode);
+        }
+        const body = await readLimited(res, MAX_MANIFEST_BYTES, what, endpoint.host);
+        const computed = `sha256:${createHash('sha256').update(body).digest('hex')}`;
+        if (reference.digest !== undefined && reference.digest.startsWith('sha256:') && reference.digest !== computed) {
+          throw new RegistryError(`${what}: ${endpoint.host} served content with digest ${computed}`);
+        }
+        const mediaType = (firstHeader(res, 'content-type') ?? '').split(';')[0]?.trim() ?? '';
+        return { mediaType, digest: reference.digest ?? computed, body };
+      } catch (err) {
+        throw deadline.error(err, `${what} at ${endpoint.host}`);
+      } finally {
+        deadline.dispose();
+      }
+    });
+  }
+
+  /**
+   * Streams a whole blob. Bounded by the idle timeout only; the stream errors if the bytes do not hash to
+   * `digest` (sha256) or are fewer than Content-Length said.
+   */
+  async fetchBlob(ref: string, digest: string, signal?: AbortSignal): Promise<BlobStream> {
+    const reference = parseReference(ref);
+    validateDigest(digest, 'blob digest');
+    const what = `blob ${digest} of ${reference.name}`;
+    return this.tryEndpoints(reference, ['pull'], what, signal, async (endpoint) => {
+      const url = this.objectUrl(endpoint, reference, 'blobs', digest);
+      // No end-to-end deadline: the body is streamed at the caller's pace. undici's header and body idle
+      // timeouts (requestTimeoutMs) still catch a registry that stops answering.
+      const res = await this.follow(endpoint, reference, url, { 'accept-encoding': 'identity' }, what, signal);
+      if (res.statusCode !== 200) {
+        await discard(res);
+        throw this.statusError(what, endpoint.host, res.statusCode);
+      }
+      const size = parseNonNegativeInt(firstHeader(res, 'content-length'));
+      const verifier = new DigestVerifier(digest, size, `${what} from ${endpoint.host}`);
+      pipeline(res.body, verifier, () => undefined); // errors reach the consumer through `verifier`
+      return { digest, size, body: verifier };
+    });
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Resolution
+
+  /** Loads the endpoints for a registry domain and keeps those with one of `caps`. */
+  private async endpointsFor(reference: ImageReference, caps: readonly HostCapability[]): Promise<readonly RegistryEndpoint[]> {
+    const resolution = await resolveHosts(reference.domain, this.hostsDir);
+    for (const w of resolution.warnings) {
+      if (!this.warned.has(w)) {
+        this.warned.add(w);
+        this.log.warn(w);
+      }
+    }
+    return resolution.endpoints.filter((e) => e.capabilities.some((c) => caps.includes(c)));
+  }
+
+  /** Runs `attempt` on each endpoint in order until one succeeds; otherwise throws the failures together. */
+  private async tryEndpoints<T>(
+    reference: ImageReference,
+    caps: readonly HostCapability[],
+    what: string,
+    signal: AbortSignal | undefined,
+    attempt: (endpoint: RegistryEndpoint) => Promise<T>,
+  ): Promise<T> {
+    if (this.closed) throw new RegistryError(`${what}: registry client is closed`);
+    const endpoints = await this.endpointsFor(reference, caps);
+    if (endpoints.length === 0) throw new RegistryError(`${what}: no registry host for ${reference.domain} has capability ${caps.join(' or ')}`);
+    const failures: unknown[] = [];
+    for (const endpoint of endpoints) {
+      if (signal?.aborted === true) throw signal.reason;
+      try {
+        return await attempt(endpoint);
+      } catch (err) {
+        if (isAborted(signal)) throw err;
+        failures.push(err);
+        if (endpoints.length > 1) this.log.debug({ host: endpoint.host, err: errorMessage(err) }, `${what}: host failed, trying the next`);
+      }
+    }
+    if (failures.length === 1) throw failures[0];
+    const messages = failures.map((f) => errorMessage(f)).join('; ');
+    const summary = `${what}: all ${failures.length} registry hosts failed: ${messages}`;
+    if (failures.every((f) => f instanceof RegistryAuthError)) throw new RegistryAuthError(summary);
+    const last = failures[failures.length - 1];
+    throw new RegistryError(summary, last instanceof RegistryError ? last.status : undefined);
+  }
+
+  private objectUrl(endpoint: RegistryEndpoint, reference: ImageReference, kind: 'blobs' | 'manifests', object: string): URL {
+    const prefix = endpoint.path.replace(/\/+$/, '');
+    const url = new URL(`${endpoint.scheme}://${endpoint.host}${prefix}/${reference.repository}/${kind}/${object}`);
+    // Mirrors learn which registry is meant from `ns`, as containerd sends it; Docker Hub's own host is not a mirror.
+    const isOrigin = endpoint.host === reference.domain || (isDockerHub(endpoint.host) && isDockerHub(reference.domain));
+    if (!isOrigin) url.searchParams.set('ns', reference.domain);
+    return url;
+  }
+
+  /** Probe + size, see the file comment. */
+  async locateBlob(
+    endpoint: RegistryEndpoint,
+    reference: ImageReference,
+    blobUrl: URL,
+    what: string,
+    signal: AbortSignal | undefined,
+  ): Promise<{ location: BlobLocation; size: number }> {
+    const deadline = new Deadline(signal, this.requestTimeoutMs);
+    const where = `${what} at ${endpoint.host}`;
+    try {
+      const probe = await this.sendAuthorized(
+        endpoint,
+        reference,
+        blobUrl,
+        { method: 'GET', headers: { range: 'bytes=0-1', 'accept-encoding': 'identity' }, signal: deadline.signal },
+        what,
+      );
+      let location: BlobLocation = { endpoint, blobUrl, url: blobUrl, foreign: false };
+      let size: number | undefined;
+      const status = probe.statusCode;
+      if (isRedirect(status)) {
+        const target = firstHeader(probe, 'location');
+        await discard(probe);
+        if (target === undefined) throw new RegistryError(`${where}: redirect (${status}) without a Location`, status);
+        const url = new URL(target, blobUrl);
+        location = { endpoint, blobUrl, url, foreign: url.origin !== blobUrl.origin };
+      } else if (status === 206) {
+        size = parseContentRange(firstHeader(probe, 'content-range'))?.total;
+        await discard(probe);
+      } else if (status === 200) {
+        size = parseNonNegativeInt(firstHeader(probe, 'content-length'));
+        // The server ignored Range and is sending the whole blob: don't read it.
+        probe.body.destroy();
+      } else if (status === 416) {
+        // Range not satisfiable: an empty blob. The HEAD below tells its size.
+        await discard(probe);
+      } else {
+        await discard(probe);
+        throw this.statusError(what, endpoint.host, status);
+      }
+      if (size === undefined) size = await this.sizeAt(location, reference, what, deadline.signal);
+      return { location, size };
+    } catch (err) {
+      throw deadline.error(err, where);
+    } finally {
+      deadline.dispose();
+    }
+  }
+
+  /** HEAD -> Content-Length, else GET bytes=0-1 -> Content-Range total (pre-signed GET URLs may refuse HEAD). */
+  private async sizeAt(location: BlobLocation, reference: ImageReference, what: string, signal: AbortSignal): Promise<number> {
+    const host = location.url.host;
+    const head = await this.sendTo(location, reference, { method: 'HEAD', headers: {}, signal }, what);
+    await discard(head);
+    if (head.statusCode === 200) {
+      const len = parseNonNegativeInt(firstHeader(head, 'content-length'));
+      if (len !== undefined) return len;
+    }
+    const get = await this.sendTo(location, reference, { method: 'GET', headers: { range: 'bytes=0-1', 'accept-encoding': 'identity' }, signal }, what);
+    if (get.statusCode === 206) {
+      const total = parseContentRange(firstHeader(get, 'content-range'))?.total;
+      await discard(get);
+      if (total !== undefined) return total;
+      throw new RegistryError(`${what}: ${host} did not tell the blob size`, 206);
+    }
+    if (get.statusCode === 200) {
+      const len = parseNonNegativeInt(firstHeader(get, 'content-length'));
+      get.body.destroy();
+      if (len !== undefined) return len;
+      throw new RegistryError(`${what}: ${host} did not tell the blob size`, 200);
+    }
+    await discard(get);
+    throw this.statusError(what, host, get.statusCode);
+  }
+
+  // ---------------------------------------------------------------------------------------------------------
+  // Transport
+
+  /** Sends to a resolved blob location: with auth and headers when it is the endpoint itself, bare otherwise. */
+  async sendTo(location: BlobLocation, reference: ImageReference, opts: SendOptions, what: string): Promise<Dispatcher.ResponseData> {
+    if (location.foreign) return this.send(location.url, DEFAULT_TLS, opts, what);
+    return this.sendAuthorized(location.endpoint, reference, location.url, opts, what);
+  }
+
+  /** GET following up to MAX_REDIRECTS hops; auth and custom headers go only to the endpoint's own origin. */
+  private async follow(
+    endpoint: RegistryEndpoint,
+    reference: ImageReference,
+    start: URL,
+    headers: Record<string, string>,
+    what: string,
+    signal: AbortSignal | undefined,
+  ): Promise<Dispatcher.ResponseData> {
+    let url = start;
+    for (let hop = 0; ; hop++) {
+      const opts: SendOptions = { method: 'GET', headers: { ...headers }, signal };
+      const res =
+        url.origin === start.origin ? await this.sendAuthorized(endpoint, reference, url, opts, what) : await this.send(url, DEFAULT_TLS, opts, what);
+      if (!isRedirect(res.statusCode)) return res;
+      const target = firstHeader(res, 'location');
+      await discard(res);
+      if (target === undefined) throw new RegistryError(`${what}: redirect (${res.statusCode}) from ${url.host} without a Location`, res.statusCode);
+      if (hop >= MAX_REDIRECTS) throw new RegistryError(`${what}: more than ${MAX_REDIRECTS} redirects from ${endpoint.host}`, res.statusCode);
+      url = new URL(target, url);
+    }
+  }
+
+  /** Sends with the endpoint's headers and registry auth; on 401 authenticates and retries once. */
+  private async sendAuthorized(
+    endpoint: RegistryEndpoint,
+    reference: ImageReference,
+    url: URL,
+    opts: SendOptions,
+    what: string,
+  ): Promise<Dispatcher.ResponseData> {
+    const scope = pullScope(reference.repository);
+    const host = endpoint.host;
+    const base: Record<string, string | string[]> = {};
+    for (const [k, v] of Object.entries(endpoint.headers)) base[k] = [...v];
+    Object.assign(base, opts.headers);
+    let authorization = this.authorizer.cached(host, scope);
+    const withAuth = (a: string | undefined): SendOptions => ({ ...opts, headers: a === undefined ? base : { ...base, authorization: a } });
+
+    const first = await this.send(url, endpoint, withAuth(authorization), what);
+    if (first.statusCode !== 401) return first;
+    const challenge = first.headers['www-authenticate'];
+    await discard(first);
+    try {
+      authorization = await this.authorizer.authorize(host, scope, challenge, authorization, opts.signal);
+    } catch (err) {
+      if (err instanceof RegistryAuthError) throw new RegistryAuthError(`${what}: ${err.message}`);
+      throw err;
+    }
+    const second = await this.send(url, endpoint, withAuth(authorization), what);
+    if (second.statusCode === 401) {
+      await discard(second);
+      throw new RegistryAuthError(`${what}: registry ${host} still answered 401 after authenticating for ${scope}`);
+    }
+    return second;
+  }
+
+  /** One HTTP exchange; transport failures become RegistryError naming the host. */
+  private async send(url: URL, tls: TlsSettings, opts: SendOptions, what: string): Promise<Dispatcher.ResponseData> {
+    const pool = await this.poolFor(url, tls);
+    const idle = this.requestTimeoutMs ?? 0; // undici: 0 disables
+    try {
+      return await pool.request({
+        path: url.pathname + url.search,
+        method: opts.method,
+        headers: opts.headers,
+        body: opts.body,
+        signal: opts.signal,
+        headersTimeout: idle,
+        bodyTimeout: idle,
+      });
+    } catch (err) {
+      if (opts.signal?.aborted === true || err instanceof StargazeError) throw err;
+      throw new RegistryError(`${what}: request to ${url.host} failed: ${describeNetworkError(err)}`);
+    }
+  }
+
+  /** Token server requests, through the same pools and timeouts. */
+  private readonly tokenHttp: TokenHttp = async (url, init) => {
+    const deadline = new Deadline(init.signal, this.requestTimeoutMs);
+    const what = `token request to ${url.host}`;
+    try {
+      const res = await this.send(url, DEFAULT_TLS, { method: init.method, headers: init.headers, body: init.body, signal: deadline.signal }, what);
+      const body = await readLimited(res, MAX_TOKEN_RESPONSE_BYTES, what, url.host);
+      return { status: res.statusCode, body };
+    } catch (err) {
+      throw deadline.error(err, what);
+    } finally {
+      deadline.dispose();
+    }
+  };
+
+  private poolFor(url: URL, tls: TlsSettings): Promise<Pool> {
+    if (this.closed) return Promise.reject(new RegistryError(`registry client is closed`));
+    const secure = url.protocol === 'https:';
+    const key = secure ? `${url.origin}|${tls.skipVerify}|${tls.caFiles.join(',')}|${tls.clientCerts.map((c) => `${c.certFile}:${c.keyFile}`).join(',')}` : url.origin;
+    let pool = this.pools.get(key);
+    if (pool === undefined) {
+      pool = this.createPool(url.origin, secure ? tls : DEFAULT_TLS);
+      this.pools.set(key, pool);
+      // A pool that could not be built (unreadable CA file) is not cached, so a fixed file is picked up.
+      pool.catch(() => this.pools.delete(key));
+    }
+    return pool;
+  }
+
+  private async createPool(origin: string, tls: TlsSettings): Promise<Pool> {
+    const connect: Record<string, unknown> = { rejectUnauthorized: !tls.skipVerify };
+    if (tls.caFiles.length > 0) {
+      // Node's `ca` replaces the default trust store; hosts.toml `ca` adds to it.
+      connect.ca = [...rootCertificates, ...(await Promise.all(tls.caFiles.map((f) => readTlsFile(f, 'ca'))))];
+    }
+    if (tls.clientCerts.length > 0) {
+      const c = tls.clientCerts[0] as RegistryEndpoint['clientCerts'][number];
+      const cert = await readTlsFile(c.certFile, 'client certificate');
+      connect.cert = cert;
+      connect.key = c.keyFile === undefined ? cert : await readTlsFile(c.keyFile, 'client key');
+    }
+    return new Pool(origin, { connections: this.connectionsPerOrigin, keepAliveTimeout: KEEP_ALIVE_TIMEOUT_MS, connect });
+  }
+
+  private statusError(what: string, host: string, status: number): RegistryError {
+    const why =
+      status === 404 ? 'not found' : status === 403 ? 'access denied' : status === 429 ? 'too many requests' : status >= 500 ? 'server error' : 'unexpected answer';
+    return new RegistryError(`${what}: ${host} answered HTTP ${status} (${why})`, status);
+  }
+
+  /** Used by RegistryBlobSource. */
+  get rangeTimeoutMs(): number | null {
+    return this.fetchTimeoutMs;
+  }
+}
+
+async function readTlsFile(file: string, what: string): Promise<Buffer> {
+  try {
+    return await readFile(file);
+  } catch (err) {
+    throw new RegistryError(`cannot read TLS ${what} file ${file}: ${errorCode(err) ?? 'read error'}`);
+  }
+}
+
+function describeNetworkError(err: unknown): string {
+  const code = errorCode(err);
+  const msg = err instanceof Error ? err.message : String(err);
+  return code !== undefined && !msg.includes(code) ? `${code}: ${msg}` : msg;
+}
+
+/** Reads a whole (small) body into one Buffer, refusing more than `limit` bytes. */
+async function readLimited(res: Dispatcher.ResponseData, limit: number, what: string, host: string): Promise<Buffer> {
+  const declared = parseNonNegativeInt(firstHeader(res, 'content-length'));
+  if (declared !== undefined && declared > limit) {
+    res.body.destroy();
+    throw new RegistryError(`${what}: ${host} sent ${declared} bytes, more than the ${limit} allowed`, res.statusCode);
+  }
+  const chunks: Buffer[] = [];
+  let total = 0;
+  for await (const chunk of res.body as AsyncIterable<Buffer>) {
+    total += chunk.length;
+    if (total > limit) throw new RegistryError(`${what}: ${host} sent more than the ${limit} bytes allowed`, res.statusCode);
+    chunks.push(chunk);
+  }
+  return chunks.length === 1 ? (chunks[0] as Buffer) : Buffer.concat(chunks, total);
+}
+
+/** Passes a blob through, hashing it; fails the stream at the end on a digest or length mismatch. */
+class DigestVerifier extends Transform {
+  private readonly hash: ReturnType<typeof createHash> | undefined;
+  private seen = 0;
+
+  constructor(
+    private readonly digest: string,
+    private readonly expectedSize: number | undefined,
+    private readonly what: string,
+  ) {
+    super();
+    // Only sha256 is checked; other algorithms pass through unverified.
+    this.hash = digest.startsWith('sha256:') ? createHash('sha256') : undefined;
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
+    this.seen += chunk.length;
+    this.hash?.update(chunk);
+    cb(null, chunk);
+  }
+
+  override _flush(cb: TransformCallback): void {
+    if (this.expectedSize !== undefined && this.seen !== this.expectedSize) {
+      cb(new RegistryError(`${this.what}: got ${this.seen} bytes, Content-Length said ${this.expectedSize}`));
+      return;
+    }
+    if (this.hash !== undefined) {
+      const got = `sha256:${this.hash.digest('hex')}`;
+      if (got !== this.digest) {
+        cb(new RegistryError(`${this.what}: content has digest ${got}`));
+        return;
+      }
+    }
+    cb();
+  }
+}
+
+/** A resolved layer blob: range reads against its (possibly redirected) URL. */
+export class RegistryBlobSource implements BlobSource {
+  /** Current location; replaced when a pre-signed URL expires and is refreshed. */
+  private location: BlobLocation;
+  private readonly what: string;
+
+  constructor(
+    private readonly client: RegistryClient,
+    private readonly reference: ImageReference,
+    readonly digest: string,
+    readonly size: number,
+    location: BlobLocation,
+  ) {
+    this.location = location;
+    this.what = `blob ${digest} of ${reference.name}`;
+  }
+
+  /** Host currently serving the bytes (the storage host after a redirect). */
+  get host(): string {
+    return this.location.url.host;
+  }
+
+  async readRange(offset: number, length: number, signal?: AbortSignal): Promise<Buffer> {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
+      throw new RangeError(`range ${offset}+${length} outside ${this.what} of ${this.size} bytes`);
+    }
+    if (length === 0) return Buffer.alloc(0);
+    const deadline = new Deadline(signal, this.client.rangeTimeoutMs);
+    const rangeWhat = `${this.what} bytes ${offset}-${offset + length - 1}`;
+    try {
+      let refreshed = false;
+      for (;;) {
+        const location = this.location;
+        const res = await this.client.sendTo(
+          location,
+          this.reference,
+          { method: 'GET', headers: { range: `bytes=${offset}-${offset + length - 1}`, 'accept-encoding': 'identity' }, signal: deadline.signal },
+          rangeWhat,
+        );
+        // An expired pre-signed storage URL: ask the registry for a fresh one, once.
+        if (res.statusCode === 403 && location.foreign && !refreshed) {
+          await discard(res);
+          refreshed = true;
+          await this.refresh(deadline.signal);
+          continue;
+        }
+        return await this.readResponse(res, offset, length, rangeWhat, location.url.host);
+      }
+    } catch (err) {
+      throw deadline.error(err, `${rangeWhat} at ${this.location.url.host}`);
+    } finally {
+      deadline.dispose();
+    }
+  }
+
+  private async refresh(signal: AbortSignal): Promise<void> {
+    const { location, size } = await this.client.locateBlob(this.location.endpoint, this.reference, this.location.blobUrl, this.what, signal);
+    if (size !== this.size) throw new RegistryError(`${this.what}: size changed from ${this.size} to ${size} on refresh`);
+    this.location = location;
+  }
+
+  private async readResponse(res: Dispatcher.ResponseData, offset: number, length: number, what: string, host: string): Promise<Buffer> {
+    if (res.statusCode === 206) {
+      const type = firstHeader(res, 'content-type') ?? '';
+      const range = parseContentRange(firstHeader(res, 'content-range'));
+      const end = offset + length - 1;
+      if (type.toLowerCase().startsWith('multipart/') || range === undefined || range.start !== offset || range.end !== end || (range.total !== undefined && range.total !== this.size)) {
+        await discard(res);
+        throw new RegistryError(
+          `${what}: ${host} answered 206 with Content-Range ${JSON.stringify(firstHeader(res, 'content-range') ?? '')}, want bytes ${offset}-${end}/${this.size}`,
+          206,
+        );
+      }
+      return readSlice(res.body, 0, length, what, host, true);
+    }
+    if (res.statusCode === 200) {
+      // The server ignored Range and sends the whole blob: keep only our slice, drop the connection after it.
+      const len = parseNonNegativeInt(firstHeader(res, 'content-length'));
+      if (len !== undefined && len !== this.size) {
+        res.body.destroy();
+        throw new RegistryError(`${what}: ${host} sent a ${len}-byte blob, expected ${this.size}`, 200);
+      }
+      return readSlice(res.body, offset, length, what, host, false);
+    }
+    await discard(res);
+    const why = res.statusCode === 404 ? 'not found' : res.statusCode === 416 ? 'range not satisfiable' : 'unexpected answer';
+    throw new RegistryError(`${what}: ${host} answered HTTP ${res.statusCode} (${why})`, res.statusCode);
+  }
+}
+
+/**
+ * Copies bytes [skip, skip + length) of a body into one Buffer. With `exact`, the body must be exactly
+ * `length` bytes; otherwise reading stops (and the stream is destroyed) as soon as the slice is complete.
+ */
+async function readSlice(body: Readable, skip: number, length: number, what: string, host: string, exact: boolean): Promise<Buffer> {
+  let out: Buffer | undefined;
+  let written = 0;
+  let toSkip = skip;
+  for await (const raw of body as AsyncIterable<Buffer>) {
+    let chunk = raw;
+    if (toSkip > 0) {
+      if (chunk.length <= toSkip) {
+        toSkip -= chunk.length;
+        continue;
+      }
+      chunk = chunk.subarray(toSkip);
+      toSkip = 0;
+    }
+    if (written + chunk.length > length && exact) {
+      throw new RegistryError(`${what}: ${host} sent more bytes than the range holds`);
+    }
+    // One chunk that is exactly the range needs no copy.
+    if (out === undefined && chunk.length === length && exact) {
+      out = chunk;
+      written = length;
+      continue;
+    }
+    out ??= Buffer.allocUnsafe(length);
+    const n = Math.min(chunk.length, length - written);
+    chunk.copy(out, written, 0, n);
+    written += n;
+    if (!exact && written === length) break; // leaving the loop destroys the body: the rest is never read
+  }
+  if (written !== length || out === undefined) {
+    throw new RegistryError(`${what}: ${host} ended the body after ${written} of ${length} bytes`);
+  }
+  return out;
+}

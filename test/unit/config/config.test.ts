@@ -1,0 +1,226 @@
+import assert from 'node:assert/strict';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { type Config, defaultConfig, loadConfig, parseConfig } from '../../../src/config/config';
+import { ConfigError } from '../../../src/errors';
+
+type DeepPartial<T> = { [K in keyof T]?: T[K] extends object ? DeepPartial<T[K]> : T[K] };
+
+function merged(over: DeepPartial<Config>): Config {
+  const d = defaultConfig();
+  return {
+    ...d,
+    ...over,
+    fuse: { ...d.fuse, ...over.fuse },
+    cache: { ...d.cache, ...over.cache },
+    resolver: { ...d.resolver, ...over.resolver },
+    blob: { ...d.blob, ...over.blob },
+  } as Config;
+}
+
+describe('config defaults', () => {
+  it('match the reference', () => {
+    assert.deepEqual(defaultConfig(), {
+      noPrefetch: false,
+      noBackgroundFetch: false,
+      prefetchTimeoutSec: 10,
+      prefetchSizeBytes: 0,
+      disableVerification: false,
+      allowNoVerification: false,
+      metricsAddress: '',
+      fuse: { attrTimeoutSec: 1, entryTimeoutSec: 1 },
+      cache: { memoryMaxBytes: 268435456 },
+      resolver: { requestTimeoutSec: 30 },
+      blob: { fetchingTimeoutSec: 300 },
+    });
+  });
+});
+
+describe('parseConfig: good configs', () => {
+  const good: [string, string, DeepPartial<Config>, RegExp[]][] = [
+    ['empty', '', {}, []],
+    ['comments only', '# nothing\n', {}, []],
+    [
+      'implemented keys',
+      `noprefetch = true
+no_background_fetch = true
+prefetch_timeout_sec = 20
+prefetch_size = 1048576
+disable_verification = true
+allow_no_verification = true
+metrics_address = "127.0.0.1:8234"
+[fuse]
+attr_timeout = 3600
+entry_timeout = 60
+[cache]
+memory_max_bytes = 1024
+[resolver]
+request_timeout_sec = 5
+[blob]
+fetching_timeout_sec = 60
+`,
+      {
+        noPrefetch: true,
+        noBackgroundFetch: true,
+        prefetchTimeoutSec: 20,
+        prefetchSizeBytes: 1048576,
+        disableVerification: true,
+        allowNoVerification: true,
+        metricsAddress: '127.0.0.1:8234',
+        fuse: { attrTimeoutSec: 3600, entryTimeoutSec: 60 },
+        cache: { memoryMaxBytes: 1024 },
+        resolver: { requestTimeoutSec: 5 },
+        blob: { fetchingTimeoutSec: 60 },
+      },
+      [],
+    ],
+    [
+      'zero means default, like the reference',
+      'prefetch_timeout_sec = 0\n[fuse]\nattr_timeout = 0\n[resolver]\nrequest_timeout_sec = 0\n[blob]\nfetching_timeout_sec = 0\n',
+      {},
+      [],
+    ],
+    ['negative request timeout means none', '[resolver]\nrequest_timeout_sec = -1\n', { resolver: { requestTimeoutSec: -1 } }, []],
+    [
+      'reference keys not implemented are warned about once each',
+      `http_cache_type = "memory"
+filesystem_cache_type = "memory"
+resolve_result_entry_ttl_sec = 60
+max_concurrency = 4
+debug = true
+metadata_store = "db"
+[blob]
+chunk_size = 100000
+check_always = true
+[directory_cache]
+direct = false
+[kubeconfig_keychain]
+enable_keychain = true
+kubeconfig_path = "/k"
+[cri_keychain]
+enable_keychain = true
+image_service_path = "/run/containerd/containerd.sock"
+[snapshotter]
+allow_invalid_mounts_on_restart = true
+[fuse_manager]
+enable = true
+address = "/run/x.sock"
+[fuse]
+passthrough = true
+[[resolver.host."docker.io".mirrors]]
+host = "mirror.gcr.io"
+insecure = false
+request_timeout_sec = 3
+header = { "X-A" = "1", "X-B" = ["2", "3"] }
+[[resolver.host."docker.io".mirrors]]
+host = "127.0.0.1:5000"
+`,
+      {},
+      [
+        /http_cache_type/,
+        /filesystem_cache_type/,
+        /resolve_result_entry_ttl_sec/,
+        /max_concurrency/,
+        /debug/,
+        /metadata_store/,
+        /blob\.chunk_size/,
+        /blob\.check_always/,
+        /directory_cache\.direct/,
+        /kubeconfig_keychain\.enable_keychain/,
+        /kubeconfig_keychain\.kubeconfig_path/,
+        /cri_keychain\.enable_keychain/,
+        /cri_keychain\.image_service_path/,
+        /snapshotter\.allow_invalid_mounts_on_restart/,
+        /fuse_manager\.enable/,
+        /fuse_manager\.address/,
+        /fuse\.passthrough/,
+        /resolver\.host .*hosts\.toml/,
+      ],
+    ],
+  ];
+  for (const [name, text, want, warnings] of good) {
+    it(name, () => {
+      const got = parseConfig(text, 'test.toml');
+      assert.deepEqual(got.config, merged(want));
+      assert.equal(got.warnings.length, warnings.length, got.warnings.join('\n'));
+      warnings.forEach((re, i) => {
+        assert.match(got.warnings[i] ?? '', re);
+        assert.match(got.warnings[i] ?? '', /not implemented yet, ignored/);
+      });
+    });
+  }
+});
+
+describe('parseConfig: bad configs', () => {
+  const bad: [string, string, RegExp][] = [
+    ['unknown top-level key', 'noprefech = true', /unknown config key noprefech/],
+    ['unknown table key', '[fuse]\nattr_timout = 3', /unknown config key fuse\.attr_timout/],
+    ['unknown table', '[fusee]\nx = 1', /unknown config key fusee/],
+    ['string for bool', 'noprefetch = "true"', /noprefetch must be a boolean, got a string/],
+    ['float for int', 'prefetch_size = 1.5', /prefetch_size must be an integer, got a float/],
+    ['bool for int in table', '[blob]\nfetching_timeout_sec = true', /blob\.fetching_timeout_sec must be an integer, got a boolean/],
+    ['int for string', 'metrics_address = 8080', /metrics_address must be a string, got an integer/],
+    ['wrong type for ignored key', '[blob]\nchunk_size = "big"', /blob\.chunk_size must be an integer/],
+    ['table as value', 'fuse = 3', /fuse must be a table/],
+    ['negative size', 'prefetch_size = -1', /prefetch_size must not be negative/],
+    ['negative timeout', '[fuse]\nentry_timeout = -5', /fuse\.entry_timeout must not be negative/],
+    ['date', 'metrics_address = 1979-05-27', /must be a string, got a date/],
+    ['bad mirror key', '[[resolver.host."docker.io".mirrors]]\nhots = "x"', /unknown config key resolver\.host\."docker\.io"\.mirrors\[0\]\.hots/],
+    ['bad mirror type', '[[resolver.host."docker.io".mirrors]]\ninsecure = "no"', /mirrors\[0\]\.insecure must be a boolean/],
+    ['bad mirror header', '[[resolver.host."r".mirrors]]\nheader = { a = 1 }', /mirrors\[0\]\.header\.a must be a string or an array of strings/],
+    ['bad resolver.host entry', '[resolver.host."r"]\nfoo = 1', /unknown config key resolver\.host\.r\.foo/],
+    ['syntax error', 'noprefetch = ', /test\.toml: invalid TOML at line 1/],
+    ['duplicate key', 'noprefetch = true\nnoprefetch = false', /invalid TOML/],
+  ];
+  for (const [name, text, re] of bad) {
+    it(name, () => {
+      assert.throws(
+        () => parseConfig(text, 'test.toml'),
+        (err: unknown) => {
+          assert.ok(err instanceof ConfigError, `want ConfigError, got ${String(err)}`);
+          assert.match(err.message, re);
+          return true;
+        },
+      );
+    });
+  }
+});
+
+describe('loadConfig', () => {
+  let dir = '';
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'stargaze-config-'));
+  });
+  after(() => rm(dir, { recursive: true, force: true }));
+
+  it('a missing default file gives the defaults', async () => {
+    assert.deepEqual(await loadConfig(join(dir, 'none.toml'), { explicit: false }), { config: defaultConfig(), warnings: [] });
+  });
+
+  it('a missing explicit file is an error', async () => {
+    await assert.rejects(loadConfig(join(dir, 'none.toml'), { explicit: true }), (err: unknown) => err instanceof ConfigError && /none\.toml/.test(err.message));
+  });
+
+  it('an empty file gives the defaults', async () => {
+    const file = join(dir, 'empty.toml');
+    await writeFile(file, '');
+    assert.deepEqual(await loadConfig(file, { explicit: true }), { config: defaultConfig(), warnings: [] });
+  });
+
+  it('reads a file and names it in errors', async () => {
+    const file = join(dir, 'c.toml');
+    await writeFile(file, 'noprefetch = true\nipfs = true\n');
+    const { config, warnings } = await loadConfig(file, { explicit: true });
+    assert.equal(config.noPrefetch, true);
+    assert.equal(warnings.length, 1);
+    assert.match(warnings[0] ?? '', /c\.toml: config key ipfs is not implemented yet, ignored/);
+    await writeFile(file, 'bogus = 1\n');
+    await assert.rejects(loadConfig(file, { explicit: false }), (err: unknown) => err instanceof ConfigError && err.message.includes(file));
+  });
+
+  it('a directory is an error even when not explicit', async () => {
+    await assert.rejects(loadConfig(dir, { explicit: false }), ConfigError);
+  });
+});
