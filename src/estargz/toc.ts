@@ -1,0 +1,376 @@
+import { createHash } from 'node:crypto';
+import { promisify } from 'node:util';
+import { gunzip, type InputType, type ZlibOptions } from 'node:zlib';
+
+import { EstargzFormatError, errorCode, errorMessage } from '../errors';
+import { normalizeEntryName } from './entry-name';
+import { FOOTER_SIZE_BYTES, LEGACY_FOOTER_SIZE_BYTES, parseFooter } from './footer';
+import { TAR_BLOCK_BYTES, TYPEFLAG, decodeTarHeader, parsePaxRecords, tarPaddingBytes } from './tar-header';
+
+/**
+ * The table of contents (`stargz.index.json`): its types with the reference JSON names, a strict
+ * parser (the TOC comes from a registry and is hostile until verified), and `readToc`, which finds and
+ * decodes it at the end of a blob.
+ */
+
+/** Default bound on the TOC JSON, compressed and decompressed. */
+export const MAX_TOC_BYTES = 64 * 1024 * 1024;
+/** Default bound on the number of TOC entries. */
+export const MAX_TOC_ENTRIES = 1_000_000;
+/** Name of the TOC tar entry. */
+export const TOC_TAR_NAME = 'stargz.index.json';
+export const TOC_VERSION = 1;
+/** Room in the decompressed TOC member beyond the JSON: headers (maybe PAX), padding, EOF blocks. */
+const TOC_TAR_OVERHEAD_BYTES = 64 * 1024;
+/** Root-level file that marks the end of the prioritized (prefetched) files. */
+export const PREFETCH_LANDMARK = '.prefetch.landmark';
+/** Root-level file that says: do not prefetch this layer. */
+export const NO_PREFETCH_LANDMARK = '.no.prefetch.landmark';
+/** The single byte every landmark file holds. */
+export const LANDMARK_CONTENTS = 0x0f;
+
+export type TocEntryType = 'dir' | 'reg' | 'symlink' | 'hardlink' | 'char' | 'block' | 'fifo' | 'chunk';
+const ENTRY_TYPES: ReadonlySet<string> = new Set<TocEntryType>([
+  'dir',
+  'reg',
+  'symlink',
+  'hardlink',
+  'char',
+  'block',
+  'fifo',
+  'chunk',
+]);
+
+/** One TOC entry. Field order and names follow the reference JSON; absent means zero/empty. */
+export interface TocEntry {
+  /** After parseToc: the cleaned root-relative path ("" = root). As written: the tar name. */
+  name: string;
+  type: TocEntryType;
+  /** Logical size of a `reg` file. */
+  size?: number;
+  /** RFC 3339, UTC, whole seconds. */
+  modtime?: string;
+  /** Symlink target, or hardlink target (a layer path; cleaned by parseToc). */
+  linkName?: string;
+  /** Tar header mode as stored; only perm + setuid/setgid/sticky bits are meaningful. */
+  mode?: number;
+  uid?: number;
+  gid?: number;
+  userName?: string;
+  groupName?: string;
+  /** Compressed offset of the gzip member holding this reg/chunk payload. */
+  offset?: number;
+  /** Uncompressed offset of the payload inside that member. */
+  innerOffset?: number;
+  devMajor?: number;
+  devMinor?: number;
+  /** xattr name → base64 of the value bytes. */
+  xattrs?: Record<string, string>;
+  /** `sha256:<hex>` of the whole regular file. */
+  digest?: string;
+  /** Offset of this chunk in the uncompressed file. */
+  chunkOffset?: number;
+  /** Uncompressed chunk size; absent/0 means "to the end of the file". */
+  chunkSize?: number;
+  /** `sha256:<hex>` of this chunk's uncompressed bytes. */
+  chunkDigest?: string;
+}
+
+export interface Toc {
+  version: number;
+  entries: TocEntry[];
+}
+
+export interface ParseTocOptions {
+  /** Compressed blob size: payload offsets must lie inside it. */
+  blobSize?: number;
+  /** Compressed offset of the TOC member: payload offsets must lie before it. */
+  tocOffset?: number;
+  /** Defaults to MAX_TOC_ENTRIES. */
+  maxEntries?: number;
+  /** Bound on the JSON bytes. Defaults to MAX_TOC_BYTES. */
+  maxTocBytes?: number;
+}
+
+const NUMBER_FIELDS = [
+  'size',
+  'mode',
+  'uid',
+  'gid',
+  'offset',
+  'innerOffset',
+  'devMajor',
+  'devMinor',
+  'chunkOffset',
+  'chunkSize',
+] as const;
+const STRING_FIELDS = ['modtime', 'linkName', 'userName', 'groupName', 'digest', 'chunkDigest'] as const;
+const DIGEST_RE = /^sha256:[0-9a-f]{64}$/;
+const BASE64_RE = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
+
+/** The regular file whose chunks are being read, to check that chunk entries tile it exactly. */
+interface OpenFile {
+  name: string;
+  size: number;
+  /** File offset the next chunk must start at. */
+  nextChunkOffset: number;
+}
+
+/**
+ * Parses and validates TOC JSON. Returns entries with cleaned names (a `chunk` entry carries the name
+ * of its file) and cleaned hardlink targets. Throws EstargzFormatError naming the first problem.
+ */
+export function parseToc(json: Buffer | string, opts: ParseTocOptions = {}): Toc {
+  const maxEntries = opts.maxEntries ?? MAX_TOC_ENTRIES;
+  const dataEnd = opts.tocOffset ?? opts.blobSize ?? Number.MAX_SAFE_INTEGER;
+  const maxTocBytes = opts.maxTocBytes ?? MAX_TOC_BYTES;
+  const jsonBytes = typeof json === 'string' ? Buffer.byteLength(json, 'utf8') : json.length;
+  if (jsonBytes > maxTocBytes) {
+    throw new EstargzFormatError(`TOC JSON is ${jsonBytes} bytes, more than the limit of ${maxTocBytes}`);
+  }
+  let doc: unknown;
+  try {
+    doc = JSON.parse(typeof json === 'string' ? json : json.toString('utf8'));
+  } catch (err) {
+    throw new EstargzFormatError(`TOC is not valid JSON: ${errorMessage(err)}`);
+  }
+  if (!isRecord(doc)) throw new EstargzFormatError('TOC JSON is not an object');
+  if (doc.version !== TOC_VERSION) {
+    throw new EstargzFormatError(`unsupported TOC version ${JSON.stringify(doc.version)}, want ${TOC_VERSION}`);
+  }
+  const rawEntries = doc.entries;
+  if (!Array.isArray(rawEntries)) throw new EstargzFormatError('TOC has no "entries" array');
+  if (rawEntries.length > maxEntries) {
+    throw new EstargzFormatError(`TOC has ${rawEntries.length} entries, more than the limit of ${maxEntries}`);
+  }
+
+  const entries: TocEntry[] = [];
+  /** Type of every non-chunk entry by cleaned name, to find duplicates and check hardlink targets. */
+  const types = new Map<string, TocEntryType>();
+  let open: OpenFile | undefined;
+  let lastDataOffset = 0;
+
+  const closeOpenFile = (): void => {
+    if (open !== undefined && open.nextChunkOffset !== open.size) {
+      throw new EstargzFormatError(
+        `chunks of ${JSON.stringify(open.name)} cover ${open.nextChunkOffset} of its ${open.size} bytes`,
+      );
+    }
+    open = undefined;
+  };
+
+  for (let i = 0; i < rawEntries.length; i++) {
+    const e = parseEntry(rawEntries[i], i);
+    const where = `TOC entry ${i} (${JSON.stringify(e.name)})`;
+
+    if (e.type === 'chunk') {
+      if (open === undefined || open.name !== e.name) {
+        throw new EstargzFormatError(`${where}: chunk does not follow a regular file of the same name`);
+      }
+    } else {
+      closeOpenFile();
+      if (e.name === '' && e.type !== 'dir') throw new EstargzFormatError(`${where}: empty name`);
+      if (types.has(e.name)) throw new EstargzFormatError(`${where}: duplicate entry`);
+      types.set(e.name, e.type);
+    }
+
+    if (e.type === 'symlink' || e.type === 'hardlink') {
+      if (e.linkName === undefined || e.linkName === '') throw new EstargzFormatError(`${where}: ${e.type} has no linkName`);
+      if (e.linkName.includes('\0')) throw new EstargzFormatError(`${where}: linkName contains NUL`);
+      if (e.type === 'hardlink') {
+        const target = normalizeEntryName(e.linkName);
+        if (target === undefined || target === '') {
+          throw new EstargzFormatError(`${where}: unsafe hardlink target ${JSON.stringify(e.linkName)}`);
+        }
+        e.linkName = target;
+      }
+    }
+
+    if (e.type === 'reg' || e.type === 'chunk') {
+      const fileSize = e.type === 'reg' ? (e.size ?? 0) : (open?.size ?? 0);
+      const chunkOffset = e.chunkOffset ?? 0;
+      if (e.type === 'reg' && chunkOffset !== 0) throw new EstargzFormatError(`${where}: first chunk at ${chunkOffset}`);
+      if (e.type === 'chunk' && chunkOffset !== open?.nextChunkOffset) {
+        throw new EstargzFormatError(`${where}: chunk at ${chunkOffset}, want ${open?.nextChunkOffset}`);
+      }
+      const chunkSize = e.chunkSize !== undefined && e.chunkSize > 0 ? e.chunkSize : fileSize - chunkOffset;
+      if (chunkOffset + chunkSize > fileSize || (fileSize > 0 && chunkSize === 0)) {
+        throw new EstargzFormatError(`${where}: chunk ${chunkOffset}+${chunkSize} outside a ${fileSize}-byte file`);
+      }
+      if (fileSize > 0) {
+        if (e.offset === undefined) throw new EstargzFormatError(`${where}: payload has no offset`);
+        if (e.offset >= dataEnd) throw new EstargzFormatError(`${where}: offset ${e.offset} is past the data (${dataEnd})`);
+        if (e.offset < lastDataOffset) {
+          throw new EstargzFormatError(`${where}: offset ${e.offset} goes back before ${lastDataOffset}`);
+        }
+        lastDataOffset = e.offset;
+      }
+      if (e.type === 'reg') open = { name: e.name, size: fileSize, nextChunkOffset: chunkOffset + chunkSize };
+      else if (open !== undefined) open.nextChunkOffset = chunkOffset + chunkSize;
+    }
+    entries.push(e);
+  }
+  closeOpenFile();
+
+  for (const e of entries) {
+    if (e.type !== 'hardlink' || e.linkName === undefined) continue;
+    const targetType = types.get(e.linkName);
+    if (targetType === undefined) {
+      throw new EstargzFormatError(`hardlink ${JSON.stringify(e.name)} points at missing ${JSON.stringify(e.linkName)}`);
+    }
+    if (targetType === 'dir') {
+      throw new EstargzFormatError(`hardlink ${JSON.stringify(e.name)} points at directory ${JSON.stringify(e.linkName)}`);
+    }
+  }
+  return { version: TOC_VERSION, entries };
+}
+
+function parseEntry(raw: unknown, index: number): TocEntry {
+  const where = `TOC entry ${index}`;
+  if (!isRecord(raw)) throw new EstargzFormatError(`${where} is not an object`);
+  if (typeof raw.name !== 'string') throw new EstargzFormatError(`${where} has no string "name"`);
+  const name = normalizeEntryName(raw.name);
+  if (name === undefined) throw new EstargzFormatError(`${where}: unsafe name ${JSON.stringify(raw.name)}`);
+  if (typeof raw.type !== 'string' || !ENTRY_TYPES.has(raw.type)) {
+    throw new EstargzFormatError(`${where} (${JSON.stringify(name)}): unknown type ${JSON.stringify(raw.type)}`);
+  }
+  const e: TocEntry = { name, type: raw.type as TocEntryType };
+  for (const key of NUMBER_FIELDS) {
+    const v = raw[key];
+    if (v === undefined) continue;
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) {
+      throw new EstargzFormatError(`${where} (${JSON.stringify(name)}): "${key}" is not a non-negative integer`);
+    }
+    e[key] = v;
+  }
+  for (const key of STRING_FIELDS) {
+    const v = raw[key];
+    if (v === undefined) continue;
+    if (typeof v !== 'string') throw new EstargzFormatError(`${where} (${JSON.stringify(name)}): "${key}" is not a string`);
+    e[key] = v;
+  }
+  for (const key of ['digest', 'chunkDigest'] as const) {
+    const v = e[key];
+    if (v !== undefined && !DIGEST_RE.test(v)) {
+      throw new EstargzFormatError(`${where} (${JSON.stringify(name)}): "${key}" is not a sha256 digest`);
+    }
+  }
+  if (e.modtime !== undefined && Number.isNaN(Date.parse(e.modtime))) {
+    throw new EstargzFormatError(`${where} (${JSON.stringify(name)}): bad modtime ${JSON.stringify(e.modtime)}`);
+  }
+  if (raw.xattrs !== undefined && raw.xattrs !== null) {
+    if (!isRecord(raw.xattrs)) throw new EstargzFormatError(`${where} (${JSON.stringify(name)}): "xattrs" is not an object`);
+    const xattrs: Record<string, string> = {};
+    for (const [k, v] of Object.entries(raw.xattrs)) {
+      if (k === '' || k.includes('\0') || typeof v !== 'string' || !BASE64_RE.test(v)) {
+        throw new EstargzFormatError(`${where} (${JSON.stringify(name)}): bad xattr ${JSON.stringify(k)}`);
+      }
+      xattrs[k] = v;
+    }
+    e.xattrs = xattrs;
+  }
+  return e;
+}
+
+function isRecord(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+/** The part of a BlobSource that reading a TOC needs (kept structural: estargz/ imports nothing else). */
+export interface RangeReadable {
+  readonly size: number;
+  readRange(offset: number, length: number, signal?: AbortSignal): Promise<Buffer>;
+}
+
+export interface ReadTocOptions {
+  /** Bound on the TOC, compressed and decompressed. Defaults to MAX_TOC_BYTES. */
+  maxTocBytes?: number;
+  /** Defaults to MAX_TOC_ENTRIES. */
+  maxEntries?: number;
+  signal?: AbortSignal;
+}
+
+export interface ReadTocResult {
+  toc: Toc;
+  /** The TOC JSON exactly as stored: what the toc.digest annotation is computed over. */
+  tocJson: Buffer;
+  /** `sha256:<hex>` of tocJson. */
+  tocDigest: string;
+  /** Compressed offset of the TOC member; payload members all end at or before it. */
+  tocOffset: number;
+  /** Size of the footer that matched (51 eStargz, 47 legacy). */
+  footerSize: number;
+}
+
+const gunzipAsync = promisify<InputType, ZlibOptions, Buffer>(gunzip);
+
+/**
+ * Reads the footer and TOC of an eStargz (or legacy stargz) blob: two range reads, one gunzip.
+ * Throws EstargzFormatError when the blob is not eStargz or its TOC is malformed or over the limits.
+ */
+export async function readToc(blob: RangeReadable, opts: ReadTocOptions = {}): Promise<ReadTocResult> {
+  const maxTocBytes = opts.maxTocBytes ?? MAX_TOC_BYTES;
+  if (blob.size < LEGACY_FOOTER_SIZE_BYTES) {
+    throw new EstargzFormatError(`not an eStargz layer: blob of ${blob.size} bytes is smaller than any stargz footer`);
+  }
+  const tailLength = Math.min(FOOTER_SIZE_BYTES, blob.size);
+  const tail = await blob.readRange(blob.size - tailLength, tailLength, opts.signal);
+  const { tocOffset, footerSize } = parseFooter(tail);
+  const tocEnd = blob.size - footerSize;
+  if (tocOffset >= tocEnd) {
+    throw new EstargzFormatError(`footer points at TOC offset ${tocOffset}, past the ${blob.size}-byte blob`);
+  }
+  const compressedLength = tocEnd - tocOffset;
+  if (compressedLength > maxTocBytes) {
+    throw new EstargzFormatError(`compressed TOC is ${compressedLength} bytes, more than the limit of ${maxTocBytes}`);
+  }
+  const compressed = await blob.readRange(tocOffset, compressedLength, opts.signal);
+
+  let tarBytes: Buffer;
+  try {
+    tarBytes = await gunzipAsync(compressed, { maxOutputLength: maxTocBytes + TOC_TAR_OVERHEAD_BYTES });
+  } catch (err) {
+    if (errorCode(err) === 'ERR_BUFFER_TOO_LARGE' || err instanceof RangeError) {
+      throw new EstargzFormatError(`decompressed TOC is larger than the limit of ${maxTocBytes} bytes`);
+    }
+    throw new EstargzFormatError(`malformed TOC gzip member at offset ${tocOffset}: ${errorMessage(err)}`);
+  }
+
+  const tocJson = extractTocJson(tarBytes, maxTocBytes);
+  const tocDigest = 'sha256:' + createHash('sha256').update(tocJson).digest('hex');
+  const toc = parseToc(tocJson, { blobSize: blob.size, tocOffset, maxEntries: opts.maxEntries, maxTocBytes });
+  return { toc, tocJson, tocDigest, tocOffset, footerSize };
+}
+
+/** Finds the `stargz.index.json` tar entry (after an optional PAX header) and returns its content. */
+function extractTocJson(tar: Buffer, maxTocBytes: number): Buffer {
+  let pos = 0;
+  let paxPath: string | undefined;
+  let paxSize: number | undefined;
+  for (;;) {
+    if (pos + TAR_BLOCK_BYTES > tar.length) throw new EstargzFormatError('TOC member holds no tar header');
+    const header = decodeTarHeader(tar.subarray(pos, pos + TAR_BLOCK_BYTES));
+    if (header === undefined) throw new EstargzFormatError('TOC member holds no tar header');
+    pos += TAR_BLOCK_BYTES;
+    if (header.typeflag === TYPEFLAG.paxHeader) {
+      if (pos + header.size > tar.length) throw new EstargzFormatError('TOC PAX header truncated');
+      const records = parsePaxRecords(tar.subarray(pos, pos + header.size));
+      paxPath = records.get('path')?.toString('utf8') ?? paxPath;
+      const size = records.get('size')?.toString('latin1');
+      if (size !== undefined) paxSize = /^[0-9]+$/.test(size) ? Number(size) : NaN;
+      pos += header.size + tarPaddingBytes(header.size);
+      continue;
+    }
+    const name = paxPath ?? header.name;
+    const size = paxSize ?? header.size;
+    if (name !== TOC_TAR_NAME) {
+      throw new EstargzFormatError(`TOC tar entry is named ${JSON.stringify(name)}, want ${JSON.stringify(TOC_TAR_NAME)}`);
+    }
+    if (header.typeflag !== TYPEFLAG.reg) throw new EstargzFormatError('TOC tar entry is not a regular file');
+    if (!Number.isSafeInteger(size) || size > maxTocBytes) {
+      throw new EstargzFormatError(`TOC JSON is ${size} bytes, more than the limit of ${maxTocBytes}`);
+    }
+    if (pos + size > tar.length) throw new EstargzFormatError(`TOC JSON truncated: ${tar.length - pos} of ${size} bytes`);
+    return tar.subarray(pos, pos + size);
+  }
+}

@@ -1,0 +1,430 @@
+import { EstargzFormatError } from '../errors';
+import { baseName, parentName } from '../estargz/entry-name';
+import { NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, type Toc, type TocEntry } from '../estargz/toc';
+import { modeOf, makedev, S_IFCHR } from './file-mode';
+
+/**
+ * The inode table a FUSE mount serves, built once from a parsed TOC: stable inode numbers, full
+ * st_mode, link counts, overlayfs whiteouts, and for every regular file the list of chunks with the
+ * compressed range to fetch for each.
+ */
+
+/** Inode number of the layer root. */
+export const ROOT_INO = 1;
+/** Permission of directories that exist only because something below them does. */
+const IMPLICIT_DIR_PERM = 0o755;
+/** Prefix of an overlayfs/OCI whiteout: `.wh.<name>` deletes `<name>` from lower layers. */
+const WHITEOUT_PREFIX = '.wh.';
+/** Names with this prefix are overlay/aufs metadata, never shown. */
+const WHITEOUT_META_PREFIX = '.wh..wh.';
+/** `.wh..wh..opq` makes its directory opaque. */
+const OPAQUE_WHITEOUT = '.wh..wh..opq';
+/** The xattr overlayfs reads to treat a directory as opaque. */
+export const OPAQUE_XATTR = 'trusted.overlay.opaque';
+const OPAQUE_XATTR_VALUE = Buffer.from('y');
+
+export type NodeType = 'dir' | 'reg' | 'symlink' | 'char' | 'block' | 'fifo' | 'whiteout';
+
+/** One chunk of a regular file and where to find it in the blob. */
+export interface ChunkInfo {
+  /** Offset of the chunk in the file. */
+  fileOffset: number;
+  /** Uncompressed size of the chunk. */
+  size: number;
+  /** Compressed offset of the gzip member the chunk lives in. */
+  compressedOffset: number;
+  /** Next member boundary after compressedOffset: [compressedOffset, compressedEnd) holds the chunk. */
+  compressedEnd: number;
+  /** Offset of the chunk inside the decompressed member. */
+  innerOffset: number;
+  /** `sha256:<hex>` of the chunk's bytes, when the TOC has one. */
+  digest: string | undefined;
+}
+
+export interface LayerNode {
+  ino: number;
+  type: NodeType;
+  /** Full st_mode: type bits + perm + setuid/setgid/sticky. */
+  mode: number;
+  uid: number;
+  gid: number;
+  /** File size; symlink: length of the target in bytes. */
+  size: number;
+  mtimeMs: number;
+  nlink: number;
+  /** Linux dev_t of a char/block device (0 otherwise). */
+  rdev: number;
+  linkName?: string;
+  xattrs: Map<string, Buffer>;
+  /** Directories only: children by name, sorted. */
+  children?: Map<string, LayerNode>;
+  /** Regular files only: chunks sorted by fileOffset, tiling [0, size). */
+  chunks: ChunkInfo[];
+  /** `sha256:<hex>` of the whole regular file, when the TOC has one. */
+  digest?: string;
+  /** Inode of the directory holding this node's first name (root: itself). */
+  parentIno: number;
+}
+
+export interface LayerTreeOptions {
+  /** Compressed size of the blob. */
+  blobSize: number;
+  /** Compressed offset of the TOC member: the last payload member ends there. Defaults to blobSize. */
+  tocOffset?: number;
+}
+
+export interface LayerTree {
+  readonly root: LayerNode;
+  /** Compressed offset of `.prefetch.landmark`: prefetch [0, this) at mount. */
+  readonly prefetchLandmarkOffset: number | undefined;
+  /** True when the layer has `.no.prefetch.landmark`: no prefetch at all. */
+  readonly noPrefetch: boolean;
+  /** Number of inodes (root included). */
+  readonly nodeCount: number;
+  getNode(ino: number): LayerNode | undefined;
+  lookup(parentIno: number, name: string): LayerNode | undefined;
+  /** Resolves a `/`-separated path from the root (no symlink following); undefined if absent. */
+  resolvePath(path: string): LayerNode | undefined;
+  /** Every chunk of every regular file, in blob order: what prefetch walks. */
+  chunksInBlobOrder(): ChunkInfo[];
+}
+
+/** Builds the inode table. Throws EstargzFormatError when entries contradict each other. */
+export function buildLayerTree(toc: Toc, opts: LayerTreeOptions): LayerTree {
+  return new TreeBuilder(toc, opts.tocOffset ?? opts.blobSize).build();
+}
+
+class TreeBuilder {
+  /** Nodes by cleaned path (a hardlink's extra names are only in their parent's children). */
+  private readonly byName = new Map<string, LayerNode>();
+  private readonly root: LayerNode;
+  /** Directories that have their own TOC entry (the others were synthesised). */
+  private readonly explicitDirs = new Set<LayerNode>();
+  private prefetchLandmarkOffset: number | undefined;
+  private noPrefetch = false;
+
+  constructor(
+    private readonly toc: Toc,
+    /** Where the last payload member ends. */
+    private readonly dataEnd: number,
+  ) {
+    this.root = newDir();
+    this.byName.set('', this.root);
+  }
+
+  build(): LayerTree {
+    const entries = this.toc.entries;
+    const nextBoundary = memberEnds(entries, this.dataEnd);
+    let lastFile: LayerNode | undefined;
+    for (let i = 0; i < entries.length; i++) {
+      const e = entries[i];
+      if (e.type === 'chunk') {
+        if (lastFile !== undefined) lastFile.chunks.push(chunkOf(e, lastFile.size, nextBoundary[i]));
+        continue;
+      }
+      if (e.type === 'hardlink') continue; // second pass: targets may come later
+      lastFile = undefined;
+      if (e.name === '') {
+        fillFromEntry(this.root, e);
+        this.explicitDirs.add(this.root);
+        continue;
+      }
+      if (this.takeLandmark(e)) continue;
+      const node = this.place(e);
+      if (e.type === 'reg' && (e.size ?? 0) > 0) {
+        node.chunks.push(chunkOf(e, node.size, nextBoundary[i]));
+        lastFile = node;
+      }
+    }
+    this.linkAll(entries.filter((e) => e.type === 'hardlink'));
+    this.applyWhiteouts(this.root);
+    const nodes = assignInodes(this.root);
+    return new Tree(nodes, this.prefetchLandmarkOffset, this.noPrefetch);
+  }
+
+  /** Landmarks are root-level files that steer prefetch; they are recorded here and hidden. */
+  private takeLandmark(e: TocEntry): boolean {
+    if (e.type !== 'reg') return false;
+    if (e.name === PREFETCH_LANDMARK) {
+      this.prefetchLandmarkOffset = e.offset ?? 0;
+      return true;
+    }
+    if (e.name === NO_PREFETCH_LANDMARK) {
+      this.noPrefetch = true;
+      return true;
+    }
+    return false;
+  }
+
+  /** Creates the node for a non-hardlink entry under its (maybe implicit) parent. */
+  private place(e: TocEntry): LayerNode {
+    const existing = this.byName.get(e.name);
+    if (existing !== undefined) {
+      // Only an implicit dir can already be there (parseToc rejects duplicates): the entry now describes it.
+      if (this.explicitDirs.has(existing) || e.type !== 'dir') {
+        throw new EstargzFormatError(`${JSON.stringify(e.name)} is both a directory and a ${e.type}`);
+      }
+      fillFromEntry(existing, e);
+      this.explicitDirs.add(existing);
+      return existing;
+    }
+    const parent = this.dirFor(parentName(e.name), e.name);
+    const node = e.type === 'dir' ? newDir() : newNode(e);
+    if (e.type === 'dir') {
+      fillFromEntry(node, e);
+      this.explicitDirs.add(node);
+    }
+    parent.children?.set(baseName(e.name), node);
+    this.byName.set(e.name, node);
+    return node;
+  }
+
+  /** The directory node at `name`, synthesising it (and its parents) when the TOC has no entry. */
+  private dirFor(name: string, child: string): LayerNode {
+    const existing = this.byName.get(name);
+    if (existing !== undefined) {
+      if (existing.children === undefined) {
+        throw new EstargzFormatError(`${JSON.stringify(child)} is under ${JSON.stringify(name)}, which is not a directory`);
+      }
+      return existing;
+    }
+    const parent = this.dirFor(parentName(name), name);
+    const dir = newDir();
+    parent.children?.set(baseName(name), dir);
+    this.byName.set(name, dir);
+    return dir;
+  }
+
+  /**
+   * Adds each hardlink's name to its parent dir, sharing the target's node. A target may itself be a
+   * hardlink listed later, so passes repeat until nothing changes; what is left points nowhere.
+   */
+  private linkAll(links: TocEntry[]): void {
+    let pending = links;
+    while (pending.length > 0) {
+      const unresolved: TocEntry[] = [];
+      for (const e of pending) {
+        const target = this.byName.get(e.linkName ?? '');
+        if (target === undefined) {
+          unresolved.push(e);
+          continue;
+        }
+        if (target.children !== undefined) {
+          throw new EstargzFormatError(`hardlink ${JSON.stringify(e.name)} points at a directory`);
+        }
+        if (this.byName.has(e.name)) throw new EstargzFormatError(`hardlink ${JSON.stringify(e.name)} duplicates a name`);
+        const parent = this.dirFor(parentName(e.name), e.name);
+        parent.children?.set(baseName(e.name), target);
+        this.byName.set(e.name, target);
+        target.nlink++;
+      }
+      if (unresolved.length === pending.length) {
+        const e = unresolved[0];
+        throw new EstargzFormatError(`hardlink ${JSON.stringify(e.name)} points at missing ${JSON.stringify(e.linkName)}`);
+      }
+      pending = unresolved;
+    }
+  }
+
+  /** Hides `.wh.*` names: whiteouts become 0/0 char devices, `.wh..wh..opq` marks the dir opaque. */
+  private applyWhiteouts(dir: LayerNode): void {
+    const children = dir.children;
+    if (children === undefined) return;
+    const whiteouts: string[] = [];
+    for (const [name, child] of children) {
+      if (name.startsWith(WHITEOUT_PREFIX)) whiteouts.push(name);
+      else if (child.children !== undefined) this.applyWhiteouts(child);
+    }
+    for (const name of whiteouts) {
+      const hidden = children.get(name);
+      children.delete(name);
+      if (hidden !== undefined && hidden.type !== 'dir' && hidden.nlink > 1) hidden.nlink--;
+      if (name === OPAQUE_WHITEOUT) {
+        dir.xattrs.set(OPAQUE_XATTR, OPAQUE_XATTR_VALUE);
+        continue;
+      }
+      if (name.startsWith(WHITEOUT_META_PREFIX)) continue;
+      const target = name.slice(WHITEOUT_PREFIX.length);
+      if (target === '' || children.has(target)) continue; // a real entry wins over its whiteout
+      children.set(target, newWhiteout());
+    }
+  }
+}
+
+/** For each entry index, the end of its payload's compressed range: the next larger member offset. */
+function memberEnds(entries: readonly TocEntry[], dataEnd: number): number[] {
+  const ends = new Array<number>(entries.length);
+  let next = dataEnd;
+  let current = -1; // offset of the member being walked back through
+  for (let i = entries.length - 1; i >= 0; i--) {
+    const e = entries[i];
+    const hasPayload = (e.type === 'reg' && (e.size ?? 0) > 0) || e.type === 'chunk';
+    if (!hasPayload) continue;
+    const off = e.offset ?? 0;
+    if (off !== current) {
+      if (current >= 0) next = current;
+      current = off;
+    }
+    ends[i] = next;
+  }
+  return ends;
+}
+
+function chunkOf(e: TocEntry, fileSize: number, compressedEnd: number): ChunkInfo {
+  const fileOffset = e.chunkOffset ?? 0;
+  const size = e.chunkSize !== undefined && e.chunkSize > 0 ? e.chunkSize : fileSize - fileOffset;
+  const compressedOffset = e.offset ?? 0;
+  if (!(compressedEnd > compressedOffset)) {
+    throw new EstargzFormatError(`chunk of ${JSON.stringify(e.name)} at ${compressedOffset} has no compressed range`);
+  }
+  return { fileOffset, size, compressedOffset, compressedEnd, innerOffset: e.innerOffset ?? 0, digest: e.chunkDigest };
+}
+
+function newDir(): LayerNode {
+  return {
+    ino: 0,
+    type: 'dir',
+    mode: modeOf('dir', IMPLICIT_DIR_PERM),
+    uid: 0,
+    gid: 0,
+    size: 0,
+    mtimeMs: 0,
+    nlink: 2,
+    rdev: 0,
+    xattrs: new Map(),
+    children: new Map(),
+    chunks: [],
+    parentIno: 0,
+  };
+}
+
+function newNode(e: TocEntry): LayerNode {
+  const type = e.type as Exclude<NodeType, 'dir' | 'whiteout'>;
+  const node: LayerNode = {
+    ino: 0,
+    type,
+    mode: 0,
+    uid: 0,
+    gid: 0,
+    size: 0,
+    mtimeMs: 0,
+    nlink: 1,
+    rdev: 0,
+    xattrs: new Map(),
+    chunks: [],
+    parentIno: 0,
+  };
+  fillFromEntry(node, e);
+  if (type === 'reg') {
+    node.size = e.size ?? 0;
+    if (e.digest !== undefined) node.digest = e.digest;
+  } else if (type === 'symlink') {
+    node.linkName = e.linkName ?? '';
+    node.size = Buffer.byteLength(node.linkName, 'utf8');
+  } else if (type === 'char' || type === 'block') {
+    node.rdev = makedev(e.devMajor ?? 0, e.devMinor ?? 0);
+  }
+  return node;
+}
+
+/** Copies the attributes every entry type has. */
+function fillFromEntry(node: LayerNode, e: TocEntry): void {
+  node.mode = modeOf(node.type, e.mode ?? 0);
+  node.uid = e.uid ?? 0;
+  node.gid = e.gid ?? 0;
+  node.mtimeMs = e.modtime !== undefined ? Date.parse(e.modtime) : 0;
+  node.xattrs = new Map();
+  for (const [k, v] of Object.entries(e.xattrs ?? {})) node.xattrs.set(k, Buffer.from(v, 'base64'));
+}
+
+/** The overlayfs whiteout format: a 0/0 char device, no permission bits, owned by root. */
+function newWhiteout(): LayerNode {
+  return {
+    ino: 0,
+    type: 'whiteout',
+    mode: S_IFCHR,
+    uid: 0,
+    gid: 0,
+    size: 0,
+    mtimeMs: 0,
+    nlink: 1,
+    rdev: 0,
+    xattrs: new Map(),
+    chunks: [],
+    parentIno: 0,
+  };
+}
+
+/**
+ * Sorts every directory's children by name, counts directory links (2 + child dirs), then numbers
+ * nodes by a depth-first pre-order walk: root = 1, a hardlinked node keeps the number of the first
+ * name reached. Returns the nodes indexed by ino - 1.
+ */
+function assignInodes(root: LayerNode): LayerNode[] {
+  const nodes: LayerNode[] = [];
+  // Iterative walks: deep trees must not overflow the JS stack.
+  const stack: Array<[LayerNode, number]> = [[root, ROOT_INO]];
+  while (stack.length > 0) {
+    const [node, parentIno] = stack.pop() as [LayerNode, number];
+    if (node.ino !== 0) continue; // a second name of a hardlinked node
+    node.ino = nodes.length + 1;
+    node.parentIno = parentIno;
+    nodes.push(node);
+    if (node.children === undefined) continue;
+    const sorted = [...node.children.entries()].sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+    node.children = new Map(sorted);
+    let childDirs = 0;
+    for (let i = sorted.length - 1; i >= 0; i--) {
+      const child = sorted[i][1];
+      if (child.children !== undefined) childDirs++;
+      if (child.ino === 0) stack.push([child, node.ino]);
+    }
+    node.nlink = 2 + childDirs;
+  }
+  return nodes;
+}
+
+class Tree implements LayerTree {
+  readonly root: LayerNode;
+  readonly nodeCount: number;
+
+  constructor(
+    /** Node with ino N at index N-1. */
+    private readonly nodes: LayerNode[],
+    readonly prefetchLandmarkOffset: number | undefined,
+    readonly noPrefetch: boolean,
+  ) {
+    this.root = nodes[0];
+    this.nodeCount = nodes.length;
+  }
+
+  getNode(ino: number): LayerNode | undefined {
+    return this.nodes[ino - 1];
+  }
+
+  lookup(parentIno: number, name: string): LayerNode | undefined {
+    return this.getNode(parentIno)?.children?.get(name);
+  }
+
+  resolvePath(path: string): LayerNode | undefined {
+    let node: LayerNode | undefined = this.root;
+    for (const part of path.split('/')) {
+      if (part === '' || part === '.') continue;
+      if (part === '..') return undefined;
+      node = node.children?.get(part);
+      if (node === undefined) return undefined;
+    }
+    return node;
+  }
+
+  chunksInBlobOrder(): ChunkInfo[] {
+    const out: ChunkInfo[] = [];
+    const seen = new Set<LayerNode>();
+    for (const node of this.nodes) {
+      if (node.chunks.length === 0 || seen.has(node)) continue;
+      seen.add(node);
+      out.push(...node.chunks);
+    }
+    return out.sort((a, b) => a.compressedOffset - b.compressedOffset || a.innerOffset - b.innerOffset);
+  }
+}

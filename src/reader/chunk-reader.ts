@@ -1,0 +1,246 @@
+import { webcrypto } from 'node:crypto';
+
+import { LRUCache } from 'lru-cache';
+
+import { EstargzFormatError, VerificationError } from '../errors';
+import type { ChunkInfo, LayerNode, LayerTree } from '../metadata/layer-tree';
+import type { BlobSource } from '../remote/blob-source';
+import { inflateRange } from './inflate-range';
+
+/**
+ * Reads regular-file bytes of one layer. Reads are widened to whole chunks; each chunk is fetched as
+ * its compressed member range, inflated, checked against its TOC digest and kept in a byte-bounded
+ * memory LRU. Concurrent reads of a chunk share one fetch.
+ */
+
+/** Default bound on decompressed chunk bytes kept in memory per layer. */
+export const DEFAULT_MEMORY_CACHE_BYTES = 256 * 1024 * 1024;
+/**
+ * Largest chunk we will inflate into memory. The reference writes 4 MiB chunks; a TOC claiming more
+ * than this is refused rather than trusted with an allocation of its choosing.
+ */
+export const MAX_CHUNK_BYTES = 256 * 1024 * 1024;
+/** Prefetch inflates this many members at once (the zlib thread pool has 4 threads by default). */
+const PREFETCH_INFLATE_CONCURRENCY = 4;
+
+export interface LayerReaderOptions {
+  /** Bound on cached decompressed chunk bytes; 0 disables the cache. Default DEFAULT_MEMORY_CACHE_BYTES. */
+  memoryCacheBytes?: number;
+  /**
+   * Check each chunk against its TOC `chunkDigest` (default true). When on, a chunk without a digest
+   * is an error too: unverifiable data must not be served as verified.
+   */
+  verify?: boolean;
+}
+
+export interface LayerReaderStats {
+  /** Compressed bytes read from the blob (reads and prefetch). */
+  fetchedBytes: number;
+  /** Chunks served from the memory cache. */
+  cacheHits: number;
+  /** Chunks that had to be fetched. */
+  cacheMisses: number;
+  /** Chunk requests that joined a fetch already in flight. */
+  sharedFetches: number;
+  /** Chunks put in the cache by prefetch. */
+  prefetchedChunks: number;
+}
+
+/** What read() needs of a node. */
+export type ReadableNode = Pick<LayerNode, 'size' | 'chunks'>;
+
+export class LayerReader {
+  readonly stats: LayerReaderStats = {
+    fetchedBytes: 0,
+    cacheHits: 0,
+    cacheMisses: 0,
+    sharedFetches: 0,
+    prefetchedChunks: 0,
+  };
+  /** Verified, decompressed chunks by chunkKey(). */
+  private readonly cache: LRUCache<string, Buffer> | undefined;
+  /** Chunk fetches in flight by chunkKey(): the single-flight group. */
+  private readonly inflight = new Map<string, Promise<Buffer>>();
+  private readonly verify: boolean;
+
+  constructor(
+    private readonly blob: BlobSource,
+    private readonly tree: LayerTree,
+    opts: LayerReaderOptions = {},
+  ) {
+    const cacheBytes = opts.memoryCacheBytes ?? DEFAULT_MEMORY_CACHE_BYTES;
+    this.cache =
+      cacheBytes > 0
+        ? new LRUCache<string, Buffer>({ maxSize: cacheBytes, sizeCalculation: (b) => Math.max(1, b.length) })
+        : undefined;
+    this.verify = opts.verify ?? true;
+  }
+
+  /**
+   * Returns bytes [position, position + length) of a regular file, fewer only at end of file. The
+   * result may be a view into the cache: callers must not modify it. `signal` abandons this caller's
+   * wait; a fetch other readers share keeps going.
+   */
+  async read(node: ReadableNode, position: number, length: number, signal?: AbortSignal): Promise<Buffer> {
+    const end = Math.min(node.size, position + length);
+    if (position < 0 || length < 0) throw new RangeError(`bad read ${position}+${length}`);
+    if (position >= end) return Buffer.alloc(0);
+    const chunks = node.chunks;
+    if (chunks.length === 0) throw new EstargzFormatError(`file of ${node.size} bytes has no chunks`);
+    const first = chunkIndexAt(chunks, position);
+    let last = first;
+    while (last + 1 < chunks.length && chunks[last + 1].fileOffset < end) last++;
+
+    if (first === last) {
+      const c = chunks[first];
+      const data = await abortable(this.chunk(c), signal);
+      return data.subarray(position - c.fileOffset, end - c.fileOffset);
+    }
+    const pending: Array<Promise<Buffer>> = [];
+    for (let i = first; i <= last; i++) pending.push(this.chunk(chunks[i]));
+    const parts = await abortable(Promise.all(pending), signal);
+    const out = Buffer.allocUnsafe(end - position);
+    let filled = 0;
+    for (let i = first; i <= last; i++) {
+      const c = chunks[i];
+      const from = Math.max(position, c.fileOffset) - c.fileOffset;
+      const to = Math.min(end, c.fileOffset + c.size) - c.fileOffset;
+      filled += parts[i - first].copy(out, filled, from, to);
+    }
+    return out;
+  }
+
+  /**
+   * Fetches blob bytes [0, upToCompressedOffset) in one range read and caches every chunk whose
+   * member lies inside it. Rejects with the first chunk error after trying them all.
+   */
+  async prefetch(upToCompressedOffset: number, signal?: AbortSignal): Promise<void> {
+    const limit = Math.min(upToCompressedOffset, this.blob.size);
+    const wanted = this.tree
+      .chunksInBlobOrder()
+      .filter((c) => c.compressedEnd <= limit && !this.has(chunkKey(c)));
+    if (wanted.length === 0) return;
+    const fetchEnd = wanted.reduce((max, c) => Math.max(max, c.compressedEnd), 0);
+    const data = await this.blob.readRange(0, fetchEnd, signal);
+    this.stats.fetchedBytes += data.length;
+
+    let next = 0;
+    let firstError: unknown;
+    const worker = async (): Promise<void> => {
+      while (next < wanted.length) {
+        const c = wanted[next++];
+        const key = chunkKey(c);
+        if (this.has(key)) continue;
+        const p = this.decode(c, data.subarray(c.compressedOffset, c.compressedEnd));
+        this.inflight.set(key, p);
+        try {
+          this.cache?.set(key, await p);
+          this.stats.prefetchedChunks++;
+        } catch (err) {
+          firstError ??= err;
+        } finally {
+          this.inflight.delete(key);
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: PREFETCH_INFLATE_CONCURRENCY }, worker));
+    if (firstError !== undefined) throw firstError;
+  }
+
+  private has(key: string): boolean {
+    return this.inflight.has(key) || (this.cache?.has(key) ?? false);
+  }
+
+  /** The chunk's bytes: from cache, from a fetch in flight, or from a new fetch. */
+  private chunk(c: ChunkInfo): Promise<Buffer> {
+    const key = chunkKey(c);
+    const cached = this.cache?.get(key);
+    if (cached !== undefined) {
+      this.stats.cacheHits++;
+      return Promise.resolve(cached);
+    }
+    const running = this.inflight.get(key);
+    if (running !== undefined) {
+      this.stats.sharedFetches++;
+      return running;
+    }
+    this.stats.cacheMisses++;
+    const p = this.fetch(c)
+      .then((data) => {
+        this.cache?.set(key, data);
+        return data;
+      })
+      .finally(() => this.inflight.delete(key));
+    this.inflight.set(key, p);
+    return p;
+  }
+
+  private async fetch(c: ChunkInfo): Promise<Buffer> {
+    this.checkChunk(c);
+    const compressed = await this.blob.readRange(c.compressedOffset, c.compressedEnd - c.compressedOffset);
+    this.stats.fetchedBytes += compressed.length;
+    return this.decode(c, compressed);
+  }
+
+  /** Inflates the chunk out of its member bytes and verifies it. */
+  private async decode(c: ChunkInfo, member: Buffer): Promise<Buffer> {
+    this.checkChunk(c);
+    const data = await inflateRange(member, c.innerOffset, c.size);
+    if (this.verify) {
+      // WebCrypto hashes on the libuv thread pool: a 4 MiB chunk does not stall FUSE callbacks.
+      const digest = 'sha256:' + Buffer.from(await webcrypto.subtle.digest('SHA-256', data)).toString('hex');
+      if (digest !== c.digest) {
+        throw new VerificationError(
+          `chunk at compressed offset ${c.compressedOffset} (file offset ${c.fileOffset}) has digest ${digest}, TOC says ${c.digest}`,
+        );
+      }
+    }
+    return data;
+  }
+
+  private checkChunk(c: ChunkInfo): void {
+    if (c.size > MAX_CHUNK_BYTES) {
+      throw new EstargzFormatError(`chunk of ${c.size} bytes is larger than the limit of ${MAX_CHUNK_BYTES}`);
+    }
+    if (this.verify && c.digest === undefined) {
+      throw new VerificationError(`chunk at compressed offset ${c.compressedOffset} has no chunkDigest to verify`);
+    }
+  }
+}
+
+/** Chunks are identified by where they are and what they must hash to, so no two files can alias. */
+function chunkKey(c: ChunkInfo): string {
+  return `${c.compressedOffset}:${c.innerOffset}:${c.size}:${c.digest ?? ''}`;
+}
+
+/** Index of the chunk holding file offset `pos` (chunks tile the file, sorted by fileOffset). */
+function chunkIndexAt(chunks: readonly ChunkInfo[], pos: number): number {
+  let lo = 0;
+  let hi = chunks.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >>> 1;
+    if (chunks[mid].fileOffset <= pos) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+/** Resolves like `p`, or rejects when `signal` aborts first; `p` itself keeps running. */
+function abortable<T>(p: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (signal === undefined) return p;
+  if (signal.aborted) return Promise.reject(signal.reason);
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => reject(signal.reason);
+    signal.addEventListener('abort', onAbort, { once: true });
+    p.then(
+      (v) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(v);
+      },
+      (err: unknown) => {
+        signal.removeEventListener('abort', onAbort);
+        reject(err);
+      },
+    );
+  });
+}

@@ -1,0 +1,204 @@
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { test } from 'node:test';
+
+import { EstargzFormatError, VerificationError } from '../../../src/errors';
+import { readToc, type Toc } from '../../../src/estargz/toc';
+import { buildLayerTree, type LayerNode, type LayerTree } from '../../../src/metadata/layer-tree';
+import { LayerReader, type LayerReaderOptions } from '../../../src/reader/chunk-reader';
+import { CountingBlobSource, makeTar, toEstargz } from '../estargz/fixture';
+
+const CHUNK = 1024;
+const FILE = randomBytes(5 * CHUNK + 100); // six chunks
+const SMALL = Buffer.from('small file');
+const OTHER = randomBytes(3000);
+
+interface Layer {
+  blob: Buffer;
+  toc: Toc;
+  tocOffset: number;
+}
+
+async function layer(prioritizedFiles: string[] = []): Promise<Layer> {
+  const tar = await makeTar([
+    { name: 'file', content: FILE },
+    { name: 'small', content: SMALL },
+    { name: 'other', content: OTHER },
+  ]);
+  const { blob } = await toEstargz(tar, { chunkSizeBytes: CHUNK, prioritizedFiles });
+  const { toc, tocOffset } = await readToc(new CountingBlobSource(blob));
+  return { blob, toc, tocOffset };
+}
+
+function open(l: Layer, opts: LayerReaderOptions = {}, delayMs = 0, toc = l.toc) {
+  const source = new CountingBlobSource(l.blob, undefined, delayMs);
+  const tree: LayerTree = buildLayerTree(toc, { blobSize: l.blob.length, tocOffset: l.tocOffset });
+  const reader = new LayerReader(source, tree, opts);
+  const node = (p: string): LayerNode => {
+    const n = tree.resolvePath(p);
+    assert.ok(n);
+    return n;
+  };
+  return { source, tree, reader, node };
+}
+
+test('reads return file bytes for any range, clamped at end of file', async () => {
+  const { reader, node } = open(await layer());
+  const file = node('file');
+  assert.equal(file.chunks.length, 6);
+  for (const [pos, len] of [
+    [0, 10],
+    [0, FILE.length],
+    [CHUNK - 1, 2],
+    [100, 3 * CHUNK],
+    [5 * CHUNK, 100],
+    [FILE.length - 1, 50],
+  ]) {
+    assert.deepEqual(await reader.read(file, pos, len), FILE.subarray(pos, pos + len), `${pos}+${len}`);
+  }
+  assert.equal((await reader.read(file, FILE.length, 10)).length, 0);
+  assert.equal((await reader.read(file, FILE.length + 5, 10)).length, 0);
+  assert.equal((await reader.read(file, 10, 0)).length, 0);
+  assert.deepEqual(await reader.read(node('small'), 0, 4096), SMALL);
+});
+
+test('a read inside one chunk is a view of the cached chunk, not a copy', async () => {
+  const { reader, node } = open(await layer());
+  const file = node('file');
+  const a = await reader.read(file, 10, 20);
+  const b = await reader.read(file, 10, 20);
+  assert.equal(a.buffer, b.buffer, 'same backing memory');
+});
+
+test('the cache serves repeated reads; stats count hits, misses and fetched bytes', async () => {
+  const { reader, node, source } = open(await layer());
+  const file = node('file');
+  await reader.read(file, 0, 10);
+  assert.equal(reader.stats.cacheMisses, 1);
+  assert.equal(source.reads.length, 1);
+  const c = file.chunks[0];
+  assert.deepEqual(source.reads[0], { offset: c.compressedOffset, length: c.compressedEnd - c.compressedOffset });
+  assert.equal(reader.stats.fetchedBytes, c.compressedEnd - c.compressedOffset);
+  await reader.read(file, 500, 10);
+  await reader.read(file, 0, CHUNK);
+  assert.equal(reader.stats.cacheHits, 2);
+  assert.equal(source.reads.length, 1, 'no new fetch');
+});
+
+test('concurrent reads of the same chunk share one fetch', async () => {
+  const { reader, node, source } = open(await layer(), {}, 20);
+  const file = node('file');
+  const results = await Promise.all(Array.from({ length: 10 }, (_, i) => reader.read(file, i * 10, 10)));
+  results.forEach((r, i) => assert.deepEqual(r, FILE.subarray(i * 10, i * 10 + 10)));
+  assert.equal(source.reads.length, 1);
+  assert.equal(reader.stats.cacheMisses, 1);
+  assert.equal(reader.stats.sharedFetches, 9);
+});
+
+test('a read spanning chunks fetches them concurrently, once each', async () => {
+  const { reader, node, source } = open(await layer(), {}, 30);
+  const file = node('file');
+  const started = Date.now();
+  const data = await reader.read(file, 0, FILE.length);
+  const elapsed = Date.now() - started;
+  assert.deepEqual(data, FILE);
+  assert.equal(source.reads.length, 6);
+  assert.ok(elapsed < 6 * 30, `fetches overlapped (${elapsed} ms)`);
+});
+
+test('a chunk whose bytes do not match its digest is a VerificationError', async () => {
+  const l = await layer();
+  const tampered: Toc = structuredClone(l.toc);
+  const entry = tampered.entries.find((e) => e.name === 'small');
+  assert.ok(entry);
+  entry.chunkDigest = 'sha256:' + '0'.repeat(64);
+  const { reader, node } = open(l, {}, 0, tampered);
+  await assert.rejects(reader.read(node('small'), 0, 5), VerificationError);
+  // Nothing unverified was cached: the next read fails again.
+  await assert.rejects(reader.read(node('small'), 0, 5), VerificationError);
+  // Other files are unaffected.
+  assert.deepEqual(await reader.read(node('other'), 0, 10), OTHER.subarray(0, 10));
+});
+
+test('corrupted blob bytes are caught by verification', async () => {
+  const l = await layer();
+  const blob = Buffer.from(l.blob);
+  const { node: n0 } = open(l);
+  const c = n0('other').chunks[0];
+  // Flip a byte inside the deflate data: either inflate fails or the digest does not match.
+  blob[c.compressedOffset + 20] ^= 0x55;
+  const { reader, node } = open({ ...l, blob });
+  await assert.rejects(
+    reader.read(node('other'), 0, 10),
+    (err: unknown) => err instanceof VerificationError || err instanceof EstargzFormatError,
+  );
+});
+
+test('a missing chunkDigest is an error unless verification is off', async () => {
+  const l = await layer();
+  const stripped: Toc = structuredClone(l.toc);
+  for (const e of stripped.entries) delete e.chunkDigest;
+  const verifying = open(l, {}, 0, stripped);
+  await assert.rejects(verifying.reader.read(verifying.node('small'), 0, 5), /no chunkDigest/);
+  assert.equal(verifying.source.reads.length, 0, 'nothing fetched for an unverifiable chunk');
+  const trusting = open(l, { verify: false }, 0, stripped);
+  assert.deepEqual(await trusting.reader.read(trusting.node('small'), 0, 5), SMALL.subarray(0, 5));
+});
+
+test('prefetch reads [0, landmark) in one range read and fills the cache', async () => {
+  const l = await layer(['small', 'file']);
+  const { reader, node, source, tree } = open(l);
+  const landmark = tree.prefetchLandmarkOffset;
+  assert.ok(landmark !== undefined);
+  await reader.prefetch(landmark);
+  assert.deepEqual(source.reads, [{ offset: 0, length: source.reads[0].length }]);
+  assert.ok(source.reads[0].length <= landmark);
+  assert.equal(reader.stats.prefetchedChunks, 1 + 6);
+  assert.deepEqual(await reader.read(node('file'), 0, FILE.length), FILE);
+  assert.deepEqual(await reader.read(node('small'), 0, 100), SMALL);
+  assert.equal(source.reads.length, 1, 'prioritized files need no further fetch');
+  assert.equal(reader.stats.cacheMisses, 0);
+  await reader.read(node('other'), 0, 1);
+  assert.equal(source.reads.length, 2, 'files after the landmark are fetched on demand');
+  // A second prefetch of the same range has nothing left to do.
+  await reader.prefetch(landmark);
+  assert.equal(source.reads.length, 2);
+});
+
+test('the memory cache is bounded by bytes', async () => {
+  const { reader, node, source } = open(await layer(), { memoryCacheBytes: 2 * CHUNK });
+  const file = node('file');
+  await reader.read(file, 0, FILE.length); // six chunks, room for two
+  const before = source.reads.length;
+  await reader.read(file, 0, 1); // the first chunk was evicted
+  assert.equal(source.reads.length, before + 1);
+  const off = open(await layer(), { memoryCacheBytes: 0 });
+  await off.reader.read(off.node('small'), 0, 1);
+  await off.reader.read(off.node('small'), 0, 1);
+  assert.equal(off.source.reads.length, 2, 'cache disabled');
+});
+
+test('an aborted read rejects; the shared fetch still completes for others', async () => {
+  const { reader, node, source } = open(await layer(), {}, 30);
+  const file = node('file');
+  const controller = new AbortController();
+  const aborted = reader.read(file, 0, 10, controller.signal);
+  const other = reader.read(file, 0, 10);
+  controller.abort(new Error('timeout'));
+  await assert.rejects(aborted, /timeout/);
+  assert.deepEqual(await other, FILE.subarray(0, 10));
+  assert.equal(source.reads.length, 1);
+});
+
+test('prefetch verifies too, and reports the first failure after trying every chunk', async () => {
+  const l = await layer(['small', 'file']);
+  const tampered: Toc = structuredClone(l.toc);
+  const entry = tampered.entries.find((e) => e.name === 'small');
+  assert.ok(entry);
+  entry.chunkDigest = 'sha256:' + '1'.repeat(64);
+  const { reader, tree, node, source } = open(l, {}, 0, tampered);
+  await assert.rejects(reader.prefetch(tree.prefetchLandmarkOffset ?? 0), VerificationError);
+  assert.equal(reader.stats.prefetchedChunks, 6, 'the good chunks were cached');
+  assert.deepEqual(await reader.read(node('file'), 0, 10), FILE.subarray(0, 10));
+  assert.equal(source.reads.length, 1);
+});
