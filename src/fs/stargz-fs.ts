@@ -1,0 +1,132 @@
+/**
+ * The FileSystem behind remote snapshots: resolve a layer blob in its registry, read and verify its TOC,
+ * and serve it read-only through its own FUSE mount. Any failure rejects mount(), and the snapshotter
+ * falls back to a normal snapshot so containerd pulls the layer itself.
+ */
+import type { Config } from '../config/config';
+import { EstargzFormatError, errorMessage, InvalidArgumentError, UnavailableError, VerificationError } from '../errors';
+import { readToc } from '../estargz/toc';
+import type { Logger } from '../log';
+import { LayerMount } from '../fuse/layer-fuse';
+import { buildLayerTree, type LayerNode } from '../metadata/layer-tree';
+import { LayerReader } from '../reader/chunk-reader';
+import type { BlobSource } from '../remote/blob-source';
+import type { RemoteFileSystem } from '../snapshot/filesystem';
+import { layerSourceFromLabels, type LayerSourceInfo } from '../source/labels';
+
+/** The reference waits this long for a layer to resolve before giving up (and falling back). */
+const MOUNT_TIMEOUT_MS = 30_000;
+
+/** Resolves a layer blob of an image in its registry. RegistryClient implements it. */
+export interface BlobResolver {
+  resolveBlob(ref: string, digest: string, signal?: AbortSignal): Promise<BlobSource>;
+}
+
+export interface StargazeFsOptions {
+  registry: BlobResolver;
+  config: Config;
+  log: Logger;
+}
+
+interface MountedLayer {
+  source: LayerSourceInfo;
+  mount: LayerMount<LayerNode>;
+  reader: LayerReader;
+  log: Logger;
+}
+
+export class StargazeFileSystem implements RemoteFileSystem {
+  /** mountpoint → the layer served there. */
+  private readonly layers = new Map<string, MountedLayer>();
+
+  constructor(private readonly options: StargazeFsOptions) {}
+
+  async mount(mountpoint: string, labels: Record<string, string>): Promise<void> {
+    const source = layerSourceFromLabels(labels);
+    if (!source) throw new InvalidArgumentError('labels do not name an image reference and a layer digest');
+    const layerLog = this.options.log.child({ layer: source.digest, mountpoint });
+    const started = Date.now();
+    const signal = AbortSignal.timeout(MOUNT_TIMEOUT_MS);
+
+    const blob = await this.options.registry.resolveBlob(source.ref, source.digest, signal);
+    const { toc, tocDigest, tocOffset } = await readToc(blob, { signal });
+    this.verifyToc(source, tocDigest, layerLog);
+
+    const tree = buildLayerTree(toc, { blobSize: blob.size, tocOffset });
+    const reader = new LayerReader(blob, tree, {
+      memoryCacheBytes: this.options.config.cache.memoryMaxBytes,
+      verify: !this.options.config.disableVerification && !(source.skipVerify && source.tocDigest === undefined),
+    });
+    const mount = new LayerMount<LayerNode>(mountpoint, { root: tree.root, read: (node, pos, len, sig) => reader.read(node, pos, len, sig) }, {
+      attrTimeoutSec: this.options.config.fuse.attrTimeoutSec,
+      entryTimeoutSec: this.options.config.fuse.entryTimeoutSec,
+      readTimeoutMs: this.options.config.blob.fetchingTimeoutSec * 1000,
+      log: layerLog,
+    });
+    await mount.mount();
+    this.layers.set(mountpoint, { source, mount, reader, log: layerLog });
+    layerLog.info({ ref: source.ref, elapsedMs: Date.now() - started, blobSize: blob.size }, 'layer mounted');
+    this.startPrefetch(source, tree.prefetchLandmarkOffset, tree.noPrefetch, reader, blob.size, layerLog);
+  }
+
+  async check(mountpoint: string): Promise<void> {
+    if (!this.layers.has(mountpoint)) throw new UnavailableError(`layer at ${mountpoint} is not mounted`);
+  }
+
+  async unmount(mountpoint: string): Promise<void> {
+    const layer = this.layers.get(mountpoint);
+    if (!layer) return;
+    this.layers.delete(mountpoint);
+    await layer.mount.unmount();
+    layer.log.info('layer unmounted');
+  }
+
+  /** Unmounts every layer; called on daemon shutdown. */
+  async close(): Promise<void> {
+    const mountpoints = [...this.layers.keys()];
+    const results = await Promise.allSettled(mountpoints.map((m) => this.unmount(m)));
+    results.forEach((r, i) => {
+      if (r.status === 'rejected') this.options.log.warn({ mountpoint: mountpoints[i], err: errorMessage(r.reason) }, 'unmount failed');
+    });
+  }
+
+  /**
+   * The reference's rule: disable_verification skips; a toc.digest label must match; without one, only a
+   * skipverify label plus allow_no_verification mounts unverified.
+   */
+  private verifyToc(source: LayerSourceInfo, tocDigest: string, layerLog: Logger): void {
+    const config = this.options.config;
+    if (config.disableVerification) return;
+    if (source.tocDigest !== undefined) {
+      if (source.tocDigest !== tocDigest) {
+        throw new VerificationError(`TOC digest ${tocDigest} does not match the manifest's ${source.tocDigest}`);
+      }
+      return;
+    }
+    if (source.skipVerify && config.allowNoVerification) {
+      layerLog.warn('mounting without TOC verification (skipverify label, allow_no_verification)');
+      return;
+    }
+    throw new EstargzFormatError('digest of TOC JSON must be passed (no containerd.io/snapshot/stargz/toc.digest label)');
+  }
+
+  /** Prefetch what the image marks as needed first, in the background: mount does not wait for it. */
+  private startPrefetch(
+    source: LayerSourceInfo,
+    landmarkOffset: number | undefined,
+    noPrefetch: boolean,
+    reader: LayerReader,
+    blobSize: number,
+    layerLog: Logger,
+  ): void {
+    const config = this.options.config;
+    if (config.noPrefetch || noPrefetch) return;
+    const size = landmarkOffset ?? Math.min(source.prefetchBytes ?? config.prefetchSizeBytes, blobSize);
+    if (size <= 0) return;
+    const started = Date.now();
+    reader.prefetch(size).then(
+      () => layerLog.info({ metrics: 'latency', operation: 'prefetch_total', prefetchBytes: size, elapsedMs: Date.now() - started }, 'prefetch done'),
+      (err: unknown) => layerLog.warn({ err: errorMessage(err) }, 'prefetch failed'),
+    );
+  }
+}

@@ -1,0 +1,250 @@
+/**
+ * One read-only FUSE mount serving one eStargz layer through fuse-native (libfuse2, high-level path API).
+ *
+ * fuse-native calls these ops on Node's main thread, so nothing here may block: lookups are in-memory,
+ * reads are promises resolved by the layer reader. Every failure becomes an errno; a read that cannot be
+ * served in time is EIO, never a hang.
+ */
+import { spawn } from 'node:child_process';
+import Fuse from 'fuse-native';
+import type { FuseOps, FuseStat } from 'fuse-native';
+import { errorCode, errorMessage } from '../errors';
+import type { Logger } from '../log';
+import { fuseErrno, ERRNO } from './errno';
+
+/** The kernel asks for at most this many bytes per read (libfuse2's default max_read is 128 KiB). */
+const FUSE_BLOCK_SIZE = 4096;
+/** Our own bound on one read; fuse-native's timeout is set above it so the reader's EIO wins over ETIMEDOUT. */
+const DEFAULT_READ_TIMEOUT_MS = 60_000;
+/** Margin between our bound and fuse-native's own op timeout. */
+const FUSE_NATIVE_TIMEOUT_MARGIN_MS = 5_000;
+/** Fake totals for statfs: a read-only layer has no free space; `df` just needs sane numbers. */
+const STATFS_NAME_MAX = 255;
+
+/** What one served file-system node looks like; metadata/ builds these from the TOC. */
+export interface ServedNode {
+  ino: number;
+  /** Full st_mode: file type bits plus permissions. */
+  mode: number;
+  uid: number;
+  gid: number;
+  size: number;
+  mtimeMs: number;
+  nlink: number;
+  rdev: number;
+  linkName?: string;
+  xattrs?: ReadonlyMap<string, Buffer>;
+  /** Present for directories only, sorted by name. */
+  children?: ReadonlyMap<string, ServedNode>;
+}
+
+
+/** The content a mount serves: a tree and a way to read regular files. */
+export interface ServedLayer<N extends ServedNode> {
+  readonly root: N;
+  /** Reads up to `length` bytes of `node` at `position`; shorter only at end of file. */
+  read(node: N, position: number, length: number, signal: AbortSignal): Promise<Buffer>;
+}
+
+export interface LayerMountOptions {
+  /** Seconds the kernel may cache attributes and entries; the layer is immutable, so long is safe. */
+  attrTimeoutSec: number;
+  entryTimeoutSec: number;
+  readTimeoutMs?: number;
+  debug?: boolean;
+  log: Logger;
+}
+
+/**
+ * fuse-native unmounts with `fusermount -uz`, which only Debian's `fuse` package ships (it conflicts with
+ * fuse3). We run as root, so a lazy umount(8) does the same job; fusermount3 is the fallback.
+ */
+function lazyUnmount(mnt: string, cb: (err: Error | null) => void): void {
+  runQuiet('umount', ['-l', mnt], (err) => {
+    if (!err) return cb(null);
+    runQuiet('fusermount3', ['-uz', mnt], cb);
+  });
+}
+(Fuse as unknown as { unmount: typeof lazyUnmount }).unmount = lazyUnmount;
+
+function runQuiet(cmd: string, args: string[], cb: (err: Error | null) => void): void {
+  const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  child.on('error', (err) => cb(err));
+  child.on('close', (code) => cb(code === 0 ? null : new Error(`${cmd} ${args.join(' ')}: ${stderr.trim() || `exit ${code}`}`)));
+}
+
+/**
+ * Options fuse-native has no name for. libfuse2 only honours our inode numbers (hardlinks sharing one
+ * inode) with `use_ino`; `ro` makes the kernel refuse writes before they reach us; `suid,dev` because a
+ * root filesystem holds setuid binaries and device nodes, and libfuse adds nosuid,nodev by default.
+ */
+const EXTRA_FUSE_OPTIONS = 'use_ino,ro,suid,dev';
+
+class LayerFuse extends Fuse {
+  override _fuseOptions(): string {
+    const base = super._fuseOptions();
+    return base ? `${base},${EXTRA_FUSE_OPTIONS}` : `-o${EXTRA_FUSE_OPTIONS}`;
+  }
+}
+
+export class LayerMount<N extends ServedNode> {
+  private fuse: LayerFuse | undefined;
+  /** path → node, filled as the kernel looks paths up (the high-level API hands us whole paths). */
+  private readonly pathCache = new Map<string, N>();
+  private readonly readTimeoutMs: number;
+  private readonly log: Logger;
+
+  constructor(
+    readonly mountpoint: string,
+    private readonly layer: ServedLayer<N>,
+    private readonly options: LayerMountOptions,
+  ) {
+    this.readTimeoutMs = options.readTimeoutMs ?? DEFAULT_READ_TIMEOUT_MS;
+    this.log = options.log;
+    this.pathCache.set('/', layer.root);
+  }
+
+  async mount(): Promise<void> {
+    const fuseTimeoutMs = this.readTimeoutMs + FUSE_NATIVE_TIMEOUT_MARGIN_MS;
+    const fuse = new LayerFuse(this.mountpoint, this.ops(), {
+      force: true,
+      allowOther: true,
+      defaultPermissions: true,
+      fsname: 'stargaze',
+      subtype: 'stargaze',
+      kernelCache: true,
+      attrTimeout: this.options.attrTimeoutSec,
+      entryTimeout: this.options.entryTimeoutSec,
+      debug: this.options.debug ?? false,
+      timeout: fuseTimeoutMs,
+    });
+    await new Promise<void>((resolve, reject) => fuse.mount((err) => (err ? reject(err) : resolve())));
+    this.fuse = fuse;
+  }
+
+  async unmount(): Promise<void> {
+    const fuse = this.fuse;
+    if (!fuse) return;
+    this.fuse = undefined;
+    await new Promise<void>((resolve, reject) => fuse.unmount((err) => (err ? reject(err) : resolve())));
+  }
+
+  private lookup(path: string): N | undefined {
+    const cached = this.pathCache.get(path);
+    if (cached) return cached;
+    const slash = path.lastIndexOf('/');
+    const parent = this.lookup(slash === 0 ? '/' : path.slice(0, slash));
+    // A node's children are nodes of the same implementation as the node itself.
+    const node = parent?.children?.get(path.slice(slash + 1)) as N | undefined;
+    if (node) this.pathCache.set(path, node);
+    return node;
+  }
+
+  private ops(): FuseOps {
+    return {
+      getattr: (path, cb) => {
+        const node = this.lookup(path);
+        if (!node) return cb(ERRNO.ENOENT);
+        cb(0, toStat(node));
+      },
+      open: (path, flags, cb) => {
+        const node = this.lookup(path);
+        if (!node) return cb(ERRNO.ENOENT);
+        // O_ACCMODE: a read-only layer refuses write opens outright.
+        if ((flags & 3) !== 0) return cb(ERRNO.EROFS);
+        cb(0, 0);
+      },
+      release: (_path, _fd, cb) => cb(0),
+      opendir: (path, _flags, cb) => {
+        const node = this.lookup(path);
+        if (!node) return cb(ERRNO.ENOENT);
+        if (!node.children) return cb(ERRNO.ENOTDIR);
+        cb(0, 0);
+      },
+      releasedir: (_path, _fd, cb) => cb(0),
+      readdir: (path, cb) => {
+        const node = this.lookup(path);
+        if (!node) return cb(ERRNO.ENOENT);
+        if (!node.children) return cb(ERRNO.ENOTDIR);
+        const names = ['.', '..'];
+        const stats = [toStat(node), toStat(node)];
+        for (const [name, child] of node.children) {
+          names.push(name);
+          stats.push(toStat(child));
+        }
+        cb(0, names, stats);
+      },
+      readlink: (path, cb) => {
+        const node = this.lookup(path);
+        if (!node) return cb(ERRNO.ENOENT);
+        if (node.linkName === undefined || (node.mode & 0o170000) !== 0o120000) return cb(ERRNO.EINVAL);
+        cb(0, node.linkName);
+      },
+      getxattr: (path, name, _position, cb) => {
+        const node = this.lookup(path);
+        if (!node) return cb(ERRNO.ENOENT);
+        const value = node.xattrs?.get(name);
+        if (value === undefined) return cb(ERRNO.ENODATA);
+        cb(0, value);
+      },
+      listxattr: (path, cb) => {
+        const node = this.lookup(path);
+        if (!node) return cb(ERRNO.ENOENT);
+        cb(0, node.xattrs ? [...node.xattrs.keys()] : []);
+      },
+      statfs: (_path, cb) =>
+        cb(0, {
+          bsize: FUSE_BLOCK_SIZE,
+          frsize: FUSE_BLOCK_SIZE,
+          blocks: 0,
+          bfree: 0,
+          bavail: 0,
+          files: 0,
+          ffree: 0,
+          favail: 0,
+          fsid: 0,
+          flag: 1, // ST_RDONLY
+          namemax: STATFS_NAME_MAX,
+        }),
+      read: (path, _fd, buf, len, pos, cb) => {
+        const node = this.lookup(path);
+        if (!node) return cb(ERRNO.ENOENT);
+        if ((node.mode & 0o170000) !== 0o100000) return cb(ERRNO.EISDIR);
+        if (pos >= node.size || len === 0) return cb(0);
+        const want = Math.min(len, node.size - pos);
+        const signal = AbortSignal.timeout(this.readTimeoutMs);
+        this.layer.read(node, pos, want, signal).then(
+          (data) => {
+            // The kernel's buffer is only valid until cb: copy once, now.
+            const n = data.copy(buf, 0, 0, Math.min(want, data.length));
+            cb(n);
+          },
+          (err: unknown) => {
+            this.log.error({ path, offset: pos, length: want, code: errorCode(err), err: errorMessage(err) }, 'read failed');
+            cb(fuseErrno(err));
+          },
+        );
+      },
+    };
+  }
+}
+
+function toStat(node: ServedNode): FuseStat {
+  const mtime = new Date(node.mtimeMs);
+  return {
+    mode: node.mode,
+    uid: node.uid,
+    gid: node.gid,
+    size: node.size,
+    nlink: node.nlink > 0 ? node.nlink : 1,
+    ino: node.ino,
+    rdev: node.rdev,
+    blksize: FUSE_BLOCK_SIZE,
+    blocks: Math.ceil(node.size / 512),
+    atime: mtime,
+    mtime,
+    ctime: mtime,
+  };
+}

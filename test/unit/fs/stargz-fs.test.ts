@@ -1,0 +1,120 @@
+/**
+ * StargazeFileSystem over a real FUSE mount. The blob is served from memory (BufferBlobSource) instead
+ * of a registry, which the e2e tests cover; everything from the TOC to the kernel is real.
+ * Files are read by child processes: this process serves the mount, so its own fs calls must never enter it.
+ */
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { mkdtemp, mkdir, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+
+import { defaultConfig } from '../../../src/config/config';
+import { StargazeFileSystem, type BlobResolver } from '../../../src/fs/stargz-fs';
+import { log } from '../../../src/log';
+import { BufferBlobSource, type BlobSource } from '../../../src/remote/blob-source';
+import { STARGZ_DIGEST, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../../src/source/labels';
+import { makeTar, sha256, toEstargz } from '../estargz/fixture';
+
+const run = promisify(execFile);
+const canMount = process.getuid?.() === 0;
+
+class MemoryRegistry implements BlobResolver {
+  readonly blobs = new Map<string, BlobSource>();
+  async resolveBlob(_ref: string, digest: string): Promise<BlobSource> {
+    const blob = this.blobs.get(digest);
+    if (!blob) throw new Error(`no blob ${digest}`);
+    return blob;
+  }
+}
+
+const quiet = log.child({ test: 'stargz-fs' });
+quiet.level = 'warn';
+
+async function layerFixture(): Promise<{ blob: Buffer; digest: string; tocDigest: string; big: Buffer }> {
+  const big = Buffer.alloc(9 * 1024 * 1024);
+  for (let i = 0; i < big.length; i += 4) big.writeUInt32LE((i * 2654435761) >>> 0, i);
+  const tar = await makeTar([
+    { name: 'etc/', type: 'directory', mode: 0o755 },
+    { name: 'etc/hello.txt', mode: 0o644, content: 'hello lazy world\n', mtime: new Date(1_600_000_000_000) },
+    { name: 'etc/hard.txt', type: 'link', linkname: 'etc/hello.txt' },
+    { name: 'etc/link', type: 'symlink', linkname: 'hello.txt' },
+    { name: 'big.bin', mode: 0o600, content: big },
+    { name: 'bin/', type: 'directory', mode: 0o755 },
+    { name: 'bin/su', mode: 0o4755, content: 'x' },
+    { name: 'gone/.wh.old', mode: 0o644, content: '' },
+    { name: 'opaque/.wh..wh..opq', mode: 0o644, content: '' },
+  ]);
+  const { blob, result } = await toEstargz(tar, { chunkSizeBytes: 1024 * 1024 });
+  return { blob, digest: sha256(blob), tocDigest: result.tocDigest, big };
+}
+
+test('serves an eStargz layer through FUSE', { skip: !canMount && 'needs root for FUSE' }, async () => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
+  const { blob, digest, tocDigest, big } = await layerFixture();
+  const registry = new MemoryRegistry();
+  registry.blobs.set(digest, new BufferBlobSource(digest, blob));
+  const served = new StargazeFileSystem({ registry, config: defaultConfig(), log: quiet });
+  // Unmount before removing: rm must never walk into a mount this process serves.
+  after(async () => {
+    await served.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+  const mnt = path.join(dir, 'mnt');
+  await mkdir(mnt);
+  const labels = {
+    [TARGET_SNAPSHOT_REF]: 'sha256:chain',
+    [STARGZ_REFERENCE]: 'registry.test/img:1',
+    [STARGZ_DIGEST]: digest,
+    [TOC_DIGEST]: tocDigest,
+  };
+  await served.mount(mnt, labels);
+  await served.check(mnt);
+
+  const mounts = (await run('cat', ['/proc/mounts'])).stdout;
+  assert.match(mounts, new RegExp(`${mnt} fuse.stargaze ro`));
+
+  assert.equal((await run('cat', [path.join(mnt, 'etc/hello.txt')])).stdout, 'hello lazy world\n');
+  assert.equal((await run('readlink', [path.join(mnt, 'etc/link')])).stdout, 'hello.txt\n');
+  const st = (await run('stat', ['-c', '%i %h %a %s %Y', path.join(mnt, 'etc/hello.txt'), path.join(mnt, 'etc/hard.txt')])).stdout.trim().split('\n');
+  assert.equal(st[0], st[1], 'hardlinks share one inode');
+  assert.match(st[0] ?? '', / 2 644 17 1600000000$/);
+  assert.equal((await run('stat', ['-c', '%a', path.join(mnt, 'bin/su')])).stdout.trim(), '4755');
+  assert.equal((await run('stat', ['-c', '%F %t:%T', path.join(mnt, 'gone/old')])).stdout.trim(), 'character special file 0:0');
+  const opaque = await run('getfattr', ['--only-values', '-n', 'trusted.overlay.opaque', path.join(mnt, 'opaque')]);
+  assert.equal(opaque.stdout, 'y');
+  const listing = (await run('ls', ['-A', mnt])).stdout.split('\n').filter(Boolean);
+  assert.deepEqual(listing.sort(), ['big.bin', 'bin', 'etc', 'gone', 'opaque']);
+
+  const bigSum = (await run('sha256sum', [path.join(mnt, 'big.bin')], { maxBuffer: 1 << 20 })).stdout.split(' ')[0];
+  assert.equal('sha256:' + bigSum, sha256(big));
+
+  await assert.rejects(run('sh', ['-c', `echo x > ${path.join(mnt, 'etc/hello.txt')}`]));
+  await served.unmount(mnt);
+  assert.doesNotMatch((await run('cat', ['/proc/mounts'])).stdout, new RegExp(mnt));
+});
+
+test('refuses a layer whose TOC does not match the toc.digest label', { skip: !canMount && 'needs root for FUSE' }, async () => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
+  const { blob, digest } = await layerFixture();
+  const registry = new MemoryRegistry();
+  registry.blobs.set(digest, new BufferBlobSource(digest, blob));
+  const served = new StargazeFileSystem({ registry, config: defaultConfig(), log: quiet });
+  after(async () => {
+    await served.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+  const labels = {
+    [TARGET_SNAPSHOT_REF]: 'sha256:chain',
+    [STARGZ_REFERENCE]: 'registry.test/img:1',
+    [STARGZ_DIGEST]: digest,
+    [TOC_DIGEST]: sha256('something else'),
+  };
+  await assert.rejects(served.mount(dir, labels), /TOC digest/);
+  const withoutDigest = { ...labels };
+  delete (withoutDigest as Record<string, string>)[TOC_DIGEST];
+  await assert.rejects(served.mount(dir, withoutDigest), /digest of TOC JSON must be passed/);
+  await assert.rejects(served.check(dir), /not mounted/);
+});
