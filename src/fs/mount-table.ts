@@ -1,0 +1,34 @@
+/**
+ * Reads the kernel's mount table, so Cleanup never recursively deletes through a live mount (a lazily
+ * mounted layer, or a bind someone left behind): rm -r would walk into it.
+ */
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+
+const MOUNTINFO_FILE = '/proc/self/mountinfo';
+/** Field index of the mount point in a mountinfo line (proc(5)). */
+const MOUNTINFO_MOUNTPOINT_FIELD = 4;
+
+/** mountinfo escapes space, tab, newline and backslash as \ooo octal. */
+function unescapeMountPath(s: string): string {
+  return s.replace(/\\([0-7]{3})/g, (_m, oct: string) => String.fromCharCode(parseInt(oct, 8)));
+}
+
+/** All current mount points. */
+export async function listMountPoints(): Promise<string[]> {
+  const text = await fsp.readFile(MOUNTINFO_FILE, 'utf8');
+  const out: string[] = [];
+  for (const line of text.split('\n')) {
+    const fields = line.split(' ');
+    const mp = fields[MOUNTINFO_MOUNTPOINT_FIELD];
+    if (mp !== undefined) out.push(unescapeMountPath(mp));
+  }
+  return out;
+}
+
+/** Mount points equal to `dir` or below it. */
+export async function mountsUnder(dir: string): Promise<string[]> {
+  const abs = path.resolve(dir);
+  const prefix = abs.endsWith('/') ? abs : `${abs}/`;
+  return (await listMountPoints()).filter((mp) => mp === abs || mp.startsWith(prefix));
+}

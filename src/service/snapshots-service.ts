@@ -1,0 +1,344 @@
+/**
+ * containerd.services.snapshots.v1.Snapshots over gRPC: the proxy-snapshotter API containerd calls on our
+ * unix socket. Each RPC validates its request, calls the Snapshotter and maps errors to status codes
+ * (grpc-status.ts). Protos are our copies under proto/, loaded at runtime with proto-loader.
+ */
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import { errorCode, InvalidArgumentError } from '../errors';
+import { log as rootLog, type Logger } from '../log';
+import type { Snapshotter } from '../snapshot/snapshotter';
+import type { Mount, SnapshotInfo, SnapshotKind, TimestampNs } from '../snapshot/snapshot-info';
+import { toServiceError } from './grpc-status';
+
+/** Infos per ListSnapshotsResponse, as containerd's snapshot service batches them. */
+export const LIST_BATCH_SIZE = 100;
+/** containerd's limit on one label: key plus value bytes (labels.Validate). */
+export const MAX_LABEL_BYTES = 4096;
+/** How long close() lets in-flight calls finish before cutting them off. */
+const SHUTDOWN_GRACE_MS = 5000;
+/** How long a connect probe of an existing socket may take before we call it live. */
+const LIVE_SOCKET_PROBE_MS = 1000;
+const SOCKET_MODE = 0o600;
+const SOCKET_DIR_MODE = 0o700;
+const SNAPSHOTS_PROTO = 'containerd/services/snapshots/v1/snapshots.proto';
+const SERVICE_NAME = 'containerd.services.snapshots.v1.Snapshots';
+const NS_PER_S = 1_000_000_000n;
+
+// --- wire shapes, as proto-loader hands them over (keepCase, longs: String, enums: String, defaults) ---
+
+type WireKind = 'UNKNOWN' | 'VIEW' | 'ACTIVE' | 'COMMITTED';
+
+interface WireTimestamp {
+  seconds: string | number;
+  nanos: number;
+}
+
+interface WireInfo {
+  name: string;
+  parent: string;
+  kind: WireKind;
+  created_at: WireTimestamp | null;
+  updated_at: WireTimestamp | null;
+  labels: Record<string, string>;
+}
+
+interface WireMount {
+  type: string;
+  source: string;
+  target: string;
+  options: string[];
+}
+
+interface CreateRequest {
+  snapshotter: string;
+  key: string;
+  parent: string;
+  labels: Record<string, string>;
+}
+
+interface KeyRequest {
+  snapshotter: string;
+  key: string;
+}
+
+interface CommitRequest {
+  snapshotter: string;
+  name: string;
+  key: string;
+  labels: Record<string, string>;
+}
+
+interface UpdateRequest {
+  snapshotter: string;
+  info: WireInfo | null;
+  update_mask: { paths: string[] } | null;
+}
+
+interface ListRequest {
+  snapshotter: string;
+  filters: string[];
+}
+
+type Empty = Record<string, never>;
+
+const KIND_TO_WIRE: Record<SnapshotKind, WireKind> = { view: 'VIEW', active: 'ACTIVE', committed: 'COMMITTED' };
+
+function toWireTimestamp(ns: TimestampNs): WireTimestamp {
+  let seconds = ns / NS_PER_S;
+  let nanos = ns % NS_PER_S;
+  if (nanos < 0n) {
+    seconds -= 1n;
+    nanos += NS_PER_S;
+  }
+  return { seconds: seconds.toString(), nanos: Number(nanos) };
+}
+
+function toWireInfo(info: SnapshotInfo): WireInfo {
+  return {
+    name: info.name,
+    parent: info.parent,
+    kind: KIND_TO_WIRE[info.kind],
+    created_at: toWireTimestamp(info.createdAt),
+    updated_at: toWireTimestamp(info.updatedAt),
+    labels: info.labels,
+  };
+}
+
+function toWireMounts(mounts: Mount[]): WireMount[] {
+  return mounts.map((m) => ({ type: m.type, source: m.source, target: '', options: m.options }));
+}
+
+function requireField(what: string, value: string | undefined): string {
+  if (value === undefined || value === '') throw new InvalidArgumentError(`${what} must not be empty`);
+  return value;
+}
+
+function validateLabels(labels: Record<string, string> | undefined): Record<string, string> {
+  const out = labels ?? {};
+  for (const [k, v] of Object.entries(out)) {
+    if (Buffer.byteLength(k) + Buffer.byteLength(v) > MAX_LABEL_BYTES) {
+      throw new InvalidArgumentError(`label key and value greater than maximum size (${MAX_LABEL_BYTES} bytes), key: ${k.slice(0, 64)}`);
+    }
+  }
+  return out;
+}
+
+/** Finds proto/ by walking up from this file: it sits at src/service (ts-node) or dist/src/service. */
+export function findProtoDir(start: string = __dirname): string {
+  for (let dir = start; ; dir = path.dirname(dir)) {
+    const candidate = path.join(dir, 'proto');
+    if (fs.existsSync(path.join(candidate, SNAPSHOTS_PROTO))) return candidate;
+    if (path.dirname(dir) === dir) throw new Error(`cannot find proto/${SNAPSHOTS_PROTO} above ${start}`);
+  }
+}
+
+/** Loads the Snapshots service definition from our protos (google/protobuf types come with protobufjs). */
+export function loadSnapshotsService(protoDir: string = findProtoDir()): grpc.ServiceDefinition {
+  const definition = protoLoader.loadSync(SNAPSHOTS_PROTO, {
+    includeDirs: [protoDir],
+    keepCase: true,
+    longs: String, // int64 sizes and timestamp seconds without precision loss
+    enums: String,
+    defaults: true,
+    oneofs: true,
+  });
+  const service = definition[SERVICE_NAME];
+  // A service definition is a map of method definitions; a message type would carry `format`.
+  if (service === undefined || 'format' in service) throw new Error(`${SERVICE_NAME} not found in ${SNAPSHOTS_PROTO}`);
+  return service as grpc.ServiceDefinition;
+}
+
+/** Runs `fn` and answers the unary call with its result or its error's status. */
+function unary<Req, Res>(
+  logger: Logger,
+  method: string,
+  fn: (req: Req) => Promise<Res>,
+): grpc.handleUnaryCall<Req, Res> {
+  return (call, callback) => {
+    fn(call.request).then(
+      (res) => callback(null, res),
+      (err: unknown) => {
+        const serviceError = toServiceError(err);
+        // AlreadyExists on a remote Prepare and NotFound on Stat are routine answers, not failures.
+        const level = errorCode(err)?.startsWith('ERR_SNAP_') ? 'debug' : 'warn';
+        logger[level]({ method, code: serviceError.code, err: serviceError.details }, 'snapshot call failed');
+        callback(serviceError, null);
+      },
+    );
+  };
+}
+
+/** Builds the ten handlers over a Snapshotter. */
+export function createSnapshotsHandlers(snapshotter: Snapshotter, logger: Logger = rootLog.child({ module: 'service' })): grpc.UntypedServiceImplementation {
+  const empty: Empty = {};
+  return {
+    Prepare: unary<CreateRequest, { mounts: WireMount[] }>(logger, 'Prepare', async (req) => {
+      const mounts = await snapshotter.prepare(requireField('key', req.key), req.parent ?? '', validateLabels(req.labels));
+      return { mounts: toWireMounts(mounts) };
+    }),
+    View: unary<CreateRequest, { mounts: WireMount[] }>(logger, 'View', async (req) => {
+      const mounts = await snapshotter.view(requireField('key', req.key), req.parent ?? '', validateLabels(req.labels));
+      return { mounts: toWireMounts(mounts) };
+    }),
+    Mounts: unary<KeyRequest, { mounts: WireMount[] }>(logger, 'Mounts', async (req) => {
+      return { mounts: toWireMounts(await snapshotter.mounts(requireField('key', req.key))) };
+    }),
+    Commit: unary<CommitRequest, Empty>(logger, 'Commit', async (req) => {
+      await snapshotter.commit(requireField('name', req.name), requireField('key', req.key), validateLabels(req.labels));
+      return empty;
+    }),
+    Remove: unary<KeyRequest, Empty>(logger, 'Remove', async (req) => {
+      await snapshotter.remove(requireField('key', req.key));
+      return empty;
+    }),
+    Stat: unary<KeyRequest, { info: WireInfo }>(logger, 'Stat', async (req) => {
+      return { info: toWireInfo(await snapshotter.stat(requireField('key', req.key))) };
+    }),
+    Update: unary<UpdateRequest, { info: WireInfo }>(logger, 'Update', async (req) => {
+      if (req.info === null || req.info === undefined) throw new InvalidArgumentError('info must be set');
+      const name = requireField('info.name', req.info.name);
+      const updated = await snapshotter.update(
+        { name, labels: validateLabels(req.info.labels) },
+        req.update_mask?.paths ?? [],
+      );
+      return { info: toWireInfo(updated) };
+    }),
+    List: ((call: grpc.ServerWritableStream<ListRequest, { info: WireInfo[] }>) => {
+      void streamList(snapshotter, call, logger);
+    }) as grpc.handleServerStreamingCall<ListRequest, { info: WireInfo[] }>,
+    Usage: unary<KeyRequest, { size: string; inodes: string }>(logger, 'Usage', async (req) => {
+      const usage = await snapshotter.usage(requireField('key', req.key));
+      return { size: String(usage.size), inodes: String(usage.inodes) };
+    }),
+    Cleanup: unary<{ snapshotter: string }, Empty>(logger, 'Cleanup', async () => {
+      await snapshotter.cleanup();
+      return empty;
+    }),
+  };
+}
+
+/** Streams the walk in batches of LIST_BATCH_SIZE, honouring backpressure and client cancellation. */
+async function streamList(
+  snapshotter: Snapshotter,
+  call: grpc.ServerWritableStream<ListRequest, { info: WireInfo[] }>,
+  logger: Logger,
+): Promise<void> {
+  const send = async (batch: WireInfo[]): Promise<void> => {
+    if (!call.write({ info: batch })) {
+      await new Promise<void>((resolve) => {
+        const done = (): void => {
+          call.off('drain', done);
+          call.off('cancelled', done);
+          resolve();
+        };
+        call.on('drain', done);
+        call.on('cancelled', done);
+      });
+    }
+  };
+  try {
+    let batch: WireInfo[] = [];
+    for await (const info of snapshotter.walk(call.request.filters ?? [])) {
+      if (call.cancelled) return;
+      batch.push(toWireInfo(info));
+      if (batch.length >= LIST_BATCH_SIZE) {
+        await send(batch);
+        batch = [];
+      }
+    }
+    if (batch.length > 0 && !call.cancelled) await send(batch);
+    call.end();
+  } catch (err) {
+    const serviceError = toServiceError(err);
+    logger.debug({ method: 'List', code: serviceError.code, err: serviceError.details }, 'snapshot call failed');
+    call.emit('error', serviceError);
+  }
+}
+
+export interface SnapshotServer {
+  /** The socket path served. */
+  readonly address: string;
+  /** Stops accepting calls, lets in-flight ones finish (bounded), removes the socket. */
+  close(): Promise<void>;
+}
+
+/** True when something accepts connections on the unix socket `address`. */
+function socketIsLive(address: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const conn = net.connect(address);
+    const done = (live: boolean): void => {
+      conn.destroy();
+      resolve(live);
+    };
+    conn.setTimeout(LIVE_SOCKET_PROBE_MS, () => done(true)); // accepted but silent: treat as live
+    conn.once('connect', () => done(true));
+    conn.once('error', () => done(false));
+  });
+}
+
+/**
+ * Removes a leftover socket from an earlier run. Refuses to touch anything that is not a socket, and a
+ * socket another server still answers on.
+ */
+async function removeStaleSocket(address: string, options: { probe: boolean }): Promise<void> {
+  let st: fs.Stats;
+  try {
+    st = await fsp.lstat(address);
+  } catch (err) {
+    if (errorCode(err) === 'ENOENT') return;
+    throw err;
+  }
+  if (!st.isSocket()) throw new Error(`${address} exists and is not a socket; refusing to replace it`);
+  if (options.probe && (await socketIsLive(address))) {
+    throw new Error(`${address} is in use by a running server`);
+  }
+  await fsp.unlink(address);
+}
+
+/** Serves the Snapshots service for `snapshotter` on the unix socket `address` (mode 0600). */
+export async function startSnapshotServer(options: {
+  snapshotter: Snapshotter;
+  address: string;
+  log?: Logger;
+}): Promise<SnapshotServer> {
+  const logger = options.log ?? rootLog.child({ module: 'service' });
+  const address = path.resolve(options.address);
+  await fsp.mkdir(path.dirname(address), { recursive: true, mode: SOCKET_DIR_MODE });
+  await removeStaleSocket(address, { probe: true });
+
+  const server = new grpc.Server();
+  server.addService(loadSnapshotsService(), createSnapshotsHandlers(options.snapshotter, logger));
+  await new Promise<void>((resolve, reject) => {
+    server.bindAsync(`unix://${address}`, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(err) : resolve()));
+  });
+  // Anyone who can reach the socket can mount and delete snapshots: root only.
+  await fsp.chmod(address, SOCKET_MODE);
+
+  let closing: Promise<void> | undefined;
+  return {
+    address,
+    close(): Promise<void> {
+      closing ??= (async () => {
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(() => {
+            server.forceShutdown();
+            resolve();
+          }, SHUTDOWN_GRACE_MS);
+          server.tryShutdown(() => {
+            clearTimeout(timer);
+            resolve();
+          });
+        });
+        await removeStaleSocket(address, { probe: false }).catch((err: unknown) => {
+          logger.warn({ address, err: String(err) }, 'failed to remove socket');
+        });
+      })();
+      return closing;
+    },
+  };
+}

@@ -1,0 +1,533 @@
+/**
+ * containerd snapshotter semantics (the overlayfs snapshotter, snapshots/overlay/overlay.go) plus remote
+ * snapshots: a Prepare labelled with the target chainID tries to mount the layer lazily through the
+ * RemoteFileSystem, and on success commits it at once and answers AlreadyExists, so containerd skips the
+ * download (reference: stargz-snapshotter snapshot/snapshot.go).
+ *
+ * Layout under root: metadata.db, snapshots/<id>/fs (upper dir, or the remote mountpoint) and
+ * snapshots/<id>/work (overlay workdir, active snapshots only). Removal is asynchronous: Remove deletes
+ * metadata only and Cleanup deletes directories no metadata refers to.
+ */
+import crypto from 'node:crypto';
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import { setImmediate as yieldToEventLoop } from 'node:timers/promises';
+import {
+  AlreadyExistsError,
+  errorCode,
+  errorMessage,
+  FailedPreconditionError,
+  InvalidArgumentError,
+  NotFoundError,
+  UnavailableError,
+} from '../errors';
+import { log as rootLog, type Logger } from '../log';
+import { layerSourceFromLabels, REMOTE_SNAPSHOT, REMOTE_SNAPSHOT_VALUE, TARGET_SNAPSHOT_REF } from '../source/labels';
+import { diskUsage } from './disk-usage';
+import type { RemoteFileSystem } from './filesystem';
+import { parseFilters } from './filters';
+import { MetadataStore, WALK_PAGE_ROWS, type ChainEntry, type MetadataStoreOptions } from './metadata-store';
+import { mountsUnder } from '../fs/mount-table';
+import { snapshotFieldAdaptor, type Mount, type SnapshotInfo, type SnapshotKind, type SnapshotUsage } from './snapshot-info';
+
+/** Log field counted by the e2e scripts, as the reference's `remote-snapshot-prepared`. */
+export const REMOTE_SNAPSHOT_LOG_KEY = 'remote-snapshot-prepared';
+/** Prefix of directories being created; renamed to the snapshot id once its metadata exists. */
+const TEMP_DIR_PREFIX = 'new-';
+const SNAPSHOTS_DIR = 'snapshots';
+const ROOT_DIR_MODE = 0o700;
+/** Upper dir: what containerd's overlay snapshotter uses, and what containers see as their root's mode. */
+const UPPER_DIR_MODE = 0o755;
+const WORK_DIR_MODE = 0o711;
+/** Remote layers re-mounted at once on restart; each may wait on a registry. */
+const RESTORE_CONCURRENCY = 4;
+/** The kernel's full identity uid map: not inside a user namespace. */
+const INIT_USERNS_UID_MAP = /^\s*0\s+0\s+4294967295\s*$/;
+
+export interface SnapshotterOptions {
+  /** State directory (absolute or relative to cwd). */
+  root: string;
+  /** Lazily mounts remote layers; without one every Prepare is a normal one. */
+  fs?: RemoteFileSystem;
+  log?: Logger;
+  /** Durability of metadata commits; see MetadataStore. */
+  durability?: MetadataStoreOptions['durability'];
+}
+
+export interface RestoreResult {
+  /** Remote snapshots mounted again. */
+  restored: string[];
+  /** Remote snapshots whose layer could not be mounted; their metadata and directories are kept. */
+  failed: { name: string; reason: string }[];
+}
+
+function isRemote(labels: Record<string, string>): boolean {
+  return labels[REMOTE_SNAPSHOT] === REMOTE_SNAPSHOT_VALUE;
+}
+
+function requireName(what: string, value: string): void {
+  if (value === '') throw new InvalidArgumentError(`${what} must not be empty`);
+}
+
+async function pathExists(p: string): Promise<boolean> {
+  try {
+    await fsp.lstat(p);
+    return true;
+  } catch (err) {
+    if (errorCode(err) === 'ENOENT') return false;
+    throw err;
+  }
+}
+
+export class Snapshotter {
+  readonly root: string;
+  private readonly snapshotsDir: string;
+  private readonly store: MetadataStore;
+  private readonly fs: RemoteFileSystem | undefined;
+  private readonly log: Logger;
+  /** Extra overlay options decided once at open: index=off, userxattr. */
+  private readonly overlayOptions: string[];
+  /**
+   * In-flight remote prepares by target chainID. containerd's unpacker (and several pulls of one image)
+   * may Prepare the same layer concurrently; only the first mounts it, the others wait for its outcome.
+   */
+  private readonly remotePrepares = new Map<string, Promise<void>>();
+  /** Temp directory names being created; Cleanup must not take them for orphans. */
+  private readonly pendingDirs = new Set<string>();
+  private closed = false;
+
+  private constructor(root: string, store: MetadataStore, overlayOptions: string[], options: SnapshotterOptions) {
+    this.root = root;
+    this.snapshotsDir = path.join(root, SNAPSHOTS_DIR);
+    this.store = store;
+    this.fs = options.fs;
+    this.log = options.log ?? rootLog.child({ module: 'snapshot' });
+    this.overlayOptions = overlayOptions;
+  }
+
+  /** Creates the root if needed and opens its metadata. */
+  static async open(options: SnapshotterOptions): Promise<Snapshotter> {
+    const root = path.resolve(options.root);
+    await fsp.mkdir(root, { recursive: true, mode: ROOT_DIR_MODE });
+    await fsp.mkdir(path.join(root, SNAPSHOTS_DIR), { recursive: true, mode: ROOT_DIR_MODE });
+    const overlayOptions: string[] = [];
+    // As containerd: index=off where the kernel has the knob, so shared lower dirs never trip the
+    // overlay index's exclusivity checks.
+    if (await pathExists('/sys/module/overlay/parameters/index')) overlayOptions.push('index=off');
+    if (await Snapshotter.inUserNamespace()) overlayOptions.push('userxattr');
+    const store = MetadataStore.open(root, { durability: options.durability });
+    return new Snapshotter(root, store, overlayOptions, options);
+  }
+
+  /** Inside a user namespace overlayfs needs `userxattr` (containerd overlayutils.NeedsUserXAttr). */
+  private static async inUserNamespace(): Promise<boolean> {
+    try {
+      const map = await fsp.readFile('/proc/self/uid_map', 'utf8');
+      return !INIT_USERNS_UID_MAP.test(map);
+    } catch {
+      return false;
+    }
+  }
+
+  private upperPath(id: string): string {
+    return path.join(this.snapshotsDir, id, 'fs');
+  }
+
+  private workPath(id: string): string {
+    return path.join(this.snapshotsDir, id, 'work');
+  }
+
+  private assertOpen(): void {
+    if (this.closed) throw new UnavailableError('snapshotter is closed');
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // containerd Snapshotter verbs
+
+  /** Info of a snapshot by key or name. */
+  async stat(key: string): Promise<SnapshotInfo> {
+    this.assertOpen();
+    return this.store.getInfo(key).info;
+  }
+
+  /** Updates labels (the only mutable field); see MetadataStore.updateInfo for field paths. */
+  async update(info: { name: string; labels?: Record<string, string> }, fieldPaths: readonly string[] = []): Promise<SnapshotInfo> {
+    this.assertOpen();
+    return this.store.updateInfo(info, fieldPaths);
+  }
+
+  /** Active: disk usage of the upper dir, measured now. Committed: the value stored at commit. */
+  async usage(key: string): Promise<SnapshotUsage> {
+    this.assertOpen();
+    const { id, info, usage } = this.store.getInfo(key);
+    if (info.kind === 'active') return diskUsage(this.upperPath(id));
+    return usage;
+  }
+
+  /**
+   * Creates an active snapshot on `parent`. With the target label and a layer the RemoteFileSystem can
+   * mount, the layer is mounted lazily and committed under the target name, and AlreadyExistsError is
+   * thrown; otherwise the mounts of a normal active snapshot are returned.
+   */
+  async prepare(key: string, parent: string, labels: Record<string, string> = {}): Promise<Mount[]> {
+    this.assertOpen();
+    requireName('key', key);
+    const target = labels[TARGET_SNAPSHOT_REF];
+    if (target === undefined || target === '') return this.createSnapshot('active', key, parent, labels);
+    return this.prepareRemote(key, parent, labels, target);
+  }
+
+  /** Creates a read-only view of `parent`. */
+  async view(key: string, parent: string, labels: Record<string, string> = {}): Promise<Mount[]> {
+    this.assertOpen();
+    requireName('key', key);
+    return this.createSnapshot('view', key, parent, labels);
+  }
+
+  /** Mounts of an active or view snapshot, after checking its remote ancestors are reachable. */
+  async mounts(key: string): Promise<Mount[]> {
+    this.assertOpen();
+    const record = this.store.getSnapshot(key);
+    const { info } = this.store.getInfo(key);
+    await this.checkAncestors(this.store.chain(info.parent));
+    return this.buildMounts(record.id, record.kind, record.parentIds);
+  }
+
+  /** Commits active snapshot `key` as `name`, recording its disk usage. */
+  async commit(name: string, key: string, labels: Record<string, string> = {}): Promise<void> {
+    this.assertOpen();
+    requireName('name', name);
+    requireName('key', key);
+    const { id, info } = this.store.getInfo(key);
+    if (info.kind !== 'active') throw new FailedPreconditionError(`snapshot "${key}" is not active`);
+    const usage = await diskUsage(this.upperPath(id));
+    this.store.commitActive(key, name, usage, labels, id);
+  }
+
+  /** Deletes the metadata of `key`; its directory goes at the next Cleanup. */
+  async remove(key: string): Promise<void> {
+    this.assertOpen();
+    this.store.remove(key);
+  }
+
+  /**
+   * Infos matching any of `filters` (containerd filter syntax; none = all). Filters are parsed before
+   * the first item, so syntax errors surface as InvalidArgumentError from the first next().
+   */
+  async *walk(filters: readonly string[] = []): AsyncGenerator<SnapshotInfo> {
+    this.assertOpen();
+    const filter = parseFilters(filters);
+    let after: string | undefined;
+    for (;;) {
+      const page = this.store.listPage(after, WALK_PAGE_ROWS);
+      if (page.length === 0) return;
+      for (const { info } of page) if (filter.match(snapshotFieldAdaptor(info))) yield info;
+      after = page[page.length - 1]!.id;
+      await yieldToEventLoop();
+      if (this.closed) return;
+    }
+  }
+
+  /** Convenience: walk() collected into an array. */
+  async list(filters: readonly string[] = []): Promise<SnapshotInfo[]> {
+    const out: SnapshotInfo[] = [];
+    for await (const info of this.walk(filters)) out.push(info);
+    return out;
+  }
+
+  /**
+   * Removes directories no snapshot refers to. Remote layers are unmounted first; a directory that still
+   * has anything mounted below it is left alone (rm -r would walk into the mount).
+   */
+  async cleanup(): Promise<string[]> {
+    this.assertOpen();
+    const names = await fsp.readdir(this.snapshotsDir);
+    // Read ids after listing: a directory renamed to its id before the listing had its row inserted
+    // before that, so it is in this map.
+    const ids = this.store.idMap();
+    const removed: string[] = [];
+    for (const name of names) {
+      if (ids.has(name) || this.pendingDirs.has(name)) continue;
+      const dir = path.join(this.snapshotsDir, name);
+      if (await this.removeOrphanDir(dir)) removed.push(dir);
+    }
+    return removed;
+  }
+
+  private async removeOrphanDir(dir: string): Promise<boolean> {
+    const mountpoint = path.join(dir, 'fs');
+    if (this.fs !== undefined) {
+      try {
+        await this.fs.unmount(mountpoint);
+      } catch (err) {
+        this.log.warn({ path: dir, err: errorMessage(err) }, 'cleanup: failed to unmount; directory kept');
+        return false;
+      }
+    }
+    const mounted = await mountsUnder(dir);
+    if (mounted.length > 0) {
+      this.log.warn({ path: dir, mounts: mounted }, 'cleanup: directory still has mounts; kept');
+      return false;
+    }
+    try {
+      await fsp.rm(dir, { recursive: true, force: true });
+      return true;
+    } catch (err) {
+      this.log.warn({ path: dir, err: errorMessage(err) }, 'cleanup: failed to remove directory');
+      return false;
+    }
+  }
+
+  /**
+   * Startup: re-mounts every committed remote snapshot with the labels it was prepared with, and
+   * re-creates the directories of active/view snapshots whose creation a crash interrupted. A failure is
+   * logged and reported, never fatal, and never deletes anything: the user can retry or `ctr snapshot rm`.
+   */
+  async restore(): Promise<RestoreResult> {
+    this.assertOpen();
+    const result: RestoreResult = { restored: [], failed: [] };
+    const remote: { id: string; info: SnapshotInfo }[] = [];
+    let after: string | undefined;
+    for (;;) {
+      const page = this.store.listPage(after, WALK_PAGE_ROWS);
+      if (page.length === 0) break;
+      for (const entry of page) {
+        if (entry.info.kind === 'committed') {
+          if (isRemote(entry.info.labels)) remote.push(entry);
+        } else {
+          await this.repairDirs(entry.id, entry.info);
+        }
+      }
+      after = page[page.length - 1]!.id;
+    }
+    let next = 0;
+    const worker = async (): Promise<void> => {
+      while (next < remote.length) {
+        const { id, info } = remote[next++]!;
+        try {
+          await this.remountRemote(id, info);
+          result.restored.push(info.name);
+        } catch (err) {
+          result.failed.push({ name: info.name, reason: errorMessage(err) });
+          this.log.error({ name: info.name, id, err: errorMessage(err) }, 'failed to restore remote snapshot; left unmounted');
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(RESTORE_CONCURRENCY, remote.length) }, worker));
+    if (remote.length > 0) {
+      this.log.info({ restored: result.restored.length, failed: result.failed.length }, 'restored remote snapshots');
+    }
+    return result;
+  }
+
+  private async remountRemote(id: string, info: SnapshotInfo): Promise<void> {
+    if (this.fs === undefined) throw new UnavailableError('no remote filesystem configured');
+    const mountpoint = this.upperPath(id);
+    // A mount left by a previous process is dead (its FUSE server is gone, every access is ENOTCONN):
+    // drop it before touching the directory.
+    await this.fs.unmount(mountpoint);
+    await fsp.mkdir(mountpoint, { recursive: true, mode: UPPER_DIR_MODE });
+    await this.fs.mount(mountpoint, info.labels);
+  }
+
+  private async repairDirs(id: string, info: SnapshotInfo): Promise<void> {
+    const upper = this.upperPath(id);
+    if (await pathExists(upper)) return;
+    this.log.warn({ name: info.name, id }, 'snapshot directory missing (interrupted create); re-creating it empty');
+    await fsp.mkdir(upper, { recursive: true, mode: UPPER_DIR_MODE });
+    await fsp.chmod(upper, UPPER_DIR_MODE);
+    if (info.kind === 'active') {
+      await fsp.mkdir(this.workPath(id), { recursive: true, mode: WORK_DIR_MODE });
+      await fsp.chmod(this.workPath(id), WORK_DIR_MODE);
+    }
+  }
+
+  /** Closes the metadata store. Mounted remote layers are the RemoteFileSystem owner's to unmount. Idempotent. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await Promise.allSettled(this.remotePrepares.values());
+    this.store.close();
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // internals
+
+  private async prepareRemote(key: string, parent: string, labels: Record<string, string>, target: string): Promise<Mount[]> {
+    const alreadyExists = (): AlreadyExistsError => new AlreadyExistsError(`target snapshot "${target}": already exists`);
+    const committed = (): boolean => {
+      try {
+        return this.store.getInfo(target).info.kind === 'committed';
+      } catch (err) {
+        if (err instanceof NotFoundError) return false;
+        throw err;
+      }
+    };
+    if (committed()) throw alreadyExists();
+    // Wait for any in-flight attempt on the same target; if it committed, we are done too.
+    for (let inflight = this.remotePrepares.get(target); inflight !== undefined; inflight = this.remotePrepares.get(target)) {
+      await inflight;
+      if (committed()) throw alreadyExists();
+    }
+    let settle!: () => void;
+    const attempt = new Promise<void>((resolve) => (settle = resolve));
+    this.remotePrepares.set(target, attempt);
+    try {
+      return await this.tryRemotePrepare(key, parent, labels, target, alreadyExists);
+    } finally {
+      this.remotePrepares.delete(target);
+      settle();
+    }
+  }
+
+  private async tryRemotePrepare(
+    key: string,
+    parent: string,
+    labels: Record<string, string>,
+    target: string,
+    alreadyExists: () => AlreadyExistsError,
+  ): Promise<Mount[]> {
+    const { mounts, id } = await this.createSnapshotWithId('active', key, parent, labels);
+    const fields = { key, parent };
+    const source = layerSourceFromLabels(labels);
+    if (this.fs === undefined || source === undefined) {
+      const reason = this.fs === undefined ? 'no remote filesystem configured' : 'labels do not describe a remote layer';
+      this.log.info({ ...fields, [REMOTE_SNAPSHOT_LOG_KEY]: 'false', reason }, 'prepared a normal snapshot');
+      return mounts;
+    }
+    try {
+      await this.fs.mount(this.upperPath(id), labels);
+    } catch (err) {
+      this.log.info(
+        { ...fields, [REMOTE_SNAPSHOT_LOG_KEY]: 'false', reason: errorMessage(err) },
+        'failed to prepare remote snapshot; falling back to a normal pull',
+      );
+      return mounts;
+    }
+    try {
+      // Remote layers are not walked for usage: the mount is lazy and reading it would fetch it all.
+      this.store.commitActive(key, target, { size: 0, inodes: 0 }, { ...labels, [REMOTE_SNAPSHOT]: REMOTE_SNAPSHOT_VALUE }, id);
+    } catch (err) {
+      if (!(err instanceof AlreadyExistsError)) {
+        // No fallback: the filesystem already owns this directory.
+        this.log.info({ ...fields, [REMOTE_SNAPSHOT_LOG_KEY]: 'false', reason: errorMessage(err) }, 'failed to commit remote snapshot');
+        throw err;
+      }
+      // Someone committed the target meanwhile: that is success too. Our duplicate goes away.
+      await this.discardDuplicate(key, id);
+    }
+    this.log.info({ ...fields, [REMOTE_SNAPSHOT_LOG_KEY]: 'true', target }, 'prepared remote snapshot');
+    throw alreadyExists();
+  }
+
+  private async discardDuplicate(key: string, id: string): Promise<void> {
+    try {
+      this.store.remove(key);
+      await this.fs?.unmount(this.upperPath(id));
+    } catch (err) {
+      this.log.warn({ key, err: errorMessage(err) }, 'failed to discard duplicate remote snapshot; Cleanup will retry');
+    }
+  }
+
+  private async createSnapshot(kind: SnapshotKind, key: string, parent: string, labels: Record<string, string>): Promise<Mount[]> {
+    return (await this.createSnapshotWithId(kind, key, parent, labels)).mounts;
+  }
+
+  /**
+   * overlay.go createSnapshot: the directory is built under a temp name, the metadata row is inserted,
+   * then the directory is renamed to the row's id — so a directory named by an id is always complete.
+   */
+  private async createSnapshotWithId(
+    kind: SnapshotKind,
+    key: string,
+    parent: string,
+    labels: Record<string, string>,
+  ): Promise<{ mounts: Mount[]; id: string }> {
+    // Early checks: fail before touching the disk (the store re-checks atomically on insert).
+    const chain = this.store.chain(parent);
+    if (chain.length > 0 && this.store.getInfo(parent).info.kind !== 'committed') {
+      throw new InvalidArgumentError(`parent "${parent}" is not committed snapshot`);
+    }
+    if (this.exists(key)) throw new AlreadyExistsError(`snapshot ${key}: already exists`);
+    await this.checkAncestors(chain);
+
+    const tempName = `${TEMP_DIR_PREFIX}${crypto.randomBytes(8).toString('hex')}`;
+    const tempDir = path.join(this.snapshotsDir, tempName);
+    this.pendingDirs.add(tempName);
+    try {
+      await fsp.mkdir(tempDir, { mode: ROOT_DIR_MODE });
+      const upper = path.join(tempDir, 'fs');
+      await fsp.mkdir(upper, { mode: UPPER_DIR_MODE });
+      await fsp.chmod(upper, UPPER_DIR_MODE); // independent of the daemon's umask
+      if (kind === 'active') {
+        const work = path.join(tempDir, 'work');
+        await fsp.mkdir(work, { mode: WORK_DIR_MODE });
+        await fsp.chmod(work, WORK_DIR_MODE);
+      }
+      if (chain.length > 0) {
+        // The new upper dir belongs to whoever owns the parent's root, as in overlay.go.
+        const st = await fsp.stat(this.upperPath(chain[0]!.id));
+        await fsp.lchown(upper, st.uid, st.gid);
+      }
+      const record = this.store.createSnapshot(kind, key, parent, labels);
+      try {
+        await fsp.rename(tempDir, path.join(this.snapshotsDir, record.id));
+      } catch (err) {
+        try {
+          this.store.remove(key);
+        } catch (rmErr) {
+          this.log.error({ key, err: errorMessage(rmErr) }, 'failed to roll back snapshot metadata');
+        }
+        throw err;
+      }
+      return { mounts: this.buildMounts(record.id, kind, record.parentIds), id: record.id };
+    } catch (err) {
+      await fsp.rm(tempDir, { recursive: true, force: true }).catch((rmErr: unknown) => {
+        this.log.warn({ path: tempDir, err: errorMessage(rmErr) }, 'failed to remove temp snapshot directory');
+      });
+      throw err;
+    } finally {
+      this.pendingDirs.delete(tempName);
+    }
+  }
+
+  private exists(key: string): boolean {
+    try {
+      this.store.getInfo(key);
+      return true;
+    } catch (err) {
+      if (err instanceof NotFoundError) return false;
+      throw err;
+    }
+  }
+
+  /** Checks every remote ancestor in parallel; any failure makes the snapshot Unavailable. */
+  private async checkAncestors(chain: readonly ChainEntry[]): Promise<void> {
+    const remote = chain.filter((e) => isRemote(e.labels));
+    if (remote.length === 0) return;
+    const fs = this.fs;
+    if (fs === undefined) throw new UnavailableError('layer unavailable: no remote filesystem configured');
+    const results = await Promise.allSettled(remote.map((e) => fs.check(this.upperPath(e.id), e.labels)));
+    const failures = results.flatMap((r, i) => (r.status === 'rejected' ? [{ name: remote[i]!.name, reason: r.reason as unknown }] : []));
+    if (failures.length > 0) {
+      const first = failures[0]!;
+      this.log.warn({ layers: failures.map((f) => f.name), err: errorMessage(first.reason) }, 'remote layer check failed');
+      throw new UnavailableError(`layer unavailable: ${first.name}`, { cause: first.reason });
+    }
+  }
+
+  /** overlay.go mounts(). `parentIds` nearest first. */
+  private buildMounts(id: string, kind: SnapshotKind, parentIds: readonly string[]): Mount[] {
+    if (parentIds.length === 0) {
+      // Overlay needs at least one lower dir: a lone layer is a bind mount of its own directory.
+      return [{ type: 'bind', source: this.upperPath(id), options: [kind === 'view' ? 'ro' : 'rw', 'rbind'] }];
+    }
+    if (kind !== 'active' && parentIds.length === 1) {
+      return [{ type: 'bind', source: this.upperPath(parentIds[0]!), options: ['ro', 'rbind'] }];
+    }
+    const options = [...this.overlayOptions];
+    if (kind === 'active') options.push(`workdir=${this.workPath(id)}`, `upperdir=${this.upperPath(id)}`);
+    options.push(`lowerdir=${parentIds.map((p) => this.upperPath(p)).join(':')}`);
+    return [{ type: 'overlay', source: 'overlay', options }];
+  }
+}
