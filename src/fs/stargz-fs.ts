@@ -7,7 +7,8 @@ import type { Config } from '../config/config';
 import { EstargzFormatError, errorMessage, InvalidArgumentError, UnavailableError, VerificationError } from '../errors';
 import { readToc } from '../estargz/toc';
 import type { Logger } from '../log';
-import { LayerMount } from '../fuse/layer-fuse';
+import { LayerMount, lazyUnmount } from '../fuse/layer-fuse';
+import { mountsUnder } from './mount-table';
 import { buildLayerTree, type LayerNode } from '../metadata/layer-tree';
 import { LayerReader } from '../reader/chunk-reader';
 import type { BlobSource } from '../remote/blob-source';
@@ -75,7 +76,14 @@ export class StargazeFileSystem implements RemoteFileSystem {
 
   async unmount(mountpoint: string): Promise<void> {
     const layer = this.layers.get(mountpoint);
-    if (!layer) return;
+    if (!layer) {
+      // Not ours, but maybe left by a daemon that died: its FUSE server is gone and the mount is dead.
+      if ((await mountsUnder(mountpoint)).includes(mountpoint)) {
+        await lazyUnmount(mountpoint);
+        this.options.log.info({ mountpoint }, 'removed stale mount');
+      }
+      return;
+    }
     this.layers.delete(mountpoint);
     await layer.mount.unmount();
     layer.log.info('layer unmounted');

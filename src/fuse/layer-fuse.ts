@@ -59,13 +59,18 @@ export interface LayerMountOptions {
  * fuse-native unmounts with `fusermount -uz`, which only Debian's `fuse` package ships (it conflicts with
  * fuse3). We run as root, so a lazy umount(8) does the same job; fusermount3 is the fallback.
  */
-function lazyUnmount(mnt: string, cb: (err: Error | null) => void): void {
+function lazyUnmountCallback(mnt: string, cb: (err: Error | null) => void): void {
   runQuiet('umount', ['-l', mnt], (err) => {
     if (!err) return cb(null);
     runQuiet('fusermount3', ['-uz', mnt], cb);
   });
 }
-(Fuse as unknown as { unmount: typeof lazyUnmount }).unmount = lazyUnmount;
+(Fuse as unknown as { unmount: typeof lazyUnmountCallback }).unmount = lazyUnmountCallback;
+
+/** Detaches whatever is mounted at `mnt` (also a dead FUSE mount whose server is gone). */
+export function lazyUnmount(mnt: string): Promise<void> {
+  return new Promise((resolve, reject) => lazyUnmountCallback(mnt, (err) => (err ? reject(err) : resolve())));
+}
 
 function runQuiet(cmd: string, args: string[], cb: (err: Error | null) => void): void {
   const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });

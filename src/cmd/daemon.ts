@@ -1,0 +1,93 @@
+/**
+ * `stargaze daemon`: load the config, restore remote snapshots, then serve containerd's Snapshots service
+ * on a unix socket. The socket is served only once restored layers are mounted again, so containerd never
+ * sees a snapshot whose directory is empty.
+ */
+import { parseArgs } from 'node:util';
+import path from 'node:path';
+import { loadConfig } from '../config/config';
+import { errorMessage, UsageError } from '../errors';
+import { log, setLogLevel } from '../log';
+import { StargazeFileSystem } from '../fs/stargz-fs';
+import { RegistryClient } from '../remote/registry-client';
+import { Snapshotter } from '../snapshot/snapshotter';
+import { startSnapshotServer } from '../service/snapshots-service';
+
+export const DEFAULT_ADDRESS = '/run/stargaze/stargaze.sock';
+export const DEFAULT_ROOT = '/var/lib/stargaze';
+export const DEFAULT_CONFIG = '/etc/stargaze/config.toml';
+export const DEFAULT_HOSTS_DIR = '/etc/containerd/certs.d';
+const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'];
+
+const USAGE = `usage: stargaze daemon [options]
+
+  --address SOCK     unix socket to serve containerd on (default ${DEFAULT_ADDRESS})
+  --root DIR         state directory: snapshots, metadata, caches (default ${DEFAULT_ROOT})
+  --config FILE      TOML config (default ${DEFAULT_CONFIG}; a missing default file means defaults)
+  --hosts-dir DIR    containerd hosts.toml directory (default ${DEFAULT_HOSTS_DIR})
+  --log-level LEVEL  trace, debug, info, warn, error (default info)
+`;
+
+export async function main(argv: string[]): Promise<number> {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      options: {
+        address: { type: 'string', default: DEFAULT_ADDRESS },
+        root: { type: 'string', default: DEFAULT_ROOT },
+        config: { type: 'string' },
+        'hosts-dir': { type: 'string', default: DEFAULT_HOSTS_DIR },
+        'log-level': { type: 'string', default: 'info' },
+        help: { type: 'boolean', short: 'h' },
+      },
+      strict: true,
+      allowPositionals: false,
+    }));
+  } catch (err) {
+    throw new UsageError(`${errorMessage(err)}\n${USAGE}`);
+  }
+  if (values.help) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  const level = values['log-level'];
+  if (!LOG_LEVELS.includes(level)) throw new UsageError(`--log-level must be one of ${LOG_LEVELS.join(', ')}, not '${level}'`);
+  setLogLevel(level);
+
+  const root = path.resolve(values.root);
+  const address = path.resolve(values.address);
+  const { config, warnings } = await loadConfig(values.config ?? DEFAULT_CONFIG, { explicit: values.config !== undefined });
+  for (const warning of warnings) log.warn({ module: 'config' }, warning);
+
+  const registry = new RegistryClient({
+    hostsDir: values['hosts-dir'],
+    requestTimeoutMs: config.resolver.requestTimeoutSec * 1000,
+    log: log.child({ module: 'remote' }),
+  });
+  const filesystem = new StargazeFileSystem({ registry, config, log: log.child({ module: 'fs' }) });
+  const snapshotter = await Snapshotter.open({
+    root: path.join(root, 'snapshotter'),
+    fs: filesystem,
+    log: log.child({ module: 'snapshot' }),
+  });
+  await snapshotter.restore();
+  const server = await startSnapshotServer({ snapshotter, address });
+  log.info({ address, root }, 'serving containerd snapshots');
+
+  await new Promise<void>((resolve) => {
+    const stop = (signal: NodeJS.Signals): void => {
+      log.info({ signal }, 'shutting down');
+      process.off('SIGINT', stop);
+      process.off('SIGTERM', stop);
+      resolve();
+    };
+    process.on('SIGINT', stop);
+    process.on('SIGTERM', stop);
+  });
+  await server.close();
+  await snapshotter.close();
+  await filesystem.close();
+  log.info('stopped');
+  return 0;
+}
