@@ -1,0 +1,71 @@
+/**
+ * The e2e harness: real processes (registry, containerd, the stargaze daemon), offline test images
+ * and tree comparison. Everything started here registers its teardown on a `CleanupScope`
+ * (node:test `t` / `{ after }`, or a `CleanupStack` in scripts).
+ */
+export { CleanupStack, addExitGuard, bestEffort, suiteScope, type CleanupScope } from './cleanup';
+export {
+  CommandError,
+  freePort,
+  run,
+  spawnGroup,
+  waitFor,
+  type ExitStatus,
+  type ProcessGroup,
+  type RunOptions,
+  type RunResult,
+} from './exec';
+export { KEEP_TMP_ENV, createTmpRoot, makeTmpRoot, mountsUnder, removeTree, unmountUnder, type MountInfo, type TmpRoot } from './tmp';
+export { startRegistry, type BlobRequest, type Registry, type RegistryOptions } from './registry';
+export {
+  STARGZ_SNAPSHOTTER,
+  startContainerd,
+  type Containerd,
+  type ContainerdOptions,
+  type CtrOptions,
+  type MountImageOptions,
+  type PullOptions,
+  type RunContainerOptions,
+} from './containerd';
+export {
+  DEFAULT_CLI_PATH,
+  REPO_ROOT,
+  startDaemon,
+  writePlainHttpHostConfig,
+  type DaemonOptions,
+  type LogEntry,
+  type StargazeDaemon,
+} from './daemon';
+export { DEFAULT_MTIME_SEC, materializeEntries, packLayer, type EntrySpec, type FileContent, type LayerBlob, type LayerSpec } from './rootfs';
+export {
+  ANNOTATION_TOC_DIGEST,
+  ANNOTATION_UNCOMPRESSED_SIZE,
+  BUSYBOX_APPLETS,
+  ESTARGZ_METADATA_FILES,
+  buildBusyboxImage,
+  buildEstargzImage,
+  busyboxEntries,
+  convertToEstargz,
+  fetchManifest,
+  withHost,
+  type BuildImageOptions,
+  type BuiltImage,
+  type ConvertOptions,
+  type EstargzImage,
+  type ImageConfig,
+  type ImageLayerInfo,
+  type PushedImage,
+} from './images';
+export { bigFileFixture, trickyFixture, type BigFileFixture, type TrickyFixture } from './image-fixtures';
+export {
+  compareTrees,
+  diffSnapshots,
+  formatDifferences,
+  snapshotTree,
+  type CompareOptions,
+  type DiffField,
+  type EntryType,
+  type FsDifference,
+  type FsEntry,
+  type SnapshotOptions,
+} from './fs-compare';
