@@ -8,7 +8,7 @@
  * kills tasks before containerd itself, then sweeps up shims and container processes that escaped.
  */
 import { spawnSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { readdirSync, readFileSync, rmdirSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
@@ -241,6 +241,22 @@ export async function startContainerd(opts: ContainerdOptions = {}): Promise<Con
     run(CTR_BIN, ['--address', address, '--namespace', nsOf(o), ...args], o);
   const ctrRemote = (args: string[], o?: CtrOptions): Promise<RunResult> =>
     run(CTR_REMOTE_BIN, ['--address', address, '--namespace', nsOf(o), ...args], o);
+  /** Snapshot views made by mountImage for a non-default snapshotter, by mount target. */
+  const snapshotViews = new Map<string, { key: string; snapshotter: string; namespace: string }>();
+  /** chainID of an image's top layer, from the config in containerd's content store. */
+  const imageChainId = async (ref: string, o?: CtrOptions): Promise<string> => {
+    const listed = await ctr(['images', 'ls', `name==${ref}`], o);
+    const row = listed.stdout.split('\n').find((l) => l.startsWith(`${ref} `));
+    const manifestDigest = row?.match(/sha256:[0-9a-f]{64}/)?.[0];
+    if (!manifestDigest) throw new Error(`image ${ref} not found in namespace ${nsOf(o)}`);
+    const manifest = JSON.parse((await ctr(['content', 'get', manifestDigest], o)).stdout) as { config: { digest: string } };
+    const config = JSON.parse((await ctr(['content', 'get', manifest.config.digest], o)).stdout) as { rootfs: { diff_ids: string[] } };
+    let chain = '';
+    for (const diffId of config.rootfs.diff_ids) {
+      chain = chain === '' ? diffId : `sha256:${createHash('sha256').update(`${chain} ${diffId}`).digest('hex')}`;
+    }
+    return chain;
+  };
   const registryFlags = (o?: PullOptions): string[] => [
     ...(o?.plainHttp === false ? [] : ['--plain-http']),
     ...(o?.snapshotter ? ['--snapshotter', o.snapshotter] : []),
@@ -321,12 +337,35 @@ export async function startContainerd(opts: ContainerdOptions = {}): Promise<Con
       return ctr(['run', '--rm', ...flags, ref, id, ...command], o);
     },
     mountImage: async (ref, target, o) => {
-      const flags = [...(o?.snapshotter ? ['--snapshotter', o.snapshotter] : []), ...(o?.rw ? ['--rw'] : [])];
       await mkdir(target, { recursive: true });
       mountedTargets.set(target, nsOf(o));
-      await ctr(['images', 'mount', ...flags, ref, target], o);
+      if (o?.snapshotter && o.snapshotter !== 'overlayfs') {
+        // containerd 1.6's `ctr images mount` ignores its --snapshotter flag (it reads a global flag
+        // that does not exist) and always unpacks with overlayfs: view the image's top snapshot in the
+        // wanted snapshotter through the snapshots API instead.
+        const chainId = await imageChainId(ref, o);
+        const key = `stargaze-view-${randomSuffix()}`;
+        snapshotViews.set(target, { key, snapshotter: o.snapshotter, namespace: nsOf(o) });
+        const view = await ctr(['snapshots', '--snapshotter', o.snapshotter, 'view', '--target', target, key, chainId], o);
+        // ctr made the view outside any lease: root it, or containerd's GC collects it under the mount.
+        await ctr(['snapshots', '--snapshotter', o.snapshotter, 'label', key, `containerd.io/gc.root=${new Date().toISOString()}`], o);
+        for (const line of view.stdout.split('\n').filter((l) => l.startsWith('mount '))) {
+          const [, , type, source, mountTarget, , options] = line.split(' ');
+          await run('mount', ['-t', type!, source!, mountTarget!, '-o', options!]);
+        }
+        return;
+      }
+      await ctr(['images', 'mount', ...(o?.rw ? ['--rw'] : []), ref, target], o);
     },
     unmountImage: async (target, o) => {
+      const view = snapshotViews.get(target);
+      if (view) {
+        await unmountUnder(target);
+        await ctr(['snapshots', '--snapshotter', view.snapshotter, 'rm', view.key], { ...o, namespace: view.namespace });
+        snapshotViews.delete(target);
+        mountedTargets.delete(target);
+        return;
+      }
       // `--rm` removes the lease and the snapshot (of the default snapshotter; a stargz one is
       // garbage collected once its lease is gone); make sure the mount is gone either way
       const r = await ctr(['images', 'unmount', '--rm', target], { ...o, allowFailure: true });
