@@ -59,6 +59,7 @@ export async function main(argv: string[]): Promise<number> {
   const address = path.resolve(values.address);
   const { config, warnings } = await loadConfig(values.config ?? DEFAULT_CONFIG, { explicit: values.config !== undefined });
   for (const warning of warnings) log.warn({ module: 'config' }, warning);
+  if (config.metricsAddress !== '') log.warn({ module: 'config' }, 'metrics_address: the metrics endpoint is not implemented yet; ignored');
 
   const registry = new RegistryClient({
     hostsDir: values['hosts-dir'],

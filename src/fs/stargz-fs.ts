@@ -34,6 +34,10 @@ interface MountedLayer {
   mount: LayerMount<LayerNode>;
   reader: LayerReader;
   log: Logger;
+  /** Settles when prefetch ends (also on failure); the first check() waits for it, bounded. */
+  prefetched: Promise<void>;
+  /** True once a check() has waited for prefetch: later checks do not wait again. */
+  prefetchAwaited: boolean;
 }
 
 export class StargazeFileSystem implements RemoteFileSystem {
@@ -65,13 +69,28 @@ export class StargazeFileSystem implements RemoteFileSystem {
       log: layerLog,
     });
     await mount.mount();
-    this.layers.set(mountpoint, { source, mount, reader, log: layerLog });
     layerLog.info({ ref: source.ref, elapsedMs: Date.now() - started, blobSize: blob.size }, 'layer mounted');
-    this.startPrefetch(source, tree.prefetchLandmarkOffset, tree.noPrefetch, reader, blob.size, layerLog);
+    const prefetched = this.startPrefetch(source, tree.prefetchLandmarkOffset, tree.noPrefetch, reader, blob.size, layerLog);
+    this.layers.set(mountpoint, { source, mount, reader, log: layerLog, prefetched, prefetchAwaited: false });
   }
 
+  /**
+   * containerd asks for mounts when it creates a container: the first time, wait for the layer's prefetch
+   * (bounded by prefetch_timeout_sec) so the container starts with what the image marked as needed first.
+   */
   async check(mountpoint: string): Promise<void> {
-    if (!this.layers.has(mountpoint)) throw new UnavailableError(`layer at ${mountpoint} is not mounted`);
+    const layer = this.layers.get(mountpoint);
+    if (!layer) throw new UnavailableError(`layer at ${mountpoint} is not mounted`);
+    if (layer.prefetchAwaited) return;
+    layer.prefetchAwaited = true;
+    const timeoutMs = this.options.config.prefetchTimeoutSec * 1000;
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = await Promise.race([
+      layer.prefetched.then(() => false),
+      new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), timeoutMs))),
+    ]);
+    clearTimeout(timer);
+    if (timedOut) layer.log.warn({ prefetchTimeoutSec: this.options.config.prefetchTimeoutSec }, 'prefetch not done in time; going on');
   }
 
   async unmount(mountpoint: string): Promise<void> {
@@ -118,7 +137,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
     throw new EstargzFormatError('digest of TOC JSON must be passed (no containerd.io/snapshot/stargz/toc.digest label)');
   }
 
-  /** Prefetch what the image marks as needed first, in the background: mount does not wait for it. */
+  /** Prefetch what the image marks as needed first, in the background: mount does not wait for it; check() does. */
   private startPrefetch(
     source: LayerSourceInfo,
     landmarkOffset: number | undefined,
@@ -126,13 +145,13 @@ export class StargazeFileSystem implements RemoteFileSystem {
     reader: LayerReader,
     blobSize: number,
     layerLog: Logger,
-  ): void {
+  ): Promise<void> {
     const config = this.options.config;
-    if (config.noPrefetch || noPrefetch) return;
+    if (config.noPrefetch || noPrefetch) return Promise.resolve();
     const size = landmarkOffset ?? Math.min(source.prefetchBytes ?? config.prefetchSizeBytes, blobSize);
-    if (size <= 0) return;
+    if (size <= 0) return Promise.resolve();
     const started = Date.now();
-    reader.prefetch(size).then(
+    return reader.prefetch(size).then(
       () => layerLog.info({ metrics: 'latency', operation: 'prefetch_total', prefetchBytes: size, elapsedMs: Date.now() - started }, 'prefetch done'),
       (err: unknown) => layerLog.warn({ err: errorMessage(err) }, 'prefetch failed'),
     );
