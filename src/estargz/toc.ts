@@ -349,7 +349,12 @@ function extractTocJson(tar: Buffer, maxTocBytes: number): Buffer {
   let paxSize: number | undefined;
   for (;;) {
     if (pos + TAR_BLOCK_BYTES > tar.length) throw new EstargzFormatError('TOC member holds no tar header');
-    const header = decodeTarHeader(tar.subarray(pos, pos + TAR_BLOCK_BYTES));
+    let header: ReturnType<typeof decodeTarHeader>;
+    try {
+      header = decodeTarHeader(tar.subarray(pos, pos + TAR_BLOCK_BYTES));
+    } catch (err) {
+      throw new EstargzFormatError(`TOC member holds no valid tar header: ${errorMessage(err)}`);
+    }
     if (header === undefined) throw new EstargzFormatError('TOC member holds no tar header');
     pos += TAR_BLOCK_BYTES;
     if (header.typeflag === TYPEFLAG.paxHeader) {
