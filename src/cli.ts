@@ -12,6 +12,7 @@ interface Subcommand {
 
 const SUBCOMMANDS: Record<string, Subcommand> = {
   daemon: { summary: 'serve containerd snapshots with lazily pulled eStargz layers', load: () => import('./cmd/daemon') },
+  'fuse-server': { summary: '(started by the daemon) serve layer mounts across daemon restarts', load: () => import('./cmd/fuse-server') },
 };
 
 function usage(): string {

@@ -5,7 +5,10 @@
  */
 import { parseArgs } from 'node:util';
 import path from 'node:path';
-import { loadConfig } from '../config/config';
+import { mkdir } from 'node:fs/promises';
+import { loadConfig, type Config } from '../config/config';
+import { FuseServerClient } from '../fs/fuse-server-client';
+import type { RemoteFileSystem } from '../snapshot/filesystem';
 import { errorMessage, UsageError } from '../errors';
 import { log, setLogLevel } from '../log';
 import { StargazeFileSystem } from '../fs/stargz-fs';
@@ -61,12 +64,14 @@ export async function main(argv: string[]): Promise<number> {
   for (const warning of warnings) log.warn({ module: 'config' }, warning);
   if (config.metricsAddress !== '') log.warn({ module: 'config' }, 'metrics_address: the metrics endpoint is not implemented yet; ignored');
 
-  const registry = new RegistryClient({
+  const configPath = values.config ?? DEFAULT_CONFIG;
+  const filesystem = await openFileSystem(config, {
+    root,
     hostsDir: values['hosts-dir'],
-    requestTimeoutMs: config.resolver.requestTimeoutSec * 1000,
-    log: log.child({ module: 'remote' }),
+    configPath,
+    configExplicit: values.config !== undefined,
+    logLevel: level,
   });
-  const filesystem = new StargazeFileSystem({ registry, config, log: log.child({ module: 'fs' }) });
   const snapshotter = await Snapshotter.open({
     root: path.join(root, 'snapshotter'),
     fs: filesystem,
@@ -88,7 +93,51 @@ export async function main(argv: string[]): Promise<number> {
   });
   await server.close();
   await snapshotter.close();
+  // With the FUSE server, this only disconnects: running containers keep their files.
   await filesystem.close();
   log.info('stopped');
   return 0;
+}
+
+interface FileSystemSetup {
+  root: string;
+  hostsDir: string;
+  configPath: string;
+  configExplicit: boolean;
+  logLevel: string;
+}
+
+/**
+ * The layer mounts live in a separate FUSE server process by default ([fuse_manager] enable), so a daemon
+ * restart leaves running containers' files served; with it off, the daemon serves them itself.
+ */
+async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<RemoteFileSystem & { close(): Promise<void> }> {
+  if (!config.fuseManager.enable) {
+    const registry = new RegistryClient({
+      hostsDir: setup.hostsDir,
+      requestTimeoutMs: config.resolver.requestTimeoutSec * 1000,
+      log: log.child({ module: 'remote' }),
+    });
+    return new StargazeFileSystem({ registry, config, log: log.child({ module: 'fs' }) });
+  }
+  const dir = path.join(setup.root, 'fuse');
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const socketPath = path.join(dir, 'fuse-server.sock');
+  const client = new FuseServerClient({
+    socketPath,
+    logFile: path.join(dir, 'fuse-server.log'),
+    serverArgv: [
+      path.resolve(process.argv[1] ?? 'stargaze'),
+      'fuse-server',
+      '--socket', socketPath,
+      '--pid-file', path.join(dir, 'fuse-server.pid'),
+      '--hosts-dir', setup.hostsDir,
+      '--config', setup.configPath,
+      ...(setup.configExplicit ? [] : ['--config-optional']),
+      '--log-level', setup.logLevel,
+    ],
+    log: log.child({ module: 'fs' }),
+  });
+  await client.connect();
+  return client;
 }

@@ -66,6 +66,15 @@ export interface Config {
   readonly cache: CacheConfig;
   readonly resolver: ResolverConfig;
   readonly blob: BlobConfig;
+  readonly fuseManager: FuseManagerConfig;
+}
+
+export interface FuseManagerConfig {
+  /**
+   * `[fuse_manager] enable`: serve the FUSE mounts from a separate long-lived process, so restarting the
+   * daemon does not cut running containers off their files. Default true (the reference's is false).
+   */
+  readonly enable: boolean;
 }
 
 export interface LoadedConfig {
@@ -87,6 +96,7 @@ export function defaultConfig(): Config {
     cache: { memoryMaxBytes: DEFAULT_CACHE_MEMORY_MAX_BYTES },
     resolver: { requestTimeoutSec: DEFAULT_REQUEST_TIMEOUT_SEC },
     blob: { fetchingTimeoutSec: DEFAULT_FETCHING_TIMEOUT_SEC },
+    fuseManager: { enable: true },
   };
 }
 
@@ -197,6 +207,7 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
     // Reference: 0 -> default, negative -> no timeout (kept negative; consumers treat <= 0 as "none").
     resolver: { requestTimeoutSec: requestTimeout === undefined || requestTimeout === 0 ? d.resolver.requestTimeoutSec : requestTimeout },
     blob: { fetchingTimeoutSec: nonNegative('blob.fetching_timeout_sec', d.blob.fetchingTimeoutSec) },
+    fuseManager: { enable: get<boolean>('fuse_manager.enable') ?? d.fuseManager.enable },
   };
   return { config, warnings };
 }

@@ -86,7 +86,7 @@ export const TABLE_KEYS: Readonly<Record<string, Readonly<Record<string, KeySpec
     allow_invalid_mounts_on_restart: off('boolean'),
   },
   fuse_manager: {
-    enable: off('boolean'),
+    enable: on('boolean'),
     address: off('string'),
     path: off('string'),
     metrics_address: off('string'),

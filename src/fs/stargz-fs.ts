@@ -49,6 +49,12 @@ export class StargazeFileSystem implements RemoteFileSystem {
   async mount(mountpoint: string, labels: Record<string, string>): Promise<void> {
     const source = layerSourceFromLabels(labels);
     if (!source) throw new InvalidArgumentError('labels do not name an image reference and a layer digest');
+    const existing = this.layers.get(mountpoint);
+    if (existing) {
+      // A restarted daemon asks again for what this process already serves (it outlives the daemon).
+      if (existing.source.digest === source.digest) return;
+      throw new InvalidArgumentError(`${mountpoint} already serves layer ${existing.source.digest}, not ${source.digest}`);
+    }
     const layerLog = this.options.log.child({ layer: source.digest, mountpoint });
     const started = Date.now();
     const signal = AbortSignal.timeout(MOUNT_TIMEOUT_MS);
@@ -106,6 +112,11 @@ export class StargazeFileSystem implements RemoteFileSystem {
     this.layers.delete(mountpoint);
     await layer.mount.unmount();
     layer.log.info('layer unmounted');
+  }
+
+  /** Mountpoints currently served, with the layer digest each serves. */
+  list(): { mountpoint: string; digest: string }[] {
+    return [...this.layers].map(([mountpoint, layer]) => ({ mountpoint, digest: layer.source.digest }));
   }
 
   /** Unmounts every layer; called on daemon shutdown. */

@@ -323,8 +323,10 @@ export class Snapshotter {
   private async remountRemote(id: string, info: SnapshotInfo): Promise<void> {
     if (this.fs === undefined) throw new UnavailableError('no remote filesystem configured');
     const mountpoint = this.upperPath(id);
-    // A mount left by a previous process is dead (its FUSE server is gone, every access is ENOTCONN):
-    // drop it before touching the directory.
+    // Still served: the FUSE server outlived the daemon, and running containers are using it.
+    if (await this.fs.check(mountpoint, info.labels).then(() => true, () => false)) return;
+    // A mount left by a process that is gone is dead (every access is ENOTCONN): drop it before
+    // touching the directory.
     await this.fs.unmount(mountpoint);
     await fsp.mkdir(mountpoint, { recursive: true, mode: UPPER_DIR_MODE });
     await this.fs.mount(mountpoint, info.labels);

@@ -165,6 +165,39 @@ describe('lazy pull end to end', { skip: notRoot && 'e2e tests need root' }, () 
     }
   });
 
+  test('a running container keeps reading its files, also ones never read before, across a daemon SIGKILL and restart', async () => {
+    const ns = containerd.newNamespace('running');
+    await containerd.rpull(bigEsgz.ref, { namespace: ns });
+    const id = containerd.uniqueId('running');
+    await containerd.ctr(['run', '-d', '--snapshotter', 'stargz', bigEsgz.ref, id, '/bin/sleep', '600'], { namespace: ns });
+    try {
+      await daemon.restart({ hard: true });
+      const exec = await containerd.ctr(
+        ['tasks', 'exec', '--exec-id', `${id}-read`, id, '/bin/sh', '-c', `cat ${big.probePath}; head -c 3000000 ${big.bigFilePath} | wc -c`],
+        { namespace: ns },
+      );
+      const [probe, count] = exec.stdout.split('\n');
+      assert.equal(`${probe}\n`, big.probeContent);
+      assert.equal(count?.trim(), '3000000');
+      // A graceful stop (SIGTERM, as systemctl restart sends) leaves the mounts served too.
+      await daemon.stop({ signal: 'SIGTERM' });
+      const whileDown = await containerd.ctr(
+        ['tasks', 'exec', '--exec-id', `${id}-down`, id, '/bin/sh', '-c', `tail -c 1000 ${big.bigFilePath} | wc -c`],
+        { namespace: ns },
+      );
+      assert.equal(whileDown.stdout.trim(), '1000');
+      await daemon.restart();
+      await waitForContainerdToReconnect(containerd, ns);
+    } finally {
+      await containerd.ctr(['tasks', 'kill', '-s', 'SIGKILL', id], { namespace: ns, allowFailure: true });
+      await waitFor('the task to exit', async () => {
+        const r = await containerd.ctr(['tasks', 'delete', id], { namespace: ns, allowFailure: true });
+        return r.code === 0 || /not found/.test(r.stderr);
+      });
+      await containerd.ctr(['containers', 'delete', id], { namespace: ns, allowFailure: true });
+    }
+  });
+
   test('after a SIGKILL and restart, a new container still runs and reads files never read before', async () => {
     const ns = containerd.newNamespace('restart');
     await containerd.rpull(bigEsgz.ref, { namespace: ns });

@@ -5,7 +5,7 @@
  * Cleanup stops it and lazily unmounts FUSE mounts it left under its root.
  */
 import { connect } from 'node:net';
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { bestEffort, type CleanupScope } from './cleanup';
 import { readTail, spawnGroup, waitFor, type ExitStatus, type ProcessGroup } from './exec';
@@ -118,6 +118,26 @@ function socketAccepts(socketPath: string): Promise<boolean> {
   });
 }
 
+/** The FUSE server the daemon started lives in its own session (it outlives daemon restarts): stop it. */
+async function stopFuseServer(root: string): Promise<void> {
+  const pidText = await readFile(path.join(root, 'fuse', 'fuse-server.pid'), 'utf8').catch(() => undefined);
+  const pid = Number(pidText);
+  if (!pidText || !Number.isInteger(pid) || pid <= 1) return;
+  const alive = (): boolean => {
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  if (!alive()) return;
+  process.kill(pid, 'SIGTERM'); // it unmounts its layers and exits
+  const deadline = Date.now() + 10_000;
+  while (alive() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+  if (alive()) process.kill(pid, 'SIGKILL');
+}
+
 /** Starts the daemon and waits until its socket accepts connections. */
 export async function startDaemon(opts: DaemonOptions = {}): Promise<StargazeDaemon> {
   const tmp = await createTmpRoot('stargaze');
@@ -201,6 +221,7 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<StargazeDae
   const cleanup = (): Promise<void> =>
     (cleaned ??= (async () => {
       await bestEffort('stop stargaze daemon', () => stop());
+      await bestEffort('stop the fuse server', () => stopFuseServer(root));
       const left = await unmountUnder(dir);
       if (left.length > 0) {
         process.stderr.write(`harness: mounts left under ${dir}: ${left.map((m) => m.mountpoint).join(', ')}\n`);

@@ -34,6 +34,7 @@ describe('config defaults', () => {
       cache: { memoryMaxBytes: 268435456 },
       resolver: { requestTimeoutSec: 30 },
       blob: { fetchingTimeoutSec: 300 },
+      fuseManager: { enable: true },
     });
   });
 });
@@ -133,7 +134,6 @@ host = "127.0.0.1:5000"
         /cri_keychain\.enable_keychain/,
         /cri_keychain\.image_service_path/,
         /snapshotter\.allow_invalid_mounts_on_restart/,
-        /fuse_manager\.enable/,
         /fuse_manager\.address/,
         /fuse\.passthrough/,
         /resolver\.host .*hosts\.toml/,

@@ -48,21 +48,27 @@ class FakeRemoteFileSystem implements RemoteFileSystem {
   /** Resolves mount() only when released, to hold prepares in flight. */
   gate: Promise<void> | undefined;
 
+  /** Mountpoints this filesystem serves now (a real one outlives a daemon restart when it is a FUSE server). */
+  served = new Set<string>();
+
   async mount(mountpoint: string, labels: Record<string, string>): Promise<void> {
     this.mounts.push({ mountpoint, labels });
     const failure = this.mountError; // decided at call time, so a test can change it for later calls
     if (this.gate !== undefined) await this.gate;
     if (failure !== undefined) throw failure;
     await fs.promises.writeFile(path.join(mountpoint, REMOTE_MARKER), labels[STARGZ_DIGEST] ?? '');
+    this.served.add(mountpoint);
   }
 
   async check(mountpoint: string): Promise<void> {
     this.checks.push(mountpoint);
     if (this.checkError !== undefined) throw this.checkError;
+    if (!this.served.has(mountpoint)) throw new UnavailableError(`${mountpoint} is not mounted`);
   }
 
   async unmount(mountpoint: string): Promise<void> {
     this.unmounts.push(mountpoint);
+    this.served.delete(mountpoint);
   }
 }
 
@@ -404,6 +410,17 @@ describe('Snapshotter remote snapshots', () => {
     assert.equal(remote.mounts[0]!.mountpoint, layerDir);
     assert.equal(remote.mounts[0]!.labels[STARGZ_DIGEST], LAYER);
     assert.ok(remote.unmounts.includes(layerDir), 'a stale mount is dropped first');
+    await sn.close();
+
+    // A filesystem that still serves the layer (the FUSE server outlived the daemon) is left alone.
+    const stillServing = remote;
+    stillServing.mounts = [];
+    stillServing.unmounts = [];
+    remote = stillServing;
+    sn = await openSnapshotter();
+    assert.deepEqual(await sn.restore(), { restored: [CHAIN], failed: [] });
+    assert.equal(remote.mounts.length, 0, 'not mounted again');
+    assert.equal(remote.unmounts.length, 0, 'not unmounted');
     await sn.close();
 
     remote = new FakeRemoteFileSystem();

@@ -1,0 +1,50 @@
+/**
+ * `stargaze fuse-server`: the process that owns the FUSE mounts (src/fs/fuse-server.ts). The daemon starts
+ * it in its own session and talks to it over a unix socket; it is not meant to be run by hand.
+ */
+import { parseArgs } from 'node:util';
+import { loadConfig } from '../config/config';
+import { errorMessage, UsageError } from '../errors';
+import { createMultiLogger } from '../log';
+import { LogTap, runFuseServer } from '../fs/fuse-server';
+
+const USAGE = `usage: stargaze fuse-server --socket SOCK --pid-file FILE --hosts-dir DIR [--config FILE [--config-optional]] [--log-level LEVEL]
+
+Started by 'stargaze daemon' (unless [fuse_manager] enable = false): serves the lazily mounted layers
+from a process that outlives daemon restarts.
+`;
+
+export async function main(argv: string[]): Promise<number> {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      options: {
+        socket: { type: 'string' },
+        'pid-file': { type: 'string' },
+        'hosts-dir': { type: 'string' },
+        config: { type: 'string' },
+        'config-optional': { type: 'boolean', default: false },
+        'log-level': { type: 'string', default: 'info' },
+        help: { type: 'boolean', short: 'h' },
+      },
+      strict: true,
+      allowPositionals: false,
+    }));
+  } catch (err) {
+    throw new UsageError(`${errorMessage(err)}\n${USAGE}`);
+  }
+  if (values.help) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  const { socket, 'pid-file': pidFile, 'hosts-dir': hostsDir } = values;
+  if (!socket || !pidFile || !hostsDir) throw new UsageError(`--socket, --pid-file and --hosts-dir are required\n${USAGE}`);
+  const logTap = new LogTap();
+  const log = createMultiLogger([process.stdout, logTap], values['log-level']).child({ process: 'fuse-server' });
+  const { config } = values.config
+    ? await loadConfig(values.config, { explicit: !values['config-optional'] })
+    : await loadConfig('/dev/null', { explicit: false });
+  await runFuseServer({ socketPath: socket, pidFile, config, hostsDir, log, logTap });
+  return 0;
+}

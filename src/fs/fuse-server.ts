@@ -1,0 +1,171 @@
+/**
+ * The FUSE server: a long-lived process that owns every lazily mounted layer, apart from the daemon.
+ *
+ * A FUSE mount lives only as long as the process that serves it. When the snapshotter daemon itself
+ * served the mounts, restarting it (an upgrade, `systemctl restart`, a crash) cut every running
+ * container off from its files: the reference's users' top complaint. So the daemon starts this server
+ * in its own session (it survives a SIGKILL of the daemon's process group) and asks it for mounts over
+ * a unix socket; a restarted daemon reconnects and finds the mounts still served.
+ *
+ * The server exits by itself when no daemon has been connected and it serves no mount for
+ * IDLE_EXIT_MS, so it never lingers after the snapshotter is gone.
+ */
+import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { Writable } from 'node:stream';
+import type { Config } from '../config/config';
+import { errorCode, errorMessage, StargazeError } from '../errors';
+import type { Logger } from '../log';
+import { RegistryClient } from '../remote/registry-client';
+import { onJsonLines, writeJsonLine, type FuseServerRequest, type FuseServerResponse } from './fuse-server-protocol';
+import { mountsUnder } from './mount-table';
+import { StargazeFileSystem } from './stargz-fs';
+
+/** How long the server stays up with no daemon connected and nothing mounted. */
+const IDLE_EXIT_MS = 30_000;
+/** How often it looks for mounts removed behind its back (lazy umount by an admin or a test). */
+const SWEEP_INTERVAL_MS = 10_000;
+
+export interface FuseServerOptions {
+  socketPath: string;
+  pidFile: string;
+  config: Config;
+  hostsDir: string;
+  log: Logger;
+  /** Receives every log line, so it can be forwarded to connected daemons. */
+  logTap: LogTap;
+}
+
+/** A Writable for pino that copies each log line to the connected daemons. */
+export class LogTap extends Writable {
+  readonly sockets = new Set<net.Socket>();
+  override _write(chunk: Buffer, _enc: BufferEncoding, cb: () => void): void {
+    if (this.sockets.size > 0) {
+      const line = chunk.toString('utf8').trimEnd();
+      for (const socket of this.sockets) writeJsonLine(socket, { log: line });
+    }
+    cb();
+  }
+}
+
+export async function runFuseServer(options: FuseServerOptions): Promise<void> {
+  const { socketPath, log } = options;
+  const registry = new RegistryClient({
+    hostsDir: options.hostsDir,
+    requestTimeoutMs: options.config.resolver.requestTimeoutSec * 1000,
+    log: log.child({ module: 'remote' }),
+  });
+  const filesystem = new StargazeFileSystem({ registry, config: options.config, log: log.child({ module: 'fs' }) });
+
+  await mkdir(path.dirname(socketPath), { recursive: true, mode: 0o700 });
+  await removeStaleSocket(socketPath);
+  const server = net.createServer((socket) => serveConnection(socket, filesystem, options));
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(socketPath, () => resolve());
+  });
+  await writeFile(options.pidFile, `${process.pid}\n`, { mode: 0o600 });
+  log.info({ socket: socketPath, pid: process.pid }, 'fuse server listening');
+
+  let idleSince = Date.now();
+  await new Promise<void>((resolve) => {
+    const sweep = setInterval(() => {
+      void dropVanishedMounts(filesystem, log).then(() => {
+        const busy = options.logTap.sockets.size > 0 || filesystem.list().length > 0;
+        if (busy) idleSince = Date.now();
+        else if (Date.now() - idleSince > IDLE_EXIT_MS) {
+          log.info('no daemon and no mounts: exiting');
+          done();
+        }
+      });
+    }, SWEEP_INTERVAL_MS);
+    const done = (): void => {
+      clearInterval(sweep);
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+      resolve();
+    };
+    // A signal sent to this process on purpose means: stop serving, unmount everything.
+    const onSignal = (signal: NodeJS.Signals): void => {
+      log.info({ signal }, 'fuse server shutting down');
+      done();
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  });
+  server.close();
+  for (const socket of options.logTap.sockets) socket.destroy();
+  await filesystem.close();
+  await registry.close();
+  await rm(options.pidFile, { force: true });
+  await rm(socketPath, { force: true });
+}
+
+function serveConnection(socket: net.Socket, filesystem: StargazeFileSystem, options: FuseServerOptions): void {
+  const { log, logTap } = options;
+  logTap.sockets.add(socket);
+  socket.on('close', () => logTap.sockets.delete(socket));
+  socket.on('error', (err) => log.debug({ err: errorMessage(err) }, 'daemon connection error'));
+  onJsonLines(socket, (message) => {
+    const request = message as FuseServerRequest;
+    handle(filesystem, request).then(
+      (mounts) => writeJsonLine(socket, { id: request.id, ok: true, mounts } satisfies FuseServerResponse),
+      (err: unknown) =>
+        writeJsonLine(socket, {
+          id: request.id,
+          ok: false,
+          code: err instanceof StargazeError ? err.code : errorCode(err),
+          message: errorMessage(err),
+        } satisfies FuseServerResponse),
+    );
+  });
+}
+
+/** Runs one request; `list` answers with the mounts, the others with nothing. */
+async function handle(filesystem: StargazeFileSystem, request: FuseServerRequest): Promise<{ mountpoint: string; digest: string }[] | undefined> {
+  if (typeof request !== 'object' || request === null || typeof request.id !== 'number') {
+    throw new Error('malformed request');
+  }
+  switch (request.op) {
+    case 'mount':
+      await filesystem.mount(request.mountpoint, request.labels);
+      return undefined;
+    case 'check':
+      await filesystem.check(request.mountpoint);
+      return undefined;
+    case 'unmount':
+      await filesystem.unmount(request.mountpoint);
+      return undefined;
+    case 'list':
+      return filesystem.list();
+    default:
+      throw new Error(`unknown operation ${String((request as { op: unknown }).op)}`);
+  }
+}
+
+/** Forgets layers whose mount was removed from outside (umount -l): their FUSE session is over. */
+async function dropVanishedMounts(filesystem: StargazeFileSystem, log: Logger): Promise<void> {
+  for (const { mountpoint } of filesystem.list()) {
+    if (!(await mountsUnder(mountpoint)).includes(mountpoint)) {
+      log.info({ mountpoint }, 'mount removed from outside; forgetting it');
+      await filesystem.unmount(mountpoint).catch(() => undefined);
+    }
+  }
+}
+
+async function removeStaleSocket(socketPath: string): Promise<void> {
+  const st = await stat(socketPath).catch(() => undefined);
+  if (!st) return;
+  if (!st.isSocket()) throw new Error(`${socketPath} exists and is not a socket`);
+  const alive = await new Promise<boolean>((resolve) => {
+    const probe = net.connect(socketPath);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+  if (alive) throw new Error(`another fuse server is serving ${socketPath}`);
+  await rm(socketPath, { force: true });
+}
