@@ -12,6 +12,8 @@ import { createHash, randomBytes } from 'node:crypto';
 import { readdirSync, readFileSync, rmdirSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import { loadSnapshotsService } from '../../../src/service/snapshots-service';
 import { addExitGuard, bestEffort, type CleanupScope } from './cleanup';
 import { readTail, run, signalGroup, spawnGroup, waitFor, type ProcessGroup, type RunOptions, type RunResult } from './exec';
 import { createTmpRoot, unmountUnder } from './tmp';
@@ -39,6 +41,8 @@ export interface ContainerdOptions {
   logLevel?: string;
   /** TOML appended to the generated config. */
   extraConfig?: string;
+  /** Keep containerd's CRI plugin (disabled by default); configure it through `extraConfig`. */
+  enableCri?: boolean;
 }
 
 export interface CtrOptions extends RunOptions {
@@ -102,6 +106,36 @@ export interface Containerd {
   stop(): Promise<void>;
 }
 
+interface ApiMount {
+  type: string;
+  source: string;
+  options: string[];
+}
+
+/** Snapshots.View on containerd's own API (same service and messages as the proxy's), with labels. */
+function viewSnapshot(
+  address: string,
+  namespace: string,
+  snapshotter: string,
+  key: string,
+  parent: string,
+  labels: Record<string, string>,
+): Promise<ApiMount[]> {
+  const Client = grpc.makeGenericClientConstructor(loadSnapshotsService(), 'Snapshots');
+  const client = new Client(`unix://${address}`, grpc.credentials.createInsecure()) as unknown as grpc.Client & {
+    View: (req: unknown, md: grpc.Metadata, cb: (err: grpc.ServiceError | null, res?: { mounts: ApiMount[] }) => void) => void;
+  };
+  const md = new grpc.Metadata();
+  md.set('containerd-namespace', namespace);
+  return new Promise((resolve, reject) => {
+    client.View({ snapshotter, key, parent, labels }, md, (err, res) => {
+      client.close();
+      if (err) reject(new Error(`Snapshots.View ${key}: ${err.message}`));
+      else resolve(res?.mounts ?? []);
+    });
+  });
+}
+
 function randomSuffix(): string {
   return randomBytes(4).toString('hex');
 }
@@ -113,7 +147,7 @@ function containerdConfig(dir: string, opts: ContainerdOptions): string {
     `root = ${q(path.join(dir, 'root'))}`,
     `state = ${q(path.join(dir, 'state'))}`,
     'disabled_plugins = [',
-    '  "io.containerd.grpc.v1.cri",',
+    ...(opts.enableCri ? [] : ['  "io.containerd.grpc.v1.cri",']),
     '  "io.containerd.snapshotter.v1.aufs",',
     '  "io.containerd.snapshotter.v1.btrfs",',
     '  "io.containerd.snapshotter.v1.devmapper",',
@@ -345,14 +379,13 @@ export async function startContainerd(opts: ContainerdOptions = {}): Promise<Con
         // wanted snapshotter through the snapshots API instead.
         const chainId = await imageChainId(ref, o);
         const key = `stargaze-view-${randomSuffix()}`;
+        // `ctr snapshots view` creates the view outside any lease and cannot label it, so containerd's GC
+        // may collect it at once: create it through containerd's API with a gc.root label instead.
+        const mounts = await viewSnapshot(address, nsOf(o), o.snapshotter, key, chainId, {
+          'containerd.io/gc.root': new Date().toISOString(),
+        });
         snapshotViews.set(target, { key, snapshotter: o.snapshotter, namespace: nsOf(o) });
-        const view = await ctr(['snapshots', '--snapshotter', o.snapshotter, 'view', '--target', target, key, chainId], o);
-        // ctr made the view outside any lease: root it, or containerd's GC collects it under the mount.
-        await ctr(['snapshots', '--snapshotter', o.snapshotter, 'label', key, `containerd.io/gc.root=${new Date().toISOString()}`], o);
-        for (const line of view.stdout.split('\n').filter((l) => l.startsWith('mount '))) {
-          const [, , type, source, mountTarget, , options] = line.split(' ');
-          await run('mount', ['-t', type!, source!, mountTarget!, '-o', options!]);
-        }
+        for (const m of mounts) await run('mount', ['-t', m.type, m.source, target, '-o', m.options.join(',')]);
         return;
       }
       await ctr(['images', 'mount', ...(o?.rw ? ['--rw'] : []), ref, target], o);
