@@ -1,0 +1,182 @@
+/**
+ * Verified, decompressed chunks on disk, keyed by their digest: identical chunks of different layers and
+ * images are stored once, and a restarted process finds them again.
+ *
+ * - Writes are atomic: a temp file in the cache dir, then rename.
+ * - Reads are verified: a file whose bytes no longer match its name (bit rot, a partial copy, a meddler)
+ *   is deleted and reported as a miss, so it is fetched again and never served.
+ * - The total is capped in bytes with least-recently-used eviction; recency survives restarts through the
+ *   files' mtimes.
+ * - A full disk degrades to no caching (the caller fetches directly), never to a failed read.
+ */
+import { randomBytes, webcrypto } from 'node:crypto';
+import { mkdir, open, readdir, readFile, rename, rm, stat, utimes } from 'node:fs/promises';
+import path from 'node:path';
+import { LRUCache } from 'lru-cache';
+import { errorMessage } from '../errors';
+import type { Logger } from '../log';
+
+/** Files being written carry this prefix until renamed; leftovers from a crash are removed at open. */
+const TEMP_PREFIX = '.tmp-';
+const DIGEST_PATTERN = /^sha256:([0-9a-f]{64})$/;
+/** Refresh a file's mtime (its recency after a restart) at most this often. */
+const TOUCH_INTERVAL_MS = 60_000;
+
+export interface DiskChunkCacheOptions {
+  dir: string;
+  /** Cap on the bytes of cached chunks. */
+  maxBytes: number;
+  log: Logger;
+}
+
+export interface DiskChunkCacheStats {
+  hits: number;
+  misses: number;
+  evictions: number;
+  /** Files dropped because their bytes did not match their digest. */
+  corrupt: number;
+  writeErrors: number;
+}
+
+interface Entry {
+  size: number;
+  touchedMs: number;
+}
+
+export class DiskChunkCache {
+  readonly stats: DiskChunkCacheStats = { hits: 0, misses: 0, evictions: 0, corrupt: 0, writeErrors: 0 };
+  /** digest hex → size; lru-cache keeps the order and the byte total, and evicts past the cap. */
+  private readonly index: LRUCache<string, Entry>;
+  /** Writes in flight by digest hex, so a chunk is written once. */
+  private readonly writing = new Map<string, Promise<void>>();
+
+  private constructor(private readonly options: DiskChunkCacheOptions) {
+    this.index = new LRUCache<string, Entry>({
+      maxSize: Math.max(1, options.maxBytes),
+      sizeCalculation: (e) => Math.max(1, e.size),
+      dispose: (_entry, hex, reason) => {
+        if (reason === 'evict') {
+          this.stats.evictions++;
+          void rm(this.file(hex), { force: true });
+        }
+      },
+    });
+  }
+
+  /** Opens (creating) the cache dir and indexes what a previous process left, oldest first. */
+  static async open(options: DiskChunkCacheOptions): Promise<DiskChunkCache> {
+    const cache = new DiskChunkCache(options);
+    await mkdir(options.dir, { recursive: true, mode: 0o700 });
+    const found: { hex: string; size: number; mtimeMs: number }[] = [];
+    for (const shard of await readdir(options.dir)) {
+      const shardDir = path.join(options.dir, shard);
+      if (shard.startsWith(TEMP_PREFIX)) {
+        await rm(shardDir, { force: true });
+        continue;
+      }
+      if (!/^[0-9a-f]{2}$/.test(shard)) continue;
+      for (const name of await readdir(shardDir).catch(() => [] as string[])) {
+        const file = path.join(shardDir, name);
+        if (!/^[0-9a-f]{64}$/.test(name) || !name.startsWith(shard)) {
+          await rm(file, { force: true });
+          continue;
+        }
+        const st = await stat(file).catch(() => undefined);
+        if (st?.isFile()) found.push({ hex: name, size: st.size, mtimeMs: st.mtimeMs });
+      }
+    }
+    found.sort((a, b) => a.mtimeMs - b.mtimeMs);
+    for (const f of found) cache.index.set(f.hex, { size: f.size, touchedMs: f.mtimeMs });
+    options.log.info({ dir: options.dir, chunks: cache.index.size, bytes: cache.index.calculatedSize }, 'disk chunk cache opened');
+    return cache;
+  }
+
+  get usedBytes(): number {
+    return this.index.calculatedSize ?? 0;
+  }
+
+  has(digest: string): boolean {
+    const hex = hexOf(digest);
+    return hex !== undefined && this.index.has(hex);
+  }
+
+  /** The chunk's bytes, verified against `digest`; undefined on a miss (also for a dropped corrupt file). */
+  async get(digest: string): Promise<Buffer | undefined> {
+    const hex = hexOf(digest);
+    const entry = hex === undefined ? undefined : this.index.get(hex);
+    if (hex === undefined || entry === undefined) {
+      this.stats.misses++;
+      return undefined;
+    }
+    let data: Buffer;
+    try {
+      data = await readFile(this.file(hex));
+    } catch {
+      this.index.delete(hex);
+      this.stats.misses++;
+      return undefined;
+    }
+    if ((await sha256Hex(data)) !== hex) {
+      this.stats.corrupt++;
+      this.options.log.warn({ digest, file: this.file(hex) }, 'cached chunk does not match its digest; dropped');
+      this.index.delete(hex);
+      await rm(this.file(hex), { force: true });
+      this.stats.misses++;
+      return undefined;
+    }
+    this.stats.hits++;
+    const now = Date.now();
+    if (now - entry.touchedMs > TOUCH_INTERVAL_MS) {
+      entry.touchedMs = now;
+      void utimes(this.file(hex), now / 1000, now / 1000).catch(() => undefined);
+    }
+    return data;
+  }
+
+  /**
+   * Stores `data`, which the caller has verified to hash to `digest`. Never rejects: a failed write (a
+   * full disk) is counted and logged, and the chunk simply stays uncached.
+   */
+  put(digest: string, data: Buffer): Promise<void> {
+    const hex = hexOf(digest);
+    if (hex === undefined || this.index.has(hex) || data.length > this.options.maxBytes) return Promise.resolve();
+    const running = this.writing.get(hex);
+    if (running) return running;
+    const p = this.write(hex, data).finally(() => this.writing.delete(hex));
+    this.writing.set(hex, p);
+    return p;
+  }
+
+  private async write(hex: string, data: Buffer): Promise<void> {
+    const file = this.file(hex);
+    const temp = path.join(this.options.dir, `${TEMP_PREFIX}${randomBytes(8).toString('hex')}`);
+    try {
+      await mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
+      const handle = await open(temp, 'wx', 0o600);
+      try {
+        await handle.writeFile(data);
+      } finally {
+        await handle.close();
+      }
+      await rename(temp, file);
+      this.index.set(hex, { size: data.length, touchedMs: Date.now() });
+    } catch (err) {
+      this.stats.writeErrors++;
+      this.options.log.warn({ err: errorMessage(err) }, 'could not write a chunk to the disk cache; serving without it');
+      await rm(temp, { force: true }).catch(() => undefined);
+    }
+  }
+
+  private file(hex: string): string {
+    return path.join(this.options.dir, hex.slice(0, 2), hex);
+  }
+}
+
+function hexOf(digest: string): string | undefined {
+  return DIGEST_PATTERN.exec(digest)?.[1];
+}
+
+async function sha256Hex(data: Buffer): Promise<string> {
+  // webcrypto hashes on the thread pool: a 4 MiB chunk does not stall the event loop.
+  return Buffer.from(await webcrypto.subtle.digest('SHA-256', data)).toString('hex');
+}
