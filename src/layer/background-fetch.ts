@@ -1,0 +1,106 @@
+/**
+ * Background fetch: after prefetch, read the rest of a layer's blob, front to back, at low priority, so the
+ * layer becomes fully local and independent of the registry. The same single pass checks the layer
+ * against the chainID it was committed under: otherwise a lazily mounted layer is never checked against its
+ * diff_id, and a broken or forged layer would be reused by every image that shares the chainID.
+ *
+ * One pass does both: every blob byte goes through a streaming gunzip whose output is hashed (the diff_id),
+ * and each chunk's gzip member, once complete, is handed to `onMember` to be inflated, verified and cached.
+ * Memory is bounded by the window size plus the largest member.
+ */
+import { createHash } from 'node:crypto';
+import { createGunzip } from 'node:zlib';
+import { VerificationError } from '../errors';
+import type { ChunkInfo } from '../metadata/layer-tree';
+import type { BlobSource } from '../remote/blob-source';
+
+/** Compressed bytes per range request. */
+export const DEFAULT_WINDOW_BYTES = 4 * 1024 * 1024;
+/** How often a paused fetch looks again whether on-demand reads are done. */
+const BUSY_POLL_MS = 50;
+
+export interface BackgroundFetchOptions {
+  blob: BlobSource;
+  /** Every chunk of the layer in blob order (LayerTree.chunksInBlobOrder()). */
+  chunks: readonly ChunkInfo[];
+  /** Receives each chunk's complete gzip member; skipped for chunks `isCached` says are local. */
+  onMember(chunk: ChunkInfo, member: Buffer): Promise<void>;
+  isCached(chunk: ChunkInfo): boolean;
+  /** True while on-demand reads run: the fetch waits, so it never competes with a container's reads. */
+  isBusy(): boolean;
+  windowBytes?: number;
+  signal?: AbortSignal;
+}
+
+export interface BackgroundFetchResult {
+  /** `sha256:` of the whole decompressed stream: the layer's diff_id. */
+  diffId: string;
+  fetchedBytes: number;
+  cachedChunks: number;
+}
+
+export async function backgroundFetch(options: BackgroundFetchOptions): Promise<BackgroundFetchResult> {
+  const { blob, signal } = options;
+  const windowBytes = options.windowBytes ?? DEFAULT_WINDOW_BYTES;
+  const chunks = [...options.chunks].sort((a, b) => a.compressedOffset - b.compressedOffset);
+
+  const hash = createHash('sha256');
+  const gunzip = createGunzip();
+  gunzip.on('data', (d: Buffer) => hash.update(d));
+  const inflated = new Promise<void>((resolve, reject) => {
+    gunzip.once('end', resolve);
+    gunzip.once('error', reject);
+  });
+
+  /** Compressed bytes from `heldFrom` on, kept until every member starting in them is complete. */
+  let held: Buffer = Buffer.alloc(0);
+  let heldFrom = 0;
+  let next = 0;
+  let fetchedBytes = 0;
+  let cachedChunks = 0;
+
+  for (let offset = 0; offset < blob.size; ) {
+    signal?.throwIfAborted();
+    while (options.isBusy()) {
+      await new Promise((r) => setTimeout(r, BUSY_POLL_MS));
+      signal?.throwIfAborted();
+    }
+    const length = Math.min(windowBytes, blob.size - offset);
+    const window = await blob.readRange(offset, length, signal);
+    fetchedBytes += window.length;
+    if (!gunzip.write(window)) await new Promise((r) => gunzip.once('drain', r));
+    held = held.length === 0 ? window : Buffer.concat([held, window]);
+    offset += length;
+
+    // Hand over every member that is now complete.
+    while (next < chunks.length && chunks[next]!.compressedEnd <= offset) {
+      const c = chunks[next++]!;
+      if (options.isCached(c)) continue;
+      await options.onMember(c, held.subarray(c.compressedOffset - heldFrom, c.compressedEnd - heldFrom));
+      cachedChunks++;
+    }
+    // Drop what no remaining member needs.
+    const keepFrom = next < chunks.length ? Math.min(chunks[next]!.compressedOffset, offset) : offset;
+    if (keepFrom > heldFrom) {
+      held = held.subarray(keepFrom - heldFrom);
+      heldFrom = keepFrom;
+    }
+  }
+  gunzip.end();
+  await inflated;
+  return { diffId: 'sha256:' + hash.digest('hex'), fetchedBytes, cachedChunks };
+}
+
+/** chainID of a layer: its diff_id for a base layer, else sha256 of "<parent chainID> <diff_id>". */
+export function chainIdOf(parentChainId: string | undefined, diffId: string): string {
+  if (!parentChainId) return diffId;
+  return 'sha256:' + createHash('sha256').update(`${parentChainId} ${diffId}`).digest('hex');
+}
+
+/** Throws when the fetched layer is not the one its snapshot was committed as. */
+export function checkChainId(expected: string, parentChainId: string | undefined, diffId: string): void {
+  const actual = chainIdOf(parentChainId, diffId);
+  if (actual !== expected) {
+    throw new VerificationError(`layer content gives chainID ${actual} (diff_id ${diffId}), but it was committed as ${expected}`);
+  }
+}
