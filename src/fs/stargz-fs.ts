@@ -72,6 +72,10 @@ export class StargazeFileSystem implements RemoteFileSystem {
       attrTimeoutSec: this.options.config.fuse.attrTimeoutSec,
       entryTimeoutSec: this.options.config.fuse.entryTimeoutSec,
       readTimeoutMs: this.options.config.blob.fetchingTimeoutSec * 1000,
+      status: {
+        name: `${source.digest}.json`,
+        render: (lastError) => layerStatusJson(source.digest, blob.size, reader.stats.fetchedBytes, lastError),
+      },
       log: layerLog,
     });
     await mount.mount();
@@ -167,4 +171,11 @@ export class StargazeFileSystem implements RemoteFileSystem {
       (err: unknown) => layerLog.warn({ err: errorMessage(err) }, 'prefetch failed'),
     );
   }
+}
+
+/** The reference's state file format, one JSON object and a newline. */
+function layerStatusJson(digest: string, size: number, fetchedBytes: number, lastError: string | undefined): string {
+  const fetchedSize = Math.min(fetchedBytes, size);
+  const fetchedPercent = size > 0 ? (fetchedSize / size) * 100 : 100;
+  return JSON.stringify({ ...(lastError !== undefined ? { error: lastError } : {}), digest, size, fetchedSize, fetchedPercent }) + '\n';
 }

@@ -46,12 +46,28 @@ export interface ServedLayer<N extends ServedNode> {
   read(node: N, position: number, length: number, signal: AbortSignal): Promise<Buffer>;
 }
 
+/**
+ * The reference's per-layer state file, `/.stargz-snapshotter/<name>`: reachable by lookup only (not
+ * listed), regenerated on each stat, so `cat` shows how much of the layer is local and its last error.
+ */
+export interface LayerStatusFile {
+  /** File name inside the hidden dir, e.g. `sha256:<hex>.json`. */
+  name: string;
+  render(lastError: string | undefined): string;
+}
+
+export const STATUS_DIR = '.stargz-snapshotter';
+/** Inode numbers far above any a TOC gives (fuse-native passes 32-bit inodes). */
+const STATUS_DIR_INO = 0xffffff00;
+const STATUS_FILE_INO = 0xffffff01;
+
 export interface LayerMountOptions {
   /** Seconds the kernel may cache attributes and entries; the layer is immutable, so long is safe. */
   attrTimeoutSec: number;
   entryTimeoutSec: number;
   readTimeoutMs?: number;
   debug?: boolean;
+  status?: LayerStatusFile;
   log: Logger;
 }
 
@@ -100,6 +116,10 @@ export class LayerMount<N extends ServedNode> {
   private readonly pathCache = new Map<string, N>();
   private readonly readTimeoutMs: number;
   private readonly log: Logger;
+  /** The last read error, shown in the status file. */
+  private lastError: string | undefined;
+  /** The status file's content as of its last stat: reads serve these bytes, so size and content agree. */
+  private statusSnapshot: Buffer = Buffer.alloc(0);
 
   constructor(
     readonly mountpoint: string,
@@ -136,6 +156,19 @@ export class LayerMount<N extends ServedNode> {
     await new Promise<void>((resolve, reject) => fuse.unmount((err) => (err ? reject(err) : resolve())));
   }
 
+  /** The hidden status dir or file, when `path` names one. */
+  private statusNode(path: string): ServedNode | undefined {
+    const status = this.options.status;
+    if (!status || !path.startsWith(`/${STATUS_DIR}`)) return undefined;
+    const base = { uid: 0, gid: 0, mtimeMs: Date.now(), rdev: 0 };
+    if (path === `/${STATUS_DIR}`) {
+      return { ...base, ino: STATUS_DIR_INO, mode: 0o040500, size: 0, nlink: 2, children: new Map() };
+    }
+    if (path !== `/${STATUS_DIR}/${status.name}`) return undefined;
+    this.statusSnapshot = Buffer.from(status.render(this.lastError));
+    return { ...base, ino: STATUS_FILE_INO, mode: 0o100400, size: this.statusSnapshot.length, nlink: 1 };
+  }
+
   private lookup(path: string): N | undefined {
     const cached = this.pathCache.get(path);
     if (cached) return cached;
@@ -150,12 +183,12 @@ export class LayerMount<N extends ServedNode> {
   private ops(): FuseOps {
     return {
       getattr: (path, cb) => {
-        const node = this.lookup(path);
+        const node = this.lookup(path) ?? this.statusNode(path);
         if (!node) return cb(ERRNO.ENOENT);
         cb(0, toStat(node));
       },
       open: (path, flags, cb) => {
-        const node = this.lookup(path);
+        const node = this.lookup(path) ?? this.statusNode(path);
         if (!node) return cb(ERRNO.ENOENT);
         // O_ACCMODE: a read-only layer refuses write opens outright.
         if ((flags & 3) !== 0) return cb(ERRNO.EROFS);
@@ -163,7 +196,7 @@ export class LayerMount<N extends ServedNode> {
       },
       release: (_path, _fd, cb) => cb(0),
       opendir: (path, _flags, cb) => {
-        const node = this.lookup(path);
+        const node = this.lookup(path) ?? this.statusNode(path);
         if (!node) return cb(ERRNO.ENOENT);
         if (!node.children) return cb(ERRNO.ENOTDIR);
         cb(0, 0);
@@ -215,7 +248,12 @@ export class LayerMount<N extends ServedNode> {
         }),
       read: (path, _fd, buf, len, pos, cb) => {
         const node = this.lookup(path);
-        if (!node) return cb(ERRNO.ENOENT);
+        if (!node) {
+          if (this.options.status && path === `/${STATUS_DIR}/${this.options.status.name}`) {
+            return cb(this.statusSnapshot.copy(buf, 0, Math.min(pos, this.statusSnapshot.length), Math.min(pos + len, this.statusSnapshot.length)));
+          }
+          return cb(ERRNO.ENOENT);
+        }
         if ((node.mode & 0o170000) !== 0o100000) return cb(ERRNO.EISDIR);
         if (pos >= node.size || len === 0) return cb(0);
         const want = Math.min(len, node.size - pos);
@@ -227,6 +265,7 @@ export class LayerMount<N extends ServedNode> {
             cb(n);
           },
           (err: unknown) => {
+            this.lastError = `${path}: ${errorMessage(err)}`;
             this.log.error({ path, offset: pos, length: want, code: errorCode(err), err: errorMessage(err) }, 'read failed');
             cb(fuseErrno(err));
           },

@@ -92,6 +92,15 @@ test('serves an eStargz layer through FUSE', { skip: !canMount && 'needs root fo
   assert.equal('sha256:' + bigSum, sha256(big));
 
   await assert.rejects(run('sh', ['-c', `echo x > ${path.join(mnt, 'etc/hello.txt')}`]));
+
+  // The hidden state file: reachable by name, never listed, regenerated on each stat.
+  const status = JSON.parse((await run('cat', [path.join(mnt, '.stargz-snapshotter', `${digest}.json`)])).stdout) as Record<string, unknown>;
+  assert.equal(status.digest, digest);
+  assert.equal(status.size, blob.length);
+  assert.ok((status.fetchedSize as number) > big.length / 2, 'reading big.bin fetched most of the layer');
+  assert.ok((status.fetchedPercent as number) > 0 && (status.fetchedPercent as number) <= 100);
+  assert.equal(status.error, undefined);
+  assert.equal((await run('stat', ['-c', '%a', path.join(mnt, '.stargz-snapshotter')])).stdout.trim(), '500');
   await served.unmount(mnt);
   assert.doesNotMatch((await run('cat', ['/proc/mounts'])).stdout, new RegExp(mnt));
 });
