@@ -8,6 +8,7 @@ import path from 'node:path';
 import { mkdir } from 'node:fs/promises';
 import { loadConfig, type Config } from '../config/config';
 import { FuseServerClient } from '../fs/fuse-server-client';
+import { serveMetrics } from '../metrics/fs-metrics';
 import type { RemoteFileSystem } from '../snapshot/filesystem';
 import { errorMessage, UsageError } from '../errors';
 import { log, setLogLevel } from '../log';
@@ -62,7 +63,6 @@ export async function main(argv: string[]): Promise<number> {
   const address = path.resolve(values.address);
   const { config, warnings } = await loadConfig(values.config ?? DEFAULT_CONFIG, { explicit: values.config !== undefined });
   for (const warning of warnings) log.warn({ module: 'config' }, warning);
-  if (config.metricsAddress !== '') log.warn({ module: 'config' }, 'metrics_address: the metrics endpoint is not implemented yet; ignored');
 
   const configPath = values.config ?? DEFAULT_CONFIG;
   const filesystem = await openFileSystem(config, {
@@ -118,7 +118,19 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
       requestTimeoutMs: config.resolver.requestTimeoutSec * 1000,
       log: log.child({ module: 'remote' }),
     });
-    return new StargazeFileSystem({ registry, config, log: log.child({ module: 'fs' }) });
+    const filesystem = new StargazeFileSystem({ registry, config, log: log.child({ module: 'fs' }) });
+    const metricsServer = config.metricsAddress
+      ? await serveMetrics(filesystem.metrics, config.metricsAddress, log.child({ module: 'metrics' }))
+      : undefined;
+    return {
+      mount: (mountpoint, labels) => filesystem.mount(mountpoint, labels),
+      check: (mountpoint) => filesystem.check(mountpoint),
+      unmount: (mountpoint) => filesystem.unmount(mountpoint),
+      close: async () => {
+        metricsServer?.close();
+        await filesystem.close();
+      },
+    };
   }
   const dir = path.join(setup.root, 'fuse');
   await mkdir(dir, { recursive: true, mode: 0o700 });

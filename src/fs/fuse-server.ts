@@ -21,6 +21,7 @@ import { RegistryClient } from '../remote/registry-client';
 import { onJsonLines, writeJsonLine, type FuseServerRequest, type FuseServerResponse } from './fuse-server-protocol';
 import { mountsUnder } from './mount-table';
 import { StargazeFileSystem } from './stargz-fs';
+import { serveMetrics } from '../metrics/fs-metrics';
 
 /** How long the server stays up with no daemon connected and nothing mounted. */
 const IDLE_EXIT_MS = 30_000;
@@ -57,6 +58,10 @@ export async function runFuseServer(options: FuseServerOptions): Promise<void> {
     log: log.child({ module: 'remote' }),
   });
   const filesystem = new StargazeFileSystem({ registry, config: options.config, log: log.child({ module: 'fs' }) });
+  // The layers' metrics live where the layers are served, and so survive daemon restarts too.
+  const metricsServer = options.config.metricsAddress
+    ? await serveMetrics(filesystem.metrics, options.config.metricsAddress, log.child({ module: 'metrics' }))
+    : undefined;
 
   await mkdir(path.dirname(socketPath), { recursive: true, mode: 0o700 });
   await removeStaleSocket(socketPath);
@@ -95,6 +100,7 @@ export async function runFuseServer(options: FuseServerOptions): Promise<void> {
     process.on('SIGTERM', onSignal);
   });
   server.close();
+  metricsServer?.close();
   for (const socket of options.logTap.sockets) socket.destroy();
   await filesystem.close();
   await registry.close();

@@ -14,6 +14,7 @@ import { LayerReader } from '../reader/chunk-reader';
 import type { BlobSource } from '../remote/blob-source';
 import type { RemoteFileSystem } from '../snapshot/filesystem';
 import { layerSourceFromLabels, type LayerSourceInfo } from '../source/labels';
+import { FsMetrics, type LayerMetricsSnapshot } from '../metrics/fs-metrics';
 
 /** The reference waits this long for a layer to resolve before giving up (and falling back). */
 const MOUNT_TIMEOUT_MS = 30_000;
@@ -38,13 +39,38 @@ interface MountedLayer {
   prefetched: Promise<void>;
   /** True once a check() has waited for prefetch: later checks do not wait again. */
   prefetchAwaited: boolean;
+  blobSize: number;
+  /** Bytes prefetched at mount (0: none). */
+  prefetchBytes: number;
 }
 
 export class StargazeFileSystem implements RemoteFileSystem {
   /** mountpoint → the layer served there. */
   private readonly layers = new Map<string, MountedLayer>();
+  /** Prometheus metrics of the mounted layers; served by whoever owns this filesystem. */
+  readonly metrics: FsMetrics;
 
-  constructor(private readonly options: StargazeFsOptions) {}
+  constructor(private readonly options: StargazeFsOptions) {
+    this.metrics = new FsMetrics(
+      () => this.metricsSnapshot(),
+      () => undefined,
+    );
+  }
+
+  private metricsSnapshot(): LayerMetricsSnapshot[] {
+    return [...this.layers].map(([mountpoint, l]) => ({
+      digest: l.source.digest,
+      mountpoint,
+      sizeBytes: l.blobSize,
+      fetchedBytes: l.reader.stats.fetchedBytes,
+      prefetchBytes: l.prefetchBytes,
+      reads: l.mount.counters.reads,
+      bytesServed: l.mount.counters.bytesServed,
+      readErrors: l.mount.counters.readErrors,
+      memoryCacheHits: l.reader.stats.cacheHits,
+      memoryCacheMisses: l.reader.stats.cacheMisses,
+    }));
+  }
 
   async mount(mountpoint: string, labels: Record<string, string>): Promise<void> {
     const source = layerSourceFromLabels(labels);
@@ -79,9 +105,21 @@ export class StargazeFileSystem implements RemoteFileSystem {
       log: layerLog,
     });
     await mount.mount();
-    layerLog.info({ ref: source.ref, elapsedMs: Date.now() - started, blobSize: blob.size }, 'layer mounted');
-    const prefetched = this.startPrefetch(source, tree.prefetchLandmarkOffset, tree.noPrefetch, reader, blob.size, layerLog);
-    this.layers.set(mountpoint, { source, mount, reader, log: layerLog, prefetched, prefetchAwaited: false });
+    const elapsedMs = Date.now() - started;
+    layerLog.info({ ref: source.ref, elapsedMs, blobSize: blob.size }, 'layer mounted');
+    this.metrics.observe('mount', source.digest, elapsedMs);
+    const prefetchBytes = this.prefetchSize(source, tree.prefetchLandmarkOffset, tree.noPrefetch, blob.size);
+    const prefetched = this.startPrefetch(source.digest, prefetchBytes, reader, layerLog);
+    this.layers.set(mountpoint, {
+      source,
+      mount,
+      reader,
+      log: layerLog,
+      prefetched,
+      prefetchAwaited: false,
+      blobSize: blob.size,
+      prefetchBytes,
+    });
   }
 
   /**
@@ -152,22 +190,23 @@ export class StargazeFileSystem implements RemoteFileSystem {
     throw new EstargzFormatError('digest of TOC JSON must be passed (no containerd.io/snapshot/stargz/toc.digest label)');
   }
 
-  /** Prefetch what the image marks as needed first, in the background: mount does not wait for it; check() does. */
-  private startPrefetch(
-    source: LayerSourceInfo,
-    landmarkOffset: number | undefined,
-    noPrefetch: boolean,
-    reader: LayerReader,
-    blobSize: number,
-    layerLog: Logger,
-  ): Promise<void> {
+  /** How much to prefetch: up to the landmark, else the label's or config's size; none when told so. */
+  private prefetchSize(source: LayerSourceInfo, landmarkOffset: number | undefined, noPrefetch: boolean, blobSize: number): number {
     const config = this.options.config;
-    if (config.noPrefetch || noPrefetch) return Promise.resolve();
-    const size = landmarkOffset ?? Math.min(source.prefetchBytes ?? config.prefetchSizeBytes, blobSize);
+    if (config.noPrefetch || noPrefetch) return 0;
+    return Math.max(0, landmarkOffset ?? Math.min(source.prefetchBytes ?? config.prefetchSizeBytes, blobSize));
+  }
+
+  /** Prefetch what the image marks as needed first, in the background: mount does not wait for it; check() does. */
+  private startPrefetch(digest: string, size: number, reader: LayerReader, layerLog: Logger): Promise<void> {
     if (size <= 0) return Promise.resolve();
     const started = Date.now();
     return reader.prefetch(size).then(
-      () => layerLog.info({ metrics: 'latency', operation: 'prefetch_total', prefetchBytes: size, elapsedMs: Date.now() - started }, 'prefetch done'),
+      () => {
+        const elapsedMs = Date.now() - started;
+        this.metrics.observe('prefetch_total', digest, elapsedMs);
+        layerLog.info({ metrics: 'latency', operation: 'prefetch_total', prefetchBytes: size, elapsedMs }, 'prefetch done');
+      },
       (err: unknown) => layerLog.warn({ err: errorMessage(err) }, 'prefetch failed'),
     );
   }

@@ -116,6 +116,8 @@ export class LayerMount<N extends ServedNode> {
   private readonly pathCache = new Map<string, N>();
   private readonly readTimeoutMs: number;
   private readonly log: Logger;
+  /** Reads served and their bytes, for the metrics endpoint (plain counters: nothing on the hot path). */
+  readonly counters = { reads: 0, bytesServed: 0, readErrors: 0 };
   /** The last read error, shown in the status file. */
   private lastError: string | undefined;
   /** The status file's content as of its last stat: reads serve these bytes, so size and content agree. */
@@ -262,9 +264,12 @@ export class LayerMount<N extends ServedNode> {
           (data) => {
             // The kernel's buffer is only valid until cb: copy once, now.
             const n = data.copy(buf, 0, 0, Math.min(want, data.length));
+            this.counters.reads++;
+            this.counters.bytesServed += n;
             cb(n);
           },
           (err: unknown) => {
+            this.counters.readErrors++;
             this.lastError = `${path}: ${errorMessage(err)}`;
             this.log.error({ path, offset: pos, length: want, code: errorCode(err), err: errorMessage(err) }, 'read failed');
             cb(fuseErrno(err));

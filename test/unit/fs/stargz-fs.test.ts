@@ -14,6 +14,8 @@ import { promisify } from 'node:util';
 import { defaultConfig } from '../../../src/config/config';
 import { StargazeFileSystem, type BlobResolver } from '../../../src/fs/stargz-fs';
 import { log } from '../../../src/log';
+import { serveMetrics } from '../../../src/metrics/fs-metrics';
+import type { AddressInfo } from 'node:net';
 import { BufferBlobSource, type BlobSource } from '../../../src/remote/blob-source';
 import { STARGZ_DIGEST, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../../src/source/labels';
 import { makeTar, sha256, toEstargz } from '../estargz/fixture';
@@ -101,6 +103,19 @@ test('serves an eStargz layer through FUSE', { skip: !canMount && 'needs root fo
   assert.ok((status.fetchedPercent as number) > 0 && (status.fetchedPercent as number) <= 100);
   assert.equal(status.error, undefined);
   assert.equal((await run('stat', ['-c', '%a', path.join(mnt, '.stargz-snapshotter')])).stdout.trim(), '500');
+  // Prometheus metrics under the reference's names.
+  const metricsServer = await serveMetrics(served.metrics, '127.0.0.1:0', quiet);
+  try {
+    const { port } = metricsServer.address() as AddressInfo;
+    const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+    assert.match(text, new RegExp(`stargz_fs_layer_size_bytes\\{digest="${digest}",mountpoint="${mnt}"\\} ${blob.length}`));
+    assert.match(text, /stargz_fs_layer_fetched_size_bytes\{[^}]*\} [1-9]/);
+    assert.match(text, /stargz_fs_operation_count\{operation_type="on_demand_read_access_count",layer="[^"]+"\} [1-9]/);
+    assert.match(text, /stargz_fs_operation_duration_milliseconds_count\{operation_type="mount",layer="[^"]+"\} 1/);
+  } finally {
+    metricsServer.close();
+  }
+
   await served.unmount(mnt);
   assert.doesNotMatch((await run('cat', ['/proc/mounts'])).stdout, new RegExp(mnt));
 });
