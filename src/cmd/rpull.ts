@@ -1,0 +1,254 @@
+/**
+ * `stargaze rpull`: pull an image into containerd so that the snapshotter (our daemon, by default as the
+ * `stargz` proxy plugin) mounts its eStargz layers lazily; layers it cannot mount lazily are downloaded and
+ * unpacked here. The steps are in src/containerd/pull.ts (reference: cmd/ctr-remote/commands/rpull.go).
+ */
+import { mkdir, mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import pino from 'pino';
+import { StargazeError, UsageError, errorMessage } from '../errors';
+import { ContainerdClient } from '../containerd/client';
+import { pullImage, type LayerOutcome, type PullEvent } from '../containerd/pull';
+import { formatPlatform, hostPlatform, parsePlatform } from '../containerd/platforms';
+import { DEFAULT_HOST_DIR, HOSTS_FILE } from '../remote/hosts';
+import { parseReference, registryHostFor } from '../remote/reference';
+import { RegistryClient } from '../remote/registry-client';
+
+export const DEFAULT_CONTAINERD_ADDRESS = '/run/containerd/containerd.sock';
+export const DEFAULT_NAMESPACE = 'default';
+export const DEFAULT_SNAPSHOTTER = 'stargz';
+/** containerd's usual config_path for hosts.toml files (the daemon's default too). */
+export const DEFAULT_HOSTS_DIR = '/etc/containerd/certs.d';
+/** ctr-remote rpull's prefetch size. */
+export const DEFAULT_PREFETCH_BYTES = 10 * 1024 * 1024;
+/** How often a terminal progress line is redrawn at most. */
+const TTY_REDRAW_MS = 100;
+/** Characters of a digest shown per layer: `sha256:` and 12 hex digits. */
+const SHORT_DIGEST_CHARS = 19;
+
+const USAGE = `usage: stargaze rpull [options] REF
+
+Pulls REF into containerd for lazy pulling: manifest, config (and index) go into containerd's content
+store, each layer is prepared on the snapshotter with the remote-snapshot labels so that it is mounted
+lazily, and layers that cannot be are downloaded and unpacked here. Then \`ctr run --snapshotter stargz REF\`
+starts right away.
+
+  --address SOCK          containerd socket (default ${DEFAULT_CONTAINERD_ADDRESS})
+  --namespace NS          containerd namespace (default ${DEFAULT_NAMESPACE})
+  --snapshotter NAME      snapshotter to unpack on (default ${DEFAULT_SNAPSHOTTER})
+  --plain-http            talk to the registry over http when no hosts.toml says otherwise
+  --hosts-dir DIR         containerd hosts.toml directory (default ${DEFAULT_HOSTS_DIR})
+  --user USER:PASS        registry credentials (else docker's config.json)
+  --platform OS/ARCH      platform to pick from a multi-platform image (default ${formatPlatform(hostPlatform())})
+  --prefetch-bytes N      bytes of each layer the snapshotter prefetches (default ${DEFAULT_PREFETCH_BYTES})
+  -h, --help              this help
+
+The snapshotter fetches lazily with its own registry configuration (the daemon's --hosts-dir and
+credentials); --plain-http and --user apply to what rpull itself downloads.
+`;
+
+export interface RpullArgs {
+  ref: string;
+  address: string;
+  namespace: string;
+  snapshotter: string;
+  plainHttp: boolean;
+  hostsDir: string;
+  user: { username: string; password: string } | undefined;
+  platform: string | undefined;
+  prefetchBytes: number;
+}
+
+/** Parses argv; undefined means --help was asked for. */
+export function parseRpullArgs(argv: string[]): RpullArgs | undefined {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      options: {
+        address: { type: 'string', default: DEFAULT_CONTAINERD_ADDRESS },
+        namespace: { type: 'string', short: 'n', default: DEFAULT_NAMESPACE },
+        snapshotter: { type: 'string', default: DEFAULT_SNAPSHOTTER },
+        'plain-http': { type: 'boolean', default: false },
+        'hosts-dir': { type: 'string', default: DEFAULT_HOSTS_DIR },
+        user: { type: 'string', short: 'u' },
+        platform: { type: 'string' },
+        'prefetch-bytes': { type: 'string', default: String(DEFAULT_PREFETCH_BYTES) },
+        help: { type: 'boolean', short: 'h' },
+      },
+      strict: true,
+      allowPositionals: true,
+    });
+  } catch (err) {
+    throw new UsageError(`${errorMessage(err)}\n${USAGE}`);
+  }
+  const { values, positionals } = parsed;
+  if (values.help) return undefined;
+  if (positionals.length !== 1) throw new UsageError(`rpull takes exactly one image reference, got ${positionals.length}\n${USAGE}`);
+  const prefetch = values['prefetch-bytes'];
+  if (!/^\d+$/.test(prefetch) || !Number.isSafeInteger(Number(prefetch))) throw new UsageError(`--prefetch-bytes must be a number of bytes, not "${prefetch}"`);
+  let user: RpullArgs['user'];
+  if (values.user !== undefined) {
+    const colon = values.user.indexOf(':');
+    if (colon <= 0) throw new UsageError('--user must be USER:PASS');
+    user = { username: values.user.slice(0, colon), password: values.user.slice(colon + 1) };
+  }
+  if (values.snapshotter === '') throw new UsageError('--snapshotter must not be empty');
+  return {
+    ref: positionals[0] as string,
+    address: values.address,
+    namespace: values.namespace,
+    snapshotter: values.snapshotter,
+    plainHttp: values['plain-http'],
+    hostsDir: values['hosts-dir'],
+    user,
+    platform: values.platform,
+    prefetchBytes: Number(prefetch),
+  };
+}
+
+async function exists(file: string): Promise<boolean> {
+  try {
+    await stat(file);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * The hosts dir to use. With --plain-http and no hosts.toml for the registry (nor a _default one), a
+ * throw-away hosts dir says `server = "http://<host>"`, which is what ctr's --plain-http means.
+ */
+async function hostsDirFor(domain: string, hostsDir: string, plainHttp: boolean): Promise<{ dir: string; cleanup: () => Promise<void> }> {
+  const none = { dir: hostsDir, cleanup: async () => undefined };
+  if (!plainHttp) return none;
+  if ((await exists(path.join(hostsDir, domain, HOSTS_FILE))) || (await exists(path.join(hostsDir, DEFAULT_HOST_DIR, HOSTS_FILE)))) return none;
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-rpull-hosts-'));
+  await mkdir(path.join(dir, domain), { recursive: true });
+  await writeFile(path.join(dir, domain, HOSTS_FILE), `server = ${JSON.stringify(`http://${registryHostFor(domain)}`)}\n`);
+  return { dir, cleanup: () => rm(dir, { recursive: true, force: true }) };
+}
+
+function layers(n: number): string {
+  return n === 1 ? '1 layer' : `${n} layers`;
+}
+
+function formatBytes(n: number): string {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
+  return `${(n / (1024 * 1024)).toFixed(1)} MiB`;
+}
+
+/** The line printed when a layer is done. */
+export function layerLine(digest: string, outcome: LayerOutcome, bytes: number, ms: number): string {
+  const d = digest.slice(0, SHORT_DIGEST_CHARS);
+  switch (outcome) {
+    case 'lazy':
+      return `${d} lazy (remote snapshot) ${ms}ms`;
+    case 'fetched':
+      return `${d} fetched ${bytes} bytes ${ms}ms${bytes === 0 ? ' (blob already in the content store)' : ''}`;
+    case 'present':
+      return `${d} already present ${ms}ms`;
+  }
+}
+
+/** Plain lines; on a terminal also a live status line for the layer in progress. */
+class ProgressPrinter {
+  /** Whether a status line is on screen (and must be cleared before the next line). */
+  private statusShown = false;
+  private lastDraw = 0;
+
+  constructor(
+    private readonly out: NodeJS.WriteStream,
+    private readonly tty: boolean,
+  ) {}
+
+  private status(text: string, force: boolean): void {
+    if (!this.tty) return;
+    const now = Date.now();
+    if (!force && now - this.lastDraw < TTY_REDRAW_MS) return;
+    this.lastDraw = now;
+    const width = this.out.columns > 1 ? this.out.columns - 1 : 79;
+    this.out.write(`\r\x1b[2K${text.slice(0, width)}`);
+    this.statusShown = true;
+  }
+
+  line(text: string): void {
+    if (this.statusShown) this.out.write('\r\x1b[2K');
+    this.statusShown = false;
+    this.out.write(`${text}\n`);
+  }
+
+  event(e: PullEvent): void {
+    switch (e.type) {
+      case 'resolved':
+        this.line(`${e.name}: ${e.manifest.digest.slice(0, SHORT_DIGEST_CHARS)}${e.platform ? ` (${e.platform})` : ''}, ${layers(e.layers)}`);
+        break;
+      case 'layer-start':
+        this.status(`${e.digest.slice(0, SHORT_DIGEST_CHARS)} preparing (${formatBytes(e.size)})`, true);
+        break;
+      case 'layer-progress':
+        this.status(`${e.digest.slice(0, SHORT_DIGEST_CHARS)} fetching ${formatBytes(e.bytes)} / ${formatBytes(e.size)}`, e.bytes === e.size);
+        break;
+      case 'layer-done':
+        this.line(layerLine(e.digest, e.outcome, e.bytes, e.ms));
+        break;
+    }
+  }
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const args = parseRpullArgs(argv);
+  if (args === undefined) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  const reference = parseReference(args.ref);
+  const platform = args.platform !== undefined ? parsePlatform(args.platform) : hostPlatform();
+  // Logs go to stderr (stdout is the progress); quiet unless STARGAZE_LOG_LEVEL says otherwise.
+  const log = pino({ level: process.env.STARGAZE_LOG_LEVEL ?? 'warn', base: undefined }, pino.destination(2));
+
+  const hosts = await hostsDirFor(reference.domain, args.hostsDir, args.plainHttp);
+  const user = args.user;
+  const registry = new RegistryClient({
+    hostsDir: hosts.dir,
+    credentials: user !== undefined ? () => user : undefined,
+    log: log.child({ module: 'remote' }),
+  });
+  let client: ContainerdClient | undefined;
+  const abort = new AbortController();
+  const onSignal = (): void => abort.abort(new StargazeError('ERR_INTERNAL', 'interrupted'));
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  try {
+    client = await ContainerdClient.connect({ address: args.address, namespace: args.namespace });
+    const progress = new ProgressPrinter(process.stdout, process.stdout.isTTY === true);
+    const result = await pullImage({
+      client,
+      registry,
+      ref: args.ref,
+      snapshotter: args.snapshotter,
+      platform,
+      prefetchBytes: args.prefetchBytes,
+      log: log.child({ module: 'rpull' }),
+      signal: abort.signal,
+      onEvent: (e) => progress.event(e),
+    });
+    const count = (o: LayerOutcome): number => result.layers.filter((l) => l.outcome === o).length;
+    const bytes = result.layers.reduce((n, l) => n + l.bytes, 0);
+    progress.line(
+      `done: ${result.name} ${layers(result.layers.length)} (${count('lazy')} lazy, ${count('fetched')} fetched, ${count('present')} already present), ` +
+        `${bytes} bytes fetched in ${result.ms}ms`,
+    );
+    return 0;
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    client?.close();
+    await registry.close();
+    await hosts.cleanup();
+  }
+}
