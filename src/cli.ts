@@ -12,6 +12,7 @@ interface Subcommand {
 
 const SUBCOMMANDS: Record<string, Subcommand> = {
   daemon: { summary: 'serve containerd snapshots with lazily pulled eStargz layers', load: () => import('./cmd/daemon') },
+  convert: { summary: 'convert an image to eStargz (registry or oci:DIR)', load: () => import('./cmd/convert') },
   'fuse-server': { summary: '(started by the daemon) serve layer mounts across daemon restarts', load: () => import('./cmd/fuse-server') },
   rpull: { summary: 'pull an image into containerd for lazy pulling', load: () => import('./cmd/rpull') },
 };
