@@ -37,6 +37,7 @@ if [[ ${1:-} == --test ]]; then
     apache2-utils
     golang-go golang-github-containerd-containerd-dev
     golang-github-google-go-cmp-dev golang-github-gotestyourself-gotest.tools-dev
+    buildah pigz systemd  # Dockerfile build test (offline stand-in bases), systemd-analyze for the unit
   )
 fi
 

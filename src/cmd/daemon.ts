@@ -16,6 +16,7 @@ import { StargazeFileSystem } from '../fs/stargz-fs';
 import { RegistryClient } from '../remote/registry-client';
 import { Snapshotter } from '../snapshot/snapshotter';
 import { startSnapshotServer } from '../service/snapshots-service';
+import { notifySystemdReady } from './sd-notify';
 
 export const DEFAULT_ADDRESS = '/run/stargaze/stargaze.sock';
 export const DEFAULT_ROOT = '/var/lib/stargaze';
@@ -80,6 +81,7 @@ export async function main(argv: string[]): Promise<number> {
   await snapshotter.restore();
   const server = await startSnapshotServer({ snapshotter, address });
   log.info({ address, root }, 'serving containerd snapshots');
+  await notifySystemdReady(log);
 
   await new Promise<void>((resolve) => {
     const stop = (signal: NodeJS.Signals): void => {

@@ -1,0 +1,291 @@
+/**
+ * The kubeconfig keychain of `[kubeconfig_keychain]`: registry credentials from the cluster's image pull
+ * secrets (type `kubernetes.io/dockerconfigjson`), read from the Kubernetes API with the node's
+ * kubeconfig (`kubeconfig_path`, else `$KUBECONFIG`, else `~/.kube/config`).
+ *
+ * Like the reference, it looks at every such secret cluster-wide and waits for a kubeconfig that does
+ * not exist yet (retrying every `RETRY_MS`). Unlike its watch, the secrets are listed again every
+ * `REFRESH_MS`; a lookup uses the last successful list.
+ *
+ * The kubeconfig is read as JSON or as the YAML subset kubeconfigs are written in (block maps and
+ * lists of scalars and maps; what kubectl and kind write). Auth: `token` / `tokenFile`, client
+ * certificate (`client-certificate(-data)` and `client-key(-data)`), CA
+ * (`certificate-authority(-data)`), `insecure-skip-tls-verify`. Secrets never go into logs.
+ */
+import { readFileSync } from 'node:fs';
+import http from 'node:http';
+import https from 'node:https';
+import { homedir } from 'node:os';
+import path from 'node:path';
+import type { Logger } from '../log';
+import { authKeyHost, DOCKER_HUB_AUTH_KEY, type CredentialProvider, type RegistryCredentials } from './credentials';
+import { isDockerHub } from './reference';
+
+const SECRET_TYPE = 'kubernetes.io/dockerconfigjson';
+const DOCKER_CONFIG_JSON_KEY = '.dockerconfigjson';
+export const REFRESH_MS = 30_000;
+export const RETRY_MS = 10_000;
+const REQUEST_TIMEOUT_MS = 10_000;
+const MAX_RESPONSE_BYTES = 32 * 1024 * 1024;
+
+// --- kubeconfig ------------------------------------------------------------------------------------
+
+type Yaml = string | boolean | null | Yaml[] | { [key: string]: Yaml };
+
+function scalar(text: string): Yaml {
+  const t = text.trim();
+  if (t === '' || t === '~' || t === 'null') return null;
+  if (t === 'true') return true;
+  if (t === 'false') return false;
+  if (t.startsWith('"')) return JSON.parse(t) as string;
+  if (t.startsWith("'")) return t.slice(1, -1).replace(/''/g, "'");
+  if (t === '[]') return [];
+  if (t === '{}') return {};
+  return t;
+}
+
+interface Line {
+  indent: number;
+  text: string;
+}
+
+/** Parses the block-style YAML subset kubeconfigs use: maps, `- ` lists, plain or quoted scalars. */
+export function parseKubeconfigYaml(source: string): Yaml {
+  const lines: Line[] = [];
+  for (const raw of source.split('\n')) {
+    const noComment = raw.replace(/(^|\s)#.*$/, '');
+    if (noComment.trim() === '' || noComment.trim() === '---') continue;
+    lines.push({ indent: noComment.length - noComment.trimStart().length, text: noComment.trim() });
+  }
+  let i = 0;
+  const keyValue = (text: string): [string, string] | undefined => {
+    const m = /^("[^"]*"|'[^']*'|[^:]+?):(?:\s+(.*))?$/.exec(text);
+    if (!m) return undefined;
+    return [String(scalar(m[1]!)), m[2] ?? ''];
+  };
+  const block = (indent: number): Yaml => {
+    const first = lines[i];
+    if (!first || first.indent < indent) return null;
+    if (first.text.startsWith('- ') || first.text === '-') {
+      const list: Yaml[] = [];
+      while (i < lines.length && lines[i]!.indent === first.indent && (lines[i]!.text.startsWith('- ') || lines[i]!.text === '-')) {
+        const item = lines[i]!.text.slice(1).trim();
+        const kv = item === '' ? undefined : keyValue(item);
+        if (item === '') {
+          i++;
+          list.push(block(first.indent + 1));
+        } else if (kv) {
+          // "- key: value" starts a map whose other keys sit at the item's content indent
+          lines[i] = { indent: first.indent + 2, text: item };
+          list.push(block(first.indent + 2));
+        } else {
+          i++;
+          list.push(scalar(item));
+        }
+      }
+      return list;
+    }
+    const map: { [key: string]: Yaml } = {};
+    while (i < lines.length && lines[i]!.indent === first.indent && !lines[i]!.text.startsWith('- ')) {
+      const kv = keyValue(lines[i]!.text);
+      if (!kv) throw new Error(`kubeconfig: cannot parse line ${JSON.stringify(lines[i]!.text)}`);
+      i++;
+      const [key, rest] = kv;
+      if (rest !== '') map[key] = scalar(rest);
+      else if (i < lines.length && (lines[i]!.indent > first.indent || (lines[i]!.indent === first.indent && lines[i]!.text.startsWith('- ')))) {
+        map[key] = block(lines[i]!.indent);
+      } else map[key] = null;
+    }
+    return map;
+  };
+  return block(0);
+}
+
+function get(v: Yaml | undefined, key: string): Yaml | undefined {
+  return v !== null && typeof v === 'object' && !Array.isArray(v) ? v[key] : undefined;
+}
+
+function str(v: Yaml | undefined): string | undefined {
+  return typeof v === 'string' && v !== '' ? v : undefined;
+}
+
+function named(list: Yaml | undefined, name: string | undefined, field: string): Yaml | undefined {
+  if (!Array.isArray(list)) return undefined;
+  const entry = list.find((e) => str(get(e, 'name')) === name) ?? (name === undefined ? list[0] : undefined);
+  return get(entry, field);
+}
+
+export interface ApiServerAccess {
+  server: string;
+  token?: string;
+  ca?: Buffer;
+  cert?: Buffer;
+  key?: Buffer;
+  insecureSkipTlsVerify: boolean;
+}
+
+/** The API server and credentials of the kubeconfig's current context. */
+export function loadKubeconfig(file: string): ApiServerAccess {
+  const text = readFileSync(file, 'utf8');
+  const doc = text.trimStart().startsWith('{') ? (JSON.parse(text) as Yaml) : parseKubeconfigYaml(text);
+  const dir = path.dirname(file);
+  const contextName = str(get(doc, 'current-context'));
+  const context = named(get(doc, 'contexts'), contextName, 'context');
+  const cluster = named(get(doc, 'clusters'), str(get(context, 'cluster')), 'cluster');
+  const user = named(get(doc, 'users'), str(get(context, 'user')), 'user');
+  const server = str(get(cluster, 'server'));
+  if (!server) throw new Error(`${file}: no server for context ${contextName ?? '(none)'}`);
+  const bytes = (dataKey: string, fileKey: string, from: Yaml | undefined): Buffer | undefined => {
+    const data = str(get(from, dataKey));
+    if (data) return Buffer.from(data, 'base64');
+    const f = str(get(from, fileKey));
+    return f ? readFileSync(path.resolve(dir, f)) : undefined;
+  };
+  const tokenFile = str(get(user, 'tokenFile'));
+  return {
+    server: server.replace(/\/+$/, ''),
+    token: str(get(user, 'token')) ?? (tokenFile ? readFileSync(path.resolve(dir, tokenFile), 'utf8').trim() : undefined),
+    ca: bytes('certificate-authority-data', 'certificate-authority', cluster),
+    cert: bytes('client-certificate-data', 'client-certificate', user),
+    key: bytes('client-key-data', 'client-key', user),
+    insecureSkipTlsVerify: get(cluster, 'insecure-skip-tls-verify') === true,
+  };
+}
+
+/** `kubeconfig_path`, else `$KUBECONFIG` (first entry), else `~/.kube/config`. */
+export function kubeconfigPath(configured: string, env: NodeJS.ProcessEnv = process.env): string {
+  if (configured !== '') return configured;
+  const fromEnv = env.KUBECONFIG?.split(path.delimiter).find((p) => p !== '');
+  return fromEnv ?? path.join(homedir(), '.kube', 'config');
+}
+
+// --- secrets ---------------------------------------------------------------------------------------
+
+function getJson(access: ApiServerAccess, urlPath: string): Promise<unknown> {
+  const url = new URL(access.server + urlPath);
+  const lib = url.protocol === 'https:' ? https : http;
+  return new Promise((resolve, reject) => {
+    const req = lib.request(
+      url,
+      {
+        method: 'GET',
+        headers: { accept: 'application/json', ...(access.token ? { authorization: `Bearer ${access.token}` } : {}) },
+        timeout: REQUEST_TIMEOUT_MS,
+        ...(url.protocol === 'https:' ? { ca: access.ca, cert: access.cert, key: access.key, rejectUnauthorized: !access.insecureSkipTlsVerify } : {}),
+      },
+      (res) => {
+        const chunks: Buffer[] = [];
+        let size = 0;
+        res.on('data', (c: Buffer) => {
+          size += c.length;
+          if (size > MAX_RESPONSE_BYTES) req.destroy(new Error(`response from ${url.host} exceeds ${MAX_RESPONSE_BYTES} bytes`));
+          else chunks.push(c);
+        });
+        res.on('end', () => {
+          if (res.statusCode !== 200) return reject(new Error(`GET ${url.pathname} at ${url.host}: HTTP ${res.statusCode}`));
+          try {
+            resolve(JSON.parse(Buffer.concat(chunks).toString('utf8')));
+          } catch (err) {
+            reject(err);
+          }
+        });
+        res.on('error', reject);
+      },
+    );
+    req.on('timeout', () => req.destroy(new Error(`GET ${url.pathname} at ${url.host}: timed out`)));
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+interface AuthEntry {
+  auth?: string;
+  username?: string;
+  password?: string;
+  identitytoken?: string;
+}
+
+function credentialsFromEntry(e: AuthEntry): RegistryCredentials | undefined {
+  if (e.identitytoken) return { username: '', password: e.identitytoken, identityToken: e.identitytoken };
+  if (e.username || e.password) return { username: e.username ?? '', password: e.password ?? '' };
+  if (e.auth) {
+    const decoded = Buffer.from(e.auth, 'base64').toString('utf8');
+    const colon = decoded.indexOf(':');
+    if (colon > 0) return { username: decoded.slice(0, colon), password: decoded.slice(colon + 1) };
+  }
+  return undefined;
+}
+
+/** host -> credentials, from every dockerconfigjson secret of a secret list (later secrets do not override earlier ones). */
+export function credentialsFromSecretList(list: unknown): Map<string, RegistryCredentials> {
+  const out = new Map<string, RegistryCredentials>();
+  const items = (list as { items?: unknown[] } | null)?.items ?? [];
+  for (const item of items) {
+    const secret = item as { type?: string; data?: Record<string, string> };
+    const encoded = secret.type === SECRET_TYPE ? secret.data?.[DOCKER_CONFIG_JSON_KEY] : undefined;
+    if (!encoded) continue;
+    let auths: Record<string, AuthEntry> | undefined;
+    try {
+      auths = (JSON.parse(Buffer.from(encoded, 'base64').toString('utf8')) as { auths?: Record<string, AuthEntry> }).auths;
+    } catch {
+      continue; // a malformed secret is skipped, never logged
+    }
+    for (const [key, entry] of Object.entries(auths ?? {})) {
+      const host = key === DOCKER_HUB_AUTH_KEY ? 'docker.io' : authKeyHost(key);
+      const creds = credentialsFromEntry(entry);
+      if (creds && !out.has(host)) out.set(host, creds);
+    }
+  }
+  return out;
+}
+
+export class KubeconfigKeychain {
+  /** Credentials of the last successful list, by registry host. */
+  private byHost = new Map<string, RegistryCredentials>();
+  private timer: NodeJS.Timeout | undefined;
+  private closed = false;
+  /** Resolves after the first successful list (tests; a daemon never waits for it). */
+  readonly ready: Promise<void>;
+  private markReady!: () => void;
+
+  constructor(
+    private readonly opts: { kubeconfigPath: string; log: Logger; refreshMs?: number; retryMs?: number },
+  ) {
+    this.ready = new Promise((resolve) => (this.markReady = resolve));
+    void this.refresh();
+  }
+
+  readonly provider: CredentialProvider = async (host) => {
+    const direct = this.byHost.get(host);
+    if (direct) return direct;
+    if (isDockerHub(host)) return this.byHost.get('docker.io');
+    return undefined;
+  };
+
+  close(): void {
+    this.closed = true;
+    if (this.timer) clearTimeout(this.timer);
+  }
+
+  private async refresh(): Promise<void> {
+    if (this.closed) return;
+    let next = this.opts.refreshMs ?? REFRESH_MS;
+    try {
+      const access = loadKubeconfig(this.opts.kubeconfigPath);
+      const list = await getJson(access, `/api/v1/secrets?fieldSelector=${encodeURIComponent(`type=${SECRET_TYPE}`)}`);
+      this.byHost = credentialsFromSecretList(list);
+      this.markReady();
+    } catch (err) {
+      next = this.opts.retryMs ?? RETRY_MS;
+      const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
+      this.opts.log.warn(
+        { module: 'kubeconfig-keychain', kubeconfig: this.opts.kubeconfigPath, err: err instanceof Error ? err.message : String(err) },
+        missing ? 'kubeconfig not there yet; waiting' : 'cannot list image pull secrets; retrying',
+      );
+    }
+    if (!this.closed) {
+      this.timer = setTimeout(() => void this.refresh(), next);
+      this.timer.unref();
+    }
+  }
+}
