@@ -1,21 +1,44 @@
 /**
  * `npm run bench`: runs the benchmarks and prints their numbers; results also go to bench-results/
- * (git-ignored) as JSON, so runs can be compared.
+ * (git-ignored) as JSON, so runs can be compared. Pick benchmarks by name: `npm run bench -- registry-fetch`
+ * or BENCH=read-throughput,registry-fetch (default: all).
  */
 import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { benchReadThroughput } from './read-throughput';
+import { benchRegistryFetch } from './registry-fetch';
 
-async function main(): Promise<void> {
-  if (process.getuid?.() !== 0) throw new Error('the benchmarks mount FUSE and overlayfs: run them as root');
+const BENCHES: Record<string, () => Promise<Record<string, unknown>>> = {
+  'read-throughput': runReadThroughput,
+  'registry-fetch': runRegistryFetch,
+};
+
+async function runReadThroughput(): Promise<Record<string, unknown>> {
+  if (process.getuid?.() !== 0) throw new Error('the read-throughput benchmark mounts FUSE and overlayfs: run it as root');
   const fileMib = Number(process.env.BENCH_FILE_MIB ?? 256);
   process.stdout.write(`read throughput: sequential dd of a ${fileMib} MiB file (median of ${process.env.BENCH_SAMPLES ?? 3})\n`);
   const { results, notes } = await benchReadThroughput();
   for (const r of results) process.stdout.write(`  ${r.case.padEnd(50)} ${r.mibPerSec.toFixed(0).padStart(6)} MiB/s  (${r.seconds.toFixed(3)} s)\n`);
   for (const note of notes) process.stdout.write(`  note: ${note}\n`);
+  return { fileMib, results, notes };
+}
+
+async function runRegistryFetch(): Promise<Record<string, unknown>> {
+  const { results, notes } = await benchRegistryFetch(); // prints its rows as they come
+  for (const note of notes) process.stdout.write(`  note: ${note}\n`);
+  return { results, notes };
+}
+
+async function main(): Promise<void> {
+  const wanted = [...process.argv.slice(2), ...(process.env.BENCH ?? '').split(',')].map((s) => s.trim()).filter((s) => s !== '');
+  const names = wanted.length > 0 ? wanted : Object.keys(BENCHES);
+  for (const name of names) if (BENCHES[name] === undefined) throw new Error(`unknown benchmark ${name}; known: ${Object.keys(BENCHES).join(', ')}`);
   const outDir = path.resolve(__dirname, '..', '..', '..', 'bench-results');
   await mkdir(outDir, { recursive: true });
-  await writeFile(path.join(outDir, 'read-throughput.json'), JSON.stringify({ date: new Date().toISOString(), fileMib, results, notes }, null, 2));
+  for (const name of names) {
+    const out = await (BENCHES[name] as () => Promise<Record<string, unknown>>)();
+    await writeFile(path.join(outDir, `${name}.json`), JSON.stringify({ date: new Date().toISOString(), ...out }, null, 2));
+  }
 }
 
 main().catch((err: unknown) => {

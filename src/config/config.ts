@@ -22,8 +22,19 @@ export const DEFAULT_FUSE_ATTR_TIMEOUT_SEC = 1;
 export const DEFAULT_FUSE_ENTRY_TIMEOUT_SEC = 1;
 /** 256 MiB of decompressed chunks in RAM. */
 export const DEFAULT_CACHE_MEMORY_MAX_BYTES = 268_435_456;
+/** Our default cap on the disk chunk cache: 10 GiB. */
+export const DEFAULT_CACHE_DISK_MAX_BYTES = 10 * 1024 * 1024 * 1024;
+/** The reference's `max_concurrency`: layers background-fetched at once. */
+export const DEFAULT_MAX_CONCURRENCY = 2;
 export const DEFAULT_REQUEST_TIMEOUT_SEC = 30;
 export const DEFAULT_FETCHING_TIMEOUT_SEC = 300;
+/** Reference defaults of the per-host retry policy. */
+export const DEFAULT_MAX_RETRIES = 5;
+export const DEFAULT_MIN_WAIT_MS = 30;
+export const DEFAULT_MAX_WAIT_MS = 300_000;
+/** Ours: range requests in flight when a whole blob is fetched, and bytes per request. */
+export const DEFAULT_PARALLEL_FETCH_CONCURRENCY = 8;
+export const DEFAULT_PARALLEL_FETCH_CHUNK_BYTES = 8 * 1024 * 1024;
 
 export interface FuseConfig {
   /** Kernel attribute cache lifetime (`[fuse] attr_timeout`). */
@@ -35,6 +46,8 @@ export interface FuseConfig {
 export interface CacheConfig {
   /** Bound of the in-memory cache (`[cache] memory_max_bytes`, ours). */
   readonly memoryMaxBytes: number;
+  /** `[cache] disk_max_bytes`: cap on the disk chunk cache under the root (least recently used evicted). */
+  readonly diskMaxBytes: number;
 }
 
 export interface ResolverConfig {
@@ -43,8 +56,20 @@ export interface ResolverConfig {
 }
 
 export interface BlobConfig {
-  /** Bound of one blob range fetch (`[blob] fetching_timeout_sec`). */
+  /** Bound of one blob range fetch (`[blob] fetching_timeout_sec`), retries included. */
   readonly fetchingTimeoutSec: number;
+  /** Retries of one registry request on transport errors, 429 and 5xx (`[blob] max_retries`). */
+  readonly maxRetries: number;
+  /** First retry backoff before jitter (`[blob] min_wait_msec`). */
+  readonly minWaitMs: number;
+  /** Cap of one backoff, Retry-After included (`[blob] max_wait_msec`). */
+  readonly maxWaitMs: number;
+  /** Never send multi-range requests (`[blob] force_single_range_mode`). */
+  readonly forceSingleRangeMode: boolean;
+  /** Range requests in flight for a whole-blob fetch (`[blob] parallel_fetch_concurrency`, ours). */
+  readonly parallelFetchConcurrency: number;
+  /** Bytes per range request of a whole-blob fetch (`[blob] parallel_fetch_chunk_size`, ours). */
+  readonly parallelFetchChunkBytes: number;
 }
 
 export interface Config {
@@ -64,6 +89,8 @@ export interface Config {
   readonly metricsAddress: string;
   readonly fuse: FuseConfig;
   readonly cache: CacheConfig;
+  /** `max_concurrency`: layers fetched in the background at once. */
+  readonly maxConcurrency: number;
   readonly resolver: ResolverConfig;
   readonly blob: BlobConfig;
   readonly fuseManager: FuseManagerConfig;
@@ -93,9 +120,18 @@ export function defaultConfig(): Config {
     allowNoVerification: false,
     metricsAddress: '',
     fuse: { attrTimeoutSec: DEFAULT_FUSE_ATTR_TIMEOUT_SEC, entryTimeoutSec: DEFAULT_FUSE_ENTRY_TIMEOUT_SEC },
-    cache: { memoryMaxBytes: DEFAULT_CACHE_MEMORY_MAX_BYTES },
+    cache: { memoryMaxBytes: DEFAULT_CACHE_MEMORY_MAX_BYTES, diskMaxBytes: DEFAULT_CACHE_DISK_MAX_BYTES },
+    maxConcurrency: DEFAULT_MAX_CONCURRENCY,
     resolver: { requestTimeoutSec: DEFAULT_REQUEST_TIMEOUT_SEC },
-    blob: { fetchingTimeoutSec: DEFAULT_FETCHING_TIMEOUT_SEC },
+    blob: {
+      fetchingTimeoutSec: DEFAULT_FETCHING_TIMEOUT_SEC,
+      maxRetries: DEFAULT_MAX_RETRIES,
+      minWaitMs: DEFAULT_MIN_WAIT_MS,
+      maxWaitMs: DEFAULT_MAX_WAIT_MS,
+      forceSingleRangeMode: false,
+      parallelFetchConcurrency: DEFAULT_PARALLEL_FETCH_CONCURRENCY,
+      parallelFetchChunkBytes: DEFAULT_PARALLEL_FETCH_CHUNK_BYTES,
+    },
     fuseManager: { enable: true },
   };
 }
@@ -203,10 +239,22 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
       attrTimeoutSec: nonNegative('fuse.attr_timeout', d.fuse.attrTimeoutSec),
       entryTimeoutSec: nonNegative('fuse.entry_timeout', d.fuse.entryTimeoutSec),
     },
-    cache: { memoryMaxBytes: nonNegative('cache.memory_max_bytes', d.cache.memoryMaxBytes) },
+    cache: {
+      memoryMaxBytes: nonNegative('cache.memory_max_bytes', d.cache.memoryMaxBytes),
+      diskMaxBytes: nonNegative('cache.disk_max_bytes', d.cache.diskMaxBytes),
+    },
+    maxConcurrency: nonNegative('max_concurrency', d.maxConcurrency),
     // Reference: 0 -> default, negative -> no timeout (kept negative; consumers treat <= 0 as "none").
     resolver: { requestTimeoutSec: requestTimeout === undefined || requestTimeout === 0 ? d.resolver.requestTimeoutSec : requestTimeout },
-    blob: { fetchingTimeoutSec: nonNegative('blob.fetching_timeout_sec', d.blob.fetchingTimeoutSec) },
+    blob: {
+      fetchingTimeoutSec: nonNegative('blob.fetching_timeout_sec', d.blob.fetchingTimeoutSec),
+      maxRetries: nonNegative('blob.max_retries', d.blob.maxRetries),
+      minWaitMs: nonNegative('blob.min_wait_msec', d.blob.minWaitMs),
+      maxWaitMs: nonNegative('blob.max_wait_msec', d.blob.maxWaitMs),
+      forceSingleRangeMode: get<boolean>('blob.force_single_range_mode') ?? d.blob.forceSingleRangeMode,
+      parallelFetchConcurrency: nonNegative('blob.parallel_fetch_concurrency', d.blob.parallelFetchConcurrency),
+      parallelFetchChunkBytes: nonNegative('blob.parallel_fetch_chunk_size', d.blob.parallelFetchChunkBytes),
+    },
     fuseManager: { enable: get<boolean>('fuse_manager.enable') ?? d.fuseManager.enable },
   };
   return { config, warnings };

@@ -31,7 +31,7 @@ export const TOP_LEVEL_KEYS: Readonly<Record<string, KeySpec>> = {
   resolve_result_entry: off('integer'),
   prefetch_async_size: off('integer'),
   debug: off('boolean'),
-  max_concurrency: off('integer'),
+  max_concurrency: on('integer'),
   no_prometheus: off('boolean'),
   log_file_access: off('boolean'),
   debug_address: off('string'),
@@ -51,6 +51,8 @@ export const TABLE_KEYS: Readonly<Record<string, Readonly<Record<string, KeySpec
   cache: {
     // Ours: the bound of the in-memory chunk cache.
     memory_max_bytes: on('integer'),
+    // Ours: the cap on the disk chunk cache.
+    disk_max_bytes: on('integer'),
   },
   resolver: {
     request_timeout_sec: on('integer'),
@@ -60,11 +62,14 @@ export const TABLE_KEYS: Readonly<Record<string, Readonly<Record<string, KeySpec
     valid_interval: off('integer'),
     check_always: off('boolean'),
     chunk_size: off('integer'),
-    force_single_range_mode: off('boolean'),
+    force_single_range_mode: on('boolean'),
     prefetch_chunk_size: off('integer'),
-    max_retries: off('integer'),
-    min_wait_msec: off('integer'),
-    max_wait_msec: off('integer'),
+    max_retries: on('integer'),
+    min_wait_msec: on('integer'),
+    max_wait_msec: on('integer'),
+    // Ours: whole-blob fetch in parallel ranges (layers rpull downloads, background fetch).
+    parallel_fetch_concurrency: on('integer'),
+    parallel_fetch_chunk_size: on('integer'),
   },
   directory_cache: {
     max_lru_cache_entry: off('integer'),

@@ -5,6 +5,7 @@ import { LRUCache } from 'lru-cache';
 import { EstargzFormatError, VerificationError } from '../errors';
 import type { ChunkInfo, LayerNode, LayerTree } from '../metadata/layer-tree';
 import type { BlobSource } from '../remote/blob-source';
+import { readRangesOf } from '../remote/blob-source';
 import { inflateRange } from './inflate-range';
 
 /**
@@ -23,7 +24,21 @@ export const MAX_CHUNK_BYTES = 256 * 1024 * 1024;
 /** Prefetch inflates this many members at once (the zlib thread pool has 4 threads by default). */
 const PREFETCH_INFLATE_CONCURRENCY = 4;
 
+/** A second cache level below memory, keyed by chunk digest (DiskChunkCache). */
+export interface ChunkStore {
+  has(digest: string): boolean;
+  /** Verified bytes, or undefined on a miss. */
+  get(digest: string): Promise<Buffer | undefined>;
+  /** Stores bytes already verified against `digest`; never rejects. */
+  put(digest: string, data: Buffer): Promise<void>;
+}
+
 export interface LayerReaderOptions {
+  /**
+   * Disk level below the memory cache. Used only while verifying: a chunk's digest is its key there, so
+   * an unverified chunk must never be stored under it.
+   */
+  diskCache?: ChunkStore;
   /** Bound on cached decompressed chunk bytes; 0 disables the cache. Default DEFAULT_MEMORY_CACHE_BYTES. */
   memoryCacheBytes?: number;
   /**
@@ -44,6 +59,8 @@ export interface LayerReaderStats {
   sharedFetches: number;
   /** Chunks put in the cache by prefetch. */
   prefetchedChunks: number;
+  /** Chunks read from the disk cache instead of the registry. */
+  diskHits: number;
 }
 
 /** What read() needs of a node. */
@@ -56,12 +73,14 @@ export class LayerReader {
     cacheMisses: 0,
     sharedFetches: 0,
     prefetchedChunks: 0,
+    diskHits: 0,
   };
   /** Verified, decompressed chunks by chunkKey(). */
   private readonly cache: LRUCache<string, Buffer> | undefined;
   /** Chunk fetches in flight by chunkKey(): the single-flight group. */
   private readonly inflight = new Map<string, Promise<Buffer>>();
   private readonly verify: boolean;
+  private readonly disk: ChunkStore | undefined;
 
   constructor(
     private readonly blob: BlobSource,
@@ -74,6 +93,7 @@ export class LayerReader {
         ? new LRUCache<string, Buffer>({ maxSize: cacheBytes, sizeCalculation: (b) => Math.max(1, b.length) })
         : undefined;
     this.verify = opts.verify ?? true;
+    this.disk = this.verify ? opts.diskCache : undefined;
   }
 
   /**
@@ -96,8 +116,11 @@ export class LayerReader {
       const data = await abortable(this.chunk(c), signal);
       return data.subarray(position - c.fileOffset, end - c.fileOffset);
     }
+    // Chunks neither cached nor in flight are fetched together: one multi-range request where the
+    // blob source can (adjacent members merge into one range).
+    const started = this.fetchMissing(chunks.slice(first, last + 1));
     const pending: Array<Promise<Buffer>> = [];
-    for (let i = first; i <= last; i++) pending.push(this.chunk(chunks[i]));
+    for (let i = first; i <= last; i++) pending.push(started.get(chunks[i]) ?? this.chunk(chunks[i]));
     const parts = await abortable(Promise.all(pending), signal);
     const out = Buffer.allocUnsafe(end - position);
     let filled = 0;
@@ -118,7 +141,7 @@ export class LayerReader {
     const limit = Math.min(upToCompressedOffset, this.blob.size);
     const wanted = this.tree
       .chunksInBlobOrder()
-      .filter((c) => c.compressedEnd <= limit && !this.has(chunkKey(c)));
+      .filter((c) => c.compressedEnd <= limit && !this.has(chunkKey(c)) && !this.isLocal(c));
     if (wanted.length === 0) return;
     const fetchEnd = wanted.reduce((max, c) => Math.max(max, c.compressedEnd), 0);
     const data = await this.blob.readRange(0, fetchEnd, signal);
@@ -145,6 +168,38 @@ export class LayerReader {
     };
     await Promise.all(Array.from({ length: PREFETCH_INFLATE_CONCURRENCY }, worker));
     if (firstError !== undefined) throw firstError;
+  }
+
+  /** Starts one batched fetch for those of `wanted` that are neither cached nor in flight (two or more). */
+  private fetchMissing(wanted: readonly ChunkInfo[]): Map<ChunkInfo, Promise<Buffer>> {
+    const started = new Map<ChunkInfo, Promise<Buffer>>();
+    if (this.blob.readRanges === undefined) return started;
+    const missing = wanted.filter((c) => !this.has(chunkKey(c)) && !this.isLocal(c));
+    if (missing.length < 2) return started;
+    for (const c of missing) this.checkChunk(c);
+    const batch = readRangesOf(
+      this.blob,
+      missing.map((c) => ({ offset: c.compressedOffset, length: c.compressedEnd - c.compressedOffset })),
+    );
+    missing.forEach((c, i) => {
+      const key = chunkKey(c);
+      this.stats.cacheMisses++;
+      const p = batch
+        .then((parts) => {
+          const member = parts[i] as Buffer;
+          this.stats.fetchedBytes += member.length;
+          return this.decode(c, member);
+        })
+        .then((data) => {
+          this.cache?.set(key, data);
+          return data;
+        })
+        .finally(() => this.inflight.delete(key));
+      p.catch(() => undefined); // the reader awaiting it sees the error
+      this.inflight.set(key, p);
+      started.set(c, p);
+    });
+    return started;
   }
 
   private has(key: string): boolean {
@@ -177,9 +232,36 @@ export class LayerReader {
 
   private async fetch(c: ChunkInfo): Promise<Buffer> {
     this.checkChunk(c);
+    if (this.disk !== undefined && c.digest !== undefined && this.disk.has(c.digest)) {
+      const local = await this.disk.get(c.digest);
+      if (local !== undefined && local.length === c.size) {
+        this.stats.diskHits++;
+        return local;
+      }
+    }
     const compressed = await this.blob.readRange(c.compressedOffset, c.compressedEnd - c.compressedOffset);
     this.stats.fetchedBytes += compressed.length;
     return this.decode(c, compressed);
+  }
+
+  /** True when the chunk's bytes are here without the registry: in memory or on disk. */
+  isLocal(c: ChunkInfo): boolean {
+    return this.cache?.has(chunkKey(c)) === true || (this.disk !== undefined && c.digest !== undefined && this.disk.has(c.digest));
+  }
+
+  /** True while reads are fetching chunks: background work waits for them. */
+  get busy(): boolean {
+    return this.inflight.size > 0;
+  }
+
+  /**
+   * Verifies one chunk from its complete gzip member (fetched by background fetch) and stores it on
+   * disk only, so background work does not push what containers read out of the memory cache.
+   */
+  async warm(c: ChunkInfo, member: Buffer): Promise<void> {
+    const data = await this.decode(c, member);
+    if (this.disk !== undefined && c.digest !== undefined) await this.disk.put(c.digest, data);
+    else this.cache?.set(chunkKey(c), data);
   }
 
   /** Inflates the chunk out of its member bytes and verifies it. */
@@ -194,6 +276,8 @@ export class LayerReader {
           `chunk at compressed offset ${c.compressedOffset} (file offset ${c.fileOffset}) has digest ${digest}, TOC says ${c.digest}`,
         );
       }
+      // Verified: keep it on disk too, keyed by the digest it was just checked against.
+      if (this.disk !== undefined && c.digest !== undefined) void this.disk.put(c.digest, data);
     }
     return data;
   }

@@ -12,6 +12,24 @@ export interface BlobSource {
    * registry cannot serve them; never resolves with fewer bytes than asked for.
    */
   readRange(offset: number, length: number, signal?: AbortSignal): Promise<Buffer>;
+  /**
+   * Optional: reads several ranges at once (one multi-range request where the server allows). Resolves with
+   * one Buffer per range, in the order asked; the Buffers may be views of a shared allocation and of each
+   * other when ranges overlap. Use `readRangesOf()` to call it on any BlobSource.
+   */
+  readRanges?(ranges: readonly ByteRange[], signal?: AbortSignal): Promise<Buffer[]>;
+}
+
+/** Bytes [offset, offset + length) of a blob. */
+export interface ByteRange {
+  readonly offset: number;
+  readonly length: number;
+}
+
+/** `blob.readRanges(ranges)` when the source has it, else one readRange per range, concurrently. */
+export function readRangesOf(blob: BlobSource, ranges: readonly ByteRange[], signal?: AbortSignal): Promise<Buffer[]> {
+  if (blob.readRanges !== undefined) return blob.readRanges(ranges, signal);
+  return Promise.all(ranges.map((r) => blob.readRange(r.offset, r.length, signal)));
 }
 
 /** A BlobSource over bytes in memory: for tests and for blobs that are already local. */
@@ -29,5 +47,9 @@ export class BufferBlobSource implements BlobSource {
       throw new RangeError(`range ${offset}+${length} outside blob of ${this.size} bytes`);
     }
     return this.bytes.subarray(offset, offset + length);
+  }
+
+  async readRanges(ranges: readonly ByteRange[]): Promise<Buffer[]> {
+    return Promise.all(ranges.map((r) => this.readRange(r.offset, r.length)));
   }
 }

@@ -13,6 +13,13 @@
  * wanted slice and the rest of the connection is dropped, so a whole blob is never buffered. 403 on a
  * redirected URL (expired pre-signed URL) re-resolves once; 401 re-authenticates once.
  *
+ * Multi-range reads (readRanges) send one GET `Range: bytes=a-b,c-d` and parse multipart/byteranges as a
+ * stream; a 400 switches that host to single ranges (as does force_single_range_mode).
+ *
+ * Retries (retry.ts; [blob] max_retries, min_wait_msec, max_wait_msec): every request is retried on transport
+ * errors, 429 and 5xx except 501, with exponential backoff and jitter, honouring Retry-After; a range read
+ * whose body breaks off is read again, up to max_retries times too. All of it stays inside the bounds below.
+ *
  * Timeouts: `requestTimeoutMs` ([resolver] request_timeout_sec) bounds every small request end to end and is
  * the idle limit (headers, gap between body chunks) of every request; a range read is bounded end to end by
  * `fetchTimeoutMs` ([blob] fetching_timeout_sec); a whole-blob stream has only the idle limit, because its
@@ -29,10 +36,14 @@ import { Pool, type Dispatcher } from 'undici';
 import { RegistryAuthError, RegistryError, StargazeError, errorCode, errorMessage } from '../errors';
 import { log as rootLog, type Logger } from '../log';
 import { MAX_TOKEN_RESPONSE_BYTES, RegistryAuthorizer, pullScope, type TokenHttp } from './auth';
-import type { BlobSource } from './blob-source';
+import type { BlobSource, ByteRange } from './blob-source';
 import { DockerConfigKeychain, chainCredentials, type CredentialProvider } from './credentials';
 import { resolveHosts, type HostCapability, type RegistryEndpoint } from './hosts';
+import { boundaryOf, ByteRangesParser } from './multipart-byteranges';
+import { parallelOptions, parallelRangeStream, type ParallelFetchOptions } from './parallel-fetch';
+import { planRanges, RangeFiller, resultsOf, type MergedRange } from './range-plan';
 import { isDockerHub, parseReference, validateDigest, type ImageReference } from './reference';
+import { backoffMs, isRetryableStatus, isTransientNetworkError, markTransient, parseRetryAfter, retryPolicy, sleep, type RetryPolicy } from './retry';
 
 /** [resolver] request_timeout_sec default. */
 export const DEFAULT_REQUEST_TIMEOUT_MS = 30_000;
@@ -50,6 +61,8 @@ export const MAX_REDIRECTS = 5;
 const DRAIN_LIMIT_BYTES = 64 * 1024;
 /** setTimeout's limit; longer timeouts are clamped. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
+/** Ranges per multi-range request; more are split over several requests (keeps the Range header small). */
+export const MAX_RANGES_PER_REQUEST = 64;
 
 export const MANIFEST_MEDIA_TYPES = [
   'application/vnd.oci.image.index.v1+json',
@@ -71,6 +84,12 @@ export interface RegistryClientOptions {
   /** End-to-end bound of one range read; null or <= 0 disables it. Default 300 s. */
   fetchTimeoutMs?: number | null;
   connectionsPerOrigin?: number;
+  /** Retries of transport errors, 429 and 5xx ([blob] max_retries, min_wait_msec, max_wait_msec). */
+  retry?: Partial<RetryPolicy>;
+  /** Never send multi-range requests ([blob] force_single_range_mode). */
+  forceSingleRangeMode?: boolean;
+  /** Defaults of fetchBlobParallel ([blob] parallel_fetch_concurrency, parallel_fetch_chunk_size). */
+  parallelFetch?: { concurrency?: number; chunkBytes?: number };
 }
 
 export interface FetchedManifest {
@@ -207,6 +226,13 @@ export class RegistryClient {
   private readonly requestTimeoutMs: number | null;
   private readonly fetchTimeoutMs: number | null;
   private readonly connectionsPerOrigin: number;
+  /** Retry policy of every request. */
+  readonly retry: RetryPolicy;
+  /** [blob] force_single_range_mode: every host is treated as single-range. */
+  private readonly forceSingleRange: boolean;
+  /** Hosts that answered 400 to a multi-range request: they get single ranges from now on. */
+  private readonly singleRangeHosts = new Set<string>();
+  private readonly parallelDefaults: { concurrency?: number; chunkBytes?: number } | undefined;
   readonly authorizer: RegistryAuthorizer;
   /** One keep-alive pool per (origin, TLS settings). */
   private readonly pools = new Map<string, Promise<Pool>>();
@@ -220,6 +246,9 @@ export class RegistryClient {
     this.requestTimeoutMs = timeoutOption(opts.requestTimeoutMs, DEFAULT_REQUEST_TIMEOUT_MS);
     this.fetchTimeoutMs = timeoutOption(opts.fetchTimeoutMs, DEFAULT_FETCH_TIMEOUT_MS);
     this.connectionsPerOrigin = opts.connectionsPerOrigin ?? DEFAULT_CONNECTIONS_PER_ORIGIN;
+    this.retry = retryPolicy(opts.retry);
+    this.forceSingleRange = opts.forceSingleRangeMode === true;
+    this.parallelDefaults = opts.parallelFetch;
     const explicit = opts.credentials;
     const fromOptions: CredentialProvider | undefined =
       explicit === undefined ? undefined : async (host) => explicit(host);
@@ -249,9 +278,11 @@ export class RegistryClient {
     const what = `blob ${digest} of ${reference.name}`;
     return this.tryEndpoints(reference, ['pull'], what, signal, async (endpoint) => {
       const blobUrl = this.objectUrl(endpoint, reference, 'blobs', digest);
-      const { location, size } = await this.locateBlob(endpoint, reference, blobUrl, what, signal);
+      const { location, size, rangesIgnored } = await this.locateBlob(endpoint, reference, blobUrl, what, signal);
       this.log.debug({ host: endpoint.host, repository: reference.repository, digest, size, redirected: location.foreign }, 'blob resolved');
-      return new RegistryBlobSource(this, reference, digest, size, location);
+      const source = new RegistryBlobSource(this, reference, digest, size, location);
+      source.rangesIgnored = rangesIgnored;
+      return source;
     });
   }
 
@@ -310,6 +341,20 @@ export class RegistryClient {
     });
   }
 
+  /**
+   * Like fetchBlob, but fetched as `concurrency` parallel range requests of `chunkBytes` each, emitted in
+   * order with bounded memory (about concurrency x chunkBytes) and checked against `digest` at the end. Each
+   * range has the retries and the bound of a range read. Falls back to one plain GET when the blob fits in
+   * one chunk or the registry ignores Range.
+   */
+  async fetchBlobParallel(ref: string, digest: string, opts: ParallelFetchOptions = {}): Promise<BlobStream> {
+    const { concurrency, chunkBytes } = parallelOptions(opts, this.parallelDefaults);
+    const source = (await this.resolveBlob(ref, digest, opts.signal)) as RegistryBlobSource;
+    if (source.size <= chunkBytes || source.rangesIgnored) return this.fetchBlob(ref, digest, opts.signal);
+    const body = parallelRangeStream(source, { concurrency, chunkBytes, signal: opts.signal }, `blob ${digest} of ${parseReference(ref).name} from ${source.host}`);
+    return { digest, size: source.size, body };
+  }
+
   // ---------------------------------------------------------------------------------------------------------
   // Resolution
 
@@ -332,9 +377,10 @@ export class RegistryClient {
     what: string,
     signal: AbortSignal | undefined,
     attempt: (endpoint: RegistryEndpoint) => Promise<T>,
+    skipHost?: string,
   ): Promise<T> {
     if (this.closed) throw new RegistryError(`${what}: registry client is closed`);
-    const endpoints = await this.endpointsFor(reference, caps);
+    const endpoints = (await this.endpointsFor(reference, caps)).filter((e) => e.host !== skipHost);
     if (endpoints.length === 0) throw new RegistryError(`${what}: no registry host for ${reference.domain} has capability ${caps.join(' or ')}`);
     const failures: unknown[] = [];
     for (const endpoint of endpoints) {
@@ -364,6 +410,29 @@ export class RegistryClient {
     return url;
   }
 
+  /**
+   * Used by RegistryBlobSource when the host serving a blob keeps failing: locates the blob again on the
+   * other hosts of hosts.toml (mirrors first, then the origin). Undefined when there is no other host.
+   */
+  async relocateBlob(
+    reference: ImageReference,
+    digest: string,
+    failingHost: string,
+    signal: AbortSignal,
+  ): Promise<{ location: BlobLocation; size: number } | undefined> {
+    const others = (await this.endpointsFor(reference, ['pull'])).filter((e) => e.host !== failingHost);
+    if (others.length === 0) return undefined;
+    const what = `blob ${digest} of ${reference.name}`;
+    return this.tryEndpoints(
+      reference,
+      ['pull'],
+      what,
+      signal,
+      (endpoint) => this.locateBlob(endpoint, reference, this.objectUrl(endpoint, reference, 'blobs', digest), what, signal),
+      failingHost,
+    );
+  }
+
   /** Probe + size, see the file comment. */
   async locateBlob(
     endpoint: RegistryEndpoint,
@@ -371,7 +440,7 @@ export class RegistryClient {
     blobUrl: URL,
     what: string,
     signal: AbortSignal | undefined,
-  ): Promise<{ location: BlobLocation; size: number }> {
+  ): Promise<{ location: BlobLocation; size: number; rangesIgnored: boolean }> {
     const deadline = new Deadline(signal, this.requestTimeoutMs);
     const where = `${what} at ${endpoint.host}`;
     try {
@@ -406,7 +475,7 @@ export class RegistryClient {
         throw this.statusError(what, endpoint.host, status);
       }
       if (size === undefined) size = await this.sizeAt(location, reference, what, deadline.signal);
-      return { location, size };
+      return { location, size, rangesIgnored: status === 200 };
     } catch (err) {
       throw deadline.error(err, where);
     } finally {
@@ -506,8 +575,37 @@ export class RegistryClient {
     return second;
   }
 
-  /** One HTTP exchange; transport failures become RegistryError naming the host. */
+  /**
+   * One HTTP exchange with retries: transport errors, 429 and 5xx (not 501) are retried up to
+   * `retry.maxRetries` times with exponential backoff and jitter, honouring Retry-After; the caller's signal
+   * (its deadline) bounds the whole. The last answer is returned whatever its status; transport failures
+   * become RegistryError naming the host.
+   */
   private async send(url: URL, tls: TlsSettings, opts: SendOptions, what: string): Promise<Dispatcher.ResponseData> {
+    for (let attempt = 0; ; attempt++) {
+      let res: Dispatcher.ResponseData;
+      try {
+        res = await this.sendOnce(url, tls, opts, what);
+      } catch (err) {
+        if (attempt >= this.retry.maxRetries || isAborted(opts.signal) || !isTransientNetworkError(err)) {
+          if (attempt > 0 && err instanceof RegistryError) throw new RegistryError(`${err.message} (after ${attempt} retries)`, err.status);
+          throw err;
+        }
+        const waitMs = backoffMs(this.retry, attempt);
+        this.log.debug({ host: url.host, attempt: attempt + 1, waitMs, err: errorMessage(err) }, 'registry request failed; retrying');
+        await sleep(waitMs, opts.signal);
+        continue;
+      }
+      if (!isRetryableStatus(res.statusCode) || attempt >= this.retry.maxRetries) return res;
+      const waitMs = backoffMs(this.retry, attempt, parseRetryAfter(res.headers['retry-after']));
+      await discard(res);
+      this.log.debug({ host: url.host, attempt: attempt + 1, waitMs, status: res.statusCode }, 'registry answered a retryable status; retrying');
+      await sleep(waitMs, opts.signal);
+    }
+  }
+
+  /** One HTTP exchange; transport failures become RegistryError naming the host, marked transient when they are. */
+  private async sendOnce(url: URL, tls: TlsSettings, opts: SendOptions, what: string): Promise<Dispatcher.ResponseData> {
     const pool = await this.poolFor(url, tls);
     const idle = this.requestTimeoutMs ?? 0; // undici: 0 disables
     try {
@@ -522,7 +620,9 @@ export class RegistryClient {
       });
     } catch (err) {
       if (opts.signal?.aborted === true || err instanceof StargazeError) throw err;
-      throw new RegistryError(`${what}: request to ${url.host} failed: ${describeNetworkError(err)}`);
+      const wrapped = new RegistryError(`${what}: request to ${url.host} failed: ${describeNetworkError(err)}`);
+      if (isTransientNetworkError(err) && !this.closed) markTransient(wrapped);
+      throw wrapped;
     }
   }
 
@@ -579,6 +679,23 @@ export class RegistryClient {
   /** Used by RegistryBlobSource. */
   get rangeTimeoutMs(): number | null {
     return this.fetchTimeoutMs;
+  }
+
+  /** Used by RegistryBlobSource: whether `host` gets single ranges only. */
+  isSingleRangeHost(host: string): boolean {
+    return this.forceSingleRange || this.singleRangeHosts.has(host);
+  }
+
+  /** Used by RegistryBlobSource: `host` refused a multi-range request (400). */
+  markSingleRangeHost(host: string): void {
+    if (this.singleRangeHosts.has(host)) return;
+    this.singleRangeHosts.add(host);
+    this.log.info({ host }, 'registry host refused a multi-range request; using single ranges for it');
+  }
+
+  /** Used by RegistryBlobSource. */
+  get logger(): Logger {
+    return this.log;
   }
 }
 
@@ -655,6 +772,8 @@ export class RegistryBlobSource implements BlobSource {
   /** Current location; replaced when a pre-signed URL expires and is refreshed. */
   private location: BlobLocation;
   private readonly what: string;
+  /** The registry answered the resolve probe's range request with the whole blob (200). */
+  rangesIgnored = false;
 
   constructor(
     private readonly client: RegistryClient,
@@ -673,35 +792,153 @@ export class RegistryBlobSource implements BlobSource {
   }
 
   async readRange(offset: number, length: number, signal?: AbortSignal): Promise<Buffer> {
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
-      throw new RangeError(`range ${offset}+${length} outside ${this.what} of ${this.size} bytes`);
-    }
+    this.checkRange(offset, length);
     if (length === 0) return Buffer.alloc(0);
-    const deadline = new Deadline(signal, this.client.rangeTimeoutMs);
     const rangeWhat = `${this.what} bytes ${offset}-${offset + length - 1}`;
+    return this.exchange(rangeWhat, `bytes=${offset}-${offset + length - 1}`, signal, (res, host) => this.readResponse(res, offset, length, rangeWhat, host));
+  }
+
+  /**
+   * Reads several ranges with one GET `Range: bytes=a-b,c-d,...` (overlapping and adjacent ranges merged;
+   * more than MAX_RANGES_PER_REQUEST split over parallel requests). Answers understood: 206 multipart/byteranges
+   * (parsed as a stream; the Content-Type may be missing), 206 with one Content-Range (a server that merged the
+   * ranges), 200 (the whole blob, read only up to the last wanted byte). Whatever the answer left out is read
+   * with single ranges. A 400 switches the host to single ranges for good, as does force_single_range_mode.
+   */
+  async readRanges(ranges: readonly ByteRange[], signal?: AbortSignal): Promise<Buffer[]> {
+    for (const r of ranges) this.checkRange(r.offset, r.length);
+    const plan = planRanges(ranges);
+    const merged = plan.merged;
+    if (merged.length === 1) {
+      const m = merged[0] as MergedRange;
+      const data = await this.readRange(m.offset, m.length, signal);
+      return ranges.map((r) => (r.length === 0 ? Buffer.alloc(0) : data.subarray(r.offset - m.offset, r.offset - m.offset + r.length)));
+    }
+    const batches: MergedRange[][] = [];
+    for (let i = 0; i < merged.length; i += MAX_RANGES_PER_REQUEST) batches.push(merged.slice(i, i + MAX_RANGES_PER_REQUEST));
+    await Promise.all(batches.map((b) => this.readMerged(b, signal)));
+    return resultsOf(plan, ranges);
+  }
+
+  /** Fills `merged` (sorted, disjoint ranges with their buffers) from one multi-range request, or singles. */
+  private async readMerged(merged: MergedRange[], signal: AbortSignal | undefined): Promise<void> {
+    const singles = async (): Promise<void> => {
+      await Promise.all(merged.map(async (m) => (await this.readRange(m.offset, m.length, signal)).copy(m.buffer)));
+    };
+    if (merged.length === 1 || this.client.isSingleRangeHost(this.location.url.host)) return singles();
+    const what = `${this.what} (${merged.length} ranges)`;
+    const header = `bytes=${merged.map((m) => `${m.offset}-${m.offset + m.length - 1}`).join(',')}`;
+    let filler: RangeFiller | undefined;
+    const outcome = await this.exchange(what, header, signal, async (res, host) => {
+      if (res.statusCode === 400) {
+        await discard(res);
+        this.client.markSingleRangeHost(host);
+        return 'single' as const;
+      }
+      filler = new RangeFiller(merged);
+      await this.readMultiResponse(res, filler, what, host);
+      return 'ok' as const;
+    });
+    if (outcome === 'single' || filler === undefined) return singles();
+    // A server may answer fewer ranges than asked (some answer just the first): read the rest one by one.
+    const f = filler;
+    const missing = f.missing();
+    if (missing.length > 0) {
+      this.client.logger.debug({ host: this.host, missing: missing.length }, 'multi-range answer left ranges out; reading them singly');
+      await Promise.all(missing.map(async (m) => f.fill(m.index, m.offset, await this.readRange(m.offset, m.length, signal))));
+    }
+  }
+
+  /**
+   * Sends GET with `range` to the current location and hands the answer to `read`, bounded by the fetch
+   * timeout: refreshes an expired pre-signed URL once on 403, and retries the exchange when the body breaks
+   * off (connection reset, idle timeout, short body) up to `retry.maxRetries` times. When the host still
+   * fails (after its retries) and hosts.toml lists others, the blob is located again on them, once: a
+   * mirror that goes away mid-life of a mount falls back to the next host, as resolving does.
+   */
+  private async exchange<T>(
+    what: string,
+    range: string,
+    signal: AbortSignal | undefined,
+    read: (res: Dispatcher.ResponseData, host: string) => Promise<T>,
+  ): Promise<T> {
+    const deadline = new Deadline(signal, this.client.rangeTimeoutMs);
     try {
-      let refreshed = false;
+      let failedOver = false;
       for (;;) {
-        const location = this.location;
-        const res = await this.client.sendTo(
-          location,
-          this.reference,
-          { method: 'GET', headers: { range: `bytes=${offset}-${offset + length - 1}`, 'accept-encoding': 'identity' }, signal: deadline.signal },
-          rangeWhat,
-        );
-        // An expired pre-signed storage URL: ask the registry for a fresh one, once.
-        if (res.statusCode === 403 && location.foreign && !refreshed) {
-          await discard(res);
-          refreshed = true;
-          await this.refresh(deadline.signal);
-          continue;
+        try {
+          return await this.exchangeAt(what, range, deadline.signal, read);
+        } catch (err) {
+          if (failedOver || isAborted(deadline.signal) || !worthFailover(err)) throw err;
+          failedOver = true;
+          if (!(await this.failover(deadline.signal, err))) throw err;
         }
-        return await this.readResponse(res, offset, length, rangeWhat, location.url.host);
       }
     } catch (err) {
-      throw deadline.error(err, `${rangeWhat} at ${this.location.url.host}`);
+      throw deadline.error(err, `${what} at ${this.location.url.host}`);
     } finally {
       deadline.dispose();
+    }
+  }
+
+  /** One location's part of exchange(): the 403 refresh and the body retries. */
+  private async exchangeAt<T>(
+    what: string,
+    range: string,
+    signal: AbortSignal,
+    read: (res: Dispatcher.ResponseData, host: string) => Promise<T>,
+  ): Promise<T> {
+    const policy = this.client.retry;
+    let refreshed = false;
+    for (let bodyRetries = 0; ; ) {
+      const location = this.location;
+      const host = location.url.host;
+      const res = await this.client.sendTo(location, this.reference, { method: 'GET', headers: { range, 'accept-encoding': 'identity' }, signal }, what);
+      // An expired pre-signed storage URL (any redirect target): ask the registry for a fresh one, once.
+      if (res.statusCode === 403 && (location.foreign || location.url.href !== location.blobUrl.href) && !refreshed) {
+        await discard(res);
+        refreshed = true;
+        await this.refresh(signal);
+        continue;
+      }
+      try {
+        return await read(res, host);
+      } catch (err) {
+        res.body.destroy();
+        if (isAborted(signal) || bodyRetries >= policy.maxRetries || !isTransientNetworkError(err)) {
+          if (err instanceof StargazeError || isAborted(signal)) throw err;
+          throw new RegistryError(`${what}: reading the answer of ${host} failed: ${describeNetworkError(err)}`);
+        }
+        const waitMs = backoffMs(policy, bodyRetries);
+        this.client.logger.debug({ host, attempt: bodyRetries + 1, waitMs, err: errorMessage(err) }, 'blob read broke off; retrying');
+        bodyRetries++;
+        await sleep(waitMs, signal);
+      }
+    }
+  }
+
+  /** Moves to another registry host after `cause`; false when there is none or it failed too. */
+  private async failover(signal: AbortSignal, cause: unknown): Promise<boolean> {
+    const old = this.location;
+    let found: { location: BlobLocation; size: number } | undefined;
+    try {
+      found = await this.client.relocateBlob(this.reference, this.digest, old.endpoint.host, signal);
+    } catch (err) {
+      this.client.logger.debug({ digest: this.digest, err: errorMessage(err) }, 'no other registry host could serve the blob');
+      return false;
+    }
+    if (found === undefined || found.size !== this.size) return false;
+    this.location = found.location;
+    this.client.logger.info(
+      { digest: this.digest, from: old.endpoint.host, to: found.location.endpoint.host, err: errorMessage(cause) },
+      'registry host failed; reading the blob from another host',
+    );
+    return true;
+  }
+
+  private checkRange(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
+      throw new RangeError(`range ${offset}+${length} outside ${this.what} of ${this.size} bytes`);
     }
   }
 
@@ -709,6 +946,57 @@ export class RegistryBlobSource implements BlobSource {
     const { location, size } = await this.client.locateBlob(this.location.endpoint, this.reference, this.location.blobUrl, this.what, signal);
     if (size !== this.size) throw new RegistryError(`${this.what}: size changed from ${this.size} to ${size} on refresh`);
     this.location = location;
+  }
+
+  /** Reads a multi-range answer into `filler`; see readRanges. */
+  private async readMultiResponse(res: Dispatcher.ResponseData, filler: RangeFiller, what: string, host: string): Promise<void> {
+    const body = res.body as AsyncIterable<Buffer> & { destroy(): void };
+    if (res.statusCode === 206) {
+      const rawRange = firstHeader(res, 'content-range');
+      if (rawRange !== undefined) {
+        // One part: the server merged the ranges (or sent only some); Content-Type does not matter.
+        const range = parseContentRange(rawRange);
+        if (range === undefined || range.end < range.start || range.end >= this.size || (range.total !== undefined && range.total !== this.size)) {
+          await discard(res);
+          throw new RegistryError(`${what}: ${host} answered 206 with Content-Range ${JSON.stringify(rawRange)} for a blob of ${this.size} bytes`, 206);
+        }
+        let pos = range.start;
+        for await (const chunk of body) {
+          if (pos + chunk.length > range.end + 1) throw new RegistryError(`${what}: ${host} sent more bytes than its Content-Range holds`, 206);
+          filler.add(pos, chunk);
+          pos += chunk.length;
+        }
+        if (pos !== range.end + 1) throw markTransient(new RegistryError(`${what}: ${host} ended the body after ${pos - range.start} of ${range.end - range.start + 1} bytes`));
+        return;
+      }
+      const parser = new ByteRangesParser(boundaryOf(firstHeader(res, 'content-type')), (offset, data) => filler.add(offset, data), this.size, `${what} from ${host}`);
+      for await (const chunk of body) parser.write(chunk); // a malformed body throws: not transient
+      try {
+        parser.end();
+      } catch (err) {
+        throw markTransient(err as Error); // cut short inside a part: worth another try
+      }
+      return;
+    }
+    if (res.statusCode === 200) {
+      // The server ignored Range: take what we want from the whole blob, stop after the last wanted byte.
+      const len = parseNonNegativeInt(firstHeader(res, 'content-length'));
+      if (len !== undefined && len !== this.size) {
+        res.body.destroy();
+        throw new RegistryError(`${what}: ${host} sent a ${len}-byte blob, expected ${this.size}`, 200);
+      }
+      let pos = 0;
+      for await (const chunk of body) {
+        filler.add(pos, chunk);
+        pos += chunk.length;
+        if (pos >= filler.end) break; // leaving the loop destroys the body
+      }
+      if (pos < filler.end) throw markTransient(new RegistryError(`${what}: ${host} ended the body after ${pos} bytes`));
+      return;
+    }
+    await discard(res);
+    const why = res.statusCode === 404 ? 'not found' : res.statusCode === 416 ? 'range not satisfiable' : 'unexpected answer';
+    throw new RegistryError(`${what}: ${host} answered HTTP ${res.statusCode} (${why})`, res.statusCode);
   }
 
   private async readResponse(res: Dispatcher.ResponseData, offset: number, length: number, what: string, host: string): Promise<Buffer> {
@@ -738,6 +1026,12 @@ export class RegistryBlobSource implements BlobSource {
     const why = res.statusCode === 404 ? 'not found' : res.statusCode === 416 ? 'range not satisfiable' : 'unexpected answer';
     throw new RegistryError(`${what}: ${host} answered HTTP ${res.statusCode} (${why})`, res.statusCode);
   }
+}
+
+/** A host that is gone, overloaded or lost the blob is worth leaving; bad credentials or ranges are not. */
+function worthFailover(err: unknown): boolean {
+  if (!(err instanceof RegistryError)) return false;
+  return err.status === undefined || err.status >= 500 || err.status === 429 || err.status === 404;
 }
 
 /**
@@ -774,7 +1068,7 @@ async function readSlice(body: Readable, skip: number, length: number, what: str
     if (!exact && written === length) break; // leaving the loop destroys the body: the rest is never read
   }
   if (written !== length || out === undefined) {
-    throw new RegistryError(`${what}: ${host} ended the body after ${written} of ${length} bytes`);
+    throw markTransient(new RegistryError(`${what}: ${host} ended the body after ${written} of ${length} bytes`));
   }
   return out;
 }

@@ -31,9 +31,18 @@ describe('config defaults', () => {
       allowNoVerification: false,
       metricsAddress: '',
       fuse: { attrTimeoutSec: 1, entryTimeoutSec: 1 },
-      cache: { memoryMaxBytes: 268435456 },
+      cache: { memoryMaxBytes: 268435456, diskMaxBytes: 10737418240 },
+      maxConcurrency: 2,
       resolver: { requestTimeoutSec: 30 },
-      blob: { fetchingTimeoutSec: 300 },
+      blob: {
+        fetchingTimeoutSec: 300,
+        maxRetries: 5,
+        minWaitMs: 30,
+        maxWaitMs: 300000,
+        forceSingleRangeMode: false,
+        parallelFetchConcurrency: 8,
+        parallelFetchChunkBytes: 8388608,
+      },
       fuseManager: { enable: true },
     });
   });
@@ -118,12 +127,11 @@ header = { "X-A" = "1", "X-B" = ["2", "3"] }
 [[resolver.host."docker.io".mirrors]]
 host = "127.0.0.1:5000"
 `,
-      {},
+      { maxConcurrency: 4 },
       [
         /http_cache_type/,
         /filesystem_cache_type/,
         /resolve_result_entry_ttl_sec/,
-        /max_concurrency/,
         /debug/,
         /metadata_store/,
         /blob\.chunk_size/,

@@ -79,7 +79,17 @@ export interface RunningRegistry {
   stop(): Promise<void>;
 }
 
-export async function startRegistry(opts: { htpasswdLine?: string } = {}): Promise<RunningRegistry> {
+export interface StartRegistryOptions {
+  htpasswdLine?: string;
+  /** Listen here (e.g. to restart a stopped registry at the same address); default a free port. */
+  port?: number;
+  /** Storage root owned by the caller: kept on stop(), so a restarted registry has the same blobs. */
+  dataDir?: string;
+  /** Run as a pull-through cache of this registry URL (distribution's `proxy.remoteurl`). */
+  proxyRemoteUrl?: string;
+}
+
+export async function startRegistry(opts: StartRegistryOptions = {}): Promise<RunningRegistry> {
   const dir = await mkdtemp(join(tmpdir(), 'stargaze-registry-'));
   let child: ChildProcess | undefined;
   const stop = async (): Promise<void> => {
@@ -95,7 +105,7 @@ export async function startRegistry(opts: { htpasswdLine?: string } = {}): Promi
     await rm(dir, { recursive: true, force: true });
   };
   try {
-    const port = await freePort();
+    const port = opts.port ?? (await freePort());
     const auth =
       opts.htpasswdLine === undefined
         ? ''
@@ -103,8 +113,9 @@ export async function startRegistry(opts: { htpasswdLine?: string } = {}): Promi
     if (opts.htpasswdLine !== undefined) await writeFile(join(dir, 'htpasswd'), opts.htpasswdLine + '\n');
     const config =
       `version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n` +
-      `storage:\n  filesystem:\n    rootdirectory: ${join(dir, 'data')}\n  delete:\n    enabled: true\n` +
+      `storage:\n  filesystem:\n    rootdirectory: ${opts.dataDir ?? join(dir, 'data')}\n  delete:\n    enabled: true\n` +
       `http:\n  addr: 127.0.0.1:${port}\n  secret: stargaze-test-secret\n` +
+      (opts.proxyRemoteUrl === undefined ? '' : `proxy:\n  remoteurl: ${opts.proxyRemoteUrl}\n`) +
       auth;
     await writeFile(join(dir, 'config.yml'), config);
     let output = '';
