@@ -143,6 +143,8 @@ async function demo(opts: DemoOptions, cleanup: CleanupStack): Promise<void> {
     const daemon = await startDaemon({
       scope: cleanup,
       logLevel: 'info',
+      // The demo shows what a container start costs; background fetch would then download the rest.
+      config: 'no_background_fetch = true\n',
       plainHttpHosts: [registry.host, registry.countingHost],
     });
     stargazeAddress = daemon.address;

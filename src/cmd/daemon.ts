@@ -9,11 +9,13 @@ import { mkdir } from 'node:fs/promises';
 import { loadConfig, type Config } from '../config/config';
 import { FuseServerClient } from '../fs/fuse-server-client';
 import { serveMetrics } from '../metrics/fs-metrics';
+import { DiskChunkCache } from '../cache/disk-chunk-cache';
 import type { RemoteFileSystem } from '../snapshot/filesystem';
 import { errorMessage, UsageError } from '../errors';
 import { log, setLogLevel } from '../log';
 import { StargazeFileSystem } from '../fs/stargz-fs';
 import { RegistryClient } from '../remote/registry-client';
+import { registryOptionsFromConfig } from '../remote/registry-config';
 import { Snapshotter } from '../snapshot/snapshotter';
 import { startSnapshotServer } from '../service/snapshots-service';
 import { notifySystemdReady } from './sd-notify';
@@ -117,15 +119,20 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
   if (!config.fuseManager.enable) {
     const registry = new RegistryClient({
       hostsDir: setup.hostsDir,
-      requestTimeoutMs: config.resolver.requestTimeoutSec * 1000,
+      ...registryOptionsFromConfig(config),
       log: log.child({ module: 'remote' }),
     });
-    const filesystem = new StargazeFileSystem({ registry, config, log: log.child({ module: 'fs' }) });
+    const diskCache = await DiskChunkCache.open({
+      dir: path.join(setup.root, 'cache', 'chunks'),
+      maxBytes: config.cache.diskMaxBytes,
+      log: log.child({ module: 'cache' }),
+    });
+    const filesystem = new StargazeFileSystem({ registry, config, diskCache, log: log.child({ module: 'fs' }) });
     const metricsServer = config.metricsAddress
       ? await serveMetrics(filesystem.metrics, config.metricsAddress, log.child({ module: 'metrics' }))
       : undefined;
     return {
-      mount: (mountpoint, labels) => filesystem.mount(mountpoint, labels),
+      mount: (mountpoint, labels, parent) => filesystem.mount(mountpoint, labels, parent),
       check: (mountpoint) => filesystem.check(mountpoint),
       unmount: (mountpoint) => filesystem.unmount(mountpoint),
       close: async () => {
@@ -146,6 +153,7 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
       '--socket', socketPath,
       '--pid-file', path.join(dir, 'fuse-server.pid'),
       '--hosts-dir', setup.hostsDir,
+      '--cache-dir', path.join(setup.root, 'cache', 'chunks'),
       '--config', setup.configPath,
       ...(setup.configExplicit ? [] : ['--config-optional']),
       '--log-level', setup.logLevel,

@@ -8,7 +8,7 @@ import { errorMessage, UsageError } from '../errors';
 import { createMultiLogger } from '../log';
 import { LogTap, runFuseServer } from '../fs/fuse-server';
 
-const USAGE = `usage: stargaze fuse-server --socket SOCK --pid-file FILE --hosts-dir DIR [--config FILE [--config-optional]] [--log-level LEVEL]
+const USAGE = `usage: stargaze fuse-server --socket SOCK --pid-file FILE --hosts-dir DIR --cache-dir DIR [--config FILE [--config-optional]] [--log-level LEVEL]
 
 Started by 'stargaze daemon' (unless [fuse_manager] enable = false): serves the lazily mounted layers
 from a process that outlives daemon restarts.
@@ -23,6 +23,7 @@ export async function main(argv: string[]): Promise<number> {
         socket: { type: 'string' },
         'pid-file': { type: 'string' },
         'hosts-dir': { type: 'string' },
+        'cache-dir': { type: 'string' },
         config: { type: 'string' },
         'config-optional': { type: 'boolean', default: false },
         'log-level': { type: 'string', default: 'info' },
@@ -38,13 +39,15 @@ export async function main(argv: string[]): Promise<number> {
     process.stdout.write(USAGE);
     return 0;
   }
-  const { socket, 'pid-file': pidFile, 'hosts-dir': hostsDir } = values;
-  if (!socket || !pidFile || !hostsDir) throw new UsageError(`--socket, --pid-file and --hosts-dir are required\n${USAGE}`);
+  const { socket, 'pid-file': pidFile, 'hosts-dir': hostsDir, 'cache-dir': cacheDir } = values;
+  if (!socket || !pidFile || !hostsDir || !cacheDir) {
+    throw new UsageError(`--socket, --pid-file, --hosts-dir and --cache-dir are required\n${USAGE}`);
+  }
   const logTap = new LogTap();
   const log = createMultiLogger([process.stdout, logTap], values['log-level']).child({ process: 'fuse-server' });
   const { config } = values.config
     ? await loadConfig(values.config, { explicit: !values['config-optional'] })
     : await loadConfig('/dev/null', { explicit: false });
-  await runFuseServer({ socketPath: socket, pidFile, config, hostsDir, log, logTap });
+  await runFuseServer({ socketPath: socket, pidFile, config, hostsDir, cacheDir, log, logTap });
   return 0;
 }

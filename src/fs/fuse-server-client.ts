@@ -44,8 +44,8 @@ export class FuseServerClient implements RemoteFileSystem {
   }
 
   /** The server logs the mount (its log lines reach the daemon's log through this connection). */
-  async mount(mountpoint: string, labels: Record<string, string>): Promise<void> {
-    await this.request({ op: 'mount', mountpoint, labels });
+  async mount(mountpoint: string, labels: Record<string, string>, parent?: string): Promise<void> {
+    await this.request({ op: 'mount', mountpoint, labels, ...(parent ? { parent } : {}) });
   }
 
   async check(mountpoint: string, labels: Record<string, string>): Promise<void> {

@@ -10,7 +10,7 @@ import type { Socket } from 'node:net';
 export const MAX_LINE_BYTES = 4 * 1024 * 1024;
 
 export type FuseServerRequest =
-  | { id: number; op: 'mount'; mountpoint: string; labels: Record<string, string> }
+  | { id: number; op: 'mount'; mountpoint: string; labels: Record<string, string>; parent?: string }
   | { id: number; op: 'check'; mountpoint: string; labels: Record<string, string> }
   | { id: number; op: 'unmount'; mountpoint: string }
   | { id: number; op: 'list' };

@@ -18,10 +18,12 @@ import type { Config } from '../config/config';
 import { errorCode, errorMessage, StargazeError } from '../errors';
 import type { Logger } from '../log';
 import { RegistryClient } from '../remote/registry-client';
+import { registryOptionsFromConfig } from '../remote/registry-config';
 import { onJsonLines, writeJsonLine, type FuseServerRequest, type FuseServerResponse } from './fuse-server-protocol';
 import { mountsUnder } from './mount-table';
 import { StargazeFileSystem } from './stargz-fs';
 import { serveMetrics } from '../metrics/fs-metrics';
+import { DiskChunkCache } from '../cache/disk-chunk-cache';
 
 /** How long the server stays up with no daemon connected and nothing mounted. */
 const IDLE_EXIT_MS = 30_000;
@@ -33,6 +35,8 @@ export interface FuseServerOptions {
   pidFile: string;
   config: Config;
   hostsDir: string;
+  /** The disk chunk cache's directory. */
+  cacheDir: string;
   log: Logger;
   /** Receives every log line, so it can be forwarded to connected daemons. */
   logTap: LogTap;
@@ -54,10 +58,15 @@ export async function runFuseServer(options: FuseServerOptions): Promise<void> {
   const { socketPath, log } = options;
   const registry = new RegistryClient({
     hostsDir: options.hostsDir,
-    requestTimeoutMs: options.config.resolver.requestTimeoutSec * 1000,
+    ...registryOptionsFromConfig(options.config),
     log: log.child({ module: 'remote' }),
   });
-  const filesystem = new StargazeFileSystem({ registry, config: options.config, log: log.child({ module: 'fs' }) });
+  const diskCache = await DiskChunkCache.open({
+    dir: options.cacheDir,
+    maxBytes: options.config.cache.diskMaxBytes,
+    log: log.child({ module: 'cache' }),
+  });
+  const filesystem = new StargazeFileSystem({ registry, config: options.config, diskCache, log: log.child({ module: 'fs' }) });
   // The layers' metrics live where the layers are served, and so survive daemon restarts too.
   const metricsServer = options.config.metricsAddress
     ? await serveMetrics(filesystem.metrics, options.config.metricsAddress, log.child({ module: 'metrics' }))
@@ -135,7 +144,7 @@ async function handle(filesystem: StargazeFileSystem, request: FuseServerRequest
   }
   switch (request.op) {
     case 'mount':
-      await filesystem.mount(request.mountpoint, request.labels);
+      await filesystem.mount(request.mountpoint, request.labels, request.parent);
       return undefined;
     case 'check':
       await filesystem.check(request.mountpoint);

@@ -15,6 +15,12 @@ import type { BlobSource } from '../remote/blob-source';
 import type { RemoteFileSystem } from '../snapshot/filesystem';
 import { layerSourceFromLabels, type LayerSourceInfo } from '../source/labels';
 import { FsMetrics, type LayerMetricsSnapshot } from '../metrics/fs-metrics';
+import type { DiskChunkCache } from '../cache/disk-chunk-cache';
+import { backgroundFetch, checkChainId } from '../layer/background-fetch';
+import type { LayerTree } from '../metadata/layer-tree';
+
+/** The chainID at the end of a snapshot name. */
+const CHAIN_ID_SUFFIX = /sha256:[0-9a-f]{64}$/;
 
 /** The reference waits this long for a layer to resolve before giving up (and falling back). */
 const MOUNT_TIMEOUT_MS = 30_000;
@@ -27,6 +33,8 @@ export interface BlobResolver {
 export interface StargazeFsOptions {
   registry: BlobResolver;
   config: Config;
+  /** Verified chunks on disk, shared by every layer (identical chunks are stored once). */
+  diskCache?: DiskChunkCache;
   log: Logger;
 }
 
@@ -42,6 +50,8 @@ interface MountedLayer {
   blobSize: number;
   /** Bytes prefetched at mount (0: none). */
   prefetchBytes: number;
+  /** Stops the layer's background fetch when it is unmounted. */
+  stop: AbortController;
 }
 
 export class StargazeFileSystem implements RemoteFileSystem {
@@ -50,10 +60,15 @@ export class StargazeFileSystem implements RemoteFileSystem {
   /** Prometheus metrics of the mounted layers; served by whoever owns this filesystem. */
   readonly metrics: FsMetrics;
 
+  /** Background fetches waiting for a slot, and how many run (at most `max_concurrency`). */
+  private readonly backgroundQueue: (() => Promise<void>)[] = [];
+  private backgroundRunning = 0;
+
   constructor(private readonly options: StargazeFsOptions) {
+    const disk = options.diskCache;
     this.metrics = new FsMetrics(
       () => this.metricsSnapshot(),
-      () => undefined,
+      () => (disk ? { ...disk.stats, usedBytes: disk.usedBytes } : undefined),
     );
   }
 
@@ -72,7 +87,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
     }));
   }
 
-  async mount(mountpoint: string, labels: Record<string, string>): Promise<void> {
+  async mount(mountpoint: string, labels: Record<string, string>, parent?: string): Promise<void> {
     const source = layerSourceFromLabels(labels);
     if (!source) throw new InvalidArgumentError('labels do not name an image reference and a layer digest');
     const existing = this.layers.get(mountpoint);
@@ -93,6 +108,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const reader = new LayerReader(blob, tree, {
       memoryCacheBytes: this.options.config.cache.memoryMaxBytes,
       verify: !this.options.config.disableVerification && !(source.skipVerify && source.tocDigest === undefined),
+      diskCache: this.options.diskCache,
     });
     const mount = new LayerMount<LayerNode>(mountpoint, { root: tree.root, read: (node, pos, len, sig) => reader.read(node, pos, len, sig) }, {
       attrTimeoutSec: this.options.config.fuse.attrTimeoutSec,
@@ -110,7 +126,15 @@ export class StargazeFileSystem implements RemoteFileSystem {
     this.metrics.observe('mount', source.digest, elapsedMs);
     const prefetchBytes = this.prefetchSize(source, tree.prefetchLandmarkOffset, tree.noPrefetch, blob.size);
     const prefetched = this.startPrefetch(source.digest, prefetchBytes, reader, layerLog);
+    const stop = new AbortController();
+    if (!this.options.config.noBackgroundFetch) {
+      // After prefetch, so what the image marked as needed first is never queued behind the rest.
+      void prefetched.then(() =>
+        this.enqueueBackground(() => this.fetchInBackground({ source, parent, blob, tree, reader, mount, log: layerLog, signal: stop.signal })),
+      );
+    }
     this.layers.set(mountpoint, {
+      stop,
       source,
       mount,
       reader,
@@ -152,6 +176,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
       return;
     }
     this.layers.delete(mountpoint);
+    layer.stop.abort();
     await layer.mount.unmount();
     layer.log.info('layer unmounted');
   }
@@ -188,6 +213,78 @@ export class StargazeFileSystem implements RemoteFileSystem {
       return;
     }
     throw new EstargzFormatError('digest of TOC JSON must be passed (no containerd.io/snapshot/stargz/toc.digest label)');
+  }
+
+  /** Runs `job` when fewer than `max_concurrency` background fetches run. */
+  private enqueueBackground(job: () => Promise<void>): void {
+    this.backgroundQueue.push(job);
+    this.pumpBackground();
+  }
+
+  private pumpBackground(): void {
+    while (this.backgroundRunning < Math.max(1, this.options.config.maxConcurrency) && this.backgroundQueue.length > 0) {
+      const job = this.backgroundQueue.shift()!;
+      this.backgroundRunning++;
+      void job().finally(() => {
+        this.backgroundRunning--;
+        this.pumpBackground();
+      });
+    }
+  }
+
+  /** True while any layer's on-demand reads are fetching: background work yields to containers. */
+  private anyReaderBusy(): boolean {
+    for (const layer of this.layers.values()) if (layer.reader.busy) return true;
+    return false;
+  }
+
+  /**
+   * Fetches the rest of the layer into the disk cache and checks the whole layer against the chainID it
+   * was committed under. A mismatch stops the layer from being served: it is not what containerd thinks.
+   */
+  private async fetchInBackground(job: {
+    source: LayerSourceInfo;
+    parent: string | undefined;
+    blob: BlobSource;
+    tree: LayerTree;
+    reader: LayerReader;
+    mount: LayerMount<LayerNode>;
+    log: Logger;
+    signal: AbortSignal;
+  }): Promise<void> {
+    const { source, reader, log: layerLog } = job;
+    if (job.signal.aborted) return;
+    const started = Date.now();
+    try {
+      const result = await backgroundFetch({
+        blob: job.blob,
+        chunks: job.tree.chunksInBlobOrder(),
+        onMember: (c, member) => reader.warm(c, member),
+        isCached: (c) => reader.isLocal(c),
+        isBusy: () => this.anyReaderBusy(),
+        signal: job.signal,
+      });
+      const elapsedMs = Date.now() - started;
+      this.metrics.observe('background_fetch_total', source.digest, elapsedMs);
+      layerLog.info({ metrics: 'latency', operation: 'background_fetch_total', elapsedMs, diffId: result.diffId, fetchedBytes: result.fetchedBytes }, 'layer fully fetched');
+      if (this.options.config.disableVerification) return;
+      // containerd names a snapshot it committed itself `<namespace>/<n>/<chainID>`; ours carry the bare chainID.
+      const parentChainId = job.parent === undefined ? undefined : CHAIN_ID_SUFFIX.exec(job.parent)?.[0];
+      if (job.parent !== undefined && parentChainId === undefined) {
+        layerLog.warn({ parent: job.parent }, 'parent snapshot name holds no chainID; layer content not checked against its chainID');
+        return;
+      }
+      try {
+        checkChainId(source.chainId, parentChainId, result.diffId);
+      } catch (err) {
+        this.metrics.integrityFailure(source.digest);
+        job.mount.fail(errorMessage(err));
+        layerLog.error({ chainId: source.chainId, parent: job.parent, diffId: result.diffId, err: errorMessage(err) }, 'layer does not match its chainID: no longer served');
+      }
+    } catch (err) {
+      if (job.signal.aborted) return;
+      layerLog.warn({ err: errorMessage(err) }, 'background fetch failed; the layer stays lazy');
+    }
   }
 
   /** How much to prefetch: up to the landmark, else the label's or config's size; none when told so. */

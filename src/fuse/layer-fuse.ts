@@ -118,6 +118,8 @@ export class LayerMount<N extends ServedNode> {
   private readonly log: Logger;
   /** Reads served and their bytes, for the metrics endpoint (plain counters: nothing on the hot path). */
   readonly counters = { reads: 0, bytesServed: 0, readErrors: 0 };
+  /** Set when the layer must not be served any more (it failed its integrity check): every read is EIO. */
+  private failedReason: string | undefined;
   /** The last read error, shown in the status file. */
   private lastError: string | undefined;
   /** The status file's content as of its last stat: reads serve these bytes, so size and content agree. */
@@ -149,6 +151,12 @@ export class LayerMount<N extends ServedNode> {
     });
     await new Promise<void>((resolve, reject) => fuse.mount((err) => (err ? reject(err) : resolve())));
     this.fuse = fuse;
+  }
+
+  /** Stops serving file contents: every read from now on fails with EIO, and the status file says why. */
+  fail(reason: string): void {
+    this.failedReason = reason;
+    this.lastError = reason;
   }
 
   async unmount(): Promise<void> {
@@ -257,6 +265,7 @@ export class LayerMount<N extends ServedNode> {
           return cb(ERRNO.ENOENT);
         }
         if ((node.mode & 0o170000) !== 0o100000) return cb(ERRNO.EISDIR);
+        if (this.failedReason !== undefined) return cb(ERRNO.EIO);
         if (pos >= node.size || len === 0) return cb(0);
         const want = Math.min(len, node.size - pos);
         const signal = AbortSignal.timeout(this.readTimeoutMs);

@@ -329,7 +329,7 @@ export class Snapshotter {
     // touching the directory.
     await this.fs.unmount(mountpoint);
     await fsp.mkdir(mountpoint, { recursive: true, mode: UPPER_DIR_MODE });
-    await this.fs.mount(mountpoint, info.labels);
+    await this.fs.mount(mountpoint, info.labels, info.parent || undefined);
   }
 
   private async repairDirs(id: string, info: SnapshotInfo): Promise<void> {
@@ -398,7 +398,7 @@ export class Snapshotter {
       return mounts;
     }
     try {
-      await this.fs.mount(this.upperPath(id), labels);
+      await this.fs.mount(this.upperPath(id), labels, parent || undefined);
     } catch (err) {
       this.log.info(
         { ...fields, [REMOTE_SNAPSHOT_LOG_KEY]: 'false', reason: errorMessage(err) },

@@ -62,7 +62,9 @@ describe('lazy pull end to end', { skip: notRoot && 'e2e tests need root' }, () 
 
   before(async () => {
     registry = await startRegistry({ scope: cleanup });
-    daemon = await startDaemon({ scope: cleanup });
+    // The byte counts below are what a container start costs; background fetch (tested on its own)
+    // would download the rest of each layer.
+    daemon = await startDaemon({ scope: cleanup, config: 'no_background_fetch = true\n' });
     containerd = await startContainerd({ scope: cleanup, stargazeAddress: daemon.address, stargazeRoot: daemon.root });
     big = bigFileFixture();
     const original = await buildBusyboxImage({ host: registry.host, repo: 'e2e/big', tag: 'v1', extraFiles: big.extraFiles });

@@ -100,7 +100,8 @@ describe('stargaze rpull', { skip: notRoot && 'e2e tests need root' }, () => {
   before(async () => {
     registry = await startRegistry({ scope });
     try {
-      daemon = await startDaemon({ scope, plainHttpHosts: [registry.host, registry.countingHost] });
+      // Byte counts here are what the pull and the run cost: background fetch would add the rest.
+      daemon = await startDaemon({ scope, plainHttpHosts: [registry.host, registry.countingHost], config: 'no_background_fetch = true\n' });
     } catch (err) {
       // The overlayfs tests do not need the daemon; the others report this.
       daemonError = err;

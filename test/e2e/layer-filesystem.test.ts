@@ -1,0 +1,103 @@
+/**
+ * The layer filesystem beyond first reads: background fetch makes a layer fully local (containers keep
+ * reading every file with the registry gone), and a layer whose content does not match the chainID it
+ * was committed under stops being served once that is known.
+ */
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { before, describe, test } from 'node:test';
+import {
+  bigFileFixture,
+  buildBusyboxImage,
+  busyboxEntries,
+  convertToEstargz,
+  makeTmpRoot,
+  materializeEntries,
+  packLayer,
+  startContainerd,
+  startDaemon,
+  startRegistry,
+  suiteScope,
+  type Containerd,
+  type Registry,
+  type StargazeDaemon,
+} from './harness';
+import { estargzAnnotations, estargzFromFile, estargzLayer, pushRawImage, sha256 } from './harness/raw-image';
+
+const notRoot = process.getuid?.() !== 0;
+
+describe('layer filesystem: background fetch and integrity', { skip: notRoot && 'e2e tests need root' }, () => {
+  const cleanup = suiteScope();
+  let registry: Registry;
+  let daemon: StargazeDaemon;
+  let containerd: Containerd;
+
+  before(async () => {
+    registry = await startRegistry({ scope: cleanup });
+    daemon = await startDaemon({ scope: cleanup });
+    containerd = await startContainerd({ scope: cleanup, stargazeAddress: daemon.address, stargazeRoot: daemon.root });
+  });
+
+  test('background fetch makes a layer fully local: every file reads with the registry stopped', async () => {
+    const big = bigFileFixture({ sizeBytes: 16 * 1024 * 1024 });
+    const original = await buildBusyboxImage({ host: registry.host, repo: 'lfs/big', tag: 'v1', extraFiles: big.extraFiles });
+    const esgz = await convertToEstargz(containerd, original.ref, `${registry.host}/lfs/big:v1-esgz`);
+    const ns = containerd.newNamespace('background');
+    const readAll = ['/bin/sh', '-c', `sha256sum ${big.bigFilePath} ${big.probePath} | cut -c1-64`];
+
+    // What the files hold, read through a normal (overlayfs) pull.
+    const plainNs = containerd.newNamespace('plain');
+    await containerd.pull(original.ref, { namespace: plainNs });
+    const expected = (await containerd.runContainer(original.ref, readAll, { namespace: plainNs })).stdout;
+
+    await containerd.rpull(esgz.ref, { namespace: ns });
+    const layer = esgz.layers[0]!;
+    const done = await daemon.waitForLog((e) => e.msg === 'layer fully fetched' && e.layer === layer.digest, {
+      timeoutMs: 120_000,
+      what: 'background fetch of the layer',
+    });
+    assert.equal(typeof done.diffId, 'string');
+    assert.ok(
+      !daemon.logs().some((e) => e.msg === 'layer does not match its chainID: no longer served'),
+      'a good layer passes its chainID check',
+    );
+
+    await registry.stop();
+    const r = await containerd.runContainer(esgz.ref, readAll, { namespace: ns, snapshotter: 'stargz' });
+    assert.equal(r.stdout, expected, 'every file reads, from the disk cache, with the registry gone');
+  });
+
+  test('a layer whose content does not match its chainID stops being served', async (t) => {
+    const forgedRegistry = await startRegistry({ scope: t });
+    const work = await makeTmpRoot('lfs-forged', t);
+    const rootfs = path.join(work, 'rootfs');
+    await materializeEntries(rootfs, await busyboxEntries());
+    const base = await estargzFromFile((await packLayer(rootfs, path.join(work, 'base'))).file);
+    const top = await estargzLayer([{ name: 'forged/', type: 'directory' }, { name: 'forged/file.txt', content: 'not what the config says\n' }]);
+    // The config claims another diff_id for the top layer: containerd computes its chainID from that
+    // claim, and only the content, once fully fetched, can show the claim is false.
+    const image = await pushRawImage({
+      host: forgedRegistry.host,
+      repo: 'lfs/forged',
+      tag: 'v1',
+      layers: [
+        { blob: base.blob, diffId: base.diffId, annotations: estargzAnnotations(base) },
+        { blob: top.blob, diffId: sha256('a claim that is not true'), annotations: estargzAnnotations(top) },
+      ],
+    });
+    const ns = containerd.newNamespace('forged');
+    await containerd.rpull(image.ref, { namespace: ns });
+    const topDigest = image.layers[1]!.digest;
+    const failure = await daemon.waitForLog(
+      (e) => e.msg === 'layer does not match its chainID: no longer served' && e.layer === topDigest,
+      { timeoutMs: 120_000, what: 'the chainID check of the forged layer' },
+    );
+    assert.equal(failure.chainId, image.layers[1]!.chainId);
+    const r = await containerd.runContainer(image.ref, ['/bin/sh', '-c', 'cat /forged/file.txt; echo "exit=$?"'], {
+      namespace: ns,
+      snapshotter: 'stargz',
+    });
+    assert.match(r.stdout, /exit=1/, 'reading the forged layer fails');
+    assert.doesNotMatch(r.stdout, /not what the config says/);
+  });
+});
