@@ -10,6 +10,7 @@ import { loadConfig, type Config } from '../config/config';
 import { FuseServerClient } from '../fs/fuse-server-client';
 import { serveMetrics } from '../metrics/fs-metrics';
 import { DiskChunkCache } from '../cache/disk-chunk-cache';
+import { TocCache } from '../cache/toc-cache';
 import type { RemoteFileSystem } from '../snapshot/filesystem';
 import { errorMessage, UsageError } from '../errors';
 import { log, setLogLevel } from '../log';
@@ -127,7 +128,8 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
       maxBytes: config.cache.diskMaxBytes,
       log: log.child({ module: 'cache' }),
     });
-    const filesystem = new StargazeFileSystem({ registry, config, diskCache, log: log.child({ module: 'fs' }) });
+    const tocCache = new TocCache(path.join(setup.root, 'cache', 'toc'));
+    const filesystem = new StargazeFileSystem({ registry, config, diskCache, tocCache, log: log.child({ module: 'fs' }) });
     const metricsServer = config.metricsAddress
       ? await serveMetrics(filesystem.metrics, config.metricsAddress, log.child({ module: 'metrics' }))
       : undefined;

@@ -24,6 +24,7 @@ import { mountsUnder } from './mount-table';
 import { StargazeFileSystem } from './stargz-fs';
 import { serveMetrics } from '../metrics/fs-metrics';
 import { DiskChunkCache } from '../cache/disk-chunk-cache';
+import { TocCache } from '../cache/toc-cache';
 
 /** How long the server stays up with no daemon connected and nothing mounted. */
 const IDLE_EXIT_MS = 30_000;
@@ -66,7 +67,8 @@ export async function runFuseServer(options: FuseServerOptions): Promise<void> {
     maxBytes: options.config.cache.diskMaxBytes,
     log: log.child({ module: 'cache' }),
   });
-  const filesystem = new StargazeFileSystem({ registry, config: options.config, diskCache, log: log.child({ module: 'fs' }) });
+  const tocCache = new TocCache(path.join(path.dirname(options.cacheDir), 'toc'));
+  const filesystem = new StargazeFileSystem({ registry, config: options.config, diskCache, tocCache, log: log.child({ module: 'fs' }) });
   // The layers' metrics live where the layers are served, and so survive daemon restarts too.
   const metricsServer = options.config.metricsAddress
     ? await serveMetrics(filesystem.metrics, options.config.metricsAddress, log.child({ module: 'metrics' }))

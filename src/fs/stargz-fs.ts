@@ -5,7 +5,9 @@
  */
 import type { Config } from '../config/config';
 import { EstargzFormatError, errorMessage, InvalidArgumentError, UnavailableError, VerificationError } from '../errors';
-import { readToc } from '../estargz/toc';
+import { parseToc, readToc, type Toc } from '../estargz/toc';
+import type { TocCache } from '../cache/toc-cache';
+import { DeferredBlobSource } from '../remote/deferred-blob-source';
 import type { Logger } from '../log';
 import { LayerMount, lazyUnmount } from '../fuse/layer-fuse';
 import { mountsUnder } from './mount-table';
@@ -35,6 +37,8 @@ export interface StargazeFsOptions {
   config: Config;
   /** Verified chunks on disk, shared by every layer (identical chunks are stored once). */
   diskCache?: DiskChunkCache;
+  /** TOCs of mounted layers, so they mount again without the registry. */
+  tocCache?: TocCache;
   log: Logger;
 }
 
@@ -100,9 +104,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const started = Date.now();
     const signal = AbortSignal.timeout(MOUNT_TIMEOUT_MS);
 
-    const blob = await this.options.registry.resolveBlob(source.ref, source.digest, signal);
-    const { toc, tocDigest, tocOffset } = await readToc(blob, { signal });
-    this.verifyToc(source, tocDigest, layerLog);
+    const { blob, toc, tocOffset } = await this.openLayer(source, signal, layerLog);
 
     const tree = buildLayerTree(toc, { blobSize: blob.size, tocOffset });
     const reader = new LayerReader(blob, tree, {
@@ -213,6 +215,29 @@ export class StargazeFileSystem implements RemoteFileSystem {
       return;
     }
     throw new EstargzFormatError('digest of TOC JSON must be passed (no containerd.io/snapshot/stargz/toc.digest label)');
+  }
+
+  /**
+   * The layer's blob and verified TOC. A TOC cached by an earlier mount that matches the toc.digest label
+   * needs no registry: the blob is then found only when a read misses every cache.
+   */
+  private async openLayer(
+    source: LayerSourceInfo,
+    signal: AbortSignal,
+    layerLog: Logger,
+  ): Promise<{ blob: BlobSource; toc: Toc; tocOffset: number }> {
+    const resolve = (s?: AbortSignal): Promise<BlobSource> => this.options.registry.resolveBlob(source.ref, source.digest, s);
+    const cached = source.tocDigest !== undefined ? await this.options.tocCache?.load(source.digest, source.tocDigest) : undefined;
+    if (cached) {
+      const toc = parseToc(cached.tocJson, { blobSize: cached.blobSize, tocOffset: cached.tocOffset });
+      layerLog.debug('TOC from the local cache');
+      return { blob: new DeferredBlobSource(source.digest, cached.blobSize, resolve), toc, tocOffset: cached.tocOffset };
+    }
+    const blob = await resolve(signal);
+    const { toc, tocJson, tocDigest, tocOffset } = await readToc(blob, { signal });
+    this.verifyToc(source, tocDigest, layerLog);
+    if (source.tocDigest === tocDigest) await this.options.tocCache?.save(source.digest, { blobSize: blob.size, tocOffset, tocJson });
+    return { blob, toc, tocOffset };
   }
 
   /** Runs `job` when fewer than `max_concurrency` background fetches run. */

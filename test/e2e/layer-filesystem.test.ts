@@ -4,6 +4,7 @@
  * was committed under stops being served once that is known.
  */
 import assert from 'node:assert/strict';
+import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { before, describe, test } from 'node:test';
 import {
@@ -18,6 +19,7 @@ import {
   startDaemon,
   startRegistry,
   suiteScope,
+  waitFor,
   type Containerd,
   type Registry,
   type StargazeDaemon,
@@ -65,6 +67,24 @@ describe('layer filesystem: background fetch and integrity', { skip: notRoot && 
     await registry.stop();
     const r = await containerd.runContainer(esgz.ref, readAll, { namespace: ns, snapshotter: 'stargz' });
     assert.equal(r.stdout, expected, 'every file reads, from the disk cache, with the registry gone');
+
+    // The whole snapshotter dies (daemon and FUSE server, as on a reboot) while the registry is still
+    // gone: startup must not wait for the registry, and the fully fetched layer serves again.
+    const fuseServerPid = Number(await readFile(path.join(daemon.root, 'fuse', 'fuse-server.pid'), 'utf8'));
+    await daemon.killHard();
+    process.kill(fuseServerPid, 'SIGKILL');
+    const restartStarted = Date.now();
+    await daemon.restart({ hard: true });
+    const restored = await daemon.waitForLog((e) => e.msg === 'restored remote snapshots', { what: 'restore' });
+    assert.equal(restored.failed, 0, 'the layer mounted again from its cached TOC');
+    assert.ok(Date.now() - restartStarted < 20_000, 'startup did not wait on the unreachable registry');
+    await waitFor(
+      'containerd to reconnect to the stargz snapshotter',
+      async () => (await containerd.ctr(['snapshots', '--snapshotter', 'stargz', 'ls'], { namespace: ns, allowFailure: true })).code === 0,
+      { timeoutMs: 60_000 },
+    );
+    const again = await containerd.runContainer(esgz.ref, readAll, { namespace: ns, snapshotter: 'stargz' });
+    assert.equal(again.stdout, expected, 'served from disk after a full restart with no registry');
   });
 
   test('a layer whose content does not match its chainID stops being served', async (t) => {
