@@ -7,11 +7,22 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { benchReadThroughput } from './read-throughput';
 import { benchRegistryFetch } from './registry-fetch';
+import { benchLayerMemory } from './layer-memory';
 
 const BENCHES: Record<string, () => Promise<Record<string, unknown>>> = {
   'read-throughput': runReadThroughput,
   'registry-fetch': runRegistryFetch,
+  'layer-memory': runLayerMemory,
 };
+
+async function runLayerMemory(): Promise<Record<string, unknown>> {
+  if (process.getuid?.() !== 0) throw new Error('the layer-memory benchmark mounts FUSE: run it as root');
+  const { results, notes } = await benchLayerMemory();
+  process.stdout.write(`layer memory: RSS of the serving process with ${results.layers} layers of ${results.filesPerLayer} files mounted\n`);
+  for (const [k, v] of Object.entries(results)) process.stdout.write(`  ${k.padEnd(28)} ${Number(v).toFixed(1)}\n`);
+  for (const note of notes) process.stdout.write(`  note: ${note}\n`);
+  return { results, notes };
+}
 
 async function runReadThroughput(): Promise<Record<string, unknown>> {
   if (process.getuid?.() !== 0) throw new Error('the read-throughput benchmark mounts FUSE and overlayfs: run it as root');
