@@ -19,6 +19,9 @@ import { RegistryClient } from '../remote/registry-client';
 import { registryOptionsFromConfig } from '../remote/registry-config';
 import { Snapshotter } from '../snapshot/snapshotter';
 import { startSnapshotServer } from '../service/snapshots-service';
+import { createCriImageProxy, startCriImageProxy, type CriImageProxy, type CriImageProxyServer } from '../service/cri-image-proxy';
+import { CRI_KEYCHAIN_DIR, openCriKeychain, openKeychains, type KeychainPaths } from '../remote/keychains';
+import { kubeconfigPath } from '../remote/kubeconfig-keychain';
 import { notifySystemdReady } from './sd-notify';
 
 export const DEFAULT_ADDRESS = '/run/stargaze/stargaze.sock';
@@ -69,12 +72,18 @@ export async function main(argv: string[]): Promise<number> {
   for (const warning of warnings) log.warn({ module: 'config' }, warning);
 
   const configPath = values.config ?? DEFAULT_CONFIG;
+  // [cri_keychain] and [kubeconfig_keychain]: used by the process resolving blobs (after docker's config.json).
+  const keychains: KeychainPaths = {
+    criKeychainDir: config.criKeychain.enableKeychain ? path.join(root, CRI_KEYCHAIN_DIR) : undefined,
+    kubeconfigPath: config.kubeconfigKeychain.enableKeychain ? path.resolve(kubeconfigPath(config.kubeconfigKeychain.kubeconfigPath)) : undefined,
+  };
   const filesystem = await openFileSystem(config, {
     root,
     hostsDir: values['hosts-dir'],
     configPath,
     configExplicit: values.config !== undefined,
     logLevel: level,
+    keychains,
   });
   const snapshotter = await Snapshotter.open({
     root: path.join(root, 'snapshotter'),
@@ -82,7 +91,19 @@ export async function main(argv: string[]): Promise<number> {
     log: log.child({ module: 'snapshot' }),
   });
   await snapshotter.restore();
-  const server = await startSnapshotServer({ snapshotter, address });
+  // The CRI image-service proxy: on the daemon's own socket by default (as the reference), else on its own.
+  const criListenPath = config.criKeychain.listenPath === '' ? address : path.resolve(config.criKeychain.listenPath);
+  let criProxy: CriImageProxy | undefined;
+  let criProxyServer: CriImageProxyServer | undefined;
+  if (keychains.criKeychainDir !== undefined) {
+    const criLog = log.child({ module: 'cri-keychain' });
+    const keychain = await openCriKeychain(keychains.criKeychainDir, criLog);
+    const proxyOptions = { imageServicePath: config.criKeychain.imageServicePath, keychain, log: criLog };
+    if (criListenPath === address) criProxy = createCriImageProxy(proxyOptions);
+    else criProxyServer = await startCriImageProxy({ ...proxyOptions, listenPath: criListenPath });
+    criLog.info({ listen: criListenPath, imageService: config.criKeychain.imageServicePath }, 'serving the CRI image service proxy');
+  }
+  const server = await startSnapshotServer({ snapshotter, address, extraServices: criProxy ? [criProxy] : [] });
   log.info({ address, root }, 'serving containerd snapshots');
   await notifySystemdReady(log);
 
@@ -97,6 +118,8 @@ export async function main(argv: string[]): Promise<number> {
     process.on('SIGTERM', stop);
   });
   await server.close();
+  criProxy?.close();
+  await criProxyServer?.close();
   await snapshotter.close();
   // With the FUSE server, this only disconnects: running containers keep their files.
   await filesystem.close();
@@ -110,6 +133,7 @@ interface FileSystemSetup {
   configPath: string;
   configExplicit: boolean;
   logLevel: string;
+  keychains: KeychainPaths;
 }
 
 /**
@@ -118,9 +142,11 @@ interface FileSystemSetup {
  */
 async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<RemoteFileSystem & { close(): Promise<void> }> {
   if (!config.fuseManager.enable) {
+    const keychains = await openKeychains(setup.keychains, log);
     const registry = new RegistryClient({
       hostsDir: setup.hostsDir,
       ...registryOptionsFromConfig(config),
+      credentialsAfterDockerConfig: keychains.provider,
       log: log.child({ module: 'remote' }),
     });
     const diskCache = await DiskChunkCache.open({
@@ -139,6 +165,7 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
       unmount: (mountpoint) => filesystem.unmount(mountpoint),
       close: async () => {
         metricsServer?.close();
+        keychains.close();
         await filesystem.close();
       },
     };
@@ -159,6 +186,8 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
       '--config', setup.configPath,
       ...(setup.configExplicit ? [] : ['--config-optional']),
       '--log-level', setup.logLevel,
+      ...(setup.keychains.criKeychainDir ? ['--cri-keychain-dir', setup.keychains.criKeychainDir] : []),
+      ...(setup.keychains.kubeconfigPath ? ['--kubeconfig', setup.keychains.kubeconfigPath] : []),
     ],
     log: log.child({ module: 'fs' }),
   });

@@ -7,8 +7,10 @@ import { loadConfig } from '../config/config';
 import { errorMessage, UsageError } from '../errors';
 import { createMultiLogger } from '../log';
 import { LogTap, runFuseServer } from '../fs/fuse-server';
+import { openKeychains } from '../remote/keychains';
 
 const USAGE = `usage: stargaze fuse-server --socket SOCK --pid-file FILE --hosts-dir DIR --cache-dir DIR [--config FILE [--config-optional]] [--log-level LEVEL]
+       [--cri-keychain-dir DIR] [--kubeconfig FILE]
 
 Started by 'stargaze daemon' (unless [fuse_manager] enable = false): serves the lazily mounted layers
 from a process that outlives daemon restarts.
@@ -27,6 +29,8 @@ export async function main(argv: string[]): Promise<number> {
         config: { type: 'string' },
         'config-optional': { type: 'boolean', default: false },
         'log-level': { type: 'string', default: 'info' },
+        'cri-keychain-dir': { type: 'string' },
+        kubeconfig: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
       strict: true,
@@ -48,6 +52,12 @@ export async function main(argv: string[]): Promise<number> {
   const { config } = values.config
     ? await loadConfig(values.config, { explicit: !values['config-optional'] })
     : await loadConfig('/dev/null', { explicit: false });
-  await runFuseServer({ socketPath: socket, pidFile, config, hostsDir, cacheDir, log, logTap });
+  // Re-read on each lookup when the daemon's image-service proxy rewrote it.
+  const keychains = await openKeychains({ criKeychainDir: values['cri-keychain-dir'], kubeconfigPath: values.kubeconfig }, log);
+  try {
+    await runFuseServer({ socketPath: socket, pidFile, config, hostsDir, cacheDir, log, logTap, credentials: keychains.provider });
+  } finally {
+    keychains.close();
+  }
   return 0;
 }

@@ -94,6 +94,27 @@ export interface Config {
   readonly resolver: ResolverConfig;
   readonly blob: BlobConfig;
   readonly fuseManager: FuseManagerConfig;
+  readonly criKeychain: CriKeychainConfig;
+  readonly kubeconfigKeychain: KubeconfigKeychainConfig;
+}
+
+/** containerd's socket: where `[cri_keychain]` forwards CRI image calls by default. */
+export const DEFAULT_CRI_IMAGE_SERVICE_PATH = '/run/containerd/containerd.sock';
+
+export interface CriKeychainConfig {
+  /** `[cri_keychain] enable_keychain`: serve the CRI image-service proxy and use the credentials of its pulls. */
+  readonly enableKeychain: boolean;
+  /** `image_service_path`: the CRI image service calls are forwarded to (default containerd's socket). */
+  readonly imageServicePath: string;
+  /** `listen_path`: where the proxy is served; empty means the daemon's own socket (the reference's default). */
+  readonly listenPath: string;
+}
+
+export interface KubeconfigKeychainConfig {
+  /** `[kubeconfig_keychain] enable_keychain`: registry credentials from the cluster's image pull secrets. */
+  readonly enableKeychain: boolean;
+  /** `kubeconfig_path`: empty means $KUBECONFIG, else ~/.kube/config. */
+  readonly kubeconfigPath: string;
 }
 
 export interface FuseManagerConfig {
@@ -133,6 +154,8 @@ export function defaultConfig(): Config {
       parallelFetchChunkBytes: DEFAULT_PARALLEL_FETCH_CHUNK_BYTES,
     },
     fuseManager: { enable: true },
+    criKeychain: { enableKeychain: false, imageServicePath: DEFAULT_CRI_IMAGE_SERVICE_PATH, listenPath: '' },
+    kubeconfigKeychain: { enableKeychain: false, kubeconfigPath: '' },
   };
 }
 
@@ -256,6 +279,15 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
       parallelFetchChunkBytes: nonNegative('blob.parallel_fetch_chunk_size', d.blob.parallelFetchChunkBytes),
     },
     fuseManager: { enable: get<boolean>('fuse_manager.enable') ?? d.fuseManager.enable },
+    criKeychain: {
+      enableKeychain: get<boolean>('cri_keychain.enable_keychain') ?? d.criKeychain.enableKeychain,
+      imageServicePath: get<string>('cri_keychain.image_service_path') || d.criKeychain.imageServicePath,
+      listenPath: get<string>('cri_keychain.listen_path') ?? d.criKeychain.listenPath,
+    },
+    kubeconfigKeychain: {
+      enableKeychain: get<boolean>('kubeconfig_keychain.enable_keychain') ?? d.kubeconfigKeychain.enableKeychain,
+      kubeconfigPath: get<string>('kubeconfig_keychain.kubeconfig_path') ?? d.kubeconfigKeychain.kubeconfigPath,
+    },
   };
   return { config, warnings };
 }

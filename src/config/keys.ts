@@ -79,13 +79,13 @@ export const TABLE_KEYS: Readonly<Record<string, Readonly<Record<string, KeySpec
     fadv_dontneed: off('boolean'),
   },
   kubeconfig_keychain: {
-    enable_keychain: off('boolean'),
-    kubeconfig_path: off('string'),
+    enable_keychain: on('boolean'),
+    kubeconfig_path: on('string'),
   },
   cri_keychain: {
-    enable_keychain: off('boolean'),
-    image_service_path: off('string'),
-    listen_path: off('string'),
+    enable_keychain: on('boolean'),
+    image_service_path: on('string'),
+    listen_path: on('string'),
   },
   snapshotter: {
     allow_invalid_mounts_on_restart: off('boolean'),

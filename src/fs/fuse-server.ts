@@ -18,6 +18,7 @@ import type { Config } from '../config/config';
 import { errorCode, errorMessage, StargazeError } from '../errors';
 import type { Logger } from '../log';
 import { RegistryClient } from '../remote/registry-client';
+import type { CredentialProvider } from '../remote/credentials';
 import { registryOptionsFromConfig } from '../remote/registry-config';
 import { onJsonLines, writeJsonLine, type FuseServerRequest, type FuseServerResponse } from './fuse-server-protocol';
 import { mountsUnder } from './mount-table';
@@ -41,6 +42,8 @@ export interface FuseServerOptions {
   log: Logger;
   /** Receives every log line, so it can be forwarded to connected daemons. */
   logTap: LogTap;
+  /** Registry credentials tried after docker's config.json: the CRI and kubeconfig keychains. */
+  credentials?: CredentialProvider;
 }
 
 /** A Writable for pino that copies each log line to the connected daemons. */
@@ -60,6 +63,7 @@ export async function runFuseServer(options: FuseServerOptions): Promise<void> {
   const registry = new RegistryClient({
     hostsDir: options.hostsDir,
     ...registryOptionsFromConfig(options.config),
+    credentialsAfterDockerConfig: options.credentials,
     log: log.child({ module: 'remote' }),
   });
   const diskCache = await DiskChunkCache.open({

@@ -194,7 +194,7 @@ export class RegistryAuthorizer {
     const challenges = parseWwwAuthenticate(wwwAuthenticate);
     const bearer = challenges.find((c) => c.scheme === 'bearer');
     const basic = challenges.find((c) => c.scheme === 'basic');
-    const creds = await this.credentials(host, signal);
+    const creds = await this.credentials(host, signal, /^repository:([^:]+):/.exec(scope)?.[1]);
 
     if (bearer !== undefined && bearer.scheme === 'bearer') {
       const { token, expiresInSec } = await this.fetchToken(host, scope, bearer, creds, signal);

@@ -37,8 +37,11 @@ export interface RegistryCredentials {
   readonly identityToken?: string;
 }
 
-/** A source of credentials for a registry host (`host[:port]`). Undefined means anonymous. */
-export type CredentialProvider = (host: string, signal?: AbortSignal) => Promise<RegistryCredentials | undefined>;
+/**
+ * A source of credentials for a registry host (`host[:port]`). Undefined means anonymous. `repository`
+ * (`library/busybox`), when known, is the repository the credentials are for (the CRI keychain keeps them per image).
+ */
+export type CredentialProvider = (host: string, signal?: AbortSignal, repository?: string) => Promise<RegistryCredentials | undefined>;
 
 /** `$DOCKER_CONFIG`, else `~/.docker`. */
 export function dockerConfigDir(env: NodeJS.ProcessEnv = process.env): string {
@@ -240,9 +243,9 @@ function decodeEntry(entry: AuthEntry, key: string, file: string): RegistryCrede
 /** Tries providers in order; the first that knows the host wins (the reference's keychain chain). */
 export function chainCredentials(...providers: (CredentialProvider | undefined)[]): CredentialProvider {
   const list = providers.filter((p): p is CredentialProvider => p !== undefined);
-  return async (host, signal) => {
+  return async (host, signal, repository) => {
     for (const p of list) {
-      const creds = await p(host, signal);
+      const creds = await p(host, signal, repository);
       if (creds !== undefined) return creds;
     }
     return undefined;

@@ -123,12 +123,21 @@ export class CriKeychain {
     return Object.keys(this.images).sort();
   }
 
-  /** The registry client's provider: the newest credentials recorded for `host`. */
-  readonly provider: CredentialProvider = async (host) => {
+  /**
+   * The registry client's provider: the credentials recorded for the image (`host` + `repository`) when
+   * the caller names the repository and a pull of it was recorded, else the newest recorded for `host`.
+   */
+  readonly provider: CredentialProvider = async (host, _signal, repository) => {
     await this.reloadIfChanged();
     let best: StoredEntry | undefined;
-    for (const entry of Object.values(this.images)) {
-      if (sameRegistry(entry.registryHost, host) && (!best || entry.updatedAtMs > best.updatedAtMs)) best = entry;
+    let exact = false;
+    for (const [name, entry] of Object.entries(this.images)) {
+      if (!sameRegistry(entry.registryHost, host)) continue;
+      // name is `domain/repository`; a domain never holds a slash
+      const isImage = repository !== undefined && name.slice(name.indexOf('/') + 1) === repository;
+      if (exact && !isImage) continue;
+      if (!best || (isImage && !exact) || entry.updatedAtMs > best.updatedAtMs) best = entry;
+      exact ||= isImage;
     }
     if (!best) return undefined;
     return { username: best.username, password: best.password, ...(best.identityToken ? { identityToken: best.identityToken } : {}) };

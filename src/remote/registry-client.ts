@@ -37,7 +37,7 @@ import { RegistryAuthError, RegistryError, StargazeError, errorCode, errorMessag
 import { log as rootLog, type Logger } from '../log';
 import { MAX_TOKEN_RESPONSE_BYTES, RegistryAuthorizer, pullScope, type TokenHttp } from './auth';
 import type { BlobSource, ByteRange } from './blob-source';
-import { DockerConfigKeychain, chainCredentials, type CredentialProvider } from './credentials';
+import { DockerConfigKeychain, chainCredentials, type CredentialProvider, type RegistryCredentials } from './credentials';
 import { resolveHosts, type HostCapability, type RegistryEndpoint } from './hosts';
 import { boundaryOf, ByteRangesParser } from './multipart-byteranges';
 import { parallelOptions, parallelRangeStream, type ParallelFetchOptions } from './parallel-fetch';
@@ -76,8 +76,14 @@ export interface RegistryClientOptions {
   hostsDir?: string;
   /** Directory of docker's config.json; default `$DOCKER_CONFIG` or ~/.docker. */
   dockerConfigDir?: string;
-  /** Credentials tried before docker's config.json, e.g. from CRI or tests. */
-  credentials?: (host: string) => { username: string; password: string } | undefined;
+  /** Credentials tried before docker's config.json, e.g. from CRI or tests (may answer asynchronously). */
+  credentials?: (
+    host: string,
+    signal?: AbortSignal,
+    repository?: string,
+  ) => RegistryCredentials | undefined | Promise<RegistryCredentials | undefined>;
+  /** Credentials tried after docker's config.json (the daemon's CRI and kubeconfig keychains). */
+  credentialsAfterDockerConfig?: CredentialProvider;
   log?: Logger;
   /** Per-request bound; null or <= 0 disables it (reference: negative request_timeout_sec). Default 30 s. */
   requestTimeoutMs?: number | null;
@@ -251,10 +257,10 @@ export class RegistryClient {
     this.parallelDefaults = opts.parallelFetch;
     const explicit = opts.credentials;
     const fromOptions: CredentialProvider | undefined =
-      explicit === undefined ? undefined : async (host) => explicit(host);
+      explicit === undefined ? undefined : async (host, signal, repository) => explicit(host, signal, repository);
     const keychain = new DockerConfigKeychain({ configDir: opts.dockerConfigDir, log: this.log });
     this.authorizer = new RegistryAuthorizer({
-      credentials: chainCredentials(fromOptions, keychain.provider),
+      credentials: chainCredentials(fromOptions, keychain.provider, opts.credentialsAfterDockerConfig),
       http: this.tokenHttp,
       log: this.log,
     });

@@ -305,6 +305,8 @@ export async function startSnapshotServer(options: {
   snapshotter: Snapshotter;
   address: string;
   log?: Logger;
+  /** More services on the same socket (the CRI image-service proxy when its listen_path is this socket). */
+  extraServices?: { definition: grpc.ServiceDefinition; handlers: grpc.UntypedServiceImplementation }[];
 }): Promise<SnapshotServer> {
   const logger = options.log ?? rootLog.child({ module: 'service' });
   const address = path.resolve(options.address);
@@ -313,6 +315,7 @@ export async function startSnapshotServer(options: {
 
   const server = new grpc.Server();
   server.addService(loadSnapshotsService(), createSnapshotsHandlers(options.snapshotter, logger));
+  for (const extra of options.extraServices ?? []) server.addService(extra.definition, extra.handlers);
   await new Promise<void>((resolve, reject) => {
     server.bindAsync(`unix://${address}`, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(err) : resolve()));
   });

@@ -269,9 +269,10 @@ describe('CRI: PullImage and a pod through containerd CRI with the stargz snapsh
     assert.ok(fetched < layer.size / 2, `fetched ${fetched} of ${layer.size} bytes: the unread rest stays in the registry`);
   });
 
-  // The image-service proxy of [cri_keychain], on its own socket in front of containerd's. (Not yet wired
-  // into the daemon, and this registry does not check credentials: this shows the forwarding and that the
-  // credentials a pull carried are kept, 0600, across a restart, and dropped by RemoveImage.)
+  // The image-service proxy of [cri_keychain], on its own socket in front of containerd's. (This registry
+  // does not check credentials: this shows the forwarding and that the credentials a pull carried are
+  // kept, 0600, across a restart, and dropped by RemoveImage. The daemon serving it against a registry
+  // with auth: private-images.test.ts.)
   test('the CRI image-service proxy forwards calls and keeps the pull credentials (0600) across a restart', async (t) => {
     const image = await buildBusyboxImage({
       host: registry.host,
@@ -316,8 +317,8 @@ describe('CRI: PullImage and a pod through containerd CRI with the stargz snapsh
 
 /**
  * [kubeconfig_keychain]: image pull secrets read through a kubeconfig, from a stand-in Kubernetes API
- * server (no real one can run here) that serves `GET /api/v1/secrets` to a bearer token. (Not yet
- * wired into the daemon.)
+ * server (no real one can run here) that serves `GET /api/v1/secrets` to a bearer token. (Wired into
+ * the registry client: test/unit/remote/keychains.test.ts.)
  */
 describe('kubeconfig keychain: kubernetes.io/dockerconfigjson secrets through a kubeconfig', () => {
   /** Its "waiting for the kubeconfig" warnings are expected here. */

@@ -44,6 +44,8 @@ describe('config defaults', () => {
         parallelFetchChunkBytes: 8388608,
       },
       fuseManager: { enable: true },
+      criKeychain: { enableKeychain: false, imageServicePath: '/run/containerd/containerd.sock', listenPath: '' },
+      kubeconfigKeychain: { enableKeychain: false, kubeconfigPath: '' },
     });
   });
 });
@@ -94,6 +96,16 @@ fetching_timeout_sec = 60
     ],
     ['negative request timeout means none', '[resolver]\nrequest_timeout_sec = -1\n', { resolver: { requestTimeoutSec: -1 } }, []],
     [
+      'keychain keys',
+      '[cri_keychain]\nenable_keychain = true\nimage_service_path = "/run/k3s/containerd.sock"\nlisten_path = "/run/stargaze/cri.sock"\n' +
+        '[kubeconfig_keychain]\nenable_keychain = true\nkubeconfig_path = "/etc/kubernetes/kubelet.conf"\n',
+      {
+        criKeychain: { enableKeychain: true, imageServicePath: '/run/k3s/containerd.sock', listenPath: '/run/stargaze/cri.sock' },
+        kubeconfigKeychain: { enableKeychain: true, kubeconfigPath: '/etc/kubernetes/kubelet.conf' },
+      },
+      [],
+    ],
+    [
       'reference keys not implemented are warned about once each',
       `http_cache_type = "memory"
 filesystem_cache_type = "memory"
@@ -127,7 +139,11 @@ header = { "X-A" = "1", "X-B" = ["2", "3"] }
 [[resolver.host."docker.io".mirrors]]
 host = "127.0.0.1:5000"
 `,
-      { maxConcurrency: 4 },
+      {
+        maxConcurrency: 4,
+        kubeconfigKeychain: { enableKeychain: true, kubeconfigPath: '/k' },
+        criKeychain: { enableKeychain: true, imageServicePath: '/run/containerd/containerd.sock', listenPath: '' },
+      },
       [
         /http_cache_type/,
         /filesystem_cache_type/,
@@ -137,10 +153,6 @@ host = "127.0.0.1:5000"
         /blob\.chunk_size/,
         /blob\.check_always/,
         /directory_cache\.direct/,
-        /kubeconfig_keychain\.enable_keychain/,
-        /kubeconfig_keychain\.kubeconfig_path/,
-        /cri_keychain\.enable_keychain/,
-        /cri_keychain\.image_service_path/,
         /snapshotter\.allow_invalid_mounts_on_restart/,
         /fuse_manager\.address/,
         /fuse\.passthrough/,
