@@ -6,6 +6,7 @@ import { EstargzFormatError, errorCode, errorMessage } from '../errors';
 import { normalizeEntryName } from './entry-name';
 import { FOOTER_SIZE_BYTES, LEGACY_FOOTER_SIZE_BYTES, parseFooter } from './footer';
 import { TAR_BLOCK_BYTES, TYPEFLAG, decodeTarHeader, parsePaxRecords, tarPaddingBytes } from './tar-header';
+import { ZSTD_CHUNKED_FOOTER_BYTES, parseZstdChunkedFooter, readZstdChunkedTocJson } from './zstd-chunked-footer';
 
 /**
  * The table of contents (`stargz.index.json`): its types with the reference JSON names, a strict
@@ -296,26 +297,46 @@ export interface ReadTocResult {
   tocJson: Buffer;
   /** `sha256:<hex>` of tocJson. */
   tocDigest: string;
-  /** Compressed offset of the TOC member; payload members all end at or before it. */
+  /**
+   * Compressed offset of the TOC member (zstd:chunked: of the TOC's skippable frame); payload members all
+   * end at or before it.
+   */
   tocOffset: number;
-  /** Size of the footer that matched (51 eStargz, 47 legacy). */
+  /** Size of the footer that matched (51 eStargz, 47 legacy, 48 zstd:chunked). */
   footerSize: number;
+  /** How payload members are compressed: gzip members (eStargz) or zstd frames (zstd:chunked). */
+  compression: LayerCompression;
 }
+
+export type LayerCompression = 'gzip' | 'zstd';
 
 const gunzipAsync = promisify<InputType, ZlibOptions, Buffer>(gunzip);
 
 /**
- * Reads the footer and TOC of an eStargz (or legacy stargz) blob: two range reads, one gunzip.
- * Throws EstargzFormatError when the blob is not eStargz or its TOC is malformed or over the limits.
+ * Reads the footer and TOC of an eStargz (or legacy stargz, or zstd:chunked) blob: two range reads, one
+ * decompression. Throws EstargzFormatError when the blob is none of those (naming why for each) or its TOC
+ * is malformed or over the limits.
  */
 export async function readToc(blob: RangeReadable, opts: ReadTocOptions = {}): Promise<ReadTocResult> {
   const maxTocBytes = opts.maxTocBytes ?? MAX_TOC_BYTES;
   if (blob.size < LEGACY_FOOTER_SIZE_BYTES) {
     throw new EstargzFormatError(`not an eStargz layer: blob of ${blob.size} bytes is smaller than any stargz footer`);
   }
-  const tailLength = Math.min(FOOTER_SIZE_BYTES, blob.size);
+  const tailLength = Math.min(Math.max(FOOTER_SIZE_BYTES, ZSTD_CHUNKED_FOOTER_BYTES), blob.size);
   const tail = await blob.readRange(blob.size - tailLength, tailLength, opts.signal);
-  const { tocOffset, footerSize } = parseFooter(tail);
+  let footer: ReturnType<typeof parseFooter>;
+  try {
+    footer = parseFooter(tail);
+  } catch (err) {
+    if (!(err instanceof EstargzFormatError)) throw err;
+    const zstd = parseZstdChunkedFooter(tail);
+    if (typeof zstd === 'string') throw new EstargzFormatError(`${err.message}; zstd:chunked footer: ${zstd}`);
+    const { tocJson, tocFrameOffset } = await readZstdChunkedTocJson(blob, zstd, maxTocBytes, opts.signal);
+    const tocDigest = 'sha256:' + createHash('sha256').update(tocJson).digest('hex');
+    const toc = parseToc(tocJson, { blobSize: blob.size, tocOffset: tocFrameOffset, maxEntries: opts.maxEntries, maxTocBytes });
+    return { toc, tocJson, tocDigest, tocOffset: tocFrameOffset, footerSize: ZSTD_CHUNKED_FOOTER_BYTES, compression: 'zstd' };
+  }
+  const { tocOffset, footerSize } = footer;
   const tocEnd = blob.size - footerSize;
   if (tocOffset >= tocEnd) {
     throw new EstargzFormatError(`footer points at TOC offset ${tocOffset}, past the ${blob.size}-byte blob`);
@@ -339,7 +360,7 @@ export async function readToc(blob: RangeReadable, opts: ReadTocOptions = {}): P
   const tocJson = extractTocJson(tarBytes, maxTocBytes);
   const tocDigest = 'sha256:' + createHash('sha256').update(tocJson).digest('hex');
   const toc = parseToc(tocJson, { blobSize: blob.size, tocOffset, maxEntries: opts.maxEntries, maxTocBytes });
-  return { toc, tocJson, tocDigest, tocOffset, footerSize };
+  return { toc, tocJson, tocDigest, tocOffset, footerSize, compression: 'gzip' };
 }
 
 /** Finds the `stargz.index.json` tar entry (after an optional PAX header) and returns its content. */

@@ -5,8 +5,9 @@
  */
 import type { Config } from '../config/config';
 import { EstargzFormatError, errorMessage, InvalidArgumentError, UnavailableError, VerificationError } from '../errors';
-import { parseToc, readToc, type Toc } from '../estargz/toc';
+import { parseToc, readToc, type LayerCompression, type Toc } from '../estargz/toc';
 import type { TocCache } from '../cache/toc-cache';
+import { LRUCache } from 'lru-cache';
 import { DeferredBlobSource } from '../remote/deferred-blob-source';
 import type { Logger } from '../log';
 import { LayerMount, lazyUnmount } from '../fuse/layer-fuse';
@@ -67,8 +68,13 @@ export class StargazeFileSystem implements RemoteFileSystem {
   /** Background fetches waiting for a slot, and how many run (at most `max_concurrency`). */
   private readonly backgroundQueue: (() => Promise<void>)[] = [];
   private backgroundRunning = 0;
+  /** Decompressed chunks of every layer: `[cache] memory_max_bytes` bounds them all together. */
+  private readonly memoryCache: LRUCache<string, Buffer> | undefined;
 
   constructor(private readonly options: StargazeFsOptions) {
+    const memoryBytes = options.config.cache.memoryMaxBytes;
+    this.memoryCache =
+      memoryBytes > 0 ? new LRUCache<string, Buffer>({ maxSize: memoryBytes, sizeCalculation: (b) => Math.max(1, b.length) }) : undefined;
     const disk = options.diskCache;
     this.metrics = new FsMetrics(
       () => this.metricsSnapshot(),
@@ -104,13 +110,15 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const started = Date.now();
     const signal = AbortSignal.timeout(MOUNT_TIMEOUT_MS);
 
-    const { blob, toc, tocOffset } = await this.openLayer(source, signal, layerLog);
+    const { blob, toc, tocOffset, compression } = await this.openLayer(source, signal, layerLog);
 
     const tree = buildLayerTree(toc, { blobSize: blob.size, tocOffset });
     const reader = new LayerReader(blob, tree, {
-      memoryCacheBytes: this.options.config.cache.memoryMaxBytes,
+      memoryCacheBytes: this.memoryCache ? undefined : 0,
+      sharedMemoryCache: this.memoryCache,
       verify: !this.options.config.disableVerification && !(source.skipVerify && source.tocDigest === undefined),
       diskCache: this.options.diskCache,
+      compression,
     });
     const mount = new LayerMount<LayerNode>(mountpoint, { root: tree.root, read: (node, pos, len, sig) => reader.read(node, pos, len, sig) }, {
       attrTimeoutSec: this.options.config.fuse.attrTimeoutSec,
@@ -225,19 +233,24 @@ export class StargazeFileSystem implements RemoteFileSystem {
     source: LayerSourceInfo,
     signal: AbortSignal,
     layerLog: Logger,
-  ): Promise<{ blob: BlobSource; toc: Toc; tocOffset: number }> {
+  ): Promise<{ blob: BlobSource; toc: Toc; tocOffset: number; compression: LayerCompression }> {
     const resolve = (s?: AbortSignal): Promise<BlobSource> => this.options.registry.resolveBlob(source.ref, source.digest, s);
     const cached = source.tocDigest !== undefined ? await this.options.tocCache?.load(source.digest, source.tocDigest) : undefined;
     if (cached) {
       const toc = parseToc(cached.tocJson, { blobSize: cached.blobSize, tocOffset: cached.tocOffset });
       layerLog.debug('TOC from the local cache');
-      return { blob: new DeferredBlobSource(source.digest, cached.blobSize, resolve), toc, tocOffset: cached.tocOffset };
+      // Only eStargz TOCs are cached (below), so a cached one means gzip members.
+      return { blob: new DeferredBlobSource(source.digest, cached.blobSize, resolve), toc, tocOffset: cached.tocOffset, compression: 'gzip' };
     }
     const blob = await resolve(signal);
-    const { toc, tocJson, tocDigest, tocOffset } = await readToc(blob, { signal });
+    const { toc, tocJson, tocDigest, tocOffset, compression } = await readToc(blob, { signal });
     this.verifyToc(source, tocDigest, layerLog);
-    if (source.tocDigest === tocDigest) await this.options.tocCache?.save(source.digest, { blobSize: blob.size, tocOffset, tocJson });
-    return { blob, toc, tocOffset };
+    if (compression === 'zstd') layerLog.debug('zstd:chunked layer');
+    // The cache records no compression: zstd:chunked TOCs are not cached (their layers always read the TOC).
+    if (source.tocDigest === tocDigest && compression === 'gzip') {
+      await this.options.tocCache?.save(source.digest, { blobSize: blob.size, tocOffset, tocJson });
+    }
+    return { blob, toc, tocOffset, compression };
   }
 
   /** Runs `job` when fewer than `max_concurrency` background fetches run. */
@@ -284,6 +297,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
       const result = await backgroundFetch({
         blob: job.blob,
         chunks: job.tree.chunksInBlobOrder(),
+        compression: reader.compression,
         onMember: (c, member) => reader.warm(c, member),
         isCached: (c) => reader.isLocal(c),
         isBusy: () => this.anyReaderBusy(),

@@ -14,9 +14,10 @@
 import { createHash } from 'node:crypto';
 import { open } from 'node:fs/promises';
 import { gunzipSync } from 'node:zlib';
-import { compress, init } from '@bokuweb/zstd-wasm';
+import { compress } from '@bokuweb/zstd-wasm';
 import { EstargzFormatError } from '../errors';
 import { readToc } from '../estargz/toc';
+import { zstdReady } from '../reader/zstd-range';
 
 /** The reference's default zstd level for zstd:chunked. */
 export const DEFAULT_ZSTD_COMPRESSION_LEVEL = 3;
@@ -28,14 +29,6 @@ const MANIFEST_TYPE_CRFS = 1;
 const SKIPPABLE_FRAME_MAGIC = Buffer.from([0x50, 0x2a, 0x4d, 0x18]);
 /** `GnUlInUx`, the last 8 bytes of every zstd:chunked blob. */
 export const ZSTD_CHUNKED_MAGIC = Buffer.from([0x47, 0x6e, 0x55, 0x6c, 0x49, 0x6e, 0x55, 0x78]);
-
-let ready: Promise<void> | undefined;
-
-/** Loads the zstd WebAssembly module once. */
-function zstdReady(): Promise<void> {
-  ready ??= init();
-  return ready;
-}
 
 export interface ZstdChunkedResult {
   /** `sha256:` of the uncompressed TOC JSON (the toc.digest annotation). */

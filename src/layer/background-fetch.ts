@@ -6,13 +6,15 @@
  *
  * One pass does both: every blob byte goes through a streaming gunzip whose output is hashed (the diff_id),
  * and each chunk's gzip member, once complete, is handed to `onMember` to be inflated, verified and cached.
- * Memory is bounded by the window size plus the largest member.
+ * Memory is bounded by the window size plus the largest member. zstd:chunked blobs go through ZstdDiffHasher
+ * instead of gunzip: each frame is decoded once complete (the wasm zstd has no streaming API).
  */
 import { createHash } from 'node:crypto';
 import { createGunzip } from 'node:zlib';
 import { VerificationError } from '../errors';
 import type { ChunkInfo } from '../metadata/layer-tree';
 import type { BlobSource } from '../remote/blob-source';
+import { ZstdDiffHasher } from '../reader/zstd-range';
 
 /** Compressed bytes per range request. */
 export const DEFAULT_WINDOW_BYTES = 4 * 1024 * 1024;
@@ -30,6 +32,8 @@ export interface BackgroundFetchOptions {
   isBusy(): boolean;
   windowBytes?: number;
   signal?: AbortSignal;
+  /** gzip members (eStargz, the default) or zstd frames (zstd:chunked), for the diff_id. */
+  compression?: 'gzip' | 'zstd';
 }
 
 export interface BackgroundFetchResult {
@@ -44,13 +48,7 @@ export async function backgroundFetch(options: BackgroundFetchOptions): Promise<
   const windowBytes = options.windowBytes ?? DEFAULT_WINDOW_BYTES;
   const chunks = [...options.chunks].sort((a, b) => a.compressedOffset - b.compressedOffset);
 
-  const hash = createHash('sha256');
-  const gunzip = createGunzip();
-  gunzip.on('data', (d: Buffer) => hash.update(d));
-  const inflated = new Promise<void>((resolve, reject) => {
-    gunzip.once('end', resolve);
-    gunzip.once('error', reject);
-  });
+  const diff = options.compression === 'zstd' ? zstdDiff() : gzipDiff();
 
   /** Compressed bytes from `heldFrom` on, kept until every member starting in them is complete. */
   let held: Buffer = Buffer.alloc(0);
@@ -68,7 +66,7 @@ export async function backgroundFetch(options: BackgroundFetchOptions): Promise<
     const length = Math.min(windowBytes, blob.size - offset);
     const window = await blob.readRange(offset, length, signal);
     fetchedBytes += window.length;
-    if (!gunzip.write(window)) await new Promise((r) => gunzip.once('drain', r));
+    await diff.write(window);
     held = held.length === 0 ? window : Buffer.concat([held, window]);
     offset += length;
 
@@ -86,9 +84,42 @@ export async function backgroundFetch(options: BackgroundFetchOptions): Promise<
       heldFrom = keepFrom;
     }
   }
-  gunzip.end();
-  await inflated;
-  return { diffId: 'sha256:' + hash.digest('hex'), fetchedBytes, cachedChunks };
+  return { diffId: await diff.end(), fetchedBytes, cachedChunks };
+}
+
+/** Hashes what a blob decompresses to, fed in order. */
+interface DiffHasher {
+  write(data: Buffer): Promise<void>;
+  /** `sha256:` of the whole decompressed stream. */
+  end(): Promise<string>;
+}
+
+/** A streaming gunzip (it follows concatenated members). */
+function gzipDiff(): DiffHasher {
+  const hash = createHash('sha256');
+  const gunzip = createGunzip();
+  gunzip.on('data', (d: Buffer) => hash.update(d));
+  const inflated = new Promise<void>((resolve, reject) => {
+    gunzip.once('end', resolve);
+    gunzip.once('error', reject);
+  });
+  inflated.catch(() => undefined); // seen by end(); a write after an error fails on its own
+  return {
+    async write(window) {
+      if (!gunzip.write(window)) await new Promise((r) => gunzip.once('drain', r));
+    },
+    async end() {
+      gunzip.end();
+      await inflated;
+      return 'sha256:' + hash.digest('hex');
+    },
+  };
+}
+
+/** zstd: each frame decoded once complete; skippable frames (TOC, footer) give nothing. */
+function zstdDiff(): DiffHasher {
+  const hasher = new ZstdDiffHasher();
+  return { write: (window) => hasher.write(window), end: async () => hasher.digest() };
 }
 
 /** chainID of a layer: its diff_id for a base layer, else sha256 of "<parent chainID> <diff_id>". */

@@ -7,6 +7,7 @@ import type { ChunkInfo, LayerNode, LayerTree } from '../metadata/layer-tree';
 import type { BlobSource } from '../remote/blob-source';
 import { readRangesOf } from '../remote/blob-source';
 import { inflateRange } from './inflate-range';
+import { zstdRange } from './zstd-range';
 
 /**
  * Reads regular-file bytes of one layer. Reads are widened to whole chunks; each chunk is fetched as
@@ -34,6 +35,8 @@ export interface ChunkStore {
 }
 
 export interface LayerReaderOptions {
+  /** One memory cache for every layer, so `[cache] memory_max_bytes` bounds them all (memoryCacheBytes is then unused). */
+  sharedMemoryCache?: LRUCache<string, Buffer>;
   /**
    * Disk level below the memory cache. Used only while verifying: a chunk's digest is its key there, so
    * an unverified chunk must never be stored under it.
@@ -46,6 +49,8 @@ export interface LayerReaderOptions {
    * is an error too: unverifiable data must not be served as verified.
    */
   verify?: boolean;
+  /** How the blob's members are compressed: gzip (eStargz, the default) or zstd frames (zstd:chunked). */
+  compression?: 'gzip' | 'zstd';
 }
 
 export interface LayerReaderStats {
@@ -75,12 +80,16 @@ export class LayerReader {
     prefetchedChunks: 0,
     diskHits: 0,
   };
-  /** Verified, decompressed chunks by chunkKey(). */
+  /** Verified, decompressed chunks by this.key(). */
   private readonly cache: LRUCache<string, Buffer> | undefined;
-  /** Chunk fetches in flight by chunkKey(): the single-flight group. */
+  /** Chunk fetches in flight by this.key(): the single-flight group. */
   private readonly inflight = new Map<string, Promise<Buffer>>();
   private readonly verify: boolean;
+  private readonly keyPrefix: string;
   private readonly disk: ChunkStore | undefined;
+  /** gzip members or zstd frames (LayerReaderOptions.compression). */
+  readonly compression: 'gzip' | 'zstd';
+  private readonly zstd: boolean;
 
   constructor(
     private readonly blob: BlobSource,
@@ -89,11 +98,14 @@ export class LayerReader {
   ) {
     const cacheBytes = opts.memoryCacheBytes ?? DEFAULT_MEMORY_CACHE_BYTES;
     this.cache =
-      cacheBytes > 0
-        ? new LRUCache<string, Buffer>({ maxSize: cacheBytes, sizeCalculation: (b) => Math.max(1, b.length) })
-        : undefined;
+      opts.sharedMemoryCache ??
+      (cacheBytes > 0 ? new LRUCache<string, Buffer>({ maxSize: cacheBytes, sizeCalculation: (b) => Math.max(1, b.length) }) : undefined);
+    // In a cache shared by layers, keys name the blob too: without verification a chunk has no digest.
+    this.keyPrefix = opts.sharedMemoryCache ? `${blob.digest}/` : '';
     this.verify = opts.verify ?? true;
     this.disk = this.verify ? opts.diskCache : undefined;
+    this.compression = opts.compression ?? 'gzip';
+    this.zstd = this.compression === 'zstd';
   }
 
   /**
@@ -141,7 +153,7 @@ export class LayerReader {
     const limit = Math.min(upToCompressedOffset, this.blob.size);
     const wanted = this.tree
       .chunksInBlobOrder()
-      .filter((c) => c.compressedEnd <= limit && !this.has(chunkKey(c)) && !this.isLocal(c));
+      .filter((c) => c.compressedEnd <= limit && !this.has(this.key(c)) && !this.isLocal(c));
     if (wanted.length === 0) return;
     const fetchEnd = wanted.reduce((max, c) => Math.max(max, c.compressedEnd), 0);
     const data = await this.blob.readRange(0, fetchEnd, signal);
@@ -152,7 +164,7 @@ export class LayerReader {
     const worker = async (): Promise<void> => {
       while (next < wanted.length) {
         const c = wanted[next++];
-        const key = chunkKey(c);
+        const key = this.key(c);
         if (this.has(key)) continue;
         const p = this.decode(c, data.subarray(c.compressedOffset, c.compressedEnd));
         this.inflight.set(key, p);
@@ -174,7 +186,7 @@ export class LayerReader {
   private fetchMissing(wanted: readonly ChunkInfo[]): Map<ChunkInfo, Promise<Buffer>> {
     const started = new Map<ChunkInfo, Promise<Buffer>>();
     if (this.blob.readRanges === undefined) return started;
-    const missing = wanted.filter((c) => !this.has(chunkKey(c)) && !this.isLocal(c));
+    const missing = wanted.filter((c) => !this.has(this.key(c)) && !this.isLocal(c));
     if (missing.length < 2) return started;
     for (const c of missing) this.checkChunk(c);
     const batch = readRangesOf(
@@ -182,7 +194,7 @@ export class LayerReader {
       missing.map((c) => ({ offset: c.compressedOffset, length: c.compressedEnd - c.compressedOffset })),
     );
     missing.forEach((c, i) => {
-      const key = chunkKey(c);
+      const key = this.key(c);
       this.stats.cacheMisses++;
       const p = batch
         .then((parts) => {
@@ -208,7 +220,7 @@ export class LayerReader {
 
   /** The chunk's bytes: from cache, from a fetch in flight, or from a new fetch. */
   private chunk(c: ChunkInfo): Promise<Buffer> {
-    const key = chunkKey(c);
+    const key = this.key(c);
     const cached = this.cache?.get(key);
     if (cached !== undefined) {
       this.stats.cacheHits++;
@@ -244,9 +256,13 @@ export class LayerReader {
     return this.decode(c, compressed);
   }
 
+  private key(c: ChunkInfo): string {
+    return this.keyPrefix + chunkKey(c);
+  }
+
   /** True when the chunk's bytes are here without the registry: in memory or on disk. */
   isLocal(c: ChunkInfo): boolean {
-    return this.cache?.has(chunkKey(c)) === true || (this.disk !== undefined && c.digest !== undefined && this.disk.has(c.digest));
+    return this.cache?.has(this.key(c)) === true || (this.disk !== undefined && c.digest !== undefined && this.disk.has(c.digest));
   }
 
   /** True while reads are fetching chunks: background work waits for them. */
@@ -259,15 +275,16 @@ export class LayerReader {
    * disk only, so background work does not push what containers read out of the memory cache.
    */
   async warm(c: ChunkInfo, member: Buffer): Promise<void> {
+    this.stats.fetchedBytes += member.length;
     const data = await this.decode(c, member);
     if (this.disk !== undefined && c.digest !== undefined) await this.disk.put(c.digest, data);
-    else this.cache?.set(chunkKey(c), data);
+    else this.cache?.set(this.key(c), data);
   }
 
   /** Inflates the chunk out of its member bytes and verifies it. */
   private async decode(c: ChunkInfo, member: Buffer): Promise<Buffer> {
     this.checkChunk(c);
-    const data = await inflateRange(member, c.innerOffset, c.size);
+    const data = this.zstd ? await zstdRange(member, c.innerOffset, c.size) : await inflateRange(member, c.innerOffset, c.size);
     if (this.verify) {
       // WebCrypto hashes on the libuv thread pool: a 4 MiB chunk does not stall FUSE callbacks.
       const digest = 'sha256:' + Buffer.from(await webcrypto.subtle.digest('SHA-256', data)).toString('hex');

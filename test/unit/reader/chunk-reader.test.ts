@@ -5,6 +5,7 @@ import { test } from 'node:test';
 import { EstargzFormatError, VerificationError } from '../../../src/errors';
 import { readToc, type Toc } from '../../../src/estargz/toc';
 import { buildLayerTree, type LayerNode, type LayerTree } from '../../../src/metadata/layer-tree';
+import { LRUCache } from 'lru-cache';
 import { LayerReader, type LayerReaderOptions } from '../../../src/reader/chunk-reader';
 import { CountingBlobSource, makeTar, toEstargz } from '../estargz/fixture';
 
@@ -201,4 +202,24 @@ test('prefetch verifies too, and reports the first failure after trying every ch
   assert.equal(reader.stats.prefetchedChunks, 6, 'the good chunks were cached');
   assert.deepEqual(await reader.read(node('file'), 0, 10), FILE.subarray(0, 10));
   assert.equal(source.reads.length, 1);
+});
+
+test('layers sharing one memory cache never see each other\'s chunks, even unverified', async () => {
+  const shared = new LRUCache<string, Buffer>({ maxSize: 1 << 20, sizeCalculation: (b) => b.length });
+  const open = async (content: string): Promise<{ reader: LayerReader; node: LayerNode }> => {
+    // Same names and sizes: the chunks sit at the same offsets in both blobs.
+    const { blob } = await toEstargz(await makeTar([{ name: 'f.txt', content }]));
+    const source = new CountingBlobSource(blob);
+    const { toc, tocOffset } = await readToc(source);
+    const tree = buildLayerTree(toc, { blobSize: source.size, tocOffset });
+    // As in a legacy stargz layer: no chunk digests, so nothing but the blob tells the chunks apart.
+    for (const c of tree.chunksInBlobOrder()) c.digest = undefined;
+    return { reader: new LayerReader(source, tree, { sharedMemoryCache: shared, verify: false }), node: tree.resolvePath('f.txt')! };
+  };
+  const a = await open('a');
+  const b = await open('b');
+  assert.equal((await a.reader.read(a.node, 0, 1)).toString(), 'a');
+  assert.equal((await b.reader.read(b.node, 0, 1)).toString(), 'b');
+  assert.equal((await a.reader.read(a.node, 0, 1)).toString(), 'a');
+  assert.equal(shared.size, 2);
 });
