@@ -125,13 +125,21 @@ export async function benchReadThroughput(): Promise<{ results: ReadResult[]; no
   const quiet = log.child({ module: 'bench' });
   quiet.level = 'warn';
   const defaults = defaultConfig();
-  const config = { ...defaults, noPrefetch: true, cache: { ...defaults.cache, memoryMaxBytes: (FILE_MIB + 64) * MIB } };
+  // The read path alone: no prefetch, no background fetch competing with the reads measured.
+  const config = {
+    ...defaults,
+    noPrefetch: true,
+    noBackgroundFetch: true,
+    cache: { ...defaults.cache, memoryMaxBytes: (FILE_MIB + 64) * MIB },
+  };
   const blobs = new Map<string, BufferBlobSource>();
-  const fsys = new StargazeFileSystem({
-    registry: { resolveBlob: async (_ref, digest) => blobs.get(digest) ?? Promise.reject(new Error('no blob')) },
-    config,
-    log: quiet,
-  });
+  const newFileSystem = (): StargazeFileSystem =>
+    new StargazeFileSystem({
+      registry: { resolveBlob: async (_ref, digest) => blobs.get(digest) ?? Promise.reject(new Error('no blob')) },
+      config,
+      log: quiet,
+    });
+  let fsys = newFileSystem();
   const overlay = path.join(dir, 'overlay');
   try {
     const { blob, tocDigest, tarPath } = await buildLayer(dir);
@@ -157,7 +165,9 @@ export async function benchReadThroughput(): Promise<{ results: ReadResult[]; no
 
     const lazyFile = path.join(lazy, FILE_NAME);
     const first = await measure('stargaze cold (inflate + verify every chunk)', lazyFile, async () => {
-      await fsys.unmount(lazy);
+      // A new filesystem: its memory cache (shared by its layers) starts empty.
+      await fsys.close();
+      fsys = newFileSystem();
       await fsys.mount(lazy, {
         [TARGET_SNAPSHOT_REF]: 'sha256:bench',
         [STARGZ_REFERENCE]: 'bench.local/bench:1',

@@ -59,6 +59,7 @@ declare module 'fuse-native' {
     fsname?: string;
     subtype?: string;
     kernelCache?: boolean;
+    autoCache?: boolean;
     entryTimeout?: number;
     attrTimeout?: number;
     maxRead?: number;

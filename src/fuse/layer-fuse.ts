@@ -143,7 +143,9 @@ export class LayerMount<N extends ServedNode> {
       defaultPermissions: true,
       fsname: 'stargaze',
       subtype: 'stargaze',
-      kernelCache: true,
+      // auto_cache keeps the page cache across opens while a file's mtime and size stay the same: always,
+      // for layer content, which never changes; never, for the status file, which is new on each stat.
+      autoCache: true,
       attrTimeout: this.options.attrTimeoutSec,
       entryTimeout: this.options.entryTimeoutSec,
       debug: this.options.debug ?? false,

@@ -35,7 +35,7 @@ class MemoryRegistry implements BlobResolver {
 const quiet = log.child({ test: 'stargz-fs' });
 quiet.level = 'warn';
 
-async function layerFixture(): Promise<{ blob: Buffer; digest: string; tocDigest: string; big: Buffer }> {
+async function layerFixture(): Promise<{ blob: Buffer; digest: string; tocDigest: string; diffId: string; big: Buffer }> {
   const big = Buffer.alloc(9 * 1024 * 1024);
   for (let i = 0; i < big.length; i += 4) big.writeUInt32LE((i * 2654435761) >>> 0, i);
   const tar = await makeTar([
@@ -50,12 +50,12 @@ async function layerFixture(): Promise<{ blob: Buffer; digest: string; tocDigest
     { name: 'opaque/.wh..wh..opq', mode: 0o644, content: '' },
   ]);
   const { blob, result } = await toEstargz(tar, { chunkSizeBytes: 1024 * 1024 });
-  return { blob, digest: sha256(blob), tocDigest: result.tocDigest, big };
+  return { blob, digest: sha256(blob), tocDigest: result.tocDigest, diffId: result.diffId, big };
 }
 
 test('serves an eStargz layer through FUSE', { skip: !canMount && 'needs root for FUSE' }, async () => {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
-  const { blob, digest, tocDigest, big } = await layerFixture();
+  const { blob, digest, tocDigest, diffId, big } = await layerFixture();
   const registry = new MemoryRegistry();
   registry.blobs.set(digest, new BufferBlobSource(digest, blob));
   const served = new StargazeFileSystem({ registry, config: defaultConfig(), log: quiet });
@@ -67,7 +67,8 @@ test('serves an eStargz layer through FUSE', { skip: !canMount && 'needs root fo
   const mnt = path.join(dir, 'mnt');
   await mkdir(mnt);
   const labels = {
-    [TARGET_SNAPSHOT_REF]: 'sha256:chain',
+    // A base layer's chainID is its diff_id: background fetch checks the whole layer against it.
+    [TARGET_SNAPSHOT_REF]: diffId,
     [STARGZ_REFERENCE]: 'registry.test/img:1',
     [STARGZ_DIGEST]: digest,
     [TOC_DIGEST]: tocDigest,
@@ -90,6 +91,9 @@ test('serves an eStargz layer through FUSE', { skip: !canMount && 'needs root fo
   const listing = (await run('ls', ['-A', mnt])).stdout.split('\n').filter(Boolean);
   assert.deepEqual(listing.sort(), ['big.bin', 'bin', 'etc', 'gone', 'opaque']);
 
+  const statusPath = path.join(mnt, '.stargz-snapshotter', `${digest}.json`);
+  const earlyStatus = JSON.parse((await run('cat', [statusPath])).stdout) as Record<string, unknown>;
+  await new Promise((r) => setTimeout(r, 1100)); // past the kernel's attribute cache (attr_timeout 1 s)
   const bigSum = (await run('sha256sum', [path.join(mnt, 'big.bin')], { maxBuffer: 1 << 20 })).stdout.split(' ')[0];
   assert.equal('sha256:' + bigSum, sha256(big));
 
@@ -103,6 +107,8 @@ test('serves an eStargz layer through FUSE', { skip: !canMount && 'needs root fo
   assert.ok((status.fetchedPercent as number) > 0 && (status.fetchedPercent as number) <= 100);
   assert.equal(status.error, undefined);
   assert.equal((await run('stat', ['-c', '%a', path.join(mnt, '.stargz-snapshotter')])).stdout.trim(), '500');
+  // Its content is fresh on every read, not what the page cache kept from the first one.
+  assert.ok((status.fetchedSize as number) > (earlyStatus.fetchedSize as number), 'the second read shows the bytes fetched since');
   // Prometheus metrics under the reference's names.
   const metricsServer = await serveMetrics(served.metrics, '127.0.0.1:0', quiet);
   try {
