@@ -15,6 +15,7 @@ const SUBCOMMANDS: Record<string, Subcommand> = {
   convert: { summary: 'convert an image to eStargz (registry or oci:DIR)', load: () => import('./cmd/convert') },
   'fuse-server': { summary: '(started by the daemon) serve layer mounts across daemon restarts', load: () => import('./cmd/fuse-server') },
   rpull: { summary: 'pull an image into containerd for lazy pulling', load: () => import('./cmd/rpull') },
+  'toc-digest': { summary: 'print the TOC digest of an eStargz or zstd:chunked layer blob', load: () => import('./cmd/toc-digest') },
 };
 
 function usage(): string {
