@@ -15,11 +15,12 @@ import { MIRROR_KEYS, TABLE_KEYS, TOP_LEVEL_KEYS, type KeySpec, type KeyType } f
 export const DEFAULT_PREFETCH_TIMEOUT_SEC = 10;
 export const DEFAULT_PREFETCH_SIZE_BYTES = 0;
 /**
- * FUSE attribute/entry cache lifetime. The reference's default is 1 s. Layer content is immutable, so a long
- * timeout would be safe and save lookups; we keep the reference's default for now and let config raise it.
+ * FUSE attribute/entry cache lifetime. The reference's default is 1 s, which costs a lookup per path per
+ * second. A layer never changes, so ours is an hour: the one file that does change, the status file, keeps
+ * a fixed size and is re-read on each open (auto_cache).
  */
-export const DEFAULT_FUSE_ATTR_TIMEOUT_SEC = 1;
-export const DEFAULT_FUSE_ENTRY_TIMEOUT_SEC = 1;
+export const DEFAULT_FUSE_ATTR_TIMEOUT_SEC = 3600;
+export const DEFAULT_FUSE_ENTRY_TIMEOUT_SEC = 3600;
 /** 256 MiB of decompressed chunks in RAM. */
 export const DEFAULT_CACHE_MEMORY_MAX_BYTES = 268_435_456;
 /** Our default cap on the disk chunk cache: 10 GiB. */

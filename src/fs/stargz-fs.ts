@@ -348,9 +348,22 @@ export class StargazeFileSystem implements RemoteFileSystem {
   }
 }
 
-/** The reference's state file format, one JSON object and a newline. */
+/**
+ * The status file's fixed size. The kernel caches its size for `attr_timeout` like any file's; padding
+ * keeps it constant, so a fresh read is never cut at a stale size.
+ */
+const STATUS_FILE_BYTES = 1024;
+
+/** The reference's state file format, one JSON object and a newline, padded with spaces to a fixed size. */
 function layerStatusJson(digest: string, size: number, fetchedBytes: number, lastError: string | undefined): string {
   const fetchedSize = Math.min(fetchedBytes, size);
   const fetchedPercent = size > 0 ? (fetchedSize / size) * 100 : 100;
-  return JSON.stringify({ ...(lastError !== undefined ? { error: lastError } : {}), digest, size, fetchedSize, fetchedPercent }) + '\n';
+  const render = (error: string | undefined): string =>
+    JSON.stringify({ ...(error !== undefined ? { error } : {}), digest, size, fetchedSize, fetchedPercent });
+  let json = render(lastError);
+  // An error too long to fit is shortened; JSON escapes can lengthen it, so shorten until it fits.
+  for (let keep = 512; Buffer.byteLength(json) > STATUS_FILE_BYTES - 1 && lastError !== undefined && keep > 0; keep -= 128) {
+    json = render(`${lastError.slice(0, keep)}…`);
+  }
+  return json + ' '.repeat(Math.max(0, STATUS_FILE_BYTES - 1 - Buffer.byteLength(json))) + '\n';
 }

@@ -101,7 +101,9 @@ function runQuiet(cmd: string, args: string[], cb: (err: Error | null) => void):
  * inode) with `use_ino`; `ro` makes the kernel refuse writes before they reach us; `suid,dev` because a
  * root filesystem holds setuid binaries and device nodes, and libfuse adds nosuid,nodev by default.
  */
-const EXTRA_FUSE_OPTIONS = 'use_ino,ro,suid,dev';
+// `ac_attr_timeout=0`: with auto_cache, libfuse re-checks a file's mtime and size on every open rather than
+// trusting them for attr_timeout (an hour), so the status file is fresh while layer content stays cached.
+const EXTRA_FUSE_OPTIONS = 'use_ino,ro,suid,dev,ac_attr_timeout=0';
 
 class LayerFuse extends Fuse {
   override _fuseOptions(): string {

@@ -30,7 +30,7 @@ describe('config defaults', () => {
       disableVerification: false,
       allowNoVerification: false,
       metricsAddress: '',
-      fuse: { attrTimeoutSec: 1, entryTimeoutSec: 1 },
+      fuse: { attrTimeoutSec: 3600, entryTimeoutSec: 3600 },
       cache: { memoryMaxBytes: 268435456, diskMaxBytes: 10737418240 },
       maxConcurrency: 2,
       resolver: { requestTimeoutSec: 30 },
