@@ -244,6 +244,13 @@ for (const mode of MODES) {
       // the restored snapshots of the first image were mounted again by the new FUSE server
       const restored = (await daemon.mounts()).filter((m) => m.fstype === 'fuse.stargaze');
       assert.equal(restored.length, layerCounts[1], 'the lazily pulled image is mounted again after the restart');
+      // containerd's connection to the proxy plugin sits in its reconnect backoff for a few seconds after
+      // the daemon went away, failing calls fast: wait until it talks to the snapshotter again.
+      await waitFor(
+        'containerd to reconnect to the stargz snapshotter',
+        async () => (await containerd.ctr(['snapshots', '--snapshotter', 'stargz', 'ls'], { allowFailure: true })).code === 0,
+        { timeoutMs: 60_000 },
+      );
 
       // Straight to containerd: kubelet's credentials reach containerd, but the daemon sees none of them.
       const direct = imageService(containerd.address);
