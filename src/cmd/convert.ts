@@ -3,7 +3,7 @@
  * write the result to a registry or an OCI layout (reference: cmd/ctr-remote/commands/convert.go with
  * `--estargz --oci`). The pipeline is in src/image/converter.ts.
  */
-import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -20,6 +20,7 @@ import { DEFAULT_TAG, parseReference, registryHostFor } from '../remote/referenc
 import { RegistryClient } from '../remote/registry-client';
 import { RegistryPusher } from '../remote/registry-push';
 import { DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_COMPRESSION_LEVEL } from '../estargz/writer';
+import { pathExists } from '../path-exists';
 
 /** containerd's usual config_path for hosts.toml files (the daemon's default too). */
 export const DEFAULT_HOSTS_DIR = '/etc/containerd/certs.d';
@@ -142,22 +143,13 @@ function stderrLogger(): pino.Logger {
   return pino({ level: process.env.STARGAZE_LOG_LEVEL ?? 'warn', base: undefined, timestamp: pino.stdTimeFunctions.isoTime }, pino.destination(2));
 }
 
-async function exists(file: string): Promise<boolean> {
-  try {
-    await stat(file);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 /**
  * The hosts dir to use for a registry. With --plain-http and no hosts.toml for it (nor a _default one), a
  * throw-away hosts dir says `server = "http://<host>"`, which is what ctr's --plain-http means.
  */
 async function hostsDirFor(domain: string, hostsDir: string, plainHttp: boolean, cleanups: Array<() => Promise<void>>): Promise<string> {
   if (!plainHttp) return hostsDir;
-  if ((await exists(path.join(hostsDir, domain, HOSTS_FILE))) || (await exists(path.join(hostsDir, DEFAULT_HOST_DIR, HOSTS_FILE)))) return hostsDir;
+  if ((await pathExists(path.join(hostsDir, domain, HOSTS_FILE))) || (await pathExists(path.join(hostsDir, DEFAULT_HOST_DIR, HOSTS_FILE)))) return hostsDir;
   const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-convert-hosts-'));
   cleanups.push(() => rm(dir, { recursive: true, force: true }));
   await mkdir(path.join(dir, domain), { recursive: true });

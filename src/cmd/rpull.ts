@@ -3,7 +3,7 @@
  * `stargz` proxy plugin) mounts its eStargz layers lazily; layers it cannot mount lazily are downloaded and
  * unpacked here. The steps are in src/containerd/pull.ts (reference: cmd/ctr-remote/commands/rpull.go).
  */
-import { mkdir, mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -15,6 +15,7 @@ import { formatPlatform, hostPlatform, parsePlatform } from '../containerd/platf
 import { DEFAULT_HOST_DIR, HOSTS_FILE } from '../remote/hosts';
 import { parseReference, registryHostFor } from '../remote/reference';
 import { RegistryClient } from '../remote/registry-client';
+import { pathExists } from '../path-exists';
 
 export const DEFAULT_CONTAINERD_ADDRESS = '/run/containerd/containerd.sock';
 export const DEFAULT_NAMESPACE = 'default';
@@ -109,15 +110,6 @@ export function parseRpullArgs(argv: string[]): RpullArgs | undefined {
   };
 }
 
-async function exists(file: string): Promise<boolean> {
-  try {
-    await stat(file);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 /**
  * The hosts dir to use. With --plain-http and no hosts.toml for the registry (nor a _default one), a
  * throw-away hosts dir says `server = "http://<host>"`, which is what ctr's --plain-http means.
@@ -125,7 +117,7 @@ async function exists(file: string): Promise<boolean> {
 async function hostsDirFor(domain: string, hostsDir: string, plainHttp: boolean): Promise<{ dir: string; cleanup: () => Promise<void> }> {
   const none = { dir: hostsDir, cleanup: async () => undefined };
   if (!plainHttp) return none;
-  if ((await exists(path.join(hostsDir, domain, HOSTS_FILE))) || (await exists(path.join(hostsDir, DEFAULT_HOST_DIR, HOSTS_FILE)))) return none;
+  if ((await pathExists(path.join(hostsDir, domain, HOSTS_FILE))) || (await pathExists(path.join(hostsDir, DEFAULT_HOST_DIR, HOSTS_FILE)))) return none;
   const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-rpull-hosts-'));
   await mkdir(path.join(dir, domain), { recursive: true });
   await writeFile(path.join(dir, domain, HOSTS_FILE), `server = ${JSON.stringify(`http://${registryHostFor(domain)}`)}\n`);

@@ -10,6 +10,7 @@ import { copyFile, mkdir, open, readFile, rename, rm, stat, writeFile } from 'no
 import path from 'node:path';
 import { InvalidArgumentError, NotFoundError, errorCode } from '../errors';
 import { ANNOTATION_REF_NAME, MEDIA_TYPE_OCI_INDEX, checkDescriptor, type Descriptor, type ImageIndex } from './media-types';
+import { pathExists } from '../path-exists';
 
 /** Prefix of an image reference that names a layout directory: `oci:DIR[:TAG]`. */
 export const OCI_LAYOUT_PREFIX = 'oci:';
@@ -90,9 +91,9 @@ export class OciLayout {
     const layout = new OciLayout(path.resolve(dir));
     await mkdir(path.join(layout.dir, 'blobs', 'sha256'), { recursive: true });
     const markerFile = path.join(layout.dir, OCI_LAYOUT_FILE);
-    if (!(await exists(markerFile))) await writeAtomic(markerFile, JSON.stringify({ imageLayoutVersion: OCI_LAYOUT_VERSION }));
+    if (!(await pathExists(markerFile))) await writeAtomic(markerFile, JSON.stringify({ imageLayoutVersion: OCI_LAYOUT_VERSION }));
     const indexFile = path.join(layout.dir, OCI_INDEX_FILE);
-    if (!(await exists(indexFile))) await writeAtomic(indexFile, JSON.stringify({ schemaVersion: 2, mediaType: MEDIA_TYPE_OCI_INDEX, manifests: [] }));
+    if (!(await pathExists(indexFile))) await writeAtomic(indexFile, JSON.stringify({ schemaVersion: 2, mediaType: MEDIA_TYPE_OCI_INDEX, manifests: [] }));
     return layout;
   }
 
@@ -204,14 +205,5 @@ export class OciLayout {
     manifests.push({ ...desc, annotations: { ...desc.annotations, [ANNOTATION_REF_NAME]: tag } });
     const next: ImageIndex = { ...index, schemaVersion: 2, mediaType: MEDIA_TYPE_OCI_INDEX, manifests };
     await writeAtomic(path.join(this.dir, OCI_INDEX_FILE), JSON.stringify(next));
-  }
-}
-
-async function exists(file: string): Promise<boolean> {
-  try {
-    await stat(file);
-    return true;
-  } catch {
-    return false;
   }
 }
