@@ -34,7 +34,7 @@ const FILE_MIB = Number(process.env.BENCH_FILE_MIB ?? 256);
 const SAMPLES = Number(process.env.BENCH_SAMPLES ?? 3);
 /** Fast gzip keeps the setup short; compression level does not change what the read path does. */
 const BENCH_COMPRESSION_LEVEL = 1;
-const FILE_NAME = 'data/big.bin';
+export const FILE_NAME = 'data/big.bin';
 
 export interface ReadResult {
   case: string;
@@ -42,7 +42,7 @@ export interface ReadResult {
   seconds: number;
 }
 
-function run(cmd: string, args: string[]): Promise<string> {
+export function run(cmd: string, args: string[]): Promise<string> {
   return new Promise((resolve, reject) => {
     const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
@@ -72,7 +72,7 @@ function fileContent(sizeBytes: number): Readable {
   });
 }
 
-async function buildLayer(dir: string): Promise<{ blob: Buffer; tocDigest: string; tarPath: string }> {
+export async function buildLayer(dir: string): Promise<{ blob: Buffer; tocDigest: string; tarPath: string }> {
   const tarPath = path.join(dir, 'layer.tar');
   const pack = tarStream.pack();
   const written = pipeline(pack, createWriteStream(tarPath));
@@ -91,7 +91,7 @@ async function buildLayer(dir: string): Promise<{ blob: Buffer; tocDigest: strin
   return { blob: await readFile(blobPath), tocDigest: result.tocDigest, tarPath };
 }
 
-async function dropPageCache(): Promise<boolean> {
+export async function dropPageCache(): Promise<boolean> {
   try {
     await run('sync', []);
     await writeFile('/proc/sys/vm/drop_caches', '3');
@@ -101,15 +101,15 @@ async function dropPageCache(): Promise<boolean> {
   }
 }
 
-async function timedRead(file: string): Promise<number> {
+export async function timedRead(file: string): Promise<number> {
   const started = process.hrtime.bigint();
   await run('dd', [`if=${file}`, 'of=/dev/null', 'bs=1M']);
   return Number(process.hrtime.bigint() - started) / 1e9;
 }
 
-async function measure(name: string, file: string, before: () => Promise<unknown>): Promise<ReadResult> {
+export async function measure(name: string, file: string, before: () => Promise<unknown>, samples = SAMPLES): Promise<ReadResult> {
   const times: number[] = [];
-  for (let i = 0; i < SAMPLES; i++) {
+  for (let i = 0; i < samples; i++) {
     await before();
     times.push(await timedRead(file));
   }

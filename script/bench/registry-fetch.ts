@@ -128,7 +128,7 @@ async function timed(samples: number, fn: () => Promise<void>): Promise<number> 
   return times[Math.floor(times.length / 2)] as number;
 }
 
-async function startThrottle(target: string, bytesPerSec: number): Promise<{ host: string; stop: () => Promise<void> }> {
+export async function startThrottle(target: string, bytesPerSec: number): Promise<{ host: string; stop: () => Promise<void> }> {
   const port = await freePort();
   const child: ChildProcess = spawn(process.execPath, [path.join(__dirname, 'throttle-proxy.js'), String(port), target, String(bytesPerSec)], {
     stdio: ['ignore', 'pipe', 'inherit'],

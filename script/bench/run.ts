@@ -8,12 +8,51 @@ import path from 'node:path';
 import { benchReadThroughput } from './read-throughput';
 import { benchRegistryFetch } from './registry-fetch';
 import { benchLayerMemory } from './layer-memory';
+import { benchRpullDownload } from './rpull-download';
+import { benchReadDisk } from './read-disk';
+import { benchFirstRead } from './first-read';
 
 const BENCHES: Record<string, () => Promise<Record<string, unknown>>> = {
   'read-throughput': runReadThroughput,
   'registry-fetch': runRegistryFetch,
   'layer-memory': runLayerMemory,
+  'rpull-download': runRpullDownload,
+  'read-disk': runReadDisk,
+  'first-read': runFirstRead,
 };
+
+async function runRpullDownload(): Promise<Record<string, unknown>> {
+  if (process.getuid?.() !== 0) throw new Error('the rpull-download benchmark runs containerd and the daemon: run it as root');
+  process.stdout.write('rpull download: plain-gzip image, stargaze rpull (parallel ranges) vs ctr images pull, per-connection cap\n');
+  const { results, notes, commands } = await benchRpullDownload();
+  for (const r of results) process.stdout.write(`  ${r.case.padEnd(58)} ${r.seconds.toFixed(2).padStart(7)} s\n`);
+  for (const note of notes) process.stdout.write(`  note: ${note}\n`);
+  for (const c of commands) process.stdout.write(`  command: ${c}\n`);
+  return { results, notes, commands };
+}
+
+async function runReadDisk(): Promise<Record<string, unknown>> {
+  if (process.getuid?.() !== 0) throw new Error('the read-disk benchmark mounts FUSE and overlayfs: run it as root');
+  const fileMib = Number(process.env.BENCH_FILE_MIB ?? 256);
+  process.stdout.write(`read from disk cache: sequential dd of a ${fileMib} MiB file (median of ${process.env.BENCH_SAMPLES ?? 3})\n`);
+  const { results, notes } = await benchReadDisk();
+  for (const r of results) process.stdout.write(`  ${r.case.padEnd(78)} ${r.mibPerSec.toFixed(0).padStart(6)} MiB/s  (${r.seconds.toFixed(3)} s)\n`);
+  for (const note of notes) process.stdout.write(`  note: ${note}\n`);
+  return { fileMib, results, notes };
+}
+
+async function runFirstRead(): Promise<Record<string, unknown>> {
+  if (process.getuid?.() !== 0) throw new Error('the first-read benchmark mounts FUSE: run it as root');
+  process.stdout.write(`first read: mount -> cat of prioritized small files, with and without prefetch (median of ${process.env.BENCH_SAMPLES ?? 5})\n`);
+  const { results, notes } = await benchFirstRead();
+  for (const r of results) {
+    process.stdout.write(
+      `  ${r.case.padEnd(44)} mount->cat ${r.mountToReadMs.toFixed(1).padStart(7)} ms  cat ${r.catMs.toFixed(1).padStart(7)} ms  check ${r.checkMs.toFixed(1).padStart(6)} ms  requests ${r.requests}\n`,
+    );
+  }
+  for (const note of notes) process.stdout.write(`  note: ${note}\n`);
+  return { results, notes };
+}
 
 async function runLayerMemory(): Promise<Record<string, unknown>> {
   if (process.getuid?.() !== 0) throw new Error('the layer-memory benchmark mounts FUSE: run it as root');
