@@ -20,7 +20,7 @@ const SUBCOMMANDS: Record<string, Subcommand> = {
 
 function usage(): string {
   const lines = ['usage: stargaze <subcommand> [options]', '', 'subcommands:'];
-  for (const [name, sub] of Object.entries(SUBCOMMANDS)) lines.push(`  ${name.padEnd(10)} ${sub.summary}`);
+  for (const [name, sub] of Object.entries(SUBCOMMANDS)) lines.push(`  ${name.padEnd(12)} ${sub.summary}`);
   lines.push('', "Run 'stargaze <subcommand> --help' for its options.");
   return lines.join('\n');
 }
