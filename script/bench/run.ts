@@ -8,6 +8,7 @@ import path from 'node:path';
 import { benchReadThroughput } from './read-throughput';
 import { benchRegistryFetch } from './registry-fetch';
 import { benchLayerMemory } from './layer-memory';
+import { benchStartup } from './startup';
 import { benchRpullDownload } from './rpull-download';
 import { benchReadDisk } from './read-disk';
 import { benchFirstRead } from './first-read';
@@ -16,6 +17,7 @@ const BENCHES: Record<string, () => Promise<Record<string, unknown>>> = {
   'read-throughput': runReadThroughput,
   'registry-fetch': runRegistryFetch,
   'layer-memory': runLayerMemory,
+  startup: runStartup,
   'rpull-download': runRpullDownload,
   'read-disk': runReadDisk,
   'first-read': runFirstRead,
@@ -52,6 +54,15 @@ async function runFirstRead(): Promise<Record<string, unknown>> {
   }
   for (const note of notes) process.stdout.write(`  note: ${note}\n`);
   return { results, notes };
+}
+
+async function runStartup(): Promise<Record<string, unknown>> {
+  process.stdout.write('startup (HelloBench method): pull / create / run of Debian-built images, legacy vs lazy vs lazy-opt\n');
+  const { rows, notes, table } = await benchStartup(); // prints its samples as they come
+  process.stdout.write('\n' + table + '\n');
+  for (const note of notes) process.stdout.write(`  note: ${note}\n`);
+  process.stdout.write('  (also bench-results/startup.md and startup.svg)\n');
+  return { rows, notes };
 }
 
 async function runLayerMemory(): Promise<Record<string, unknown>> {
