@@ -84,6 +84,8 @@ export class LayerReader {
   private readonly cache: LRUCache<string, Buffer> | undefined;
   /** Chunk fetches in flight by this.key(): the single-flight group. */
   private readonly inflight = new Map<string, Promise<Buffer>>();
+  /** Keys of `inflight` that belong to a prefetch (see chunk()). */
+  private readonly prefetching = new Set<string>();
   private readonly verify: boolean;
   private readonly keyPrefix: string;
   private readonly disk: ChunkStore | undefined;
@@ -156,30 +158,45 @@ export class LayerReader {
       .filter((c) => c.compressedEnd <= limit && !this.has(this.key(c)) && !this.isLocal(c));
     if (wanted.length === 0) return;
     const fetchEnd = wanted.reduce((max, c) => Math.max(max, c.compressedEnd), 0);
-    const data = await this.blob.readRange(0, fetchEnd, signal);
-    this.stats.fetchedBytes += data.length;
+    const data = this.blob.readRange(0, fetchEnd, signal).then((d) => {
+      this.stats.fetchedBytes += d.length;
+      return d;
+    });
 
-    let next = 0;
-    let firstError: unknown;
-    const worker = async (): Promise<void> => {
-      while (next < wanted.length) {
-        const c = wanted[next++];
-        const key = this.key(c);
-        if (this.has(key)) continue;
-        const p = this.decode(c, data.subarray(c.compressedOffset, c.compressedEnd));
-        this.inflight.set(key, p);
-        try {
-          this.cache?.set(key, await p);
-          this.stats.prefetchedChunks++;
-        } catch (err) {
-          firstError ??= err;
-        } finally {
-          this.inflight.delete(key);
-        }
+    // Every wanted chunk is in flight from now on: a container reading one of them while the prefetch
+    // range downloads joins it instead of fetching the same bytes again. Inflating is bounded.
+    let inflating = 0;
+    const waiting: Array<() => void> = [];
+    const inflate = async (c: ChunkInfo): Promise<Buffer> => {
+      const bytes = await data;
+      while (inflating >= PREFETCH_INFLATE_CONCURRENCY) await new Promise<void>((r) => waiting.push(r));
+      inflating++;
+      try {
+        return await this.decode(c, bytes.subarray(c.compressedOffset, c.compressedEnd));
+      } finally {
+        inflating--;
+        waiting.shift()?.();
       }
     };
-    await Promise.all(Array.from({ length: PREFETCH_INFLATE_CONCURRENCY }, worker));
-    if (firstError !== undefined) throw firstError;
+    const jobs = wanted.map((c) => {
+      const key = this.key(c);
+      const p = inflate(c)
+        .then((chunk) => {
+          this.cache?.set(key, chunk);
+          this.stats.prefetchedChunks++;
+          return chunk;
+        })
+        .finally(() => {
+          this.inflight.delete(key);
+          this.prefetching.delete(key);
+        });
+      p.catch(() => undefined); // reported below, and readers that joined fetch on their own
+      this.inflight.set(key, p);
+      this.prefetching.add(key);
+      return p;
+    });
+    const failed = (await Promise.allSettled(jobs)).find((r) => r.status === 'rejected');
+    if (failed !== undefined) throw (failed as PromiseRejectedResult).reason;
   }
 
   /** Starts one batched fetch for those of `wanted` that are neither cached nor in flight (two or more). */
@@ -229,7 +246,8 @@ export class LayerReader {
     const running = this.inflight.get(key);
     if (running !== undefined) {
       this.stats.sharedFetches++;
-      return running;
+      // A failed prefetch must not fail the reads that joined it: they fetch the chunk themselves.
+      return this.prefetching.has(key) ? running.catch(() => this.chunk(c)) : running;
     }
     this.stats.cacheMisses++;
     const p = this.fetch(c)

@@ -223,3 +223,31 @@ test('layers sharing one memory cache never see each other\'s chunks, even unver
   assert.equal((await a.reader.read(a.node, 0, 1)).toString(), 'a');
   assert.equal(shared.size, 2);
 });
+
+test('a read during prefetch joins the prefetch instead of fetching the same bytes again', async () => {
+  const l = await layer(['small', 'file']);
+  const { reader, node, source, tree } = open(l, {}, 30);
+  const landmark = tree.prefetchLandmarkOffset!;
+  const prefetch = reader.prefetch(landmark);
+  assert.deepEqual(await reader.read(node('file'), 0, FILE.length), FILE);
+  await prefetch;
+  assert.equal(source.reads.length, 1, 'one range read served both');
+});
+
+test('a read that joined a failed prefetch fetches on its own', async () => {
+  const l = await layer(['small', 'file']);
+  const { reader, node, source, tree } = open(l, {}, 30);
+  let fail = true;
+  const read = source.readRange.bind(source);
+  source.readRange = async (offset: number, length: number) => {
+    if (fail) {
+      fail = false;
+      throw new Error('registry hiccup');
+    }
+    return read(offset, length);
+  };
+  const prefetch = reader.prefetch(tree.prefetchLandmarkOffset!);
+  const data = reader.read(node('small'), 0, 100);
+  await assert.rejects(prefetch, /hiccup/);
+  assert.deepEqual(await data, SMALL);
+});
