@@ -34,6 +34,7 @@ import {
   type LogEntry,
   type StargazeDaemon,
 } from './harness';
+import { criConfig } from './harness/cri-config';
 import { bcryptLine, startRegistry as startAuthRegistry, type RunningRegistry } from '../unit/remote/registry-harness';
 
 const execFileAsync = promisify(execFile);
@@ -68,32 +69,6 @@ function imageService(socket: string): { call<T = Wire>(method: string, req: Wir
       }),
     close: () => client.close(),
   };
-}
-
-function criConfig(opts: { hostsDir: string; runcRoot: string; cniConfDir: string }): string {
-  const q = (s: string): string => JSON.stringify(s);
-  return [
-    '[plugins."io.containerd.grpc.v1.cri"]',
-    // no pod runs here; the sandbox image is never pulled
-    '  sandbox_image = "127.0.0.1:1/none/pause:v1"',
-    '  stream_server_address = "127.0.0.1"',
-    '  stream_server_port = "0"',
-    '  enable_selinux = false',
-    '  restrict_oom_score_adj = true',
-    '[plugins."io.containerd.grpc.v1.cri".containerd]',
-    '  snapshotter = "stargz"',
-    '  disable_snapshot_annotations = false',
-    '  default_runtime_name = "runc"',
-    '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]',
-    '  runtime_type = "io.containerd.runc.v2"',
-    '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]',
-    `  Root = ${q(opts.runcRoot)}`,
-    '[plugins."io.containerd.grpc.v1.cri".cni]',
-    '  bin_dir = "/usr/lib/cni"',
-    `  conf_dir = ${q(opts.cniConfDir)}`,
-    '[plugins."io.containerd.grpc.v1.cri".registry]',
-    `  config_path = ${q(opts.hostsDir)}`,
-  ].join('\n');
 }
 
 function prepared(entries: LogEntry[], value: 'true' | 'false'): LogEntry[] {
@@ -189,7 +164,13 @@ for (const mode of MODES) {
         stargazeAddress: daemon.address,
         stargazeRoot: daemon.root,
         enableCri: true,
-        extraConfig: criConfig({ hostsDir, runcRoot: path.join(workDir, 'runc'), cniConfDir: path.join(workDir, 'cni') }),
+        // No pod runs here: the sandbox image is never pulled.
+        extraConfig: criConfig({
+          sandboxImage: '127.0.0.1:1/none/pause:v1',
+          hostsDir,
+          runcRoot: path.join(workDir, 'runc'),
+          cniConfDir: path.join(workDir, 'cni'),
+        }),
       });
       await symlink(containerd.address, containerdLink);
       proxySocket = mode.ownListenPath ? path.join(workDir, 'cri-proxy.sock') : daemon.address;
