@@ -238,10 +238,23 @@ for (const mode of MODES) {
       t.after(() => direct.close());
       const run = daemon.logs({ currentRunOnly: true });
       const before = { lazy: prepared(run, 'true').length, eager: prepared(run, 'false').length };
-      const pulled = await direct.call<{ image_ref: string }>('PullImage', {
-        image: { image: refs[2] },
-        auth: { username: USER, password: PASSWORD },
-      });
+      // Right after a restart containerd's connection to the proxy plugin can still fail a call with
+      // "connection error ... unavailable"; kubelet retries a failed pull, and so does this test.
+      const pulled = await waitFor(
+        'a PullImage that containerd passes to the restarted snapshotter',
+        async () => {
+          try {
+            return await direct.call<{ image_ref: string }>('PullImage', {
+              image: { image: refs[2] },
+              auth: { username: USER, password: PASSWORD },
+            });
+          } catch (err) {
+            if (/UNAVAILABLE.*connection error/.test(String(err))) return undefined;
+            throw err;
+          }
+        },
+        { timeoutMs: 60_000, intervalMs: 500 },
+      );
       assert.match(pulled.image_ref, /^sha256:[0-9a-f]{64}$/);
       const after = daemon.logs({ currentRunOnly: true });
       assert.equal(prepared(after, 'true').length - before.lazy, layerCounts[2], 'lazy with the credentials kept on disk');

@@ -15,7 +15,7 @@ import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { loadSnapshotsService } from '../../../src/service/snapshots-service';
 import { addExitGuard, bestEffort, type CleanupScope } from './cleanup';
-import { readTail, run, signalGroup, spawnGroup, waitFor, type ProcessGroup, type RunOptions, type RunResult } from './exec';
+import { CommandError, readTail, run, signalGroup, spawnGroup, waitFor, type ProcessGroup, type RunOptions, type RunResult } from './exec';
 import { createTmpRoot, unmountUnder } from './tmp';
 
 const CONTAINERD_BIN = 'containerd';
@@ -135,6 +135,10 @@ function viewSnapshot(
     });
   });
 }
+
+/** Retries of a container run that containerd failed while reconnecting to the snapshotter. */
+const RECONNECT_ATTEMPTS = 10;
+const RECONNECT_RETRY_MS = 500;
 
 function randomSuffix(): string {
   return randomBytes(4).toString('hex');
@@ -365,10 +369,21 @@ export async function startContainerd(opts: ContainerdOptions = {}): Promise<Con
     fetch: (ref, o) => ctr(['content', 'fetch', ...registryFlags({ ...o, snapshotter: undefined }), ref], o),
     rpull: (ref, o) =>
       ctrRemote(['images', 'rpull', ...registryFlags({ snapshotter: STARGZ_SNAPSHOTTER, ...o }), ref], o),
-    runContainer: (ref, command, o) => {
+    runContainer: async (ref, command, o) => {
       const id = o?.id ?? `stargaze-run-${randomSuffix()}`;
       const flags = [...(o?.snapshotter ? ['--snapshotter', o.snapshotter] : []), ...(o?.extraArgs ?? [])];
-      return ctr(['run', '--rm', ...flags, ref, id, ...command], o);
+      const args = ['run', '--rm', ...flags, ref, id, ...command];
+      // Shortly after the snapshotter restarted, containerd's connection to its proxy plugin can still fail
+      // a call with "connection error ... unavailable" before anything is created; retry as kubelet would.
+      for (let attempt = 1; ; attempt++) {
+        const r = await ctr(args, { ...o, allowFailure: true });
+        const reconnecting = r.code !== 0 && /connection error.*unavailable/.test(r.stderr);
+        if (!reconnecting || attempt === RECONNECT_ATTEMPTS) {
+          if (r.code === 0 || o?.allowFailure) return r;
+          throw new CommandError(r, `exit code ${r.code}`);
+        }
+        await new Promise((resolve) => setTimeout(resolve, RECONNECT_RETRY_MS));
+      }
     },
     mountImage: async (ref, target, o) => {
       await mkdir(target, { recursive: true });
