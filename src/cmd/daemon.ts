@@ -9,8 +9,7 @@ import { mkdir } from 'node:fs/promises';
 import { loadConfig, type Config } from '../config/config';
 import { FuseServerClient } from '../fs/fuse-server-client';
 import { serveMetrics } from '../metrics/fs-metrics';
-import { DiskChunkCache } from '../cache/disk-chunk-cache';
-import { TocCache } from '../cache/toc-cache';
+import { openDiskCaches } from '../cache/disk-caches';
 import type { RemoteFileSystem } from '../snapshot/filesystem';
 import { errorMessage, UsageError } from '../errors';
 import { log, setLogLevel } from '../log';
@@ -149,12 +148,13 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
       credentialsAfterDockerConfig: keychains.provider,
       log: log.child({ module: 'remote' }),
     });
-    const diskCache = await DiskChunkCache.open({
-      dir: path.join(setup.root, 'cache', 'chunks'),
+    const caches = await openDiskCaches({
+      cacheDir: path.join(setup.root, 'cache', 'chunks'),
+      root: setup.root,
       maxBytes: config.cache.diskMaxBytes,
       log: log.child({ module: 'cache' }),
     });
-    const tocCache = new TocCache(path.join(setup.root, 'cache', 'toc'));
+    const { diskCache, tocCache } = caches;
     const filesystem = new StargazeFileSystem({ registry, config, diskCache, tocCache, log: log.child({ module: 'fs' }) });
     const metricsServer = config.metricsAddress
       ? await serveMetrics(filesystem.metrics, config.metricsAddress, log.child({ module: 'metrics' }))
@@ -167,6 +167,7 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
         metricsServer?.close();
         keychains.close();
         await filesystem.close();
+        caches.close();
       },
     };
   }
@@ -183,6 +184,7 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
       '--pid-file', path.join(dir, 'fuse-server.pid'),
       '--hosts-dir', setup.hostsDir,
       '--cache-dir', path.join(setup.root, 'cache', 'chunks'),
+      '--root', setup.root,
       '--config', setup.configPath,
       ...(setup.configExplicit ? [] : ['--config-optional']),
       '--log-level', setup.logLevel,

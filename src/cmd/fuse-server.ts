@@ -9,7 +9,7 @@ import { createMultiLogger } from '../log';
 import { LogTap, runFuseServer } from '../fs/fuse-server';
 import { openKeychains } from '../remote/keychains';
 
-const USAGE = `usage: stargaze fuse-server --socket SOCK --pid-file FILE --hosts-dir DIR --cache-dir DIR [--config FILE [--config-optional]] [--log-level LEVEL]
+const USAGE = `usage: stargaze fuse-server --socket SOCK --pid-file FILE --hosts-dir DIR --cache-dir DIR [--root DIR] [--config FILE [--config-optional]] [--log-level LEVEL]
        [--cri-keychain-dir DIR] [--kubeconfig FILE]
 
 Started by 'stargaze daemon' (unless [fuse_manager] enable = false): serves the lazily mounted layers
@@ -26,6 +26,7 @@ export async function main(argv: string[]): Promise<number> {
         'pid-file': { type: 'string' },
         'hosts-dir': { type: 'string' },
         'cache-dir': { type: 'string' },
+        root: { type: 'string' },
         config: { type: 'string' },
         'config-optional': { type: 'boolean', default: false },
         'log-level': { type: 'string', default: 'info' },
@@ -55,7 +56,7 @@ export async function main(argv: string[]): Promise<number> {
   // Re-read on each lookup when the daemon's image-service proxy rewrote it.
   const keychains = await openKeychains({ criKeychainDir: values['cri-keychain-dir'], kubeconfigPath: values.kubeconfig }, log);
   try {
-    await runFuseServer({ socketPath: socket, pidFile, config, hostsDir, cacheDir, log, logTap, credentials: keychains.provider });
+    await runFuseServer({ socketPath: socket, pidFile, config, hostsDir, cacheDir, root: values.root, log, logTap, credentials: keychains.provider });
   } finally {
     keychains.close();
   }

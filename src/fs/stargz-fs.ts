@@ -143,6 +143,8 @@ export class StargazeFileSystem implements RemoteFileSystem {
         this.enqueueBackground(() => this.fetchInBackground({ source, parent, blob, tree, reader, mount, log: layerLog, signal: stop.signal })),
       );
     }
+    // Its TOC stays on disk while it is mounted: a restarted FUSE server mounts it again from there.
+    this.options.tocCache?.pin(source.digest);
     this.layers.set(mountpoint, {
       stop,
       source,
@@ -186,6 +188,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
       return;
     }
     this.layers.delete(mountpoint);
+    this.options.tocCache?.unpin(layer.source.digest);
     layer.stop.abort();
     await layer.mount.unmount();
     layer.log.info('layer unmounted');
