@@ -7,7 +7,8 @@
  *   container that reads only them runs with the registry gone;
  * - the FUSE server's /metrics reports the per-layer fetched size;
  * - background fetch continues from the head prefetch downloaded: the registry serves each byte before the
- *   TOC once.
+ *   TOC once;
+ * - a full disk under the cache degrades to serving from memory and the registry.
  *
  * The cache dir (`<root>/cache/chunks`) is a plain directory, not a FUSE mount: the test walks it directly.
  */
@@ -21,6 +22,7 @@ import { before, describe, test } from 'node:test';
 import {
   DEFAULT_CLI_PATH,
   REPO_ROOT,
+  bestEffort,
   buildBusyboxImage,
   convertToEstargz,
   fetchManifest,
@@ -454,5 +456,39 @@ describe('layer cache: background fetch after prefetch', { skip: notRoot && 'e2e
     assert.equal(missing, 0, 'every byte before the TOC was fetched');
     assert.ok(total <= layer.size + tail, `fetched ${total}: the blob plus at most its TOC and footer again (${layer.size} + ${tail})`);
     assert.equal(registry.bytesServed(layer.digest), total + 2);
+  });
+});
+
+describe('layer cache: a full disk', { skip: notRoot && 'e2e tests need root' }, () => {
+  test('with the cache on a full filesystem, reads are served from memory and the registry, not failed', async (t) => {
+    const registry = await startRegistry({ scope: t });
+    const daemon = await startDaemon({
+      scope: t,
+      // The cap is far above what the filesystem holds: the disk fills up before the budget evicts anything.
+      config: ['no_background_fetch = true', '[cache]', `memory_max_bytes = ${MEMORY_CAP_BYTES}`, `disk_max_bytes = ${64 * MiB}`, ''].join('\n'),
+    });
+    // A 2 MiB filesystem over <root>/cache, under the running FUSE server: chunk and TOC writes land on it.
+    const cacheDir = path.join(daemon.root, 'cache');
+    await run('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'stargaze-e2e-full', cacheDir]);
+    t.after(() => bestEffort('unmount the small cache filesystem', () => run('umount', ['-l', cacheDir])));
+    const containerd = await startContainerd({ scope: t, stargazeAddress: daemon.address, stargazeRoot: daemon.root });
+
+    const data = randomBytes(6 * MiB);
+    const original = await buildBusyboxImage({ host: registry.host, repo: 'cache/full', tag: 'v1', extraFiles: [{ path: '/full/data.bin', content: data }] });
+    const esgz = await convertToEstargz(containerd, original.ref, `${registry.host}/cache/full:v1-esgz`, { chunkSizeBytes: CHUNK_BYTES });
+    const ns = containerd.newNamespace('full');
+    await containerd.rpull(esgz.ref, { namespace: ns });
+    const readData = ['/bin/sh', '-c', 'sha256sum /full/data.bin | cut -c1-64'];
+    const r = await containerd.runContainer(esgz.ref, readData, { namespace: ns, snapshotter: 'stargz' });
+    assert.equal(r.stdout, sha256Hex(data) + '\n', 'the file reads correctly with the disk full');
+    await daemon.waitForLog((e) => e.msg === 'could not write a chunk to the disk cache; serving without it', {
+      what: 'a failed chunk write',
+      timeoutMs: 10_000,
+    });
+    // Again, from a fresh page cache: what is on neither disk nor in memory is fetched again.
+    await dropPageCache();
+    const again = await containerd.runContainer(esgz.ref, readData, { namespace: ns, snapshotter: 'stargz' });
+    assert.equal(again.stdout, sha256Hex(data) + '\n');
+    assert.ok(!daemon.logs().some((e) => e.msg === 'disk use over disk_max_bytes with nothing left to evict (pinned TOCs, metadata, logs)'));
   });
 });
