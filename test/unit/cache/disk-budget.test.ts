@@ -184,3 +184,28 @@ test('a full disk under the budget: writes fail soft, reservations are released,
   assert.deepEqual(await caches.diskCache.get(small.digest), small.data);
   assert.equal(caches.budget.bytesOf('chunk'), BLOCK_BYTES);
 });
+
+test('with a root, untracked files (the metadata db) take their share and the caches shrink to fit', async (t) => {
+  const root = await tmpDir(t);
+  const cacheDir = path.join(root, 'cache', 'chunks');
+  {
+    const chunks = await DiskChunkCache.open({ dir: cacheDir, maxBytes: 1 << 30, log: quiet });
+    for (const s of 'abcdefgh') {
+      const c = chunk(s, 4 * BLOCK_BYTES);
+      await chunks.put(c.digest, c.data);
+    }
+  }
+  await mkdir(path.join(root, 'snapshotter', 'snapshots', '1', 'fs'), { recursive: true });
+  await writeFile(path.join(root, 'snapshotter', 'snapshots', '1', 'fs', 'upper'), Buffer.alloc(256 * KiB, 1)); // not counted
+  await writeFile(path.join(root, 'snapshotter', 'metadata.db'), Buffer.alloc(64 * KiB, 1));
+  const cap = 48 * BLOCK_BYTES; // 192 KiB: the 128 KiB of chunks fit alone, not with the db and directories
+  const caches = await openDiskCaches({ cacheDir, root, maxBytes: cap, log: quiet });
+  t.after(() => caches.close());
+  assert.equal(caches.diskCache.usedBytes, 8 * 4 * BLOCK_BYTES, 'the chunk index is there when open returns');
+  await caches.counted;
+  // The first walk of the root runs in the background.
+  for (let waited = 0; caches.diskCache.usedBytes === 8 * 4 * BLOCK_BYTES && waited < 5_000; waited += 20) await new Promise((r) => setTimeout(r, 20));
+  assert.ok(caches.budget.usedBytes <= cap, `within the cap (${caches.budget.usedBytes})`);
+  assert.ok(caches.diskCache.usedBytes < 8 * 4 * BLOCK_BYTES, `chunks were evicted for the db (${caches.diskCache.usedBytes})`);
+  assert.ok(caches.diskCache.usedBytes >= 4 * 4 * BLOCK_BYTES, `but not more than needed (${caches.diskCache.usedBytes})`);
+});
