@@ -188,7 +188,8 @@ export class DiskBudget {
       this.enforcing = false;
     }
     const now = Date.now();
-    if (this.usedBytes > this.maxBytes && now - this.lastOverCapWarnMs > OVER_CAP_WARN_INTERVAL_MS) {
+    // A cap of 0 means no disk caching: being over it is the expected state, not worth a warning.
+    if (this.maxBytes > 0 && this.usedBytes > this.maxBytes && now - this.lastOverCapWarnMs > OVER_CAP_WARN_INTERVAL_MS) {
       this.lastOverCapWarnMs = now;
       this.log?.warn(
         { usedBytes: this.usedBytes, maxBytes: this.maxBytes, untrackedBytes: this.untrackedBytes, reservedBytes: this.reservedBytes },

@@ -47,7 +47,10 @@ export interface FuseConfig {
 export interface CacheConfig {
   /** Bound of the in-memory cache (`[cache] memory_max_bytes`, ours). */
   readonly memoryMaxBytes: number;
-  /** `[cache] disk_max_bytes`: cap on the disk chunk cache under the root (least recently used evicted). */
+  /**
+   * `[cache] disk_max_bytes`: cap on what the daemon keeps under its root, snapshot dirs aside: chunk and TOC
+   * caches (least recently used evicted), files being written, metadata db and logs (cache/disk-budget.ts).
+   */
   readonly diskMaxBytes: number;
 }
 
