@@ -36,6 +36,11 @@ async function tmpDir(t: { after: (fn: () => Promise<void>) => void }): Promise<
   return dir;
 }
 
+/** Eviction unlinks files asynchronously: polls until `done` holds (or 5 s pass, and the assertions after it tell). */
+async function settled(done: () => Promise<boolean>): Promise<void> {
+  for (let waited = 0; !(await done()) && waited < 5_000; waited += 20) await new Promise((r) => setTimeout(r, 20));
+}
+
 const tocFiles = async (dir: string): Promise<string[]> => (await readdir(dir).catch(() => [] as string[])).filter((n) => n.endsWith('.toc'));
 
 test('budget: one LRU over every account, pinned entries skipped, untracked and reserved bytes counted', () => {
@@ -81,7 +86,7 @@ test('TOC cache entries count toward the cap and are evicted like chunks, except
   // 12 chunks of one block: past the cap, so the oldest entries go, the pinned TOC excepted.
   const chunks = 'abcdefghijkl'.split('').map((s) => chunk(s, BLOCK_BYTES));
   for (const c of chunks) await caches.diskCache.put(c.digest, c.data);
-  await new Promise((r) => setTimeout(r, 50)); // eviction unlinks are asynchronous
+  await settled(async () => (await tocFiles(tocDir)).length <= 1);
   assert.ok(caches.budget.usedBytes <= 12 * BLOCK_BYTES, `within the cap (${caches.budget.usedBytes})`);
   const left = await tocFiles(tocDir);
   assert.deepEqual(left, [`${t1!.layer.slice(7)}.toc`], 'the unmounted layers’ TOCs were evicted; the mounted one stays');
@@ -95,7 +100,7 @@ test('TOC cache entries count toward the cap and are evicted like chunks, except
   // Unmounted, it becomes evictable like the rest (the load above made it more recent than every chunk).
   caches.tocCache.unpin(t1!.layer);
   for (const c of 'mnopqrstuvwx'.split('').map((s) => chunk(s, BLOCK_BYTES))) await caches.diskCache.put(c.digest, c.data);
-  await new Promise((r) => setTimeout(r, 50));
+  await settled(async () => (await tocFiles(tocDir)).length === 0);
   assert.deepEqual(await tocFiles(tocDir), []);
 });
 
@@ -123,7 +128,7 @@ test('after a restart the budget recounts TOCs and chunks, and evicts the oldest
   const caches = await openDiskCaches({ cacheDir, maxBytes: 3 * BLOCK_BYTES, log: quiet });
   t.after(() => caches.close());
   await caches.counted;
-  await new Promise((r) => setTimeout(r, 50));
+  await settled(async () => (await tocFiles(tocDir)).length <= 1);
   assert.equal(caches.budget.usedBytes, 3 * BLOCK_BYTES, 'two chunk blocks and the fresh TOC');
   assert.deepEqual(await tocFiles(tocDir), [`${toc('fresh', 100).layer.slice(7)}.toc`]);
   assert.ok(!(await readdir(tocDir)).includes('.tmp-leftover'), 'temp files of a crashed write are removed');
@@ -203,8 +208,7 @@ test('with a root, untracked files (the metadata db) take their share and the ca
   t.after(() => caches.close());
   assert.equal(caches.diskCache.usedBytes, 8 * 4 * BLOCK_BYTES, 'the chunk index is there when open returns');
   await caches.counted;
-  // The first walk of the root runs in the background.
-  for (let waited = 0; caches.diskCache.usedBytes === 8 * 4 * BLOCK_BYTES && waited < 5_000; waited += 20) await new Promise((r) => setTimeout(r, 20));
+  await settled(async () => caches.diskCache.usedBytes < 8 * 4 * BLOCK_BYTES); // the first walk of the root runs in the background
   assert.ok(caches.budget.usedBytes <= cap, `within the cap (${caches.budget.usedBytes})`);
   assert.ok(caches.diskCache.usedBytes < 8 * 4 * BLOCK_BYTES, `chunks were evicted for the db (${caches.diskCache.usedBytes})`);
   assert.ok(caches.diskCache.usedBytes >= 4 * 4 * BLOCK_BYTES, `but not more than needed (${caches.diskCache.usedBytes})`);
