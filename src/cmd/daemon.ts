@@ -174,9 +174,10 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
   const dir = path.join(setup.root, 'fuse');
   await mkdir(dir, { recursive: true, mode: 0o700 });
   const socketPath = path.join(dir, 'fuse-server.sock');
+  const logFile = path.join(dir, 'fuse-server.log');
   const client = new FuseServerClient({
     socketPath,
-    logFile: path.join(dir, 'fuse-server.log'),
+    logFile,
     serverArgv: [
       path.resolve(process.argv[1] ?? 'stargaze'),
       'fuse-server',
@@ -188,6 +189,9 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
       '--config', setup.configPath,
       ...(setup.configExplicit ? [] : ['--config-optional']),
       '--log-level', setup.logLevel,
+      // The server writes its log lines to this file itself, bounded in size; its stdout and stderr
+      // (a crash's stack trace) are appended to the same file by the spawn.
+      '--log-file', logFile,
       ...(setup.keychains.criKeychainDir ? ['--cri-keychain-dir', setup.keychains.criKeychainDir] : []),
       ...(setup.keychains.kubeconfigPath ? ['--kubeconfig', setup.keychains.kubeconfigPath] : []),
     ],
