@@ -349,15 +349,16 @@ export class RegistryClient {
 
   /**
    * Like fetchBlob, but fetched as `concurrency` parallel range requests of `chunkBytes` each, emitted in
-   * order with bounded memory (about concurrency x chunkBytes) and checked against `digest` at the end. Each
-   * range has the retries and the bound of a range read. Falls back to one plain GET when the blob fits in
-   * one chunk or the registry ignores Range.
+   * order with bounded memory (about concurrency x chunkBytes) and checked against `digest` at the end (unless
+   * opts.verifyDigest is false: see ParallelFetchOptions). Each range has the retries and the bound of a range
+   * read. Falls back to one plain GET (always verified) when the blob fits in one chunk or the registry
+   * ignores Range.
    */
   async fetchBlobParallel(ref: string, digest: string, opts: ParallelFetchOptions = {}): Promise<BlobStream> {
     const { concurrency, chunkBytes } = parallelOptions(opts, this.parallelDefaults);
     const source = (await this.resolveBlob(ref, digest, opts.signal)) as RegistryBlobSource;
     if (source.size <= chunkBytes || source.rangesIgnored) return this.fetchBlob(ref, digest, opts.signal);
-    const body = parallelRangeStream(source, { concurrency, chunkBytes, signal: opts.signal }, `blob ${digest} of ${parseReference(ref).name} from ${source.host}`);
+    const body = parallelRangeStream(source, { concurrency, chunkBytes, verifyDigest: opts.verifyDigest, signal: opts.signal }, `blob ${digest} of ${parseReference(ref).name} from ${source.host}`);
     return { digest, size: source.size, body };
   }
 
