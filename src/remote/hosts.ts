@@ -8,6 +8,8 @@
  * and falls back to http for localhost; going straight to http for loopback avoids a failed TLS handshake per
  * resolve, and loopback registries with TLS can still be configured with `server = "https://..."`.
  *
+ * Several `client` certificates: see client-certs.ts for how one is chosen.
+ *
  * Not supported (yet): legacy docker certs.d files (*.crt, *.cert/*.key) in a host directory without a
  * hosts.toml; such a directory is skipped. Unknown keys are reported as warnings, not errors, because
  * containerd ignores them and the same file is shared with containerd.

@@ -37,6 +37,7 @@ import { RegistryAuthError, RegistryError, StargazeError, errorCode, errorMessag
 import { log as rootLog, type Logger } from '../log';
 import { MAX_TOKEN_RESPONSE_BYTES, RegistryAuthorizer, pullScope, type TokenHttp } from './auth';
 import type { BlobSource, ByteRange } from './blob-source';
+import { ClientCertChoice, certVerdictOfError, certVerdictOfStatus } from './client-certs';
 import { DockerConfigKeychain, chainCredentials, type CredentialProvider, type RegistryCredentials } from './credentials';
 import { resolveHosts, type HostCapability, type RegistryEndpoint } from './hosts';
 import { boundaryOf, ByteRangesParser } from './multipart-byteranges';
@@ -242,6 +243,8 @@ export class RegistryClient {
   readonly authorizer: RegistryAuthorizer;
   /** One keep-alive pool per (origin, TLS settings). */
   private readonly pools = new Map<string, Promise<Pool>>();
+  /** Of several hosts.toml client certificates, the one each origin accepted. */
+  private readonly certChoice = new ClientCertChoice();
   /** hosts.toml warnings already logged, so each is logged once. */
   private readonly warned = new Set<string>();
   private closed = false;
@@ -611,23 +614,75 @@ export class RegistryClient {
     }
   }
 
-  /** One HTTP exchange; transport failures become RegistryError naming the host, marked transient when they are. */
+  /**
+   * One HTTP exchange; transport failures become RegistryError naming the host, marked transient when they
+   * are. With several hosts.toml client certificates, the exchange is tried with each in turn until the
+   * server accepts one (see client-certs.ts).
+   */
   private async sendOnce(url: URL, tls: TlsSettings, opts: SendOptions, what: string): Promise<Dispatcher.ResponseData> {
-    const pool = await this.poolFor(url, tls);
+    const certs = url.protocol === 'https:' ? tls.clientCerts.length : 0;
+    if (certs <= 1) return this.wrapTransportError(() => this.request(url, tls, 0, opts), url, opts, what);
+    const key = tlsKey(url, tls);
+    const order = this.certChoice.order(key, certs);
+    return this.wrapTransportError(
+      async () => {
+        for (let n = 0; ; n++) {
+          const index = order[n] as number;
+          const last = n === order.length - 1;
+          let res: Dispatcher.ResponseData;
+          try {
+            res = await this.request(url, tls, index, opts);
+          } catch (err) {
+            if (last || opts.signal?.aborted === true || !this.certChoice.shouldTryNext(key, certVerdictOfError(err))) throw err;
+            this.log.debug({ host: url.host, cert: tls.clientCerts[index]?.certFile, err: describeNetworkError(err) }, 'client certificate not accepted; trying the next one');
+            continue;
+          }
+          const verdict = certVerdictOfStatus(res.statusCode);
+          if (!last && this.certChoice.shouldTryNext(key, verdict)) {
+            await discard(res);
+            this.log.debug({ host: url.host, cert: tls.clientCerts[index]?.certFile, status: res.statusCode }, 'client certificate maybe not accepted; trying the next one');
+            continue;
+          }
+          if (verdict === 'accepted' && !this.certChoice.hasAccepted(key)) {
+            this.log.debug({ host: url.host, cert: tls.clientCerts[index]?.certFile }, 'client certificate accepted');
+          }
+          if (verdict === 'accepted') this.certChoice.accept(key, index);
+          return res;
+        }
+      },
+      url,
+      opts,
+      what,
+      ` (tried ${certs} client certificates)`,
+    );
+  }
+
+  private async request(url: URL, tls: TlsSettings, certIndex: number, opts: SendOptions): Promise<Dispatcher.ResponseData> {
+    const pool = await this.poolFor(url, tls, certIndex);
     const idle = this.requestTimeoutMs ?? 0; // undici: 0 disables
+    return pool.request({
+      path: url.pathname + url.search,
+      method: opts.method,
+      headers: opts.headers,
+      body: opts.body,
+      signal: opts.signal,
+      headersTimeout: idle,
+      bodyTimeout: idle,
+    });
+  }
+
+  private async wrapTransportError(
+    fn: () => Promise<Dispatcher.ResponseData>,
+    url: URL,
+    opts: SendOptions,
+    what: string,
+    note = '',
+  ): Promise<Dispatcher.ResponseData> {
     try {
-      return await pool.request({
-        path: url.pathname + url.search,
-        method: opts.method,
-        headers: opts.headers,
-        body: opts.body,
-        signal: opts.signal,
-        headersTimeout: idle,
-        bodyTimeout: idle,
-      });
+      return await fn();
     } catch (err) {
       if (opts.signal?.aborted === true || err instanceof StargazeError) throw err;
-      const wrapped = new RegistryError(`${what}: request to ${url.host} failed: ${describeNetworkError(err)}`);
+      const wrapped = new RegistryError(`${what}: request to ${url.host} failed: ${describeNetworkError(err)}${note}`);
       if (isTransientNetworkError(err) && !this.closed) markTransient(wrapped);
       throw wrapped;
     }
@@ -648,13 +703,14 @@ export class RegistryClient {
     }
   };
 
-  private poolFor(url: URL, tls: TlsSettings): Promise<Pool> {
+  /** The pool for an origin, its TLS settings and (of several) the client certificate `certIndex`. */
+  private poolFor(url: URL, tls: TlsSettings, certIndex: number): Promise<Pool> {
     if (this.closed) return Promise.reject(new RegistryError(`registry client is closed`));
     const secure = url.protocol === 'https:';
-    const key = secure ? `${url.origin}|${tls.skipVerify}|${tls.caFiles.join(',')}|${tls.clientCerts.map((c) => `${c.certFile}:${c.keyFile}`).join(',')}` : url.origin;
+    const key = secure ? `${tlsKey(url, tls)}#${certIndex}` : url.origin;
     let pool = this.pools.get(key);
     if (pool === undefined) {
-      pool = this.createPool(url.origin, secure ? tls : DEFAULT_TLS);
+      pool = this.createPool(url.origin, secure ? tls : DEFAULT_TLS, certIndex);
       this.pools.set(key, pool);
       // A pool that could not be built (unreadable CA file) is not cached, so a fixed file is picked up.
       pool.catch(() => this.pools.delete(key));
@@ -662,14 +718,14 @@ export class RegistryClient {
     return pool;
   }
 
-  private async createPool(origin: string, tls: TlsSettings): Promise<Pool> {
+  private async createPool(origin: string, tls: TlsSettings, certIndex: number): Promise<Pool> {
     const connect: Record<string, unknown> = { rejectUnauthorized: !tls.skipVerify };
     if (tls.caFiles.length > 0) {
       // Node's `ca` replaces the default trust store; hosts.toml `ca` adds to it.
       connect.ca = [...rootCertificates, ...(await Promise.all(tls.caFiles.map((f) => readTlsFile(f, 'ca'))))];
     }
-    if (tls.clientCerts.length > 0) {
-      const c = tls.clientCerts[0] as RegistryEndpoint['clientCerts'][number];
+    const c = tls.clientCerts[certIndex];
+    if (c !== undefined) {
       const cert = await readTlsFile(c.certFile, 'client certificate');
       connect.cert = cert;
       connect.key = c.keyFile === undefined ? cert : await readTlsFile(c.keyFile, 'client key');
@@ -704,6 +760,11 @@ export class RegistryClient {
   get logger(): Logger {
     return this.log;
   }
+}
+
+/** An origin with its TLS settings: what the client certificate choice is remembered for. */
+function tlsKey(url: URL, tls: TlsSettings): string {
+  return `${url.origin}|${tls.skipVerify}|${tls.caFiles.join(',')}|${tls.clientCerts.map((c) => `${c.certFile}:${c.keyFile}`).join(',')}`;
 }
 
 async function readTlsFile(file: string, what: string): Promise<Buffer> {
