@@ -22,6 +22,8 @@ import type { Descriptor } from './types';
 
 /** Bytes per WRITE message; content.Copy uses 1 MiB buffers too. */
 export const WRITE_CHUNK_BYTES = 1024 * 1024;
+/** Source buffers at least this big become WRITE messages without being copied (see rechunk). */
+const PASS_THROUGH_BYTES = 256 * 1024;
 /**
  * WRITE messages sent before the oldest one's answer is awaited. containerd handles a stream's messages in
  * order and answers each, so the answers still arrive in order; with one at a time, every MiB waited a round
@@ -133,7 +135,11 @@ function num(v: string | number): number {
   return typeof v === 'number' ? v : Number(v);
 }
 
-/** Regroups a byte stream into chunks of exactly `size` bytes (the last one shorter), skipping `skip` bytes. */
+/**
+ * Regroups a byte stream into chunks of at most `size` bytes, skipping `skip` bytes. Source buffers of at
+ * least PASS_THROUGH_BYTES go out as views, cut at `size` (no copy: a parallel download hands over chunks of
+ * several MiB, and copying them only fed the garbage collector); smaller ones are gathered up to `size`.
+ */
 async function* rechunk(source: AsyncIterable<Buffer> | Iterable<Buffer>, size: number, skip: number): AsyncGenerator<Buffer> {
   let toSkip = skip;
   let buf: Buffer | undefined;
@@ -149,10 +155,11 @@ async function* rechunk(source: AsyncIterable<Buffer> | Iterable<Buffer>, size: 
       toSkip = 0;
     }
     while (chunk.length > 0) {
-      // A full-size chunk needs no copy.
-      if (filled === 0 && chunk.length >= size) {
-        yield chunk.subarray(0, size);
-        chunk = chunk.subarray(size);
+      // A big enough buffer needs no copy.
+      if (filled === 0 && chunk.length >= Math.min(size, PASS_THROUGH_BYTES)) {
+        const n = Math.min(size, chunk.length);
+        yield chunk.subarray(0, n);
+        chunk = chunk.subarray(n);
         continue;
       }
       buf ??= Buffer.allocUnsafe(size);
