@@ -341,12 +341,14 @@ class Pull {
     this.layers = layers;
     this.emit({ type: 'resolved', name: this.name, target: target.desc, manifest: manifest.desc, platform, layers: layers.length });
 
+    const chain = chainIds(diffIds);
+    await this.downloadEarly(chain);
+
     // Top-down, as containerd's handlers: index, manifest, config (layers are the unpacker's business).
     if (index !== undefined) await this.storeBlob('index', index.desc, index.body, childrenGcLabels(index.doc.manifests));
     await this.storeBlob('manifest', manifest.desc, manifest.body, childrenGcLabels([manifest.doc.config, ...layers]));
     await this.storeBlob('config', config.desc, config.body, {});
 
-    const chain = chainIds(diffIds);
     const results: LayerResult[] = [];
     for (let i = 0; i < layers.length; i++) results.push(await this.unpackLayer(i, chain, diffIds));
     const top = chain[chain.length - 1] ?? '';
@@ -514,6 +516,20 @@ class Pull {
     const snapshotterIsLazy = !eStargz(this.layers[i] as Descriptor);
     for (let j = i + 1; j < this.layers.length; j++) {
       if (!snapshotterIsLazy || !eStargz(this.layers[j] as Descriptor)) void this.fetchLayer(j);
+    }
+  }
+
+  /**
+   * Starts downloading, right away, the layers that will need it for sure: those without a TOC digest (never
+   * mounted lazily) above the highest chainID the snapshotter already has. Their downloads then run while the
+   * index, manifest and config are stored and the lower layers are prepared, instead of after.
+   */
+  private async downloadEarly(chain: readonly string[]): Promise<void> {
+    const sn = this.c.snapshots(this.opts.snapshotter);
+    const present = await Promise.all(chain.map(async (id) => (await sn.stat(id).catch(() => undefined)) !== undefined));
+    const firstMissing = present.lastIndexOf(true) + 1;
+    for (let i = firstMissing; i < this.layers.length; i++) {
+      if ((this.layers[i] as Descriptor).annotations?.[TOC_DIGEST] === undefined) void this.fetchLayer(i);
     }
   }
 
