@@ -11,7 +11,8 @@
  *      a round trip; otherwise HEAD on the final URL, then GET bytes=0-1 as the reference does.
  * Range reads expect 206 with a matching Content-Range; a 200 (server ignored Range) is read only up to the
  * wanted slice and the rest of the connection is dropped, so a whole blob is never buffered. 403 on a
- * redirected URL (expired pre-signed URL) re-resolves once; 401 re-authenticates once.
+ * redirected URL (expired pre-signed URL), or 401 from storage on another origin, re-resolves once; 401 from
+ * the registry re-authenticates once.
  *
  * Multi-range reads (readRanges) send one GET `Range: bytes=a-b,c-d` and parse multipart/byteranges as a
  * stream; a 400 switches that host to single ranges (as does force_single_range_mode).
@@ -962,8 +963,11 @@ export class RegistryBlobSource implements BlobSource {
       const location = this.location;
       const host = location.url.host;
       const res = await this.client.sendTo(location, this.reference, { method: 'GET', headers: { range, 'accept-encoding': 'identity' }, signal }, what);
-      // An expired pre-signed storage URL (any redirect target): ask the registry for a fresh one, once.
-      if (res.statusCode === 403 && (location.foreign || location.url.href !== location.blobUrl.href) && !refreshed) {
+      // An expired pre-signed storage URL (any redirect target): ask the registry for a fresh one, once. Storage
+      // on another origin gets no registry auth, so its 401 means the same as a 403 (some S3-compatible stores
+      // answer 401 to an expired signature); on the registry's own origin a 401 was already re-authenticated.
+      const expired = res.statusCode === 403 || (res.statusCode === 401 && location.foreign);
+      if (expired && (location.foreign || location.url.href !== location.blobUrl.href) && !refreshed) {
         await discard(res);
         refreshed = true;
         await this.refresh(signal);
