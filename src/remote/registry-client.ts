@@ -40,7 +40,7 @@ import { MAX_TOKEN_RESPONSE_BYTES, RegistryAuthorizer, pullScope, type TokenHttp
 import type { BlobSource, ByteRange } from './blob-source';
 import { ClientCertChoice, certVerdictOfError, certVerdictOfStatus } from './client-certs';
 import { DockerConfigKeychain, chainCredentials, type CredentialProvider, type RegistryCredentials } from './credentials';
-import { resolveHosts, type HostCapability, type RegistryEndpoint } from './hosts';
+import { resolveHosts, type ConfigMirror, type HostCapability, type RegistryEndpoint } from './hosts';
 import { boundaryOf, ByteRangesParser } from './multipart-byteranges';
 import { parallelOptions, parallelRangeStream, type ParallelFetchOptions } from './parallel-fetch';
 import { planRanges, RangeFiller, resultsOf, type MergedRange } from './range-plan';
@@ -96,6 +96,8 @@ export interface RegistryClientOptions {
   retry?: Partial<RetryPolicy>;
   /** Never send multi-range requests ([blob] force_single_range_mode). */
   forceSingleRangeMode?: boolean;
+  /** `[[resolver.host."<registry>".mirrors]]` by registry domain; a hosts.toml for the registry wins. */
+  configMirrors?: Readonly<Record<string, readonly ConfigMirror[]>>;
   /** Defaults of fetchBlobParallel ([blob] parallel_fetch_concurrency, parallel_fetch_chunk_size). */
   parallelFetch?: { concurrency?: number; chunkBytes?: number };
 }
@@ -134,10 +136,13 @@ interface SendOptions {
   signal: AbortSignal | undefined;
 }
 
+/** What a request needs to know of its endpoint besides the URL (an endpoint is one). */
 interface TlsSettings {
   skipVerify: boolean;
   caFiles: readonly string[];
   clientCerts: RegistryEndpoint['clientCerts'];
+  /** A config mirror's own request bound: > 0 seconds, < 0 none; 0 or absent: the client's. */
+  requestTimeoutSec?: number;
 }
 
 const DEFAULT_TLS: TlsSettings = { skipVerify: false, caFiles: [], clientCerts: [] };
@@ -240,6 +245,7 @@ export class RegistryClient {
   private readonly forceSingleRange: boolean;
   /** Hosts that answered 400 to a multi-range request: they get single ranges from now on. */
   private readonly singleRangeHosts = new Set<string>();
+  private readonly configMirrors: RegistryClientOptions['configMirrors'];
   private readonly parallelDefaults: { concurrency?: number; chunkBytes?: number } | undefined;
   readonly authorizer: RegistryAuthorizer;
   /** One keep-alive pool per (origin, TLS settings). */
@@ -259,6 +265,7 @@ export class RegistryClient {
     this.retry = retryPolicy(opts.retry);
     this.forceSingleRange = opts.forceSingleRangeMode === true;
     this.parallelDefaults = opts.parallelFetch;
+    this.configMirrors = opts.configMirrors;
     const explicit = opts.credentials;
     const fromOptions: CredentialProvider | undefined =
       explicit === undefined ? undefined : async (host, signal, repository) => explicit(host, signal, repository);
@@ -371,7 +378,7 @@ export class RegistryClient {
 
   /** Loads the endpoints for a registry domain and keeps those with one of `caps`. */
   private async endpointsFor(reference: ImageReference, caps: readonly HostCapability[]): Promise<readonly RegistryEndpoint[]> {
-    const resolution = await resolveHosts(reference.domain, this.hostsDir);
+    const resolution = await resolveHosts(reference.domain, this.hostsDir, this.configMirrors?.[reference.domain]);
     for (const w of resolution.warnings) {
       if (!this.warned.has(w)) {
         this.warned.add(w);
@@ -660,7 +667,8 @@ export class RegistryClient {
 
   private async request(url: URL, tls: TlsSettings, certIndex: number, opts: SendOptions): Promise<Dispatcher.ResponseData> {
     const pool = await this.poolFor(url, tls, certIndex);
-    const idle = this.requestTimeoutMs ?? 0; // undici: 0 disables
+    const own = tls.requestTimeoutSec ?? 0;
+    const idle = own > 0 ? own * 1000 : own < 0 ? 0 : (this.requestTimeoutMs ?? 0); // undici: 0 disables
     return pool.request({
       path: url.pathname + url.search,
       method: opts.method,
