@@ -22,6 +22,12 @@ export const DEFAULT_MEMORY_CACHE_BYTES = 256 * 1024 * 1024;
  * than this is refused rather than trusted with an allocation of its choosing.
  */
 export const MAX_CHUNK_BYTES = 256 * 1024 * 1024;
+/**
+ * On sequential reads, chunks after the one being read are loaded from the disk cache ahead of the reader, up
+ * to this many bytes (and at most half the memory cache), so reading the next chunk file and verifying it
+ * overlap with serving this one instead of stalling the reader once per chunk.
+ */
+export const DISK_READAHEAD_BYTES = 8 * 1024 * 1024;
 /** Prefetch inflates this many members at once (the zlib thread pool has 4 threads by default). */
 const PREFETCH_INFLATE_CONCURRENCY = 4;
 
@@ -66,6 +72,8 @@ export interface LayerReaderStats {
   prefetchedChunks: number;
   /** Chunks read from the disk cache instead of the registry. */
   diskHits: number;
+  /** Chunks loaded from the disk cache ahead of a sequential reader. */
+  readAheadChunks: number;
 }
 
 /** What read() needs of a node. */
@@ -79,7 +87,10 @@ export class LayerReader {
     sharedFetches: 0,
     prefetchedChunks: 0,
     diskHits: 0,
+    readAheadChunks: 0,
   };
+  /** Per file, the index of the last chunk a read touched: tells sequential reads (disk read-ahead) apart. */
+  private readonly lastChunk = new WeakMap<ReadableNode, number>();
   /** Verified, decompressed chunks by this.key(). */
   private readonly cache: LRUCache<string, Buffer> | undefined;
   /** Chunk fetches in flight by this.key(): the single-flight group. */
@@ -124,6 +135,7 @@ export class LayerReader {
     const first = chunkIndexAt(chunks, position);
     let last = first;
     while (last + 1 < chunks.length && chunks[last + 1].fileOffset < end) last++;
+    this.readAhead(node, first, last);
 
     if (first === last) {
       const c = chunks[first];
@@ -145,6 +157,42 @@ export class LayerReader {
       filled += parts[i - first].copy(out, filled, from, to);
     }
     return out;
+  }
+
+  /**
+   * When a read enters a new chunk right after the previous one (or starts the file), starts loading the
+   * following chunks that are in the disk cache, so they are in memory when the reader gets there. Only from
+   * disk: a registry fetch ahead of need is prefetch's and background fetch's call, not this one's. Needs a
+   * memory tier to land in; without one a chunk read ahead would be thrown away.
+   */
+  private readAhead(node: ReadableNode, first: number, last: number): void {
+    const disk = this.disk;
+    const cache = this.cache;
+    if (disk === undefined || cache === undefined) return;
+    const prev = this.lastChunk.get(node);
+    if (prev === last) return; // still inside the chunk that started the read-ahead
+    this.lastChunk.set(node, last);
+    if (prev === undefined ? first !== 0 : first !== prev && first !== prev + 1) return;
+    const budget = Math.min(DISK_READAHEAD_BYTES, Math.floor(cache.maxSize / 2));
+    const chunks = node.chunks;
+    let bytes = 0;
+    for (let i = last + 1; i < chunks.length; i++) {
+      const c = chunks[i];
+      bytes += c.size;
+      if (bytes > budget) break;
+      const key = this.key(c);
+      if (this.has(key)) continue;
+      if (c.digest === undefined || c.size > MAX_CHUNK_BYTES || !disk.has(c.digest)) break;
+      this.stats.readAheadChunks++;
+      const p = this.fetch(c)
+        .then((data) => {
+          cache.set(key, data);
+          return data;
+        })
+        .finally(() => this.inflight.delete(key));
+      p.catch(() => undefined); // a reader that joins it sees the error
+      this.inflight.set(key, p);
+    }
   }
 
   /**
