@@ -7,7 +7,7 @@ import type { ChunkInfo, LayerNode, LayerTree } from '../metadata/layer-tree';
 import type { BlobSource } from '../remote/blob-source';
 import { readRangesOf } from '../remote/blob-source';
 import { inflateRange } from './inflate-range';
-import { zstdRange } from './zstd-range';
+import { zstdPool } from './zstd-pool';
 
 /**
  * Reads regular-file bytes of one layer. Reads are widened to whole chunks; each chunk is fetched as
@@ -350,7 +350,7 @@ export class LayerReader {
   /** Inflates the chunk out of its member bytes and verifies it. */
   private async decode(c: ChunkInfo, member: Buffer): Promise<Buffer> {
     this.checkChunk(c);
-    const data = this.zstd ? await zstdRange(member, c.innerOffset, c.size) : await inflateRange(member, c.innerOffset, c.size);
+    const data = this.zstd ? await zstdPool.range(member, c.innerOffset, c.size) : await inflateRange(member, c.innerOffset, c.size);
     if (this.verify) {
       // WebCrypto hashes on the libuv thread pool: a 4 MiB chunk does not stall FUSE callbacks.
       const digest = 'sha256:' + Buffer.from(await webcrypto.subtle.digest('SHA-256', data)).toString('hex');
