@@ -13,16 +13,17 @@ import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 
 import { EstargzFormatError, StargazeError, VerificationError } from '../errors';
-import { DEFAULT_MAX_FRAME_OUTPUT_BYTES, zstdRange } from './zstd-range';
+import { DEFAULT_MAX_FRAME_OUTPUT_BYTES, zstdDecompressAll, zstdRange } from './zstd-range';
 
 /** Members decoding to at most this many bytes are decoded inline: under a millisecond, less than a post. */
 export const INLINE_MAX_BYTES = 128 * 1024;
 /** Workers at most: decoding is CPU-bound, and the FUSE callbacks need a core too. */
 const MAX_WORKERS = 2;
 
-/** One job posted to a worker. */
+/** One job posted to a worker: bytes [skip, skip + length) of a member (range), or all a frame holds, up to `length` (all). */
 export interface ZstdJob {
   id: number;
+  kind: 'range' | 'all';
   /** The member's bytes, in an ArrayBuffer of their own (transferred). */
   member: ArrayBuffer;
   skip: number;
@@ -99,7 +100,15 @@ export class ZstdPool {
     // The member is usually a view into a bigger fetched range: copy it out, so only it is transferred.
     const own = new ArrayBuffer(member.length);
     member.copy(Buffer.from(own));
-    return this.worker().run({ id: this.nextId++, member: own, skip, length, maxFrameOutput });
+    return this.worker().run({ id: this.nextId++, kind: 'range', member: own, skip, length, maxFrameOutput });
+  }
+
+  /** zstdDecompressAll(frames, limit), in a worker when `limit` is big enough to be worth it (diff_id hashing). */
+  all(frames: Buffer, limit: number): Promise<Buffer> {
+    if (limit <= INLINE_MAX_BYTES) return zstdDecompressAll(frames, limit);
+    const own = new ArrayBuffer(frames.length);
+    frames.copy(Buffer.from(own));
+    return this.worker().run({ id: this.nextId++, kind: 'all', member: own, skip: 0, length: limit, maxFrameOutput: limit });
   }
 
   /** Stops the workers (tests, shutdown); a later range() starts new ones. */

@@ -5,14 +5,16 @@
 import { parentPort } from 'node:worker_threads';
 
 import { errorCode, errorMessage } from '../errors';
-import { zstdRange } from './zstd-range';
+import { zstdDecompressAll, zstdRange } from './zstd-range';
 import type { ZstdJob, ZstdReply } from './zstd-pool';
 
 const port = parentPort;
 if (port === null) throw new Error('zstd-worker runs as a worker thread only');
 
 port.on('message', (job: ZstdJob) => {
-  zstdRange(Buffer.from(job.member), job.skip, job.length, job.maxFrameOutput).then(
+  const member = Buffer.from(job.member);
+  const work = job.kind === 'all' ? zstdDecompressAll(member, job.length) : zstdRange(member, job.skip, job.length, job.maxFrameOutput);
+  work.then(
     (out) => {
       // A small Buffer is a view of Node's shared pool: transferring that would detach the pool, so copy it.
       const own = out.byteOffset === 0 && out.buffer.byteLength === out.length ? out.buffer : out.buffer.slice(out.byteOffset, out.byteOffset + out.length);

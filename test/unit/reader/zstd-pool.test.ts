@@ -6,7 +6,8 @@ import { compress } from '@bokuweb/zstd-wasm';
 
 import { EstargzFormatError } from '../../../src/errors';
 import { INLINE_MAX_BYTES, ZstdPool } from '../../../src/reader/zstd-pool';
-import { zstdRange, zstdReady } from '../../../src/reader/zstd-range';
+import { ZstdDiffHasher, zstdRange, zstdReady } from '../../../src/reader/zstd-range';
+import { createHash } from 'node:crypto';
 
 const MIB = 1024 * 1024;
 const pool = new ZstdPool(2);
@@ -70,4 +71,13 @@ test('decoding 4 MiB chunks does not hold up the main thread', async () => {
   const inline = await turnsDuring(Promise.all(Array.from({ length: 4 }, () => zstdRange(frame, 0, data.length))));
   assert.ok(inline <= 8, `inline: ${inline} turns`);
   assert.ok(pooled > 50, `pool: only ${pooled} event-loop turns during four 4 MiB decodes`);
+});
+
+test('the diff_id hasher can decode its frames in the pool', async () => {
+  const a = content(2 * MIB);
+  const b = content(MIB);
+  const blob = Buffer.concat([Buffer.from(compress(a, 3)), Buffer.from(compress(b, 3))]);
+  const hasher = new ZstdDiffHasher(undefined, (frame, maxOutput) => pool.all(frame, maxOutput));
+  for (let i = 0; i < blob.length; i += 100_000) await hasher.write(blob.subarray(i, i + 100_000));
+  assert.equal(hasher.digest(), 'sha256:' + createHash('sha256').update(a).update(b).digest('hex'));
 });
