@@ -135,11 +135,11 @@ export class LayerReader {
     const first = chunkIndexAt(chunks, position);
     let last = first;
     while (last + 1 < chunks.length && chunks[last + 1].fileOffset < end) last++;
-    this.readAhead(node, first, last);
-
     if (first === last) {
       const c = chunks[first];
-      const data = await abortable(this.chunk(c), signal);
+      const loading = this.chunk(c);
+      this.readAhead(node, first, last); // after this read's own load, which must not queue behind it
+      const data = await abortable(loading, signal);
       return data.subarray(position - c.fileOffset, end - c.fileOffset);
     }
     // Chunks neither cached nor in flight are fetched together: one multi-range request where the
@@ -147,6 +147,7 @@ export class LayerReader {
     const started = this.fetchMissing(chunks.slice(first, last + 1));
     const pending: Array<Promise<Buffer>> = [];
     for (let i = first; i <= last; i++) pending.push(started.get(chunks[i]) ?? this.chunk(chunks[i]));
+    this.readAhead(node, first, last);
     const parts = await abortable(Promise.all(pending), signal);
     const out = Buffer.allocUnsafe(end - position);
     let filled = 0;
