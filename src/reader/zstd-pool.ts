@@ -88,6 +88,17 @@ function rebuildError(e: ZstdReply['error']): Error {
   return new StargazeError('ERR_INTERNAL', message);
 }
 
+/**
+ * The bytes in an ArrayBuffer of their own, to transfer: the caller's buffer is usually a view into a bigger
+ * fetched range (and may be shared), so it is copied, unzeroed and unpooled: the main thread's whole share
+ * of a decode (0.4-2 ms for a 2 MiB member on the loaded dev box, against 4-18 ms to decode it inline).
+ */
+function ownCopy(bytes: Buffer): ArrayBuffer {
+  const own = Buffer.allocUnsafeSlow(bytes.length);
+  bytes.copy(own);
+  return own.buffer as ArrayBuffer;
+}
+
 export class ZstdPool {
   private readonly workers: PoolWorker[] = [];
   private nextId = 1;
@@ -97,18 +108,13 @@ export class ZstdPool {
   /** zstdRange's result, decoded in a worker thread when the output is big enough to be worth it. */
   range(member: Buffer, skip: number, length: number, maxFrameOutput = DEFAULT_MAX_FRAME_OUTPUT_BYTES): Promise<Buffer> {
     if (length <= INLINE_MAX_BYTES) return zstdRange(member, skip, length, maxFrameOutput);
-    // The member is usually a view into a bigger fetched range: copy it out, so only it is transferred.
-    const own = new ArrayBuffer(member.length);
-    member.copy(Buffer.from(own));
-    return this.worker().run({ id: this.nextId++, kind: 'range', member: own, skip, length, maxFrameOutput });
+    return this.worker().run({ id: this.nextId++, kind: 'range', member: ownCopy(member), skip, length, maxFrameOutput });
   }
 
   /** zstdDecompressAll(frames, limit), in a worker when `limit` is big enough to be worth it (diff_id hashing). */
   all(frames: Buffer, limit: number): Promise<Buffer> {
     if (limit <= INLINE_MAX_BYTES) return zstdDecompressAll(frames, limit);
-    const own = new ArrayBuffer(frames.length);
-    frames.copy(Buffer.from(own));
-    return this.worker().run({ id: this.nextId++, kind: 'all', member: own, skip: 0, length: limit, maxFrameOutput: limit });
+    return this.worker().run({ id: this.nextId++, kind: 'all', member: ownCopy(frames), skip: 0, length: limit, maxFrameOutput: limit });
   }
 
   /** Stops the workers (tests, shutdown); a later range() starts new ones. */
