@@ -162,9 +162,10 @@ export class LayerReader {
 
   /**
    * When a read enters a new chunk right after the previous one (or starts the file), starts loading the
-   * following chunks that are in the disk cache, so they are in memory when the reader gets there. Only from
-   * disk: a registry fetch ahead of need is prefetch's and background fetch's call, not this one's. Needs a
-   * memory tier to land in; without one a chunk read ahead would be thrown away.
+   * following chunks that are in the disk cache, so they are in memory when the reader gets there. Only chunks
+   * on disk: a registry fetch ahead of need is prefetch's and background fetch's call, not this one's (a chunk
+   * file found corrupt is fetched again, as for any read). Needs a memory tier to land in; without one a chunk
+   * read ahead would be thrown away.
    */
   private readAhead(node: ReadableNode, first: number, last: number): void {
     const disk = this.disk;
