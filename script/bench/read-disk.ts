@@ -25,7 +25,7 @@ import { StargazeFileSystem } from '../../src/fs/stargz-fs';
 import { log } from '../../src/log';
 import { BufferBlobSource, type BlobSource } from '../../src/remote/blob-source';
 import { STARGZ_DIGEST, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../src/source/labels';
-import { FILE_NAME, buildLayer, dropPageCache, measure, run, timedRead, type ReadResult } from './read-throughput';
+import { FILE_NAME, SMALL_DIR, SMALL_FILES, SMALL_FILE_BYTES, buildLayer, dropPageCache, measure, run, timedRead, type ReadResult } from './read-throughput';
 
 const MIB = 1024 * 1024;
 const FILE_MIB = Number(process.env.BENCH_FILE_MIB ?? 256);
@@ -78,6 +78,16 @@ async function warmPassesSeconds(file: string, passes: number): Promise<number> 
 for(let i=0;i<${passes};i++){const fd=fs.openSync(process.argv[1],'r');while(fs.readSync(fd,b,0,b.length,null)>0);fs.closeSync(fd);}
 process.stdout.write(String(Number(process.hrtime.bigint()-t)/1e9));`;
   const out = await run(process.execPath, ['-e', script, file]);
+  return Number(out.trim()) / passes;
+}
+
+/** Like warmPassesSeconds, over every file of `dir` (open, read, close each): open-bound, as a container start is. */
+async function warmSmallPassesSeconds(dir: string, passes: number): Promise<number> {
+  const script = `const fs=require('fs');const d=process.argv[1];const names=fs.readdirSync(d);const b=Buffer.allocUnsafe(1<<20);
+const t=process.hrtime.bigint();
+for(let i=0;i<${passes};i++)for(const n of names){const fd=fs.openSync(d+'/'+n,'r');while(fs.readSync(fd,b,0,b.length,null)>0);fs.closeSync(fd);}
+process.stdout.write(String(Number(process.hrtime.bigint()-t)/1e9));`;
+  const out = await run(process.execPath, ['-e', script, dir]);
   return Number(out.trim()) / passes;
 }
 
@@ -171,9 +181,11 @@ export async function benchReadDisk(): Promise<{ results: ReadResult[]; notes: s
     );
     blobBytesReadFromDiskCases = source.bytesRead - before;
     const lastReads = fuseCounters(fsys, lazy);
+    const readerStats = (fsys as unknown as { layers: Map<string, { reader: { stats: Record<string, number> } }> } | undefined)?.layers.get(lazy)?.reader.stats;
     notes.push(
       `last disk-only sample: ${lastReads.reads} FUSE reads (avg ${(lastReads.bytesServed / Math.max(1, lastReads.reads) / 1024).toFixed(0)} KiB), ` +
-        `disk cache hits ${diskCache?.stats.hits ?? 0}, misses ${diskCache?.stats.misses ?? 0}`,
+        `disk cache hits ${diskCache?.stats.hits ?? 0}, misses ${diskCache?.stats.misses ?? 0}; ` +
+        `chunks read ahead from disk ${readerStats?.readAheadChunks ?? 0}, reads that joined a load in flight ${readerStats?.sharedFetches ?? 0}`,
     );
     // Only the footer/TOC reads of each mount are expected here (the TOC cache is not wired in this bench).
     notes.push(`blob bytes read during the disk-only samples (mount = footer + TOC only; chunks must come from disk): ${blobBytesReadFromDiskCases}`);
@@ -236,6 +248,27 @@ export async function benchReadDisk(): Promise<{ results: ReadResult[]; notes: s
           `overlayfs [${secs.overlayfs.map((x) => x.toFixed(3)).join(', ')}]; FUSE reads meanwhile: ${fuseCounters(fsys, lazy).reads - before}`,
       );
     }
+    // Warm, many small files: the kernel has every page, so what is left is the cost of open(2)/close(2).
+    {
+      const smallMib = (SMALL_FILES * SMALL_FILE_BYTES) / MIB;
+      const lazySmall = path.join(lazy, SMALL_DIR);
+      const overlaySmall = path.join(overlay, SMALL_DIR);
+      await warmSmallPassesSeconds(lazySmall, 1);
+      await warmSmallPassesSeconds(overlaySmall, 1);
+      const secs: Record<'stargaze' | 'overlayfs', number[]> = { stargaze: [], overlayfs: [] };
+      for (let i = 0; i < 5; i++) {
+        secs.stargaze.push(await warmSmallPassesSeconds(lazySmall, WARM_PASSES));
+        secs.overlayfs.push(await warmSmallPassesSeconds(overlaySmall, WARM_PASSES));
+      }
+      for (const name of ['stargaze', 'overlayfs'] as const) {
+        const sec = [...secs[name]].sort((a, b) => a - b)[2] as number;
+        results.push({ case: `${name}, page cache warm, ${SMALL_FILES} files of ${SMALL_FILE_BYTES / 1024} KiB, ${WARM_PASSES} passes`, seconds: sec, mibPerSec: smallMib / sec });
+      }
+      notes.push(
+        `small files, s/pass per sample: stargaze [${secs.stargaze.map((x) => x.toFixed(3)).join(', ')}], ` +
+          `overlayfs [${secs.overlayfs.map((x) => x.toFixed(3)).join(', ')}]`,
+      );
+    }
     const get = (prefix: string): ReadResult | undefined => results.find((r) => r.case.startsWith(prefix));
     const disk = get('stargaze, disk cache only');
     const ovCold = get('overlayfs, page cache dropped');
@@ -245,6 +278,9 @@ export async function benchReadDisk(): Promise<{ results: ReadResult[]; notes: s
     if (warm && ovWarm) notes.push(`warm (one dd per sample, spawn included): ${(warm.mibPerSec / ovWarm.mibPerSec).toFixed(2)}x overlayfs warm (target >= 0.9x)`);
     const warmP = get('stargaze, page cache warm, ');
     const ovWarmP = get('overlayfs, page cache warm, ');
+    const smallP = get('stargaze, page cache warm, ' + String(SMALL_FILES));
+    const ovSmallP = get('overlayfs, page cache warm, ' + String(SMALL_FILES));
+    if (smallP && ovSmallP) notes.push(`warm small files: ${(smallP.mibPerSec / ovSmallP.mibPerSec).toFixed(2)}x overlayfs`);
     if (warmP && ovWarmP) notes.push(`warm (${WARM_PASSES} passes in one process, spawn excluded): ${(warmP.mibPerSec / ovWarmP.mibPerSec).toFixed(2)}x overlayfs warm (target >= 0.9x)`);
   } finally {
     await fsys?.close();

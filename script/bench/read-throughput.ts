@@ -35,6 +35,10 @@ const SAMPLES = Number(process.env.BENCH_SAMPLES ?? 3);
 /** Fast gzip keeps the setup short; compression level does not change what the read path does. */
 const BENCH_COMPRESSION_LEVEL = 1;
 export const FILE_NAME = 'data/big.bin';
+/** Many small files beside the big one, as a container's root holds: warm reads of them are open-bound. */
+export const SMALL_DIR = 'data/small';
+export const SMALL_FILES = Number(process.env.BENCH_SMALL_FILES ?? 2000);
+export const SMALL_FILE_BYTES = 8192;
 
 export interface ReadResult {
   case: string;
@@ -80,6 +84,11 @@ export async function buildLayer(dir: string): Promise<{ blob: Buffer; tocDigest
   const size = FILE_MIB * MIB;
   const entry = pack.entry({ name: FILE_NAME, size, mode: 0o644 });
   await pipeline(fileContent(size), entry);
+  pack.entry({ name: `${SMALL_DIR}/`, type: 'directory', mode: 0o755 });
+  for (let i = 0; i < SMALL_FILES; i++) {
+    const small = pack.entry({ name: `${SMALL_DIR}/${i}`, size: SMALL_FILE_BYTES, mode: 0o644 });
+    await pipeline(fileContent(SMALL_FILE_BYTES), small);
+  }
   pack.finalize();
   await written;
   const blobPath = path.join(dir, 'layer.esgz');

@@ -10,7 +10,7 @@
  * - A full disk degrades to no caching (the caller fetches directly), never to a failed read.
  */
 import { randomBytes, webcrypto } from 'node:crypto';
-import { mkdir, open, readdir, readFile, rename, rm, stat, utimes } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, rm, stat, utimes } from 'node:fs/promises';
 import path from 'node:path';
 import { LRUCache } from 'lru-cache';
 import { errorMessage } from '../errors';
@@ -116,15 +116,16 @@ export class DiskChunkCache {
       this.stats.misses++;
       return undefined;
     }
-    let data: Buffer;
+    let data: Buffer | undefined;
     try {
-      data = await readFile(this.file(hex));
+      data = await readExactly(this.file(hex), entry.size);
     } catch {
       this.index.delete(hex);
       this.stats.misses++;
       return undefined;
     }
-    if ((await sha256Hex(data)) !== hex) {
+    // A file cut short or grown is as corrupt as one with flipped bits.
+    if (data === undefined || (await sha256Hex(data)) !== hex) {
       this.stats.corrupt++;
       this.options.log.warn({ digest, file: this.file(hex) }, 'cached chunk does not match its digest; dropped');
       this.index.delete(hex);
@@ -191,6 +192,27 @@ export class DiskChunkCache {
 
   private file(hex: string): string {
     return path.join(this.options.dir, hex.slice(0, 2), hex);
+  }
+}
+
+/**
+ * The whole file, read with one pre-sized buffer (readFile grows its own in 512 KiB steps, one thread-pool
+ * trip each); undefined when it is not `size` bytes long, which a short or grown file cannot hash past anyway.
+ */
+async function readExactly(file: string, size: number): Promise<Buffer | undefined> {
+  const handle = await open(file, 'r');
+  try {
+    const data = Buffer.allocUnsafe(size);
+    let filled = 0;
+    while (filled < size) {
+      const { bytesRead } = await handle.read(data, filled, size - filled, filled);
+      if (bytesRead === 0) return undefined;
+      filled += bytesRead;
+    }
+    const { bytesRead: extra } = await handle.read(Buffer.allocUnsafe(1), 0, 1, size);
+    return extra === 0 ? data : undefined;
+  } finally {
+    await handle.close();
   }
 }
 

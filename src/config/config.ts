@@ -3,7 +3,7 @@
  *
  * Key names and defaults follow the reference (containerd-stargz-grpc config.toml), including its rule that
  * a key set to 0 means "use the default" (go-toml leaves 0 for absent keys, so the reference cannot tell
- * them apart). Our own key `[cache] memory_max_bytes` follows the same rule. Reference keys we do not
+ * them apart). Our own key `[cache] memory_max_bytes` does not: 0 there turns the memory tier off. Reference keys we do not
  * implement yet are accepted with one warning each (see keys.ts); unknown keys and wrong types are errors
  * naming the key path, so a typo never silently falls back to a default.
  */
@@ -279,7 +279,8 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
       entryTimeoutSec: nonNegative('fuse.entry_timeout', d.fuse.entryTimeoutSec),
     },
     cache: {
-      memoryMaxBytes: nonNegative('cache.memory_max_bytes', d.cache.memoryMaxBytes),
+      // Ours, so not bound by the reference's rule: 0 means no memory tier (reads go to disk or registry).
+      memoryMaxBytes: get<number>('cache.memory_max_bytes') === 0 ? 0 : nonNegative('cache.memory_max_bytes', d.cache.memoryMaxBytes),
       diskMaxBytes: nonNegative('cache.disk_max_bytes', d.cache.diskMaxBytes),
     },
     maxConcurrency: nonNegative('max_concurrency', d.maxConcurrency),

@@ -7,7 +7,7 @@ import type { ChunkInfo, LayerNode, LayerTree } from '../metadata/layer-tree';
 import type { BlobSource } from '../remote/blob-source';
 import { readRangesOf } from '../remote/blob-source';
 import { inflateRange } from './inflate-range';
-import { zstdRange } from './zstd-range';
+import { zstdPool } from './zstd-pool';
 
 /**
  * Reads regular-file bytes of one layer. Reads are widened to whole chunks; each chunk is fetched as
@@ -22,6 +22,12 @@ export const DEFAULT_MEMORY_CACHE_BYTES = 256 * 1024 * 1024;
  * than this is refused rather than trusted with an allocation of its choosing.
  */
 export const MAX_CHUNK_BYTES = 256 * 1024 * 1024;
+/**
+ * On sequential reads, chunks after the one being read are loaded from the disk cache ahead of the reader, up
+ * to this many bytes (and at most half the memory cache), so reading the next chunk file and verifying it
+ * overlap with serving this one instead of stalling the reader once per chunk.
+ */
+export const DISK_READAHEAD_BYTES = 8 * 1024 * 1024;
 /** Prefetch inflates this many members at once (the zlib thread pool has 4 threads by default). */
 const PREFETCH_INFLATE_CONCURRENCY = 4;
 
@@ -66,6 +72,8 @@ export interface LayerReaderStats {
   prefetchedChunks: number;
   /** Chunks read from the disk cache instead of the registry. */
   diskHits: number;
+  /** Chunks loaded from the disk cache ahead of a sequential reader. */
+  readAheadChunks: number;
 }
 
 /** What read() needs of a node. */
@@ -79,7 +87,10 @@ export class LayerReader {
     sharedFetches: 0,
     prefetchedChunks: 0,
     diskHits: 0,
+    readAheadChunks: 0,
   };
+  /** Per file, the index of the last chunk a read touched: tells sequential reads (disk read-ahead) apart. */
+  private readonly lastChunk = new WeakMap<ReadableNode, number>();
   /** Verified, decompressed chunks by this.key(). */
   private readonly cache: LRUCache<string, Buffer> | undefined;
   /** Chunk fetches in flight by this.key(): the single-flight group. */
@@ -124,10 +135,11 @@ export class LayerReader {
     const first = chunkIndexAt(chunks, position);
     let last = first;
     while (last + 1 < chunks.length && chunks[last + 1].fileOffset < end) last++;
-
     if (first === last) {
       const c = chunks[first];
-      const data = await abortable(this.chunk(c), signal);
+      const loading = this.chunk(c);
+      this.readAhead(node, first, last); // after this read's own load, which must not queue behind it
+      const data = await abortable(loading, signal);
       return data.subarray(position - c.fileOffset, end - c.fileOffset);
     }
     // Chunks neither cached nor in flight are fetched together: one multi-range request where the
@@ -135,6 +147,7 @@ export class LayerReader {
     const started = this.fetchMissing(chunks.slice(first, last + 1));
     const pending: Array<Promise<Buffer>> = [];
     for (let i = first; i <= last; i++) pending.push(started.get(chunks[i]) ?? this.chunk(chunks[i]));
+    this.readAhead(node, first, last);
     const parts = await abortable(Promise.all(pending), signal);
     const out = Buffer.allocUnsafe(end - position);
     let filled = 0;
@@ -145,6 +158,43 @@ export class LayerReader {
       filled += parts[i - first].copy(out, filled, from, to);
     }
     return out;
+  }
+
+  /**
+   * When a read enters a new chunk right after the previous one (or starts the file), starts loading the
+   * following chunks that are in the disk cache, so they are in memory when the reader gets there. Only chunks
+   * on disk: a registry fetch ahead of need is prefetch's and background fetch's call, not this one's (a chunk
+   * file found corrupt is fetched again, as for any read). Needs a memory tier to land in; without one a chunk
+   * read ahead would be thrown away.
+   */
+  private readAhead(node: ReadableNode, first: number, last: number): void {
+    const disk = this.disk;
+    const cache = this.cache;
+    if (disk === undefined || cache === undefined) return;
+    const prev = this.lastChunk.get(node);
+    if (prev === last) return; // still inside the chunk that started the read-ahead
+    this.lastChunk.set(node, last);
+    if (prev === undefined ? first !== 0 : first !== prev && first !== prev + 1) return;
+    const budget = Math.min(DISK_READAHEAD_BYTES, Math.floor(cache.maxSize / 2));
+    const chunks = node.chunks;
+    let bytes = 0;
+    for (let i = last + 1; i < chunks.length; i++) {
+      const c = chunks[i];
+      bytes += c.size;
+      if (bytes > budget) break;
+      const key = this.key(c);
+      if (this.has(key)) continue;
+      if (c.digest === undefined || c.size > MAX_CHUNK_BYTES || !disk.has(c.digest)) break;
+      this.stats.readAheadChunks++;
+      const p = this.fetch(c)
+        .then((data) => {
+          cache.set(key, data);
+          return data;
+        })
+        .finally(() => this.inflight.delete(key));
+      p.catch(() => undefined); // a reader that joins it sees the error
+      this.inflight.set(key, p);
+    }
   }
 
   /**
@@ -306,7 +356,7 @@ export class LayerReader {
   /** Inflates the chunk out of its member bytes and verifies it. */
   private async decode(c: ChunkInfo, member: Buffer): Promise<Buffer> {
     this.checkChunk(c);
-    const data = this.zstd ? await zstdRange(member, c.innerOffset, c.size) : await inflateRange(member, c.innerOffset, c.size);
+    const data = this.zstd ? await zstdPool.range(member, c.innerOffset, c.size) : await inflateRange(member, c.innerOffset, c.size);
     if (this.verify) {
       // WebCrypto hashes on the libuv thread pool: a 4 MiB chunk does not stall FUSE callbacks.
       const digest = 'sha256:' + Buffer.from(await webcrypto.subtle.digest('SHA-256', data)).toString('hex');

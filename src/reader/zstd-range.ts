@@ -214,7 +214,14 @@ export class ZstdDiffHasher {
   /** Blob offset of pending[0], for messages. */
   private pendingFrom = 0;
 
-  constructor(private readonly maxFrameOutput = DEFAULT_MAX_FRAME_OUTPUT_BYTES) {}
+  /**
+   * `decode`, when given, turns one complete frame into its bytes (at most maxOutput) instead of decoding it
+   * here: the daemon passes zstdPool.all, so a blob's frames are not decoded on the thread that serves FUSE.
+   */
+  constructor(
+    private readonly maxFrameOutput = DEFAULT_MAX_FRAME_OUTPUT_BYTES,
+    private readonly decode?: (frame: Buffer, maxOutput: number) => Promise<Buffer>,
+  ) {}
 
   async write(data: Buffer): Promise<void> {
     await zstdReady();
@@ -228,7 +235,15 @@ export class ZstdDiffHasher {
         if (info.maxOutput > this.maxFrameOutput) {
           throw new EstargzFormatError(`zstd frame at offset ${where} may hold ${info.maxOutput} bytes, more than the limit of ${this.maxFrameOutput}`);
         }
-        this.hash.update(decodeFrame(this.pending.subarray(pos, info.end), info, info.maxOutput, where));
+        const frame = this.pending.subarray(pos, info.end);
+        if (this.decode === undefined) this.hash.update(decodeFrame(frame, info, info.maxOutput, where));
+        else {
+          const data = await this.decode(frame, info.maxOutput).catch((err: unknown) => {
+            // Name the frame by its offset in the blob, not in the piece handed to decode.
+            throw err instanceof EstargzFormatError ? new EstargzFormatError(`blob offset ${where}: ${err.message}`) : err;
+          });
+          this.hash.update(data);
+        }
       }
       pos = info.end;
       if (pos >= this.pending.length) break;

@@ -53,6 +53,23 @@ test('a corrupted file is dropped and reported as a miss, never served', async (
   assert.deepEqual(await readdir(path.join(dir, hex.slice(0, 2))), []);
 });
 
+test('a file cut short or grown is dropped as corrupt, never served', async (t) => {
+  const dir = await tmpDir(t);
+  const a = chunk('a', 4096);
+  const b = chunk('b', 4096);
+  const cache = await DiskChunkCache.open({ dir, maxBytes: 1 << 20, log: quiet });
+  await cache.put(a.digest, a.data);
+  await cache.put(b.digest, b.data);
+  const file = (d: string): string => path.join(dir, d.slice(7, 9), d.slice(7));
+  await writeFile(file(a.digest), a.data.subarray(0, 100));
+  await writeFile(file(b.digest), Buffer.concat([b.data, Buffer.from('x')]));
+  assert.equal(await cache.get(a.digest), undefined);
+  assert.equal(await cache.get(b.digest), undefined);
+  assert.equal(cache.stats.corrupt, 2);
+  assert.ok(!cache.has(a.digest) && !cache.has(b.digest));
+  assert.deepEqual(await readdir(path.dirname(file(a.digest))).catch(() => []), []);
+});
+
 test('stays under its byte cap, evicting the least recently used', async (t) => {
   const dir = await tmpDir(t);
   const cache = await DiskChunkCache.open({ dir, maxBytes: 3000, log: quiet });

@@ -94,6 +94,7 @@ fetching_timeout_sec = 60
       {},
       [],
     ],
+    ['memory_max_bytes = 0 turns the memory tier off (not the default)', '[cache]\nmemory_max_bytes = 0\n', { cache: { memoryMaxBytes: 0 } }, []],
     ['negative request timeout means none', '[resolver]\nrequest_timeout_sec = -1\n', { resolver: { requestTimeoutSec: -1 } }, []],
     [
       'keychain keys',

@@ -6,7 +6,7 @@ import { EstargzFormatError, VerificationError } from '../../../src/errors';
 import { readToc, type Toc } from '../../../src/estargz/toc';
 import { buildLayerTree, type LayerNode, type LayerTree } from '../../../src/metadata/layer-tree';
 import { LRUCache } from 'lru-cache';
-import { LayerReader, type LayerReaderOptions } from '../../../src/reader/chunk-reader';
+import { LayerReader, type ChunkStore, type LayerReaderOptions } from '../../../src/reader/chunk-reader';
 import { CountingBlobSource, makeTar, toEstargz } from '../estargz/fixture';
 
 const CHUNK = 1024;
@@ -250,4 +250,60 @@ test('a read that joined a failed prefetch fetches on its own', async () => {
   const data = reader.read(node('small'), 0, 100);
   await assert.rejects(prefetch, /hiccup/);
   assert.deepEqual(await data, SMALL);
+});
+
+/** A ChunkStore in memory that counts its gets. */
+class MemoryChunkStore implements ChunkStore {
+  readonly data = new Map<string, Buffer>();
+  gets = 0;
+  has(digest: string): boolean {
+    return this.data.has(digest);
+  }
+  async get(digest: string): Promise<Buffer | undefined> {
+    this.gets++;
+    return this.data.get(digest);
+  }
+  async put(digest: string, data: Buffer): Promise<void> {
+    this.data.set(digest, data);
+  }
+}
+
+test('sequential reads load the next chunks from the disk cache ahead of the reader', async () => {
+  const l = await layer();
+  const disk = new MemoryChunkStore();
+  const first = open(l, { diskCache: disk });
+  await first.reader.read(first.node('file'), 0, FILE.length); // verified chunks land on disk
+  await new Promise((r) => setImmediate(r));
+  assert.equal(disk.data.size >= 6, true);
+
+  // A new reader (as after a restart): memory empty, every chunk on disk.
+  const { reader, node, source } = open(l, { diskCache: disk, memoryCacheBytes: 64 * CHUNK });
+  const file = node('file');
+  const readsBefore = source.reads.length;
+  for (let pos = 0; pos < FILE.length; pos += 256) {
+    assert.deepEqual(await reader.read(file, pos, 256), FILE.subarray(pos, pos + 256));
+  }
+  assert.equal(source.reads.length, readsBefore, 'nothing from the blob');
+  assert.ok(reader.stats.readAheadChunks >= 4, `read ahead ${reader.stats.readAheadChunks}`);
+  assert.equal(reader.stats.diskHits, 6, 'each chunk read from disk once');
+
+  // A random read does not start read-ahead.
+  const other = open(l, { diskCache: disk, memoryCacheBytes: 64 * CHUNK });
+  await other.reader.read(other.node('file'), 3 * CHUNK, 10);
+  assert.equal(other.reader.stats.readAheadChunks, 0);
+});
+
+test('with no memory tier, reads go to the disk cache every time and nothing is read ahead', async () => {
+  const l = await layer();
+  const disk = new MemoryChunkStore();
+  const warm = open(l, { diskCache: disk });
+  await warm.reader.read(warm.node('file'), 0, FILE.length);
+  await new Promise((r) => setImmediate(r));
+  const { reader, node, source } = open(l, { diskCache: disk, memoryCacheBytes: 0 });
+  const before = { blob: source.reads.length, gets: disk.gets };
+  await reader.read(node('file'), 0, 10);
+  await reader.read(node('file'), 10, 10);
+  assert.equal(disk.gets - before.gets, 2);
+  assert.equal(source.reads.length, before.blob);
+  assert.equal(reader.stats.readAheadChunks, 0);
 });
