@@ -260,26 +260,31 @@ export async function pullImage(opts: PullOptions): Promise<PullResult> {
   const { client } = opts;
   const log = opts.log.child({ image: name });
 
-  // containerd creates a namespace on first use; creating it explicitly also proves containerd answers.
-  if ((await client.namespaces.get(client.namespace)) === undefined) {
-    await client.namespaces.create(client.namespace).catch((err: unknown) => {
-      if (!isAlreadyExists(err)) throw err;
-    });
-  }
-  // Fail early, before any download, when the snapshotter is missing or not answering.
-  const sn = client.snapshots(opts.snapshotter);
-  await sn.stat(PREFLIGHT_SNAPSHOT_KEY).catch((err: unknown) => Promise.reject(snapshotterError(err, sn, client.address)));
-  const leaseId = `stargaze-rpull-${uniquePart()}`;
-  await client.leases.create(leaseId, { [GC_EXPIRE]: leaseExpiry(Date.now()) });
-  log.debug({ lease: leaseId }, 'lease created');
-  const leased = client.withLease(leaseId);
   // Cancels background layer downloads when the pull fails, and fetch-aheads nobody needed when it is done.
   const abort = new AbortController();
   const onCallerAbort = (): void => abort.abort(opts.signal?.reason);
   opts.signal?.addEventListener('abort', onCallerAbort, { once: true });
-  const pull = new Pull(opts, leased, reference, name, abort.signal, log);
+  const leaseId = `stargaze-rpull-${uniquePart()}`;
+  const pull = new Pull(opts, client.withLease(leaseId), reference, name, abort.signal, log);
+  // The registry round trips (manifest, config) and containerd's checks need nothing of each other: they run
+  // together. Only reads happen before the lease exists; containerd's errors are reported first.
+  const resolving = pull.resolveImage();
+  resolving.catch(() => undefined); // awaited below, unless containerd failed first
+  let leased = false;
   try {
-    const result = await pull.run();
+    // containerd creates a namespace on first use; creating it explicitly also proves containerd answers.
+    if ((await client.namespaces.get(client.namespace)) === undefined) {
+      await client.namespaces.create(client.namespace).catch((err: unknown) => {
+        if (!isAlreadyExists(err)) throw err;
+      });
+    }
+    // Fail early, before any download, when the snapshotter is missing or not answering.
+    const sn = client.snapshots(opts.snapshotter);
+    await sn.stat(PREFLIGHT_SNAPSHOT_KEY).catch((err: unknown) => Promise.reject(snapshotterError(err, sn, client.address)));
+    await client.leases.create(leaseId, { [GC_EXPIRE]: leaseExpiry(Date.now()) });
+    leased = true;
+    log.debug({ lease: leaseId, ms: Date.now() - started }, 'lease created');
+    const result = await pull.run(await resolving);
     return { ...result, ms: Date.now() - started };
   } catch (err) {
     abort.abort(err);
@@ -288,8 +293,19 @@ export async function pullImage(opts: PullOptions): Promise<PullResult> {
     opts.signal?.removeEventListener('abort', onCallerAbort);
     abort.abort(new StargazeError('ERR_INTERNAL', 'pull finished'));
     await pull.settle();
-    await client.leases.delete(leaseId).catch((err: unknown) => log.warn({ lease: leaseId, err: errorMessage(err) }, 'could not delete lease'));
+    if (leased) {
+      await client.leases.delete(leaseId).catch((err: unknown) => log.warn({ lease: leaseId, err: errorMessage(err) }, 'could not delete lease'));
+    }
   }
+}
+
+/** The image as the registry describes it: what Pull.run needs. */
+interface ResolvedImage {
+  target: Fetched<unknown>;
+  index: Fetched<ImageIndex> | undefined;
+  manifest: Fetched<ImageManifest>;
+  platform: string | undefined;
+  config: Fetched<undefined>;
 }
 
 /** One pull's state; see the file comment for the steps. */
@@ -317,9 +333,17 @@ class Pull {
     await Promise.allSettled(this.fetches.values());
   }
 
-  async run(): Promise<Omit<PullResult, 'ms'>> {
-    const { target, index, manifest, platform } = await this.resolve();
-    const config = await this.fetchConfig(manifest.doc);
+  /** Manifest (via the index) and config: registry reads, plus a content store read when the config is there. */
+  async resolveImage(): Promise<ResolvedImage> {
+    const started = Date.now();
+    const resolved = await this.resolve();
+    const config = await this.fetchConfig(resolved.manifest.doc);
+    this.log.debug({ ms: Date.now() - started }, 'manifest and config fetched');
+    return { ...resolved, config };
+  }
+
+  async run(image: ResolvedImage): Promise<Omit<PullResult, 'ms'>> {
+    const { target, index, manifest, platform, config } = image;
     const diffIds = parseConfig(config.body, `config ${config.desc.digest} of ${this.name}`).rootfs.diff_ids;
     const layers = manifest.doc.layers;
     if (layers.length !== diffIds.length) {
@@ -331,14 +355,22 @@ class Pull {
     this.layers = layers;
     this.emit({ type: 'resolved', name: this.name, target: target.desc, manifest: manifest.desc, platform, layers: layers.length });
 
-    // Top-down, as containerd's handlers: index, manifest, config (layers are the unpacker's business).
-    if (index !== undefined) await this.storeBlob('index', index.desc, index.body, childrenGcLabels(index.doc.manifests));
-    await this.storeBlob('manifest', manifest.desc, manifest.body, childrenGcLabels([manifest.doc.config, ...layers]));
-    await this.storeBlob('config', config.desc, config.body, {});
-
+    // Top-down, as containerd's handlers: index, manifest, config. The layers do not need them (the lease keeps
+    // everything from the garbage collector meanwhile), so they are unpacked at the same time.
+    const storing = (async () => {
+      if (index !== undefined) await this.storeBlob('index', index.desc, index.body, childrenGcLabels(index.doc.manifests));
+      await this.storeBlob('manifest', manifest.desc, manifest.body, childrenGcLabels([manifest.doc.config, ...layers]));
+      await this.storeBlob('config', config.desc, config.body, {});
+    })();
+    storing.catch(() => undefined); // awaited below
     const chain = chainIds(diffIds);
     const results: LayerResult[] = [];
-    for (let i = 0; i < layers.length; i++) results.push(await this.unpackLayer(i, chain, diffIds));
+    try {
+      for (let i = 0; i < layers.length; i++) results.push(await this.unpackLayer(i, chain, diffIds));
+    } finally {
+      await storing.catch(() => undefined); // nothing of this pull runs on after it returns
+    }
+    await storing;
     const top = chain[chain.length - 1] ?? '';
     if (top !== '') await this.c.content.updateLabels(config.desc.digest, { [`${GC_REF_SNAPSHOT_PREFIX}${this.opts.snapshotter}`]: top });
     await this.createImage(target.desc);
@@ -402,9 +434,11 @@ class Pull {
     if (!isConfigType(desc.mediaType)) throw new UnsupportedImageError(`${what}: media type "${desc.mediaType}" is not an image config`);
     if (desc.size > MAX_CONFIG_BYTES) throw new UnsupportedImageError(`${what}: ${desc.size} bytes is more than the ${MAX_CONFIG_BYTES} allowed`);
     // A pull of an image we have is served from the content store: no download at all.
+    // The client without the lease: this runs before the lease is created (and reads need none).
+    const content = this.opts.client.content;
     const body =
-      (await this.c.content.info(desc.digest)) !== undefined
-        ? await this.c.content.read(desc.digest, desc.size)
+      (await content.info(desc.digest)) !== undefined
+        ? await content.read(desc.digest, desc.size)
         : await readAll((await this.opts.registry.fetchBlob(this.name, desc.digest, this.signal)).body, desc.size, what);
     if (body.length !== desc.size) throw new RegistryError(`${what}: got ${body.length} bytes, the manifest says ${desc.size}`);
     return { desc: { mediaType: desc.mediaType, digest: desc.digest, size: desc.size }, body, doc: undefined };
