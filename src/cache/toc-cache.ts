@@ -8,7 +8,7 @@
  * manifest's toc.digest annotation): a stale or tampered file is ignored.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
 const DIGEST_PATTERN = /^sha256:([0-9a-f]{64})$/;
@@ -43,6 +43,12 @@ export class TocCache {
     const tocJson = data.subarray(newline + 1);
     if ('sha256:' + createHash('sha256').update(tocJson).digest('hex') !== tocDigest) return undefined;
     return { blobSize: blobSize as number, tocOffset: tocOffset as number, tocJson };
+  }
+
+  /** Whether a TOC of layer `layerDigest` is stored (not whether it is the right one: load() checks that). */
+  async has(layerDigest: string): Promise<boolean> {
+    const file = this.file(layerDigest);
+    return file !== undefined && (await stat(file).then((st) => st.isFile(), () => false));
   }
 
   /** Stores a verified TOC; atomic (write, then rename). A failure only costs the next mount a fetch. */

@@ -12,6 +12,7 @@ import { DeferredBlobSource } from '../remote/deferred-blob-source';
 import type { Logger } from '../log';
 import { LayerMount, lazyUnmount } from '../fuse/layer-fuse';
 import { mountsUnder } from './mount-table';
+import { LayerBlob, withTail } from './layer-blob';
 import { buildLayerTree, type LayerNode } from '../metadata/layer-tree';
 import { LayerReader } from '../reader/chunk-reader';
 import type { BlobSource } from '../remote/blob-source';
@@ -27,6 +28,23 @@ const CHAIN_ID_SUFFIX = /sha256:[0-9a-f]{64}$/;
 
 /** The reference waits this long for a layer to resolve before giving up (and falling back). */
 const MOUNT_TIMEOUT_MS = 30_000;
+
+/**
+ * How long a layer opened ahead of its mount (see preOpen) is kept for it. rpull Prepares the layers of an
+ * image one after the other within seconds; an image whose later layers are never prepared must not pin their
+ * TOCs for long.
+ */
+const PRE_OPEN_TTL_MS = 60_000;
+
+/** A layer's blob and TOC as read from the registry, before the TOC is checked against the mount's labels. */
+interface OpenedLayer {
+  blob: BlobSource;
+  toc: Toc;
+  tocJson: Buffer;
+  tocDigest: string;
+  tocOffset: number;
+  compression: LayerCompression;
+}
 
 /** Resolves a layer blob of an image in its registry. RegistryClient implements it. */
 export interface BlobResolver {
@@ -45,6 +63,7 @@ export interface StargazeFsOptions {
 
 interface MountedLayer {
   source: LayerSourceInfo;
+  blob: LayerBlob;
   mount: LayerMount<LayerNode>;
   reader: LayerReader;
   log: Logger;
@@ -68,6 +87,8 @@ export class StargazeFileSystem implements RemoteFileSystem {
   /** Background fetches waiting for a slot, and how many run (at most `max_concurrency`). */
   private readonly backgroundQueue: (() => Promise<void>)[] = [];
   private backgroundRunning = 0;
+  /** Layers opened ahead of their mount, by `ref \0 digest`: undefined when that failed (the mount tries again). */
+  private readonly preOpened = new Map<string, Promise<OpenedLayer | undefined>>();
   /** Decompressed chunks of every layer: `[cache] memory_max_bytes` bounds them all together. */
   private readonly memoryCache: LRUCache<string, Buffer> | undefined;
 
@@ -109,10 +130,18 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const layerLog = this.options.log.child({ layer: source.digest, mountpoint });
     const started = Date.now();
     const signal = AbortSignal.timeout(MOUNT_TIMEOUT_MS);
+    this.preOpen(source, layerLog);
 
-    const { blob, toc, tocOffset, compression } = await this.openLayer(source, signal, layerLog);
-
-    const tree = buildLayerTree(toc, { blobSize: blob.size, tocOffset });
+    const opened = await this.openLayer(source, signal, layerLog);
+    const { toc, tocOffset, compression } = opened;
+    const tree = buildLayerTree(toc, { blobSize: opened.blob.size, tocOffset });
+    const prefetchBytes = this.prefetchSize(source, tree.prefetchLandmarkOffset, tree.noPrefetch, opened.blob.size);
+    const blob = new LayerBlob(opened.blob, {
+      chunkBytes: this.options.config.blob.parallelFetchChunkBytes,
+      concurrency: this.options.config.blob.parallelFetchConcurrency,
+      // Background fetch reads the layer from offset 0 again: it gets the prefetched head from memory.
+      retainHead: prefetchBytes > 0 && !this.options.config.noBackgroundFetch,
+    });
     const reader = new LayerReader(blob, tree, {
       memoryCacheBytes: this.memoryCache ? undefined : 0,
       sharedMemoryCache: this.memoryCache,
@@ -134,16 +163,18 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const elapsedMs = Date.now() - started;
     layerLog.info({ ref: source.ref, elapsedMs, blobSize: blob.size }, 'layer mounted');
     this.metrics.observe('mount', source.digest, elapsedMs);
-    const prefetchBytes = this.prefetchSize(source, tree.prefetchLandmarkOffset, tree.noPrefetch, blob.size);
     const prefetched = this.startPrefetch(source.digest, prefetchBytes, reader, layerLog);
     const stop = new AbortController();
     if (!this.options.config.noBackgroundFetch) {
       // After prefetch, so what the image marked as needed first is never queued behind the rest.
       void prefetched.then(() =>
-        this.enqueueBackground(() => this.fetchInBackground({ source, parent, blob, tree, reader, mount, log: layerLog, signal: stop.signal })),
+        this.enqueueBackground(() =>
+          this.fetchInBackground({ source, parent, blob, tree, reader, mount, log: layerLog, signal: stop.signal }).finally(() => blob.release()),
+        ),
       );
     }
     this.layers.set(mountpoint, {
+      blob,
       stop,
       source,
       mount,
@@ -187,6 +218,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
     }
     this.layers.delete(mountpoint);
     layer.stop.abort();
+    layer.blob.release();
     await layer.mount.unmount();
     layer.log.info('layer unmounted');
   }
@@ -242,8 +274,12 @@ export class StargazeFileSystem implements RemoteFileSystem {
       // Only eStargz TOCs are cached (below), so a cached one means gzip members.
       return { blob: new DeferredBlobSource(source.digest, cached.blobSize, resolve), toc, tocOffset: cached.tocOffset, compression: 'gzip' };
     }
-    const blob = await resolve(signal);
-    const { toc, tocJson, tocDigest, tocOffset, compression } = await readToc(blob, { signal });
+    const key = preOpenKey(source.ref, source.digest);
+    const pre = this.preOpened.get(key);
+    this.preOpened.delete(key);
+    const early = pre !== undefined ? await pre : undefined;
+    if (early !== undefined) layerLog.debug('blob and TOC were read ahead of the mount');
+    const { blob, toc, tocJson, tocDigest, tocOffset, compression } = early ?? (await this.readLayer(source.ref, source.digest, signal));
     this.verifyToc(source, tocDigest, layerLog);
     if (compression === 'zstd') layerLog.debug('zstd:chunked layer');
     // The cache records no compression: zstd:chunked TOCs are not cached (their layers always read the TOC).
@@ -251,6 +287,39 @@ export class StargazeFileSystem implements RemoteFileSystem {
       await this.options.tocCache?.save(source.digest, { blobSize: blob.size, tocOffset, tocJson });
     }
     return { blob, toc, tocOffset, compression };
+  }
+
+  /** Resolves a layer's blob and reads its TOC (not yet verified: the caller checks it against its labels). */
+  private async readLayer(ref: string, digest: string, signal: AbortSignal): Promise<OpenedLayer> {
+    const blob = await this.options.registry.resolveBlob(ref, digest, signal);
+    const { toc, tocJson, tocDigest, tocOffset, compression } = await readToc(withTail(blob), { signal });
+    return { blob, toc, tocJson, tocDigest, tocOffset, compression };
+  }
+
+  /**
+   * Opens the image's other layers (the layers label: this one and those after it) while this one mounts,
+   * as the reference pre-resolves neighbouring layers: a pull Prepares layers one at a time, each on its
+   * parent, so without this every layer would pay its blob resolution and TOC round trips in turn. Each
+   * opened layer waits for its own mount, which verifies its TOC against that mount's toc.digest label.
+   * Layers whose TOC is in the local cache are left alone: their mount needs no registry.
+   */
+  private preOpen(source: LayerSourceInfo, layerLog: Logger): void {
+    const mounted = new Set([...this.layers.values()].map((l) => l.source.digest));
+    for (const digest of source.layers) {
+      const key = preOpenKey(source.ref, digest);
+      if (digest === source.digest || mounted.has(digest) || this.preOpened.has(key)) continue;
+      const opened = (async (): Promise<OpenedLayer | undefined> => {
+        if (await this.options.tocCache?.has(digest)) return undefined;
+        return this.readLayer(source.ref, digest, AbortSignal.timeout(MOUNT_TIMEOUT_MS));
+      })().catch((err: unknown) => {
+        layerLog.debug({ neighbour: digest, err: errorMessage(err) }, 'could not open a following layer ahead of its mount');
+        return undefined;
+      });
+      this.preOpened.set(key, opened);
+      setTimeout(() => {
+        if (this.preOpened.get(key) === opened) this.preOpened.delete(key);
+      }, PRE_OPEN_TTL_MS).unref();
+    }
   }
 
   /** Runs `job` when fewer than `max_concurrency` background fetches run. */
@@ -346,6 +415,10 @@ export class StargazeFileSystem implements RemoteFileSystem {
       (err: unknown) => layerLog.warn({ err: errorMessage(err) }, 'prefetch failed'),
     );
   }
+}
+
+function preOpenKey(ref: string, digest: string): string {
+  return `${ref}\0${digest}`;
 }
 
 /**

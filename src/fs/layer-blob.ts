@@ -1,0 +1,132 @@
+/**
+ * How a mounted layer reads its blob, on top of the registry's BlobSource:
+ *
+ * - withTail(): the footer and the TOC in one round trip. readToc asks for the footer, then for the TOC before
+ *   it; reading a tail sized to hold a typical TOC on the first request serves both (the reference also reads
+ *   the blob's tail in one piece).
+ * - LayerBlob: the prefetch range (from offset 0, often tens of MiB) is read as parallel ranges, and kept until
+ *   background fetch, which reads the whole blob from offset 0 to check the layer's diff_id, has used it:
+ *   otherwise the prefetched head of every layer crossed the network twice.
+ */
+import type { RangeReadable } from '../estargz/toc';
+import { readRangesOf, type BlobSource, type ByteRange } from '../remote/blob-source';
+
+/**
+ * Tail read with the footer: blob size / 128, within [64 KiB, 512 KiB]. TOCs grow with the file count, not the
+ * bytes, but this ratio covers the Debian-built images of the startup benchmark (TOC 31-310 KiB for layers of
+ * 17-74 MiB) while a small layer wastes at most 64 KiB. A larger TOC costs its second request, as before.
+ */
+const TAIL_RATIO = 128;
+const MIN_TAIL_BYTES = 64 * 1024;
+const MAX_TAIL_BYTES = 512 * 1024;
+/** A prefetch head larger than this is not kept for background fetch (it is fetched again instead). */
+export const MAX_RETAINED_HEAD_BYTES = 64 * 1024 * 1024;
+
+export function tailBytesFor(size: number): number {
+  return Math.min(size, Math.max(MIN_TAIL_BYTES, Math.min(MAX_TAIL_BYTES, Math.floor(size / TAIL_RATIO))));
+}
+
+/** `blob` for readToc: the first read that touches the tail fetches the whole tail, later ones are served from it. */
+export function withTail(blob: RangeReadable, tailBytes: number = tailBytesFor(blob.size)): RangeReadable {
+  const tailStart = blob.size - Math.min(blob.size, tailBytes);
+  let tail: Promise<Buffer> | undefined;
+  return {
+    size: blob.size,
+    async readRange(offset: number, length: number, signal?: AbortSignal): Promise<Buffer> {
+      const end = offset + length;
+      if (end <= tailStart || end > blob.size || length === 0) return blob.readRange(offset, length, signal);
+      if (tail === undefined) {
+        tail = blob.readRange(tailStart, blob.size - tailStart, signal);
+        tail.catch(() => (tail = undefined)); // a failed tail read is not remembered
+      }
+      if (offset >= tailStart) return (await tail).subarray(offset - tailStart, end - tailStart);
+      const [head, t] = await Promise.all([blob.readRange(offset, tailStart - offset, signal), tail]);
+      return Buffer.concat([head, t.subarray(0, end - tailStart)]);
+    },
+  };
+}
+
+export interface LayerBlobOptions {
+  /** Ranges at least twice this long are split into parallel requests of this size. */
+  chunkBytes: number;
+  /** Parallel requests of one split range. */
+  concurrency: number;
+  /** Keep what is read from offset 0 until release(): background fetch will read it again. */
+  retainHead: boolean;
+}
+
+export class LayerBlob implements BlobSource {
+  readonly digest: string;
+  readonly size: number;
+  /** Bytes [0, head.length) of the blob, read by prefetch and kept for background fetch. */
+  private head: Buffer | undefined;
+  private retaining: boolean;
+
+  constructor(
+    private readonly blob: BlobSource,
+    private readonly opts: LayerBlobOptions,
+  ) {
+    this.digest = blob.digest;
+    this.size = blob.size;
+    this.retaining = opts.retainHead;
+  }
+
+  /** Bytes held for background fetch. */
+  get retainedBytes(): number {
+    return this.head?.length ?? 0;
+  }
+
+  async readRange(offset: number, length: number, signal?: AbortSignal): Promise<Buffer> {
+    const head = this.head;
+    const end = offset + length;
+    if (head !== undefined && end <= head.length) return head.subarray(offset, end);
+    if (head !== undefined && offset < head.length) {
+      const rest = await this.fetch(head.length, end - head.length, signal);
+      return Buffer.concat([head.subarray(offset), rest]);
+    }
+    const data = await this.fetch(offset, length, signal);
+    if (offset === 0 && this.retaining && data.length <= MAX_RETAINED_HEAD_BYTES && data.length > this.retainedBytes) this.head = data;
+    return data;
+  }
+
+  async readRanges(ranges: readonly ByteRange[], signal?: AbortSignal): Promise<Buffer[]> {
+    const head = this.head;
+    if (head !== undefined && ranges.every((r) => r.offset + r.length <= head.length)) {
+      return ranges.map((r) => head.subarray(r.offset, r.offset + r.length));
+    }
+    return readRangesOf(this.blob, ranges, signal);
+  }
+
+  /** Drops the retained head and keeps no more (background fetch is done, or the layer is unmounted). */
+  release(): void {
+    this.retaining = false;
+    this.head = undefined;
+  }
+
+  /** One request, or parallel ones of chunkBytes for a long range (a registry may cap each connection). */
+  private async fetch(offset: number, length: number, signal?: AbortSignal): Promise<Buffer> {
+    const { chunkBytes, concurrency } = this.opts;
+    if (chunkBytes <= 0 || concurrency <= 1 || length < 2 * chunkBytes) return this.blob.readRange(offset, length, signal);
+    const out = Buffer.allocUnsafe(length);
+    // The first failure stops the other requests: the caller gets nothing from a partial range anyway.
+    const failed = new AbortController();
+    const sig = signal !== undefined ? AbortSignal.any([signal, failed.signal]) : failed.signal;
+    let next = 0;
+    const worker = async (): Promise<void> => {
+      while (next < length) {
+        const from = next;
+        const n = Math.min(chunkBytes, length - from);
+        next += n;
+        (await this.blob.readRange(offset + from, n, sig)).copy(out, from);
+      }
+    };
+    const workers = Array.from({ length: Math.min(concurrency, Math.ceil(length / chunkBytes)) }, () =>
+      worker().catch((err: unknown) => {
+        failed.abort(err);
+        throw err;
+      }),
+    );
+    await Promise.all(workers);
+    return out;
+  }
+}
