@@ -291,8 +291,11 @@ export class StargazeFileSystem implements RemoteFileSystem {
 
   /** Resolves a layer's blob and reads its TOC (not yet verified: the caller checks it against its labels). */
   private async readLayer(ref: string, digest: string, signal: AbortSignal): Promise<OpenedLayer> {
+    const started = Date.now();
     const blob = await this.options.registry.resolveBlob(ref, digest, signal);
+    const resolvedMs = Date.now() - started;
     const { toc, tocJson, tocDigest, tocOffset, compression } = await readToc(withTail(blob), { signal });
+    this.options.log.debug({ layer: digest, resolvedMs, tocMs: Date.now() - started - resolvedMs, tocBytes: blob.size - tocOffset }, 'blob resolved and TOC read');
     return { blob, toc, tocJson, tocDigest, tocOffset, compression };
   }
 
