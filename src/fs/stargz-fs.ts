@@ -87,6 +87,8 @@ export class StargazeFileSystem implements RemoteFileSystem {
   /** Background fetches waiting for a slot, and how many run (at most `max_concurrency`). */
   private readonly backgroundQueue: (() => Promise<void>)[] = [];
   private backgroundRunning = 0;
+  /** TOC cache writes not finished yet. */
+  private readonly tocSaves = new Set<Promise<void>>();
   /** Layers opened ahead of their mount, by `ref \0 digest`: undefined when that failed (the mount tries again). */
   private readonly preOpened = new Map<string, Promise<OpenedLayer | undefined>>();
   /** Decompressed chunks of every layer: `[cache] memory_max_bytes` bounds them all together. */
@@ -230,6 +232,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
 
   /** Unmounts every layer; called on daemon shutdown. */
   async close(): Promise<void> {
+    await Promise.allSettled(this.tocSaves);
     const mountpoints = [...this.layers.keys()];
     const results = await Promise.allSettled(mountpoints.map((m) => this.unmount(m)));
     results.forEach((r, i) => {
@@ -267,24 +270,32 @@ export class StargazeFileSystem implements RemoteFileSystem {
     layerLog: Logger,
   ): Promise<{ blob: BlobSource; toc: Toc; tocOffset: number; compression: LayerCompression }> {
     const resolve = (s?: AbortSignal): Promise<BlobSource> => this.options.registry.resolveBlob(source.ref, source.digest, s);
-    const cached = source.tocDigest !== undefined ? await this.options.tocCache?.load(source.digest, source.tocDigest) : undefined;
-    if (cached) {
-      const toc = parseToc(cached.tocJson, { blobSize: cached.blobSize, tocOffset: cached.tocOffset });
-      layerLog.debug('TOC from the local cache');
-      // Only eStargz TOCs are cached (below), so a cached one means gzip members.
-      return { blob: new DeferredBlobSource(source.digest, cached.blobSize, resolve), toc, tocOffset: cached.tocOffset, compression: 'gzip' };
-    }
+    // A layer opened ahead had no cached TOC then: no need to look (file reads wait for the libuv threads,
+    // which a running prefetch keeps busy inflating).
     const key = preOpenKey(source.ref, source.digest);
     const pre = this.preOpened.get(key);
     this.preOpened.delete(key);
     const early = pre !== undefined ? await pre : undefined;
-    if (early !== undefined) layerLog.debug('blob and TOC were read ahead of the mount');
+    if (early !== undefined) {
+      layerLog.debug('blob and TOC were read ahead of the mount');
+    } else {
+      const cached = source.tocDigest !== undefined ? await this.options.tocCache?.load(source.digest, source.tocDigest) : undefined;
+      if (cached) {
+        const toc = parseToc(cached.tocJson, { blobSize: cached.blobSize, tocOffset: cached.tocOffset });
+        layerLog.debug('TOC from the local cache');
+        // Only eStargz TOCs are cached (below), so a cached one means gzip members.
+        return { blob: new DeferredBlobSource(source.digest, cached.blobSize, resolve), toc, tocOffset: cached.tocOffset, compression: 'gzip' };
+      }
+    }
     const { blob, toc, tocJson, tocDigest, tocOffset, compression } = early ?? (await this.readLayer(source.ref, source.digest, signal));
     this.verifyToc(source, tocDigest, layerLog);
     if (compression === 'zstd') layerLog.debug('zstd:chunked layer');
     // The cache records no compression: zstd:chunked TOCs are not cached (their layers always read the TOC).
-    if (source.tocDigest === tocDigest && compression === 'gzip') {
-      await this.options.tocCache?.save(source.digest, { blobSize: blob.size, tocOffset, tocJson });
+    // The mount does not wait for the write (it only spares a later mount the registry); close() does.
+    if (source.tocDigest === tocDigest && compression === 'gzip' && this.options.tocCache !== undefined) {
+      const saving = this.options.tocCache.save(source.digest, { blobSize: blob.size, tocOffset, tocJson });
+      this.tocSaves.add(saving);
+      void saving.finally(() => this.tocSaves.delete(saving));
     }
     return { blob, toc, tocOffset, compression };
   }
