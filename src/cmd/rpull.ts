@@ -245,11 +245,10 @@ function printJoined(progress: ProgressPrinter, r: CollapsedPull, ms: number): v
 }
 
 async function pull(args: RpullArgs, domain: string, platform: Platform, signal: AbortSignal, progress: ProgressPrinter): Promise<CollapsedPull> {
-  const [{ default: pino }, { ContainerdClient }, { pullImage }, { RegistryClient }] = await Promise.all([
+  const [{ default: pino }, { RegistryClient }, { resolveManifest }] = await Promise.all([
     import('pino'),
-    import('../containerd/client'),
-    import('../containerd/pull'),
     import('../remote/registry-client'),
+    import('../containerd/resolve'),
   ]);
   // Logs go to stderr (stdout is the progress); quiet unless STARGAZE_LOG_LEVEL says otherwise.
   const log = pino({ level: process.env.STARGAZE_LOG_LEVEL ?? 'warn', base: undefined }, pino.destination(2));
@@ -263,6 +262,11 @@ async function pull(args: RpullArgs, domain: string, platform: Platform, signal:
   });
   let client: ContainerdClient | undefined;
   try {
+    // The registry round trips for the manifest go on while the gRPC client loads and connects (loading it
+    // is CPU work of about 100 ms). containerd's errors still come first: the pull awaits this after them.
+    const resolved = resolveManifest(registry, args.ref, platform, signal);
+    resolved.catch(() => undefined);
+    const [{ ContainerdClient }, { pullImage }] = await Promise.all([import('../containerd/client'), import('../containerd/pull')]);
     client = await ContainerdClient.connect({ address: args.address, namespace: args.namespace });
     let manifestDigest = '';
     let platformName: string | undefined;
@@ -275,6 +279,7 @@ async function pull(args: RpullArgs, domain: string, platform: Platform, signal:
       prefetchBytes: args.prefetchBytes,
       log: log.child({ module: 'rpull' }),
       signal,
+      resolved,
       onEvent: (e) => {
         if (e.type === 'resolved') {
           manifestDigest = e.manifest.digest;

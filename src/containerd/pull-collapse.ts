@@ -10,7 +10,7 @@
  * the leader fails (or the directory is not private) each waiter pulls on its own, as without collapsing.
  */
 import { createHash } from 'node:crypto';
-import { lstat, mkdir, readFile, rename, writeFile } from 'node:fs/promises';
+import { lstat, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { errorCode } from '../errors';
@@ -99,10 +99,15 @@ export async function joinOrLead(key: string, opts: { signal?: AbortSignal; resu
   const lead = (release: ReleaseHostLock): CollapseOutcome => ({
     kind: 'lead',
     release,
+    // Best effort: without the file the waiters pull on their own, which is slower but just as right.
     publish: async (result) => {
       const tmp = `${file}.${process.pid}.tmp`;
-      await writeFile(tmp, JSON.stringify({ ...result, finishedAt: Date.now() } satisfies ResultFile), { mode: 0o600 });
-      await rename(tmp, file);
+      try {
+        await writeFile(tmp, JSON.stringify({ ...result, finishedAt: Date.now() } satisfies ResultFile), { mode: 0o600 });
+        await rename(tmp, file);
+      } catch {
+        await rm(tmp, { force: true }).catch(() => undefined);
+      }
     },
   });
   for (;;) {

@@ -22,7 +22,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import { RegistryAuthError, RegistryError, StargazeError, errorMessage } from '../errors';
+import { RegistryError, StargazeError, errorMessage } from '../errors';
 import type { Logger } from '../log';
 import { parseReference, type ImageReference } from '../remote/reference';
 import type { RegistryClient } from '../remote/registry-client';
@@ -47,28 +47,23 @@ import {
   GC_EXPIRE,
   GC_REF_SNAPSHOT_PREFIX,
   INHERITED_SNAPSHOT_LABEL_PREFIX,
-  MEDIA_TYPE_DOCKER_SCHEMA1_MANIFEST,
-  MEDIA_TYPE_OCI_INDEX,
-  MEDIA_TYPE_OCI_MANIFEST,
   UNCOMPRESSED,
   chainIds,
   appendDistributionSource,
   childrenGcLabels,
   distributionSourceKey,
   isConfigType,
-  isIndexType,
   isLayerType,
-  isManifestType,
   labelFits,
   parseConfig,
-  parseIndex,
-  parseManifest,
-  type ImageIndex,
   type ImageManifest,
 } from './image';
 import { acquireHostLock } from './host-lock';
-import { formatPlatform, platformRank, type Platform } from './platforms';
+import { UnsupportedImageError, resolveManifest, type Fetched, type ResolvedManifest } from './resolve';
+import type { Platform } from './platforms';
 import type { Descriptor, Mount } from './types';
+
+export { ImageAuthError, ImageNotFoundError, UnsupportedImageError, resolveManifest, type ResolvedManifest } from './resolve';
 
 /** client.WithLease's default expiration. */
 export const LEASE_EXPIRE_MS = 24 * 60 * 60 * 1000;
@@ -102,6 +97,11 @@ export interface PullOptions {
   log: Logger;
   signal?: AbortSignal;
   onEvent?: (e: PullEvent) => void;
+  /**
+   * resolveManifest(registry, ref, platform) started by the caller, so that its round trips overlap with
+   * what comes before the pull (rpull loads the gRPC client and connects meanwhile).
+   */
+  resolved?: Promise<ResolvedManifest>;
 }
 
 export interface LayerResult {
@@ -123,13 +123,6 @@ export interface PullResult {
   chainId: string;
   layers: LayerResult[];
   ms: number;
-}
-
-/** A manifest with the bytes it came as. */
-interface Fetched<T> {
-  desc: Descriptor;
-  body: Buffer;
-  doc: T;
 }
 
 /** rootfs.uniquePart: nanoseconds of now plus 3 random bytes, base64url. */
@@ -170,27 +163,6 @@ export function layerLabels(ref: string, layers: readonly Descriptor[], i: numbe
   return labels;
 }
 
-/** An image that is not what a pull can handle (schema 1, no layers matching diff_ids...). */
-export class UnsupportedImageError extends StargazeError {
-  constructor(message: string) {
-    super('ERR_SNAP_INVALID_ARGUMENT', message);
-  }
-}
-
-/** The registry does not know the image (manifest 404). */
-export class ImageNotFoundError extends RegistryError {
-  constructor(name: string, cause: RegistryError) {
-    super(`image ${name} not found: ${cause.message}`, cause.status);
-  }
-}
-
-/** The registry refused our credentials (or wanted some we do not have). */
-export class ImageAuthError extends RegistryAuthError {
-  constructor(name: string, cause: RegistryError | RegistryAuthError) {
-    super(`not authorized to pull ${name}: ${cause.message} (pass --user USER:PASS, or log in with docker login)`);
-  }
-}
-
 /** Errors of snapshot calls that mean "no such snapshotter" or "snapshotter not answering", said plainly. */
 function snapshotterError(err: unknown, sn: SnapshotsService, address: string): unknown {
   if (!(err instanceof ContainerdError)) return err;
@@ -206,21 +178,6 @@ function snapshotterError(err: unknown, sn: SnapshotsService, address: string): 
 function leaseExpiry(now: number): string {
   // RFC 3339 without fractional seconds, as Go's time.RFC3339 formats it.
   return new Date(now + LEASE_EXPIRE_MS).toISOString().replace(/\.\d{3}Z$/, 'Z');
-}
-
-/** The manifest's media type: the Content-Type if it is a known one, else the document's own mediaType field. */
-function manifestMediaType(contentType: string, body: Buffer): string {
-  if (isIndexType(contentType) || isManifestType(contentType) || contentType === MEDIA_TYPE_DOCKER_SCHEMA1_MANIFEST) return contentType;
-  try {
-    const j = JSON.parse(body.toString('utf8')) as { mediaType?: unknown; manifests?: unknown; schemaVersion?: unknown; config?: unknown };
-    if (typeof j.mediaType === 'string' && j.mediaType !== '') return j.mediaType;
-    if (j.schemaVersion === 1) return MEDIA_TYPE_DOCKER_SCHEMA1_MANIFEST;
-    if (Array.isArray(j.manifests)) return MEDIA_TYPE_OCI_INDEX;
-    if (j.config !== undefined) return MEDIA_TYPE_OCI_MANIFEST;
-  } catch {
-    // not JSON: reported below by the type check
-  }
-  return contentType;
 }
 
 async function readAll(body: AsyncIterable<Buffer>, limit: number, what: string): Promise<Buffer> {
@@ -300,11 +257,7 @@ export async function pullImage(opts: PullOptions): Promise<PullResult> {
 }
 
 /** The image as the registry describes it: what Pull.run needs. */
-interface ResolvedImage {
-  target: Fetched<unknown>;
-  index: Fetched<ImageIndex> | undefined;
-  manifest: Fetched<ImageManifest>;
-  platform: string | undefined;
+interface ResolvedImage extends ResolvedManifest {
   config: Fetched<undefined>;
 }
 
@@ -336,7 +289,7 @@ class Pull {
   /** Manifest (via the index) and config: registry reads, plus a content store read when the config is there. */
   async resolveImage(): Promise<ResolvedImage> {
     const started = Date.now();
-    const resolved = await this.resolve();
+    const resolved = await (this.opts.resolved ?? resolveManifest(this.opts.registry, this.name, this.opts.platform, this.signal));
     const config = await this.fetchConfig(resolved.manifest.doc);
     this.log.debug({ ms: Date.now() - started }, 'manifest and config fetched');
     return { ...resolved, config };
@@ -378,55 +331,6 @@ class Pull {
   }
 
   // --- resolve -------------------------------------------------------------------------------------------
-
-  private async resolve(): Promise<{ target: Fetched<unknown>; index: Fetched<ImageIndex> | undefined; manifest: Fetched<ImageManifest>; platform: string | undefined }> {
-    const { registry } = this.opts;
-    let top;
-    try {
-      top = await registry.fetchManifest(this.name, undefined, this.signal);
-    } catch (err) {
-      if (err instanceof RegistryAuthError || (err instanceof RegistryError && (err.status === 401 || err.status === 403))) throw new ImageAuthError(this.name, err);
-      if (err instanceof RegistryError && err.status === 404) throw new ImageNotFoundError(this.name, err);
-      throw err;
-    }
-    const topType = manifestMediaType(top.mediaType, top.body);
-    const topDesc: Descriptor = { mediaType: topType, digest: top.digest, size: top.body.length };
-    if (topType === MEDIA_TYPE_DOCKER_SCHEMA1_MANIFEST) {
-      throw new UnsupportedImageError(`${this.name} is a Docker schema 1 image, which is not supported (push it again with a current client)`);
-    }
-    if (isManifestType(topType)) {
-      const doc = parseManifest(top.body, `manifest ${top.digest} of ${this.name}`);
-      const manifest = { desc: topDesc, body: top.body, doc };
-      return { target: manifest, index: undefined, manifest, platform: undefined };
-    }
-    if (!isIndexType(topType)) throw new UnsupportedImageError(`${this.name}: the registry answered with media type "${topType}", not an image manifest or index`);
-
-    const index = { desc: topDesc, body: top.body, doc: parseIndex(top.body, `index ${top.digest} of ${this.name}`) };
-    const wanted = this.opts.platform;
-    let best: { desc: Descriptor; rank: number } | undefined;
-    for (const m of index.doc.manifests) {
-      if (!isManifestType(m.mediaType) || m.platform === undefined) continue;
-      const rank = platformRank(wanted, m.platform);
-      if (rank !== undefined && (best === undefined || rank < best.rank)) best = { desc: m, rank };
-    }
-    if (best === undefined) {
-      const available = index.doc.manifests.flatMap((m) => (m.platform ? [formatPlatform(m.platform)] : [])).join(', ');
-      throw new UnsupportedImageError(`${this.name} has no image for platform ${formatPlatform(wanted)} (it has: ${available || 'none'}); see --platform`);
-    }
-    const chosen = best.desc;
-    const fetched = await registry.fetchManifest(`${this.reference.name}@${chosen.digest}`, undefined, this.signal);
-    if (fetched.body.length !== chosen.size) {
-      throw new RegistryError(`manifest ${chosen.digest} of ${this.name}: got ${fetched.body.length} bytes, the index says ${chosen.size}`);
-    }
-    const doc = parseManifest(fetched.body, `manifest ${chosen.digest} of ${this.name}`);
-    const platform = 'platform' in chosen && chosen.platform ? formatPlatform(chosen.platform as Platform) : undefined;
-    return {
-      target: index,
-      index,
-      manifest: { desc: { mediaType: chosen.mediaType, digest: chosen.digest, size: chosen.size }, body: fetched.body, doc },
-      platform,
-    };
-  }
 
   private async fetchConfig(manifest: ImageManifest): Promise<Fetched<undefined>> {
     const desc = manifest.config;
