@@ -15,6 +15,7 @@ import path from 'node:path';
 import { LRUCache } from 'lru-cache';
 import { errorMessage } from '../errors';
 import type { Logger } from '../log';
+import type { BudgetAccount } from './disk-budget';
 
 /** Files being written carry this prefix until renamed; leftovers from a crash are removed at open. */
 const TEMP_PREFIX = '.tmp-';
@@ -27,6 +28,11 @@ export interface DiskChunkCacheOptions {
   /** Cap on the bytes of cached chunks. */
   maxBytes: number;
   log: Logger;
+  /**
+   * The root's shared byte budget (disk-budget.ts): chunks are reported to it, it evicts them when the
+   * root as a whole is over `disk_max_bytes`. Without it, only this cache's own cap applies.
+   */
+  budget?: BudgetAccount;
 }
 
 export interface DiskChunkCacheStats {
@@ -55,6 +61,7 @@ export class DiskChunkCache {
       maxSize: Math.max(1, options.maxBytes),
       sizeCalculation: (e) => Math.max(1, e.size),
       dispose: (_entry, hex, reason) => {
+        if (reason !== 'set') options.budget?.remove(hex);
         if (reason === 'evict') {
           this.stats.evictions++;
           void rm(this.file(hex), { force: true });
@@ -87,6 +94,7 @@ export class DiskChunkCache {
     }
     found.sort((a, b) => a.mtimeMs - b.mtimeMs);
     for (const f of found) cache.index.set(f.hex, { size: f.size, touchedMs: f.mtimeMs });
+    options.budget?.restore(found.map((f) => ({ key: f.hex, bytes: f.size, lastUsedMs: f.mtimeMs, evict: () => cache.evictForBudget(f.hex) })));
     options.log.info({ dir: options.dir, chunks: cache.index.size, bytes: cache.index.calculatedSize }, 'disk chunk cache opened');
     return cache;
   }
@@ -125,6 +133,7 @@ export class DiskChunkCache {
       return undefined;
     }
     this.stats.hits++;
+    this.options.budget?.touch(hex);
     const now = Date.now();
     if (now - entry.touchedMs > TOUCH_INTERVAL_MS) {
       entry.touchedMs = now;
@@ -150,6 +159,8 @@ export class DiskChunkCache {
   private async write(hex: string, data: Buffer): Promise<void> {
     const file = this.file(hex);
     const temp = path.join(this.options.dir, `${TEMP_PREFIX}${randomBytes(8).toString('hex')}`);
+    // The temp file counts from its first byte: the budget makes room before it is written, not after.
+    const release = this.options.budget?.reserve(data.length);
     try {
       await mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
       const handle = await open(temp, 'wx', 0o600);
@@ -159,12 +170,23 @@ export class DiskChunkCache {
         await handle.close();
       }
       await rename(temp, file);
+      release?.();
       this.index.set(hex, { size: data.length, touchedMs: Date.now() });
+      this.options.budget?.add(hex, data.length, () => this.evictForBudget(hex));
     } catch (err) {
       this.stats.writeErrors++;
       this.options.log.warn({ err: errorMessage(err) }, 'could not write a chunk to the disk cache; serving without it');
       await rm(temp, { force: true }).catch(() => undefined);
+    } finally {
+      release?.();
     }
+  }
+
+  /** The shared budget evicts a chunk the way this cache's own LRU would. */
+  private evictForBudget(hex: string): void {
+    if (!this.index.delete(hex)) return;
+    this.stats.evictions++;
+    void rm(this.file(hex), { force: true });
   }
 
   private file(hex: string): string {

@@ -6,14 +6,22 @@
  * A file holds one line of JSON (blob size, TOC offset, TOC digest) and then the TOC JSON exactly as the
  * blob stores it. It is trusted only when that JSON hashes to the digest the caller expects (the
  * manifest's toc.digest annotation): a stale or tampered file is ignored.
+ *
+ * The files count toward `disk_max_bytes` through the root's byte budget (disk-budget.ts): a TOC no mounted
+ * layer needs can be evicted like a chunk, least recently used first; the TOC of a mounted layer is pinned,
+ * since a restarted FUSE server mounts the layer again from it. Recency survives restarts as the files' mtimes.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import path from 'node:path';
+import type { BudgetAccount, RestoredEntry } from './disk-budget';
 
 const DIGEST_PATTERN = /^sha256:([0-9a-f]{64})$/;
 /** A cached TOC larger than this is not read back (the parser's own bound is 64 MiB). */
 const MAX_FILE_BYTES = 80 * 1024 * 1024;
+/** Files being written carry this prefix until renamed; leftovers from a crash are removed by scan(). */
+const TEMP_PREFIX = '.tmp-';
+const FILE_PATTERN = /^([0-9a-f]{64})\.toc$/;
 
 export interface CachedToc {
   blobSize: number;
@@ -22,7 +30,48 @@ export interface CachedToc {
 }
 
 export class TocCache {
-  constructor(private readonly dir: string) {}
+  /** `budget`: the root's byte budget, which counts these files and may evict those not pinned. */
+  constructor(
+    private readonly dir: string,
+    private readonly budget?: BudgetAccount,
+  ) {}
+
+  /**
+   * Reports the files a previous process left to the budget (and removes its temp files). Asynchronous and
+   * meant to run after startup: until it is done, only TOCs saved since are counted.
+   */
+  async scan(): Promise<{ files: number; bytes: number }> {
+    const found = { files: 0, bytes: 0 };
+    const entries: RestoredEntry[] = [];
+    const names = await readdir(this.dir).catch(() => [] as string[]);
+    for (const name of names) {
+      const file = path.join(this.dir, name);
+      if (name.startsWith(TEMP_PREFIX)) {
+        await rm(file, { force: true }).catch(() => undefined);
+        continue;
+      }
+      const hex = FILE_PATTERN.exec(name)?.[1];
+      if (hex === undefined) continue;
+      const st = await stat(file).catch(() => undefined);
+      if (!st?.isFile()) continue;
+      found.files++;
+      found.bytes += st.size;
+      entries.push({ key: hex, bytes: st.size, lastUsedMs: st.mtimeMs, evict: this.evictor(hex) });
+    }
+    this.budget?.restore(entries);
+    return found;
+  }
+
+  /** Keeps the TOC of `layerDigest` from being evicted while a mounted layer needs it; counted. */
+  pin(layerDigest: string): void {
+    const hex = DIGEST_PATTERN.exec(layerDigest)?.[1];
+    if (hex !== undefined) this.budget?.pin(hex);
+  }
+
+  unpin(layerDigest: string): void {
+    const hex = DIGEST_PATTERN.exec(layerDigest)?.[1];
+    if (hex !== undefined) this.budget?.unpin(hex);
+  }
 
   /** The cached TOC of layer `layerDigest` whose JSON hashes to `tocDigest`; undefined otherwise. */
   async load(layerDigest: string, tocDigest: string): Promise<CachedToc | undefined> {
@@ -42,6 +91,11 @@ export class TocCache {
     if (!Number.isSafeInteger(blobSize) || !Number.isSafeInteger(tocOffset)) return undefined;
     const tocJson = data.subarray(newline + 1);
     if ('sha256:' + createHash('sha256').update(tocJson).digest('hex') !== tocDigest) return undefined;
+    const hex = DIGEST_PATTERN.exec(layerDigest)![1]!;
+    this.budget?.touch(hex);
+    // The mtime is its recency after a restart. TOCs are loaded once per mount: no need to throttle.
+    const now = Date.now() / 1000;
+    void utimes(file, now, now).catch(() => undefined);
     return { blobSize: blobSize as number, tocOffset: tocOffset as number, tocJson };
   }
 
@@ -55,15 +109,28 @@ export class TocCache {
   async save(layerDigest: string, toc: CachedToc): Promise<void> {
     const file = this.file(layerDigest);
     if (!file) return;
-    const temp = path.join(this.dir, `.tmp-${randomBytes(8).toString('hex')}`);
+    const temp = path.join(this.dir, `${TEMP_PREFIX}${randomBytes(8).toString('hex')}`);
+    const meta = Buffer.from(JSON.stringify({ blobSize: toc.blobSize, tocOffset: toc.tocOffset }) + '\n');
+    const bytes = meta.length + toc.tocJson.length;
+    // Counted from the first byte written: the budget makes room before the write, not after.
+    const release = this.budget?.reserve(bytes);
     try {
       await mkdir(this.dir, { recursive: true, mode: 0o700 });
-      const meta = Buffer.from(JSON.stringify({ blobSize: toc.blobSize, tocOffset: toc.tocOffset }) + '\n');
       await writeFile(temp, Buffer.concat([meta, toc.tocJson]), { mode: 0o600 });
       await rename(temp, file);
+      release?.();
+      const hex = DIGEST_PATTERN.exec(layerDigest)![1]!;
+      this.budget?.add(hex, bytes, this.evictor(hex));
     } catch {
       await rm(temp, { force: true }).catch(() => undefined);
+    } finally {
+      release?.();
     }
+  }
+
+  private evictor(hex: string): () => void {
+    const file = path.join(this.dir, `${hex}.toc`);
+    return () => void rm(file, { force: true }).catch(() => undefined);
   }
 
   private file(layerDigest: string): string | undefined {

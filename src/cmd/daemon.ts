@@ -9,8 +9,7 @@ import { mkdir } from 'node:fs/promises';
 import { loadConfig, type Config } from '../config/config';
 import { FuseServerClient } from '../fs/fuse-server-client';
 import { serveMetrics } from '../metrics/fs-metrics';
-import { DiskChunkCache } from '../cache/disk-chunk-cache';
-import { TocCache } from '../cache/toc-cache';
+import { openDiskCaches } from '../cache/disk-caches';
 import type { RemoteFileSystem } from '../snapshot/filesystem';
 import { errorMessage, UsageError } from '../errors';
 import { log, setLogLevel } from '../log';
@@ -149,12 +148,13 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
       credentialsAfterDockerConfig: keychains.provider,
       log: log.child({ module: 'remote' }),
     });
-    const diskCache = await DiskChunkCache.open({
-      dir: path.join(setup.root, 'cache', 'chunks'),
+    const caches = await openDiskCaches({
+      cacheDir: path.join(setup.root, 'cache', 'chunks'),
+      root: setup.root,
       maxBytes: config.cache.diskMaxBytes,
       log: log.child({ module: 'cache' }),
     });
-    const tocCache = new TocCache(path.join(setup.root, 'cache', 'toc'));
+    const { diskCache, tocCache } = caches;
     const filesystem = new StargazeFileSystem({ registry, config, diskCache, tocCache, log: log.child({ module: 'fs' }) });
     const metricsServer = config.metricsAddress
       ? await serveMetrics(filesystem.metrics, config.metricsAddress, log.child({ module: 'metrics' }))
@@ -167,15 +167,17 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
         metricsServer?.close();
         keychains.close();
         await filesystem.close();
+        caches.close();
       },
     };
   }
   const dir = path.join(setup.root, 'fuse');
   await mkdir(dir, { recursive: true, mode: 0o700 });
   const socketPath = path.join(dir, 'fuse-server.sock');
+  const logFile = path.join(dir, 'fuse-server.log');
   const client = new FuseServerClient({
     socketPath,
-    logFile: path.join(dir, 'fuse-server.log'),
+    logFile,
     serverArgv: [
       path.resolve(process.argv[1] ?? 'stargaze'),
       'fuse-server',
@@ -183,9 +185,13 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
       '--pid-file', path.join(dir, 'fuse-server.pid'),
       '--hosts-dir', setup.hostsDir,
       '--cache-dir', path.join(setup.root, 'cache', 'chunks'),
+      '--root', setup.root,
       '--config', setup.configPath,
       ...(setup.configExplicit ? [] : ['--config-optional']),
       '--log-level', setup.logLevel,
+      // The server writes its log lines to this file itself, bounded in size; its stdout and stderr
+      // (a crash's stack trace) are appended to the same file by the spawn.
+      '--log-file', logFile,
       ...(setup.keychains.criKeychainDir ? ['--cri-keychain-dir', setup.keychains.criKeychainDir] : []),
       ...(setup.keychains.kubeconfigPath ? ['--kubeconfig', setup.keychains.kubeconfigPath] : []),
     ],

@@ -2,19 +2,31 @@
  * `stargaze fuse-server`: the process that owns the FUSE mounts (src/fs/fuse-server.ts). The daemon starts
  * it in its own session and talks to it over a unix socket; it is not meant to be run by hand.
  */
+import { stat } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
 import { loadConfig } from '../config/config';
 import { errorMessage, UsageError } from '../errors';
-import { createMultiLogger } from '../log';
+import { BoundedLogFile, createMultiLogger } from '../log';
 import { LogTap, runFuseServer } from '../fs/fuse-server';
 import { openKeychains } from '../remote/keychains';
 
-const USAGE = `usage: stargaze fuse-server --socket SOCK --pid-file FILE --hosts-dir DIR --cache-dir DIR [--config FILE [--config-optional]] [--log-level LEVEL]
+const USAGE = `usage: stargaze fuse-server --socket SOCK --pid-file FILE --hosts-dir DIR --cache-dir DIR [--root DIR] [--config FILE [--config-optional]] [--log-level LEVEL] [--log-file FILE]
        [--cri-keychain-dir DIR] [--kubeconfig FILE]
 
 Started by 'stargaze daemon' (unless [fuse_manager] enable = false): serves the lazily mounted layers
 from a process that outlives daemon restarts.
 `;
+
+/** The log file and its one older generation stay within this, so the root's disk budget is not eaten by logs. */
+const LOG_FILE_MAX_BYTES = 8 * 1024 * 1024;
+
+async function fileSize(file: string): Promise<number> {
+  try {
+    return (await stat(file)).size;
+  } catch {
+    return 0;
+  }
+}
 
 export async function main(argv: string[]): Promise<number> {
   let values;
@@ -26,9 +38,11 @@ export async function main(argv: string[]): Promise<number> {
         'pid-file': { type: 'string' },
         'hosts-dir': { type: 'string' },
         'cache-dir': { type: 'string' },
+        root: { type: 'string' },
         config: { type: 'string' },
         'config-optional': { type: 'boolean', default: false },
         'log-level': { type: 'string', default: 'info' },
+        'log-file': { type: 'string' },
         'cri-keychain-dir': { type: 'string' },
         kubeconfig: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
@@ -48,14 +62,16 @@ export async function main(argv: string[]): Promise<number> {
     throw new UsageError(`--socket, --pid-file, --hosts-dir and --cache-dir are required\n${USAGE}`);
   }
   const logTap = new LogTap();
-  const log = createMultiLogger([process.stdout, logTap], values['log-level']).child({ process: 'fuse-server' });
+  const logFile = values['log-file'];
+  const logSink = logFile ? new BoundedLogFile(logFile, LOG_FILE_MAX_BYTES, await fileSize(logFile)) : process.stdout;
+  const log = createMultiLogger([logSink, logTap], values['log-level']).child({ process: 'fuse-server' });
   const { config } = values.config
     ? await loadConfig(values.config, { explicit: !values['config-optional'] })
     : await loadConfig('/dev/null', { explicit: false });
   // Re-read on each lookup when the daemon's image-service proxy rewrote it.
   const keychains = await openKeychains({ criKeychainDir: values['cri-keychain-dir'], kubeconfigPath: values.kubeconfig }, log);
   try {
-    await runFuseServer({ socketPath: socket, pidFile, config, hostsDir, cacheDir, log, logTap, credentials: keychains.provider });
+    await runFuseServer({ socketPath: socket, pidFile, config, hostsDir, cacheDir, root: values.root, log, logTap, credentials: keychains.provider });
   } finally {
     keychains.close();
   }

@@ -47,13 +47,28 @@ export interface FuseConfig {
 export interface CacheConfig {
   /** Bound of the in-memory cache (`[cache] memory_max_bytes`, ours). */
   readonly memoryMaxBytes: number;
-  /** `[cache] disk_max_bytes`: cap on the disk chunk cache under the root (least recently used evicted). */
+  /**
+   * `[cache] disk_max_bytes`: cap on what the daemon keeps under its root, snapshot dirs aside: chunk and TOC
+   * caches (least recently used evicted), files being written, metadata db and logs (cache/disk-budget.ts).
+   */
   readonly diskMaxBytes: number;
 }
 
 export interface ResolverConfig {
   /** Bound of each registry request (`[resolver] request_timeout_sec`); <= 0 means no timeout. */
   readonly requestTimeoutSec: number;
+  /** `[[resolver.host."<registry>".mirrors]]` by registry; used for registries without a hosts.toml. */
+  readonly mirrors: Readonly<Record<string, readonly ResolverMirror[]>>;
+}
+
+export interface ResolverMirror {
+  readonly host: string;
+  /** `insecure`: plain http. */
+  readonly insecure: boolean;
+  /** `request_timeout_sec`: 0 means `[resolver] request_timeout_sec`, negative none. */
+  readonly requestTimeoutSec: number;
+  /** `header`, names lower-cased. */
+  readonly headers: Readonly<Record<string, readonly string[]>>;
 }
 
 export interface BlobConfig {
@@ -144,7 +159,7 @@ export function defaultConfig(): Config {
     fuse: { attrTimeoutSec: DEFAULT_FUSE_ATTR_TIMEOUT_SEC, entryTimeoutSec: DEFAULT_FUSE_ENTRY_TIMEOUT_SEC },
     cache: { memoryMaxBytes: DEFAULT_CACHE_MEMORY_MAX_BYTES, diskMaxBytes: DEFAULT_CACHE_DISK_MAX_BYTES },
     maxConcurrency: DEFAULT_MAX_CONCURRENCY,
-    resolver: { requestTimeoutSec: DEFAULT_REQUEST_TIMEOUT_SEC },
+    resolver: { requestTimeoutSec: DEFAULT_REQUEST_TIMEOUT_SEC, mirrors: {} },
     blob: {
       fetchingTimeoutSec: DEFAULT_FETCHING_TIMEOUT_SEC,
       maxRetries: DEFAULT_MAX_RETRIES,
@@ -214,6 +229,7 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
 
   const warnings: string[] = [];
   const values = new Map<string, unknown>();
+  let mirrors: Record<string, ResolverMirror[]> = {};
   const ignored = (path: string, extra = ''): void => {
     warnings.push(`${source}: config key ${path} is not implemented yet, ignored${extra}`);
   };
@@ -231,8 +247,7 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
       if (!isTable(value)) throw new ConfigError(`${source}: ${keyPath([key])} must be a table, got ${describe(value)}`);
       for (const [sub, subValue] of Object.entries(value)) {
         if (key === 'resolver' && sub === 'host') {
-          checkResolverHosts(subValue, source);
-          ignored(keyPath([key, sub]), ' (registry mirrors: configure them in hosts.toml under the hosts dir)');
+          mirrors = parseResolverHosts(subValue, source);
           continue;
         }
         takeKey(tableSpec[sub], subValue, [key, sub]);
@@ -269,7 +284,7 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
     },
     maxConcurrency: nonNegative('max_concurrency', d.maxConcurrency),
     // Reference: 0 -> default, negative -> no timeout (kept negative; consumers treat <= 0 as "none").
-    resolver: { requestTimeoutSec: requestTimeout === undefined || requestTimeout === 0 ? d.resolver.requestTimeoutSec : requestTimeout },
+    resolver: { requestTimeoutSec: requestTimeout === undefined || requestTimeout === 0 ? d.resolver.requestTimeoutSec : requestTimeout, mirrors },
     blob: {
       fetchingTimeoutSec: nonNegative('blob.fetching_timeout_sec', d.blob.fetchingTimeoutSec),
       maxRetries: nonNegative('blob.max_retries', d.blob.maxRetries),
@@ -293,8 +308,9 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
   return { config, warnings };
 }
 
-/** `[[resolver.host."<registry>".mirrors]]`: checked for shape and types even though it is ignored. */
-function checkResolverHosts(value: unknown, source: string): void {
+/** `[[resolver.host."<registry>".mirrors]]`: checked for shape and types; mirrors by registry. */
+function parseResolverHosts(value: unknown, source: string): Record<string, ResolverMirror[]> {
+  const out: Record<string, ResolverMirror[]> = {};
   const base = ['resolver', 'host'];
   if (!isTable(value)) throw new ConfigError(`${source}: ${keyPath(base)} must be a table of registries, got ${describe(value)}`);
   for (const [registry, entry] of Object.entries(value)) {
@@ -303,9 +319,10 @@ function checkResolverHosts(value: unknown, source: string): void {
     for (const [key, mirrors] of Object.entries(entry)) {
       if (key !== 'mirrors') throw new ConfigError(`${source}: unknown config key ${keyPath([...at, key])}`);
       if (!Array.isArray(mirrors)) throw new ConfigError(`${source}: ${keyPath([...at, key])} must be an array of tables ([[...mirrors]]), got ${describe(mirrors)}`);
-      mirrors.forEach((mirror: unknown, i: number) => {
+      out[registry] = mirrors.map((mirror: unknown, i: number): ResolverMirror => {
         const mpath = `${keyPath([...at, key])}[${i}]`;
         if (!isTable(mirror)) throw new ConfigError(`${source}: ${mpath} must be a table, got ${describe(mirror)}`);
+        const headers: Record<string, string[]> = {};
         for (const [mk, mv] of Object.entries(mirror)) {
           const type = MIRROR_KEYS[mk];
           const path = `${mpath}.${keyPath([mk])}`;
@@ -318,9 +335,18 @@ function checkResolverHosts(value: unknown, source: string): void {
           for (const [hk, hv] of Object.entries(mv)) {
             const ok = typeof hv === 'string' || (Array.isArray(hv) && hv.every((x) => typeof x === 'string'));
             if (!ok) throw new ConfigError(`${source}: ${path}.${keyPath([hk])} must be a string or an array of strings, got ${describe(hv)}`);
+            headers[hk.toLowerCase()] = typeof hv === 'string' ? [hv] : (hv as string[]);
           }
         }
+        if (typeof mirror.host !== 'string' || mirror.host === '') throw new ConfigError(`${source}: ${mpath}.host must be set`);
+        return {
+          host: mirror.host,
+          insecure: mirror.insecure === true,
+          requestTimeoutSec: typeof mirror.request_timeout_sec === 'number' ? mirror.request_timeout_sec : 0,
+          headers,
+        };
       });
     }
   }
+  return out;
 }

@@ -98,7 +98,7 @@ export const TABLE_KEYS: Readonly<Record<string, Readonly<Record<string, KeySpec
   },
 };
 
-/** `[[resolver.host."<registry>".mirrors]]` entry keys (accepted, not implemented: use hosts.toml). */
+/** `[[resolver.host."<registry>".mirrors]]` entry keys (used for registries without a hosts.toml). */
 export const MIRROR_KEYS: Readonly<Record<string, KeyType | 'header'>> = {
   host: 'string',
   insecure: 'boolean',

@@ -69,6 +69,14 @@ export { ImageAuthError, ImageNotFoundError, UnsupportedImageError, resolveManif
 export const LEASE_EXPIRE_MS = 24 * 60 * 60 * 1000;
 /** ctr's --max-concurrent-downloads default. */
 export const MAX_CONCURRENT_DOWNLOADS = 3;
+/**
+ * Range requests in flight for each layer rpull downloads itself, unless PullOptions.downloadConcurrency
+ * says otherwise. Twice the daemon's [blob] parallel_fetch_concurrency default (8): rpull's download is the
+ * foreground work the user waits for (ctr pulls such a layer over one connection, capped per connection by
+ * most CDNs), while the daemon's whole-blob fetches run in the background beside on-demand reads. The
+ * client's connection pool (16 per origin) bounds the total across layers downloaded at once.
+ */
+export const DEFAULT_DOWNLOAD_CONCURRENCY = 16;
 /** Prepare attempts when AlreadyExists is answered but the chainID is not there yet (the unpacker's 3). */
 const PREPARE_ATTEMPTS = 3;
 /** Key Stat-ed before the pull to check that the snapshotter exists and answers (it never exists). */
@@ -94,6 +102,8 @@ export interface PullOptions {
   platform: Platform;
   /** Value of the stargz.prefetch label. */
   prefetchBytes: number;
+  /** Range requests in flight per downloaded layer (default DEFAULT_DOWNLOAD_CONCURRENCY). */
+  downloadConcurrency?: number;
   log: Logger;
   signal?: AbortSignal;
   onEvent?: (e: PullEvent) => void;
@@ -308,6 +318,9 @@ class Pull {
     this.layers = layers;
     this.emit({ type: 'resolved', name: this.name, target: target.desc, manifest: manifest.desc, platform, layers: layers.length });
 
+    const chain = chainIds(diffIds);
+    await this.downloadEarly(chain);
+
     // Top-down, as containerd's handlers: index, manifest, config. The layers do not need them (the lease keeps
     // everything from the garbage collector meanwhile), so they are unpacked at the same time.
     const storing = (async () => {
@@ -316,7 +329,6 @@ class Pull {
       await this.storeBlob('config', config.desc, config.body, {});
     })();
     storing.catch(() => undefined); // awaited below
-    const chain = chainIds(diffIds);
     const results: LayerResult[] = [];
     try {
       for (let i = 0; i < layers.length; i++) results.push(await this.unpackLayer(i, chain, diffIds));
@@ -414,7 +426,11 @@ class Pull {
     const open = async (): Promise<AsyncIterable<Buffer>> => {
       // Concurrent range requests, in order, digest-checked: far faster than one connection where each
       // connection is throttled (the norm for registries behind CDNs).
-      const body = (await this.opts.registry.fetchBlobParallel(this.name, desc.digest, { signal: this.signal })).body as AsyncIterable<Buffer>;
+      const concurrency = this.opts.downloadConcurrency ?? DEFAULT_DOWNLOAD_CONCURRENCY;
+      // No digest check here: the content store checks it at commit (`expected`), and a blob that fails it is
+      // never committed, so hashing here too would only cost a second pass over the layer.
+      const body = (await this.opts.registry.fetchBlobParallel(this.name, desc.digest, { concurrency, verifyDigest: false, signal: this.signal }))
+        .body as AsyncIterable<Buffer>;
       return (async function* counted() {
         for await (const chunk of body) {
           received += chunk.length;
@@ -422,7 +438,9 @@ class Pull {
         }
       })();
     };
+    const started = Date.now();
     await this.ensureBlob('layer', desc, open, (bytes) => this.emit({ type: 'layer-progress', index: i, digest: desc.digest, bytes, size: desc.size }));
+    this.log.debug({ layer: desc.digest, bytes: received, ms: Date.now() - started }, 'layer downloaded into the content store');
     return received;
   }
 
@@ -436,6 +454,20 @@ class Pull {
     const snapshotterIsLazy = !eStargz(this.layers[i] as Descriptor);
     for (let j = i + 1; j < this.layers.length; j++) {
       if (!snapshotterIsLazy || !eStargz(this.layers[j] as Descriptor)) void this.fetchLayer(j);
+    }
+  }
+
+  /**
+   * Starts downloading, right away, the layers that will need it for sure: those without a TOC digest (never
+   * mounted lazily) above the highest chainID the snapshotter already has. Their downloads then run while the
+   * index, manifest and config are stored and the lower layers are prepared, instead of after.
+   */
+  private async downloadEarly(chain: readonly string[]): Promise<void> {
+    const sn = this.c.snapshots(this.opts.snapshotter);
+    const present = await Promise.all(chain.map(async (id) => (await sn.stat(id).catch(() => undefined)) !== undefined));
+    const firstMissing = present.lastIndexOf(true) + 1;
+    for (let i = firstMissing; i < this.layers.length; i++) {
+      if ((this.layers[i] as Descriptor).annotations?.[TOC_DIGEST] === undefined) void this.fetchLayer(i);
     }
   }
 
@@ -502,8 +534,12 @@ class Pull {
     try {
       const download = this.fetchLayer(i);
       this.fetchAhead(i);
+      const waitStart = Date.now();
       bytes = await download;
+      const applyStart = Date.now();
       const applied = await this.c.diff.apply({ mediaType: desc.mediaType, digest: desc.digest, size: desc.size, annotations: desc.annotations }, mounts, this.signal);
+      // Where a fetched layer's time goes: waiting for its download, then containerd's apply (decompress + untar).
+      this.log.debug({ layer: desc.digest, bytes, waitMs: applyStart - waitStart, applyMs: Date.now() - applyStart }, 'layer applied');
       if (applied.digest !== diffId) {
         throw new UnsupportedImageError(`layer ${desc.digest} of ${this.name}: applying it gave diffID ${applied.digest}, the config says ${diffId}`);
       }

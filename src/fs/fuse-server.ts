@@ -24,8 +24,7 @@ import { onJsonLines, writeJsonLine, type FuseServerRequest, type FuseServerResp
 import { mountsUnder } from './mount-table';
 import { StargazeFileSystem } from './stargz-fs';
 import { serveMetrics } from '../metrics/fs-metrics';
-import { DiskChunkCache } from '../cache/disk-chunk-cache';
-import { TocCache } from '../cache/toc-cache';
+import { openDiskCaches } from '../cache/disk-caches';
 
 /** How long the server stays up with no daemon connected and nothing mounted. */
 const IDLE_EXIT_MS = 30_000;
@@ -39,6 +38,8 @@ export interface FuseServerOptions {
   hostsDir: string;
   /** The disk chunk cache's directory. */
   cacheDir: string;
+  /** The daemon root, whose files count toward `disk_max_bytes` with the caches' (absent: the caches only). */
+  root?: string;
   log: Logger;
   /** Receives every log line, so it can be forwarded to connected daemons. */
   logTap: LogTap;
@@ -66,12 +67,13 @@ export async function runFuseServer(options: FuseServerOptions): Promise<void> {
     credentialsAfterDockerConfig: options.credentials,
     log: log.child({ module: 'remote' }),
   });
-  const diskCache = await DiskChunkCache.open({
-    dir: options.cacheDir,
+  const caches = await openDiskCaches({
+    cacheDir: options.cacheDir,
+    root: options.root,
     maxBytes: options.config.cache.diskMaxBytes,
     log: log.child({ module: 'cache' }),
   });
-  const tocCache = new TocCache(path.join(path.dirname(options.cacheDir), 'toc'));
+  const { diskCache, tocCache } = caches;
   const filesystem = new StargazeFileSystem({ registry, config: options.config, diskCache, tocCache, log: log.child({ module: 'fs' }) });
   // The layers' metrics live where the layers are served, and so survive daemon restarts too.
   const metricsServer = options.config.metricsAddress
@@ -118,6 +120,7 @@ export async function runFuseServer(options: FuseServerOptions): Promise<void> {
   metricsServer?.close();
   for (const socket of options.logTap.sockets) socket.destroy();
   await filesystem.close();
+  caches.close();
   await registry.close();
   await rm(options.pidFile, { force: true });
   await rm(socketPath, { force: true });

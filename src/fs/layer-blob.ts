@@ -4,9 +4,8 @@
  * - withTail(): the footer and the TOC in one round trip. readToc asks for the footer, then for the TOC before
  *   it; reading a tail sized to hold a typical TOC on the first request serves both (the reference also reads
  *   the blob's tail in one piece).
- * - LayerBlob: the prefetch range (from offset 0, often tens of MiB) is read as parallel ranges, and kept until
- *   background fetch, which reads the whole blob from offset 0 to check the layer's diff_id, has used it:
- *   otherwise the prefetched head of every layer crossed the network twice.
+ * - LayerBlob: a long range (the prefetch range from offset 0 is often tens of MiB) is read as parallel range
+ *   requests, as `[blob] parallel_fetch_*` configure: a registry or CDN may cap each connection.
  */
 import type { RangeReadable } from '../estargz/toc';
 import { readRangesOf, type BlobSource, type ByteRange } from '../remote/blob-source';
@@ -19,8 +18,6 @@ import { readRangesOf, type BlobSource, type ByteRange } from '../remote/blob-so
 const TAIL_RATIO = 128;
 const MIN_TAIL_BYTES = 64 * 1024;
 const MAX_TAIL_BYTES = 512 * 1024;
-/** A prefetch head larger than this is not kept for background fetch (it is fetched again instead). */
-export const MAX_RETAINED_HEAD_BYTES = 64 * 1024 * 1024;
 
 export function tailBytesFor(size: number): number {
   return Math.min(size, Math.max(MIN_TAIL_BYTES, Math.min(MAX_TAIL_BYTES, Math.floor(size / TAIL_RATIO))));
@@ -51,16 +48,11 @@ export interface LayerBlobOptions {
   chunkBytes: number;
   /** Parallel requests of one split range. */
   concurrency: number;
-  /** Keep what is read from offset 0 until release(): background fetch will read it again. */
-  retainHead: boolean;
 }
 
 export class LayerBlob implements BlobSource {
   readonly digest: string;
   readonly size: number;
-  /** Bytes [0, head.length) of the blob, read by prefetch and kept for background fetch. */
-  private head: Buffer | undefined;
-  private retaining: boolean;
 
   constructor(
     private readonly blob: BlobSource,
@@ -68,39 +60,14 @@ export class LayerBlob implements BlobSource {
   ) {
     this.digest = blob.digest;
     this.size = blob.size;
-    this.retaining = opts.retainHead;
   }
 
-  /** Bytes held for background fetch. */
-  get retainedBytes(): number {
-    return this.head?.length ?? 0;
+  readRange(offset: number, length: number, signal?: AbortSignal): Promise<Buffer> {
+    return this.fetch(offset, length, signal);
   }
 
-  async readRange(offset: number, length: number, signal?: AbortSignal): Promise<Buffer> {
-    const head = this.head;
-    const end = offset + length;
-    if (head !== undefined && end <= head.length) return head.subarray(offset, end);
-    if (head !== undefined && offset < head.length) {
-      const rest = await this.fetch(head.length, end - head.length, signal);
-      return Buffer.concat([head.subarray(offset), rest]);
-    }
-    const data = await this.fetch(offset, length, signal);
-    if (offset === 0 && this.retaining && data.length <= MAX_RETAINED_HEAD_BYTES && data.length > this.retainedBytes) this.head = data;
-    return data;
-  }
-
-  async readRanges(ranges: readonly ByteRange[], signal?: AbortSignal): Promise<Buffer[]> {
-    const head = this.head;
-    if (head !== undefined && ranges.every((r) => r.offset + r.length <= head.length)) {
-      return ranges.map((r) => head.subarray(r.offset, r.offset + r.length));
-    }
+  readRanges(ranges: readonly ByteRange[], signal?: AbortSignal): Promise<Buffer[]> {
     return readRangesOf(this.blob, ranges, signal);
-  }
-
-  /** Drops the retained head and keeps no more (background fetch is done, or the layer is unmounted). */
-  release(): void {
-    this.retaining = false;
-    this.head = undefined;
   }
 
   /** One request, or parallel ones of chunkBytes for a long range (a registry may cap each connection). */

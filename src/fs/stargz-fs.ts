@@ -21,6 +21,7 @@ import { layerSourceFromLabels, type LayerSourceInfo } from '../source/labels';
 import { FsMetrics, type LayerMetricsSnapshot } from '../metrics/fs-metrics';
 import type { DiskChunkCache } from '../cache/disk-chunk-cache';
 import { backgroundFetch, checkChainId } from '../layer/background-fetch';
+import { hashGzipHead, type DiffResume } from '../layer/diff-hash';
 import type { LayerTree } from '../metadata/layer-tree';
 
 /** The chainID at the end of a snapshot name. */
@@ -63,12 +64,11 @@ export interface StargazeFsOptions {
 
 interface MountedLayer {
   source: LayerSourceInfo;
-  blob: LayerBlob;
   mount: LayerMount<LayerNode>;
   reader: LayerReader;
   log: Logger;
   /** Settles when prefetch ends (also on failure); the first check() waits for it, bounded. */
-  prefetched: Promise<void>;
+  prefetched: Promise<unknown>;
   /** True once a check() has waited for prefetch: later checks do not wait again. */
   prefetchAwaited: boolean;
   blobSize: number;
@@ -141,8 +141,6 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const blob = new LayerBlob(opened.blob, {
       chunkBytes: this.options.config.blob.parallelFetchChunkBytes,
       concurrency: this.options.config.blob.parallelFetchConcurrency,
-      // Background fetch reads the layer from offset 0 again: it gets the prefetched head from memory.
-      retainHead: prefetchBytes > 0 && !this.options.config.noBackgroundFetch,
     });
     const reader = new LayerReader(blob, tree, {
       memoryCacheBytes: this.memoryCache ? undefined : 0,
@@ -165,18 +163,23 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const elapsedMs = Date.now() - started;
     layerLog.info({ ref: source.ref, elapsedMs, blobSize: blob.size }, 'layer mounted');
     this.metrics.observe('mount', source.digest, elapsedMs);
-    const prefetched = this.startPrefetch(source.digest, prefetchBytes, reader, layerLog);
+    // Background fetch hashes the head prefetch downloaded rather than downloading it again (gzip members
+    // only: a zstd:chunked pass always starts at 0).
+    let head: Buffer | undefined;
+    const keepHead = !this.options.config.noBackgroundFetch && reader.compression === 'gzip';
+    const prefetched = this.startPrefetch(source.digest, prefetchBytes, reader, layerLog, keepHead ? (h) => (head = h) : undefined);
     const stop = new AbortController();
     if (!this.options.config.noBackgroundFetch) {
       // After prefetch, so what the image marked as needed first is never queued behind the rest.
-      void prefetched.then(() =>
-        this.enqueueBackground(() =>
-          this.fetchInBackground({ source, parent, blob, tree, reader, mount, log: layerLog, signal: stop.signal }).finally(() => blob.release()),
-        ),
-      );
+      void prefetched.then((ok) => {
+        const resume = ok && head !== undefined ? this.hashHead(head, layerLog) : Promise.resolve(undefined);
+        head = undefined; // hashed now, while the job may wait in the queue: only the hash state waits
+        this.enqueueBackground(() => this.fetchInBackground({ source, parent, blob, tree, reader, mount, log: layerLog, signal: stop.signal, resume }));
+      });
     }
+    // Its TOC stays on disk while it is mounted: a restarted FUSE server mounts it again from there.
+    this.options.tocCache?.pin(source.digest);
     this.layers.set(mountpoint, {
-      blob,
       stop,
       source,
       mount,
@@ -219,8 +222,8 @@ export class StargazeFileSystem implements RemoteFileSystem {
       return;
     }
     this.layers.delete(mountpoint);
+    this.options.tocCache?.unpin(layer.source.digest);
     layer.stop.abort();
-    layer.blob.release();
     await layer.mount.unmount();
     layer.log.info('layer unmounted');
   }
@@ -372,12 +375,15 @@ export class StargazeFileSystem implements RemoteFileSystem {
     mount: LayerMount<LayerNode>;
     log: Logger;
     signal: AbortSignal;
+    /** The hash of the prefetched head, to continue from; undefined: a full pass. */
+    resume: Promise<DiffResume | undefined>;
   }): Promise<void> {
     const { source, reader, log: layerLog } = job;
     if (job.signal.aborted) return;
     const started = Date.now();
     try {
       const result = await backgroundFetch({
+        resume: await job.resume,
         blob: job.blob,
         chunks: job.tree.chunksInBlobOrder(),
         compression: reader.compression,
@@ -388,7 +394,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
       });
       const elapsedMs = Date.now() - started;
       this.metrics.observe('background_fetch_total', source.digest, elapsedMs);
-      layerLog.info({ metrics: 'latency', operation: 'background_fetch_total', elapsedMs, diffId: result.diffId, fetchedBytes: result.fetchedBytes }, 'layer fully fetched');
+      layerLog.info({ metrics: 'latency', operation: 'background_fetch_total', elapsedMs, diffId: result.diffId, fetchedBytes: result.fetchedBytes, startOffset: result.startOffset }, 'layer fully fetched');
       if (this.options.config.disableVerification) return;
       // containerd names a snapshot it committed itself `<namespace>/<n>/<chainID>`; ours carry the bare chainID.
       const parentChainId = job.parent === undefined ? undefined : CHAIN_ID_SUFFIX.exec(job.parent)?.[0];
@@ -416,18 +422,33 @@ export class StargazeFileSystem implements RemoteFileSystem {
     return Math.max(0, landmarkOffset ?? Math.min(source.prefetchBytes ?? config.prefetchSizeBytes, blobSize));
   }
 
-  /** Prefetch what the image marks as needed first, in the background: mount does not wait for it; check() does. */
-  private startPrefetch(digest: string, size: number, reader: LayerReader, layerLog: Logger): Promise<void> {
-    if (size <= 0) return Promise.resolve();
+  /**
+   * Prefetch what the image marks as needed first, in the background: mount does not wait for it; check()
+   * does. Resolves true when it succeeded; `onHead` receives the blob head it downloaded.
+   */
+  private startPrefetch(digest: string, size: number, reader: LayerReader, layerLog: Logger, onHead?: (head: Buffer) => void): Promise<boolean> {
+    if (size <= 0) return Promise.resolve(false);
     const started = Date.now();
-    return reader.prefetch(size).then(
+    return reader.prefetch(size, undefined, onHead).then(
       () => {
         const elapsedMs = Date.now() - started;
         this.metrics.observe('prefetch_total', digest, elapsedMs);
         layerLog.info({ metrics: 'latency', operation: 'prefetch_total', prefetchBytes: size, elapsedMs }, 'prefetch done');
+        return true;
       },
-      (err: unknown) => layerLog.warn({ err: errorMessage(err) }, 'prefetch failed'),
+      (err: unknown) => {
+        layerLog.warn({ err: errorMessage(err) }, 'prefetch failed');
+        return false;
+      },
     );
+  }
+
+  /** The diff hash of the prefetched head; undefined (a full background pass) when it cannot be had. */
+  private hashHead(head: Buffer, layerLog: Logger): Promise<DiffResume | undefined> {
+    return hashGzipHead(head).catch((err: unknown) => {
+      layerLog.debug({ err: errorMessage(err), headBytes: head.length }, 'prefetched head not usable for the diff_id; background fetch starts at 0');
+      return undefined;
+    });
   }
 }
 

@@ -8,13 +8,17 @@
  * and each chunk's gzip member, once complete, is handed to `onMember` to be inflated, verified and cached.
  * Memory is bounded by the window size plus the largest member. zstd:chunked blobs go through ZstdDiffHasher
  * instead of gunzip: each frame is decoded once complete (the wasm zstd has no streaming API).
+ *
+ * Prefetch has usually downloaded the head of the blob already: given its hash state (`resume`, see
+ * diff-hash.ts), the pass starts where the head ends, and the chunks in the head (cached by prefetch) are
+ * not handed over again. Without it (restart, failed prefetch, zstd:chunked) the pass starts at 0.
  */
 import { createHash } from 'node:crypto';
-import { createGunzip } from 'node:zlib';
 import { VerificationError } from '../errors';
 import type { ChunkInfo } from '../metadata/layer-tree';
 import type { BlobSource } from '../remote/blob-source';
 import { ZstdDiffHasher } from '../reader/zstd-range';
+import { gzipDiff, type DiffHasher, type DiffResume } from './diff-hash';
 
 /** Compressed bytes per range request. */
 export const DEFAULT_WINDOW_BYTES = 4 * 1024 * 1024;
@@ -34,6 +38,8 @@ export interface BackgroundFetchOptions {
   signal?: AbortSignal;
   /** gzip members (eStargz, the default) or zstd frames (zstd:chunked), for the diff_id. */
   compression?: 'gzip' | 'zstd';
+  /** gzip only: the hash of blob bytes [0, resume.offset), fetched by prefetch; the pass starts there. */
+  resume?: DiffResume;
 }
 
 export interface BackgroundFetchResult {
@@ -41,6 +47,8 @@ export interface BackgroundFetchResult {
   diffId: string;
   fetchedBytes: number;
   cachedChunks: number;
+  /** Where the pass started: 0, or the end of the prefetched head it continued from. */
+  startOffset: number;
 }
 
 export async function backgroundFetch(options: BackgroundFetchOptions): Promise<BackgroundFetchResult> {
@@ -48,16 +56,20 @@ export async function backgroundFetch(options: BackgroundFetchOptions): Promise<
   const windowBytes = options.windowBytes ?? DEFAULT_WINDOW_BYTES;
   const chunks = [...options.chunks].sort((a, b) => a.compressedOffset - b.compressedOffset);
 
-  const diff = options.compression === 'zstd' ? zstdDiff() : gzipDiff();
+  const resume = options.compression !== 'zstd' && options.resume !== undefined && options.resume.offset <= blob.size ? options.resume : undefined;
+  const diff = options.compression === 'zstd' ? zstdDiff() : gzipDiff(resume?.hash);
+  const startOffset = resume?.offset ?? 0;
 
   /** Compressed bytes from `heldFrom` on, kept until every member starting in them is complete. */
   let held: Buffer = Buffer.alloc(0);
-  let heldFrom = 0;
+  let heldFrom = startOffset;
+  // Chunks in the head lie wholly before its end (a member boundary): prefetch has them.
   let next = 0;
+  while (next < chunks.length && chunks[next]!.compressedOffset < startOffset) next++;
   let fetchedBytes = 0;
   let cachedChunks = 0;
 
-  for (let offset = 0; offset < blob.size; ) {
+  for (let offset = startOffset; offset < blob.size; ) {
     signal?.throwIfAborted();
     while (options.isBusy()) {
       await new Promise((r) => setTimeout(r, BUSY_POLL_MS));
@@ -84,36 +96,7 @@ export async function backgroundFetch(options: BackgroundFetchOptions): Promise<
       heldFrom = keepFrom;
     }
   }
-  return { diffId: await diff.end(), fetchedBytes, cachedChunks };
-}
-
-/** Hashes what a blob decompresses to, fed in order. */
-interface DiffHasher {
-  write(data: Buffer): Promise<void>;
-  /** `sha256:` of the whole decompressed stream. */
-  end(): Promise<string>;
-}
-
-/** A streaming gunzip (it follows concatenated members). */
-function gzipDiff(): DiffHasher {
-  const hash = createHash('sha256');
-  const gunzip = createGunzip();
-  gunzip.on('data', (d: Buffer) => hash.update(d));
-  const inflated = new Promise<void>((resolve, reject) => {
-    gunzip.once('end', resolve);
-    gunzip.once('error', reject);
-  });
-  inflated.catch(() => undefined); // seen by end(); a write after an error fails on its own
-  return {
-    async write(window) {
-      if (!gunzip.write(window)) await new Promise((r) => gunzip.once('drain', r));
-    },
-    async end() {
-      gunzip.end();
-      await inflated;
-      return 'sha256:' + hash.digest('hex');
-    },
-  };
+  return { diffId: await diff.end(), fetchedBytes, cachedChunks, startOffset };
 }
 
 /** zstd: each frame decoded once complete; skippable frames (TOC, footer) give nothing. */

@@ -150,8 +150,11 @@ export class LayerReader {
   /**
    * Fetches blob bytes [0, upToCompressedOffset) in one range read and caches every chunk whose
    * member lies inside it. Rejects with the first chunk error after trying them all.
+   *
+   * `onHead` receives the fetched bytes, blob [0, n) with n a chunk's member end, as soon as they arrive:
+   * background fetch hashes them for the diff_id instead of downloading them again.
    */
-  async prefetch(upToCompressedOffset: number, signal?: AbortSignal): Promise<void> {
+  async prefetch(upToCompressedOffset: number, signal?: AbortSignal, onHead?: (head: Buffer) => void): Promise<void> {
     const limit = Math.min(upToCompressedOffset, this.blob.size);
     const wanted = this.tree
       .chunksInBlobOrder()
@@ -160,6 +163,7 @@ export class LayerReader {
     const fetchEnd = wanted.reduce((max, c) => Math.max(max, c.compressedEnd), 0);
     const data = this.blob.readRange(0, fetchEnd, signal).then((d) => {
       this.stats.fetchedBytes += d.length;
+      onHead?.(d);
       return d;
     });
 

@@ -8,6 +8,8 @@
  * and falls back to http for localhost; going straight to http for loopback avoids a failed TLS handshake per
  * resolve, and loopback registries with TLS can still be configured with `server = "https://..."`.
  *
+ * Several `client` certificates: see client-certs.ts for how one is chosen.
+ *
  * Not supported (yet): legacy docker certs.d files (*.crt, *.cert/*.key) in a host directory without a
  * hosts.toml; such a directory is skipped. Unknown keys are reported as warnings, not errors, because
  * containerd ignores them and the same file is shared with containerd.
@@ -44,6 +46,42 @@ export interface RegistryEndpoint {
   readonly caFiles: readonly string[];
   /** Client certificates for mutual TLS (`client`): cert file, and key file unless the PEM holds both. */
   readonly clientCerts: readonly { readonly certFile: string; readonly keyFile: string | undefined }[];
+  /** Per-host request bound from a config mirror's request_timeout_sec (0 or absent: the client's own). */
+  readonly requestTimeoutSec?: number;
+}
+
+/**
+ * A mirror from the daemon config's `[[resolver.host."<registry>".mirrors]]` (the reference's way to set
+ * mirrors). Used for a registry only when no hosts.toml applies to it.
+ */
+export interface ConfigMirror {
+  /** `host[:port]`, no scheme. */
+  readonly host: string;
+  /** Plain http (loopback hosts get it anyway). */
+  readonly insecure: boolean;
+  /** Bound of each request to this mirror: 0 means the global one, negative none. */
+  readonly requestTimeoutSec: number;
+  /** Extra request headers, lower-case names. */
+  readonly headers: Readonly<Record<string, readonly string[]>>;
+}
+
+/**
+ * The endpoints of the reference's resolver config: the mirrors in order, then the registry itself, all with
+ * pull and resolve (the reference's RegistryHostsFromConfig). Docker Hub's short host becomes its API host.
+ */
+export function configMirrorEndpoints(domain: string, mirrors: readonly ConfigMirror[]): RegistryEndpoint[] {
+  const endpoints = mirrors.map((m): RegistryEndpoint => {
+    const host = registryHostFor(m.host);
+    return {
+      ...defaultEndpoint(domain),
+      scheme: m.insecure || isLoopbackHost(host) ? 'http' : 'https',
+      host,
+      capabilities: ['pull', 'resolve'],
+      headers: m.headers,
+      requestTimeoutSec: m.requestTimeoutSec,
+    };
+  });
+  return [...endpoints, { ...defaultEndpoint(domain), capabilities: ['pull', 'resolve'] }];
 }
 
 export interface HostsResolution {
@@ -89,9 +127,10 @@ export function defaultEndpoint(domain: string): RegistryEndpoint {
 
 /**
  * Finds and parses the hosts.toml for a registry domain (as in the image reference, e.g. `docker.io`,
- * `127.0.0.1:5000`). A missing hostsDir, or no file for the domain, gives the default endpoint.
+ * `127.0.0.1:5000`). A missing hostsDir, or no file for the domain, gives the config mirrors for the domain
+ * (if any) and the registry itself, else the default endpoint.
  */
-export async function resolveHosts(domain: string, hostsDir: string | undefined): Promise<HostsResolution> {
+export async function resolveHosts(domain: string, hostsDir: string | undefined, configMirrors?: readonly ConfigMirror[]): Promise<HostsResolution> {
   if (hostsDir !== undefined && hostsDir !== '') {
     for (const dir of [join(hostsDir, domain), join(hostsDir, DEFAULT_HOST_DIR)]) {
       const file = join(dir, HOSTS_FILE);
@@ -107,6 +146,7 @@ export async function resolveHosts(domain: string, hostsDir: string | undefined)
       return { ...parsed, source: file };
     }
   }
+  if (configMirrors !== undefined && configMirrors.length > 0) return { endpoints: configMirrorEndpoints(domain, configMirrors), source: undefined, warnings: [] };
   return { endpoints: [defaultEndpoint(domain)], source: undefined, warnings: [] };
 }
 

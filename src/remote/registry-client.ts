@@ -11,7 +11,8 @@
  *      a round trip; otherwise HEAD on the final URL, then GET bytes=0-1 as the reference does.
  * Range reads expect 206 with a matching Content-Range; a 200 (server ignored Range) is read only up to the
  * wanted slice and the rest of the connection is dropped, so a whole blob is never buffered. 403 on a
- * redirected URL (expired pre-signed URL) re-resolves once; 401 re-authenticates once.
+ * redirected URL (expired pre-signed URL), or 401 from storage on another origin, re-resolves once; 401 from
+ * the registry re-authenticates once.
  *
  * Multi-range reads (readRanges) send one GET `Range: bytes=a-b,c-d` and parse multipart/byteranges as a
  * stream; a 400 switches that host to single ranges (as does force_single_range_mode).
@@ -37,8 +38,9 @@ import { RegistryAuthError, RegistryError, StargazeError, errorCode, errorMessag
 import { log as rootLog, type Logger } from '../log';
 import { MAX_TOKEN_RESPONSE_BYTES, RegistryAuthorizer, pullScope, type TokenHttp } from './auth';
 import type { BlobSource, ByteRange } from './blob-source';
+import { ClientCertChoice, certVerdictOfError, certVerdictOfStatus } from './client-certs';
 import { DockerConfigKeychain, chainCredentials, type CredentialProvider, type RegistryCredentials } from './credentials';
-import { resolveHosts, type HostCapability, type RegistryEndpoint } from './hosts';
+import { resolveHosts, type ConfigMirror, type HostCapability, type RegistryEndpoint } from './hosts';
 import { boundaryOf, ByteRangesParser } from './multipart-byteranges';
 import { parallelOptions, parallelRangeStream, type ParallelFetchOptions } from './parallel-fetch';
 import { planRanges, RangeFiller, resultsOf, type MergedRange } from './range-plan';
@@ -94,6 +96,8 @@ export interface RegistryClientOptions {
   retry?: Partial<RetryPolicy>;
   /** Never send multi-range requests ([blob] force_single_range_mode). */
   forceSingleRangeMode?: boolean;
+  /** `[[resolver.host."<registry>".mirrors]]` by registry domain; a hosts.toml for the registry wins. */
+  configMirrors?: Readonly<Record<string, readonly ConfigMirror[]>>;
   /** Defaults of fetchBlobParallel ([blob] parallel_fetch_concurrency, parallel_fetch_chunk_size). */
   parallelFetch?: { concurrency?: number; chunkBytes?: number };
 }
@@ -132,10 +136,13 @@ interface SendOptions {
   signal: AbortSignal | undefined;
 }
 
+/** What a request needs to know of its endpoint besides the URL (an endpoint is one). */
 interface TlsSettings {
   skipVerify: boolean;
   caFiles: readonly string[];
   clientCerts: RegistryEndpoint['clientCerts'];
+  /** A config mirror's own request bound: > 0 seconds, < 0 none; 0 or absent: the client's. */
+  requestTimeoutSec?: number;
 }
 
 const DEFAULT_TLS: TlsSettings = { skipVerify: false, caFiles: [], clientCerts: [] };
@@ -238,10 +245,13 @@ export class RegistryClient {
   private readonly forceSingleRange: boolean;
   /** Hosts that answered 400 to a multi-range request: they get single ranges from now on. */
   private readonly singleRangeHosts = new Set<string>();
+  private readonly configMirrors: RegistryClientOptions['configMirrors'];
   private readonly parallelDefaults: { concurrency?: number; chunkBytes?: number } | undefined;
   readonly authorizer: RegistryAuthorizer;
   /** One keep-alive pool per (origin, TLS settings). */
   private readonly pools = new Map<string, Promise<Pool>>();
+  /** Of several hosts.toml client certificates, the one each origin accepted. */
+  private readonly certChoice = new ClientCertChoice();
   /** hosts.toml warnings already logged, so each is logged once. */
   private readonly warned = new Set<string>();
   private closed = false;
@@ -255,6 +265,7 @@ export class RegistryClient {
     this.retry = retryPolicy(opts.retry);
     this.forceSingleRange = opts.forceSingleRangeMode === true;
     this.parallelDefaults = opts.parallelFetch;
+    this.configMirrors = opts.configMirrors;
     const explicit = opts.credentials;
     const fromOptions: CredentialProvider | undefined =
       explicit === undefined ? undefined : async (host, signal, repository) => explicit(host, signal, repository);
@@ -349,15 +360,16 @@ export class RegistryClient {
 
   /**
    * Like fetchBlob, but fetched as `concurrency` parallel range requests of `chunkBytes` each, emitted in
-   * order with bounded memory (about concurrency x chunkBytes) and checked against `digest` at the end. Each
-   * range has the retries and the bound of a range read. Falls back to one plain GET when the blob fits in
-   * one chunk or the registry ignores Range.
+   * order with bounded memory (about concurrency x chunkBytes) and checked against `digest` at the end (unless
+   * opts.verifyDigest is false: see ParallelFetchOptions). Each range has the retries and the bound of a range
+   * read. Falls back to one plain GET (always verified) when the blob fits in one chunk or the registry
+   * ignores Range.
    */
   async fetchBlobParallel(ref: string, digest: string, opts: ParallelFetchOptions = {}): Promise<BlobStream> {
     const { concurrency, chunkBytes } = parallelOptions(opts, this.parallelDefaults);
     const source = (await this.resolveBlob(ref, digest, opts.signal)) as RegistryBlobSource;
     if (source.size <= chunkBytes || source.rangesIgnored) return this.fetchBlob(ref, digest, opts.signal);
-    const body = parallelRangeStream(source, { concurrency, chunkBytes, signal: opts.signal }, `blob ${digest} of ${parseReference(ref).name} from ${source.host}`);
+    const body = parallelRangeStream(source, { concurrency, chunkBytes, verifyDigest: opts.verifyDigest, signal: opts.signal }, `blob ${digest} of ${parseReference(ref).name} from ${source.host}`);
     return { digest, size: source.size, body };
   }
 
@@ -366,7 +378,7 @@ export class RegistryClient {
 
   /** Loads the endpoints for a registry domain and keeps those with one of `caps`. */
   private async endpointsFor(reference: ImageReference, caps: readonly HostCapability[]): Promise<readonly RegistryEndpoint[]> {
-    const resolution = await resolveHosts(reference.domain, this.hostsDir);
+    const resolution = await resolveHosts(reference.domain, this.hostsDir, this.configMirrors?.[reference.domain]);
     for (const w of resolution.warnings) {
       if (!this.warned.has(w)) {
         this.warned.add(w);
@@ -610,23 +622,76 @@ export class RegistryClient {
     }
   }
 
-  /** One HTTP exchange; transport failures become RegistryError naming the host, marked transient when they are. */
+  /**
+   * One HTTP exchange; transport failures become RegistryError naming the host, marked transient when they
+   * are. With several hosts.toml client certificates, the exchange is tried with each in turn until the
+   * server accepts one (see client-certs.ts).
+   */
   private async sendOnce(url: URL, tls: TlsSettings, opts: SendOptions, what: string): Promise<Dispatcher.ResponseData> {
-    const pool = await this.poolFor(url, tls);
-    const idle = this.requestTimeoutMs ?? 0; // undici: 0 disables
+    const certs = url.protocol === 'https:' ? tls.clientCerts.length : 0;
+    if (certs <= 1) return this.wrapTransportError(() => this.request(url, tls, 0, opts), url, opts, what);
+    const key = tlsKey(url, tls);
+    const order = this.certChoice.order(key, certs);
+    return this.wrapTransportError(
+      async () => {
+        for (let n = 0; ; n++) {
+          const index = order[n] as number;
+          const last = n === order.length - 1;
+          let res: Dispatcher.ResponseData;
+          try {
+            res = await this.request(url, tls, index, opts);
+          } catch (err) {
+            if (last || opts.signal?.aborted === true || !this.certChoice.shouldTryNext(key, certVerdictOfError(err))) throw err;
+            this.log.debug({ host: url.host, cert: tls.clientCerts[index]?.certFile, err: describeNetworkError(err) }, 'client certificate not accepted; trying the next one');
+            continue;
+          }
+          const verdict = certVerdictOfStatus(res.statusCode);
+          if (!last && this.certChoice.shouldTryNext(key, verdict)) {
+            await discard(res);
+            this.log.debug({ host: url.host, cert: tls.clientCerts[index]?.certFile, status: res.statusCode }, 'client certificate maybe not accepted; trying the next one');
+            continue;
+          }
+          if (verdict === 'accepted' && !this.certChoice.hasAccepted(key)) {
+            this.log.debug({ host: url.host, cert: tls.clientCerts[index]?.certFile }, 'client certificate accepted');
+          }
+          if (verdict === 'accepted') this.certChoice.accept(key, index);
+          return res;
+        }
+      },
+      url,
+      opts,
+      what,
+      ` (tried ${certs} client certificates)`,
+    );
+  }
+
+  private async request(url: URL, tls: TlsSettings, certIndex: number, opts: SendOptions): Promise<Dispatcher.ResponseData> {
+    const pool = await this.poolFor(url, tls, certIndex);
+    const own = tls.requestTimeoutSec ?? 0;
+    const idle = own > 0 ? own * 1000 : own < 0 ? 0 : (this.requestTimeoutMs ?? 0); // undici: 0 disables
+    return pool.request({
+      path: url.pathname + url.search,
+      method: opts.method,
+      headers: opts.headers,
+      body: opts.body,
+      signal: opts.signal,
+      headersTimeout: idle,
+      bodyTimeout: idle,
+    });
+  }
+
+  private async wrapTransportError(
+    fn: () => Promise<Dispatcher.ResponseData>,
+    url: URL,
+    opts: SendOptions,
+    what: string,
+    note = '',
+  ): Promise<Dispatcher.ResponseData> {
     try {
-      return await pool.request({
-        path: url.pathname + url.search,
-        method: opts.method,
-        headers: opts.headers,
-        body: opts.body,
-        signal: opts.signal,
-        headersTimeout: idle,
-        bodyTimeout: idle,
-      });
+      return await fn();
     } catch (err) {
       if (opts.signal?.aborted === true || err instanceof StargazeError) throw err;
-      const wrapped = new RegistryError(`${what}: request to ${url.host} failed: ${describeNetworkError(err)}`);
+      const wrapped = new RegistryError(`${what}: request to ${url.host} failed: ${describeNetworkError(err)}${note}`);
       if (isTransientNetworkError(err) && !this.closed) markTransient(wrapped);
       throw wrapped;
     }
@@ -647,13 +712,14 @@ export class RegistryClient {
     }
   };
 
-  private poolFor(url: URL, tls: TlsSettings): Promise<Pool> {
+  /** The pool for an origin, its TLS settings and (of several) the client certificate `certIndex`. */
+  private poolFor(url: URL, tls: TlsSettings, certIndex: number): Promise<Pool> {
     if (this.closed) return Promise.reject(new RegistryError(`registry client is closed`));
     const secure = url.protocol === 'https:';
-    const key = secure ? `${url.origin}|${tls.skipVerify}|${tls.caFiles.join(',')}|${tls.clientCerts.map((c) => `${c.certFile}:${c.keyFile}`).join(',')}` : url.origin;
+    const key = secure ? `${tlsKey(url, tls)}#${certIndex}` : url.origin;
     let pool = this.pools.get(key);
     if (pool === undefined) {
-      pool = this.createPool(url.origin, secure ? tls : DEFAULT_TLS);
+      pool = this.createPool(url.origin, secure ? tls : DEFAULT_TLS, certIndex);
       this.pools.set(key, pool);
       // A pool that could not be built (unreadable CA file) is not cached, so a fixed file is picked up.
       pool.catch(() => this.pools.delete(key));
@@ -661,14 +727,14 @@ export class RegistryClient {
     return pool;
   }
 
-  private async createPool(origin: string, tls: TlsSettings): Promise<Pool> {
+  private async createPool(origin: string, tls: TlsSettings, certIndex: number): Promise<Pool> {
     const connect: Record<string, unknown> = { rejectUnauthorized: !tls.skipVerify };
     if (tls.caFiles.length > 0) {
       // Node's `ca` replaces the default trust store; hosts.toml `ca` adds to it.
       connect.ca = [...rootCertificates, ...(await Promise.all(tls.caFiles.map((f) => readTlsFile(f, 'ca'))))];
     }
-    if (tls.clientCerts.length > 0) {
-      const c = tls.clientCerts[0] as RegistryEndpoint['clientCerts'][number];
+    const c = tls.clientCerts[certIndex];
+    if (c !== undefined) {
       const cert = await readTlsFile(c.certFile, 'client certificate');
       connect.cert = cert;
       connect.key = c.keyFile === undefined ? cert : await readTlsFile(c.keyFile, 'client key');
@@ -703,6 +769,11 @@ export class RegistryClient {
   get logger(): Logger {
     return this.log;
   }
+}
+
+/** An origin with its TLS settings: what the client certificate choice is remembered for. */
+function tlsKey(url: URL, tls: TlsSettings): string {
+  return `${url.origin}|${tls.skipVerify}|${tls.caFiles.join(',')}|${tls.clientCerts.map((c) => `${c.certFile}:${c.keyFile}`).join(',')}`;
 }
 
 async function readTlsFile(file: string, what: string): Promise<Buffer> {
@@ -900,8 +971,11 @@ export class RegistryBlobSource implements BlobSource {
       const location = this.location;
       const host = location.url.host;
       const res = await this.client.sendTo(location, this.reference, { method: 'GET', headers: { range, 'accept-encoding': 'identity' }, signal }, what);
-      // An expired pre-signed storage URL (any redirect target): ask the registry for a fresh one, once.
-      if (res.statusCode === 403 && (location.foreign || location.url.href !== location.blobUrl.href) && !refreshed) {
+      // An expired pre-signed storage URL (any redirect target): ask the registry for a fresh one, once. Storage
+      // on another origin gets no registry auth, so its 401 means the same as a 403 (some S3-compatible stores
+      // answer 401 to an expired signature); on the registry's own origin a 401 was already re-authenticated.
+      const expired = res.statusCode === 403 || (res.statusCode === 401 && location.foreign);
+      if (expired && (location.foreign || location.url.href !== location.blobUrl.href) && !refreshed) {
         await discard(res);
         refreshed = true;
         await this.refresh(signal);

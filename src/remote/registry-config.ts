@@ -4,10 +4,11 @@
  *
  *   new RegistryClient({ hostsDir, log, ...registryOptionsFromConfig(config) })
  */
+import type { ConfigMirror } from './hosts';
 import type { RegistryClientOptions } from './registry-client';
 
 export interface RegistryConfigSubset {
-  readonly resolver: { readonly requestTimeoutSec: number };
+  readonly resolver: { readonly requestTimeoutSec: number; readonly mirrors?: Readonly<Record<string, readonly ConfigMirror[]>> };
   readonly blob: {
     readonly fetchingTimeoutSec: number;
     readonly maxRetries: number;
@@ -21,9 +22,10 @@ export interface RegistryConfigSubset {
 
 export function registryOptionsFromConfig(config: RegistryConfigSubset): Pick<
   RegistryClientOptions,
-  'requestTimeoutMs' | 'fetchTimeoutMs' | 'retry' | 'forceSingleRangeMode' | 'parallelFetch'
+  'requestTimeoutMs' | 'fetchTimeoutMs' | 'retry' | 'forceSingleRangeMode' | 'parallelFetch' | 'configMirrors'
 > {
   return {
+    configMirrors: config.resolver.mirrors,
     requestTimeoutMs: config.resolver.requestTimeoutSec * 1000,
     fetchTimeoutMs: config.blob.fetchingTimeoutSec * 1000,
     retry: { maxRetries: config.blob.maxRetries, minWaitMs: config.blob.minWaitMs, maxWaitMs: config.blob.maxWaitMs },

@@ -35,6 +35,7 @@ describe('[blob] retry and fetch keys', () => {
 
     const opts = registryOptionsFromConfig(config);
     assert.deepEqual(opts, {
+      configMirrors: {},
       requestTimeoutMs: 30_000,
       fetchTimeoutMs: 20_000,
       retry: { maxRetries: 2, minWaitMs: 50, maxWaitMs: 1000 },

@@ -33,7 +33,7 @@ describe('config defaults', () => {
       fuse: { attrTimeoutSec: 3600, entryTimeoutSec: 3600 },
       cache: { memoryMaxBytes: 268435456, diskMaxBytes: 10737418240 },
       maxConcurrency: 2,
-      resolver: { requestTimeoutSec: 30 },
+      resolver: { requestTimeoutSec: 30, mirrors: {} },
       blob: {
         fetchingTimeoutSec: 300,
         maxRetries: 5,
@@ -143,6 +143,15 @@ host = "127.0.0.1:5000"
         maxConcurrency: 4,
         kubeconfigKeychain: { enableKeychain: true, kubeconfigPath: '/k' },
         criKeychain: { enableKeychain: true, imageServicePath: '/run/containerd/containerd.sock', listenPath: '' },
+        resolver: {
+          requestTimeoutSec: 30,
+          mirrors: {
+            'docker.io': [
+              { host: 'mirror.gcr.io', insecure: false, requestTimeoutSec: 3, headers: { 'x-a': ['1'], 'x-b': ['2', '3'] } },
+              { host: '127.0.0.1:5000', insecure: false, requestTimeoutSec: 0, headers: {} },
+            ],
+          },
+        },
       },
       [
         /http_cache_type/,
@@ -156,7 +165,6 @@ host = "127.0.0.1:5000"
         /snapshotter\.allow_invalid_mounts_on_restart/,
         /fuse_manager\.address/,
         /fuse\.passthrough/,
-        /resolver\.host .*hosts\.toml/,
       ],
     ],
   ];
@@ -190,6 +198,7 @@ describe('parseConfig: bad configs', () => {
     ['bad mirror key', '[[resolver.host."docker.io".mirrors]]\nhots = "x"', /unknown config key resolver\.host\."docker\.io"\.mirrors\[0\]\.hots/],
     ['bad mirror type', '[[resolver.host."docker.io".mirrors]]\ninsecure = "no"', /mirrors\[0\]\.insecure must be a boolean/],
     ['bad mirror header', '[[resolver.host."r".mirrors]]\nheader = { a = 1 }', /mirrors\[0\]\.header\.a must be a string or an array of strings/],
+    ['mirror without host', '[[resolver.host."r".mirrors]]\ninsecure = true', /mirrors\[0\]\.host must be set/],
     ['bad resolver.host entry', '[resolver.host."r"]\nfoo = 1', /unknown config key resolver\.host\.r\.foo/],
     ['syntax error', 'noprefetch = ', /test\.toml: invalid TOML at line 1/],
     ['duplicate key', 'noprefetch = true\nnoprefetch = false', /invalid TOML/],

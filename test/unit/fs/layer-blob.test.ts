@@ -52,36 +52,9 @@ test('withTail: a blob smaller than the tail is read whole', async () => {
   assert.deepEqual(blob.reads, [[0, 700]]);
 });
 
-test('LayerBlob: the prefetched head serves background fetch until released', async () => {
-  const blob = memoryBlob(100_000);
-  const lb = new LayerBlob(blob, { chunkBytes: 0, concurrency: 1, retainHead: true });
-  await lb.readRange(0, 40_000); // prefetch
-  assert.equal(lb.retainedBytes, 40_000);
-  assert.deepEqual(await lb.readRange(0, 16_000), blob.data.subarray(0, 16_000));
-  assert.deepEqual(await lb.readRange(32_000, 16_000), blob.data.subarray(32_000, 48_000)); // straddles the head
-  assert.deepEqual(await lb.readRanges([{ offset: 100, length: 10 }, { offset: 5, length: 3 }]), [blob.data.subarray(100, 110), blob.data.subarray(5, 8)]);
-  assert.deepEqual(blob.reads, [
-    [0, 40_000],
-    [40_000, 8_000],
-  ]);
-  lb.release();
-  assert.equal(lb.retainedBytes, 0);
-  await lb.readRange(0, 10);
-  assert.equal(lb.retainedBytes, 0, 'nothing is kept after release');
-  assert.equal(blob.reads.length, 3);
-});
-
-test('LayerBlob: without retainHead nothing is kept', async () => {
-  const blob = memoryBlob(10_000);
-  const lb = new LayerBlob(blob, { chunkBytes: 0, concurrency: 1, retainHead: false });
-  await lb.readRange(0, 5_000);
-  await lb.readRange(0, 5_000);
-  assert.equal(blob.reads.length, 2);
-});
-
 test('LayerBlob: a long range is read as parallel chunks, in order', async () => {
   const blob = memoryBlob(100_000);
-  const lb = new LayerBlob(blob, { chunkBytes: 10_000, concurrency: 3, retainHead: false });
+  const lb = new LayerBlob(blob, { chunkBytes: 10_000, concurrency: 3 });
   assert.deepEqual(await lb.readRange(5, 45_000), blob.data.subarray(5, 45_005));
   assert.equal(blob.reads.length, 5);
   assert.deepEqual(await lb.readRange(5, 15_000), blob.data.subarray(5, 15_005));

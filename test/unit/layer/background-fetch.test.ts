@@ -2,11 +2,13 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { backgroundFetch, chainIdOf, checkChainId } from '../../../src/layer/background-fetch';
+import { hashGzipHead } from '../../../src/layer/diff-hash';
+import { LayerReader } from '../../../src/reader/chunk-reader';
 import { readToc } from '../../../src/estargz/toc';
 import { buildLayerTree } from '../../../src/metadata/layer-tree';
 import { inflateRange } from '../../../src/reader/inflate-range';
 import { BufferBlobSource } from '../../../src/remote/blob-source';
-import { makeTar, sha256, toEstargz } from '../estargz/fixture';
+import { CountingBlobSource, makeTar, sha256, toEstargz } from '../estargz/fixture';
 
 async function layer(): Promise<{ blob: BufferBlobSource; diffId: string; files: Map<string, Buffer> }> {
   const files = new Map<string, Buffer>([
@@ -86,4 +88,65 @@ test('aborts when asked', async () => {
     backgroundFetch({ blob, chunks, isCached: () => false, isBusy: () => false, onMember: async () => undefined, signal: controller.signal }),
     /abort/i,
   );
+});
+
+test('resumes from the hash of a head that ends on a member boundary: same diff_id, the rest fetched once', async () => {
+  const { blob, diffId } = await layer();
+  const { toc, tocOffset } = await readToc(blob);
+  const chunks = buildLayerTree(toc, { blobSize: blob.size, tocOffset }).chunksInBlobOrder();
+  const cut = chunks[Math.floor(chunks.length / 2)]!.compressedEnd; // a member boundary mid-blob
+  const resume = await hashGzipHead(await blob.readRange(0, cut));
+  assert.equal(resume.offset, cut);
+  const handed: number[] = [];
+  const counting = new CountingBlobSource(await blob.readRange(0, blob.size), blob.digest);
+  const result = await backgroundFetch({
+    blob: counting,
+    chunks,
+    resume,
+    windowBytes: 10_000,
+    isCached: () => false,
+    isBusy: () => false,
+    async onMember(c) {
+      handed.push(c.compressedOffset);
+    },
+  });
+  assert.equal(result.diffId, diffId, 'the diff_id (and so the chainID check) is exact');
+  assert.equal(result.startOffset, cut);
+  assert.equal(result.fetchedBytes, blob.size - cut);
+  assert.ok(counting.reads.every((r) => r.offset >= cut), 'nothing before the head’s end is read again');
+  assert.deepEqual(handed, chunks.filter((c) => c.compressedOffset >= cut).map((c) => c.compressedOffset));
+});
+
+test('a head cut inside a member is refused (the caller falls back to a full pass)', async () => {
+  const { blob } = await layer();
+  const { toc, tocOffset } = await readToc(blob);
+  const chunks = buildLayerTree(toc, { blobSize: blob.size, tocOffset }).chunksInBlobOrder();
+  const c = chunks[1]!;
+  await assert.rejects(hashGzipHead(await blob.readRange(0, c.compressedOffset + Math.floor((c.compressedEnd - c.compressedOffset) / 2))));
+});
+
+test('prefetch hands its head to background fetch: the blob is fetched exactly once in total', async () => {
+  const { blob, diffId } = await layer();
+  const bytes = await blob.readRange(0, blob.size);
+  const counting = new CountingBlobSource(bytes, blob.digest);
+  const { toc, tocOffset } = await readToc(blob);
+  const tree = buildLayerTree(toc, { blobSize: blob.size, tocOffset });
+  const chunks = tree.chunksInBlobOrder();
+  const reader = new LayerReader(counting, tree);
+  let head: Buffer | undefined;
+  await reader.prefetch(chunks[3]!.compressedEnd + 1, undefined, (h) => (head = h));
+  assert.ok(head !== undefined && head.length === chunks[3]!.compressedEnd, 'the head ends at the last prefetched member');
+  const result = await backgroundFetch({
+    blob: counting,
+    chunks,
+    resume: await hashGzipHead(head),
+    isCached: (c) => reader.isLocal(c),
+    isBusy: () => false,
+    onMember: (c, member) => reader.warm(c, member),
+  });
+  assert.equal(result.diffId, diffId);
+  const fetched = counting.reads.reduce((n, r) => n + r.length, 0);
+  assert.equal(fetched, blob.size, 'prefetch + background fetch = the blob, not the blob + the prefetched head');
+  const sorted = [...counting.reads].sort((a, b) => a.offset - b.offset);
+  sorted.forEach((r, i) => i > 0 && assert.ok(r.offset >= sorted[i - 1]!.offset + sorted[i - 1]!.length, 'no byte read twice'));
 });

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { ConfigError } from '../../../src/errors';
-import { defaultEndpoint, isLoopbackHost, parseHostsToml, resolveHosts } from '../../../src/remote/hosts';
+import { configMirrorEndpoints, defaultEndpoint, isLoopbackHost, parseHostsToml, resolveHosts } from '../../../src/remote/hosts';
 
 describe('default endpoints', () => {
   it('https for remote registries, http for loopback', () => {
@@ -147,5 +147,19 @@ describe('resolveHosts', () => {
       assert.equal(r.endpoints.length, 1);
       assert.equal(r.endpoints[0]?.scheme, 'http');
     }
+  });
+  it("config mirrors: in order, then the registry, pull and resolve; http when insecure or loopback; Docker Hub's API host", () => {
+    const eps = configMirrorEndpoints('docker.io', [
+      { host: 'mirror.example.com', insecure: false, requestTimeoutSec: 3, headers: { 'x-a': ['1'] } },
+      { host: 'plain.example.com:5000', insecure: true, requestTimeoutSec: 0, headers: {} },
+      { host: 'localhost:5000', insecure: false, requestTimeoutSec: 0, headers: {} },
+    ]);
+    assert.deepEqual(
+      eps.map((e) => `${e.scheme}://${e.host}${e.path}`),
+      ['https://mirror.example.com/v2', 'http://plain.example.com:5000/v2', 'http://localhost:5000/v2', 'https://registry-1.docker.io/v2'],
+    );
+    assert.ok(eps.every((e) => e.capabilities.join() === 'pull,resolve'));
+    assert.deepEqual(eps[0]?.headers, { 'x-a': ['1'] });
+    assert.equal(eps[0]?.requestTimeoutSec, 3);
   });
 });

@@ -13,6 +13,7 @@ import { inspect } from 'node:util';
 import { after, before, describe, it } from 'node:test';
 import pino from 'pino';
 import { RegistryAuthError, RegistryError, errorMessage } from '../../../src/errors';
+import type { ConfigMirror } from '../../../src/remote/hosts';
 import { RegistryClient } from '../../../src/remote/registry-client';
 import {
   bcryptLine,
@@ -186,12 +187,12 @@ describe('registry client: plain registry', () => {
     }
   });
 
-  it('refreshes an expired pre-signed storage URL once on 403, and never reports its query', async () => {
+  for (const status of [403, 401]) it(`refreshes an expired pre-signed storage URL once on ${status}, and never reports its query`, async () => {
     let generation = 1;
     const storage = await startFakeServer((req, res) => {
       const url = new URL(req.url ?? '/', 'http://x');
       if (url.searchParams.get('sig') !== `secret-sig-${generation}`) {
-        res.writeHead(403);
+        res.writeHead(status);
         res.end('expired');
         return;
       }
@@ -220,7 +221,7 @@ describe('registry client: plain registry', () => {
       fakes.push(stale);
       const src2 = await c.resolveBlob(`${stale.host}/${REPO}`, digest).catch((err: unknown) => err);
       assert.ok(src2 instanceof RegistryError, String(src2));
-      assert.equal(src2.status, 403);
+      assert.equal(src2.status, status);
       assert.ok(src2.message.includes(digest) && src2.message.includes(storage.host), src2.message);
       assertNoSecrets(src2, ['secret-sig']);
     } finally {
@@ -259,6 +260,48 @@ describe('registry client: plain registry', () => {
       });
     } finally {
       await c.close();
+    }
+  });
+
+  it("the daemon config's [[resolver.host.R.mirrors]]: mirrors in order with their headers and ns=, then the registry; a hosts.toml wins", async () => {
+    const deadPort = await freePort();
+    const mirrorHeaders: (string | string[] | undefined)[] = [];
+    const mirror = await startFakeServer((req, res) => {
+      mirrorHeaders.push(req.headers['x-mirror']);
+      forward(req, res, reg.host);
+    });
+    fakes.push(mirror);
+    const configMirrors: Record<string, ConfigMirror[]> = {
+      [reg.host]: [
+        { host: `127.0.0.1:${deadPort}`, insecure: true, requestTimeoutSec: 0, headers: {} },
+        { host: mirror.host, insecure: true, requestTimeoutSec: 5, headers: { 'x-mirror': ['yes'] } },
+      ],
+    };
+    const c = new RegistryClient({ configMirrors });
+    try {
+      const src = await c.resolveBlob(`${reg.host}/${REPO}`, digest);
+      assert.ok((await src.readRange(3, 30)).equals(data.subarray(3, 33)));
+      assert.ok(mirror.requests.length >= 2);
+      for (const r of mirror.requests) assert.ok(r.url.includes(`ns=${encodeURIComponent(reg.host)}`) || r.url.includes(`ns=${reg.host}`), r.url);
+      assert.ok(mirrorHeaders.every((h) => h === 'yes'));
+      // A missing blob on the mirror: the registry itself is asked last (and the error names every host).
+      await assert.rejects(c.resolveBlob(`${reg.host}/${REPO}`, MISSING), /all 3 registry hosts failed/);
+    } finally {
+      await c.close();
+    }
+
+    // A hosts.toml for the registry replaces the config mirrors.
+    const hostsDir = await mkdtemp(join(tmpdir(), 'stargaze-hostsdir-'));
+    dirs.push(hostsDir);
+    await mkdir(join(hostsDir, reg.host));
+    await writeFile(join(hostsDir, reg.host, 'hosts.toml'), `server = "http://${reg.host}"\n`);
+    const seen = mirror.requests.length;
+    const c2 = new RegistryClient({ hostsDir, configMirrors });
+    try {
+      assert.ok((await (await c2.resolveBlob(`${reg.host}/${REPO}`, digest)).readRange(0, 5)).equals(data.subarray(0, 5)));
+      assert.equal(mirror.requests.length, seen);
+    } finally {
+      await c2.close();
     }
   });
 

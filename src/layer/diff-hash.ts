@@ -1,0 +1,70 @@
+/**
+ * The diff_id of a layer is the sha256 of its uncompressed stream. Background fetch computes it in its
+ * pass over the blob; when prefetch has already downloaded the head of the blob, that head is hashed here
+ * instead and the pass starts where the head ends, so no byte is downloaded twice.
+ *
+ * Only at a gzip member boundary can the stream be cut: each eStargz member is a complete gzip stream, so
+ * the head inflates on its own and the rest starts a fresh gunzip, feeding the same running hash. A head
+ * that does not end on a boundary fails to inflate (unexpected end of file), and the caller falls back to
+ * the full pass.
+ */
+import { createHash, type Hash } from 'node:crypto';
+import { createGunzip } from 'node:zlib';
+
+/** The hash of the uncompressed stream of blob bytes [0, offset), to continue from `offset`. */
+export interface DiffResume {
+  /** A member boundary: where the continuing pass starts. */
+  offset: number;
+  /** Running sha256 of the uncompressed bytes so far; not yet digested. */
+  hash: Hash;
+}
+
+/** Hashes what a blob decompresses to, fed in order. */
+export interface DiffHasher {
+  write(data: Buffer): Promise<void>;
+  /** `sha256:` of the whole decompressed stream. */
+  end(): Promise<string>;
+}
+
+/** A streaming gunzip (it follows concatenated members) into `hash`, a fresh sha256 by default. */
+export function gzipDiff(hash: Hash = createHash('sha256')): DiffHasher {
+  const { write, finish } = gunzipInto(hash);
+  return {
+    write,
+    async end() {
+      await finish();
+      return 'sha256:' + hash.digest('hex');
+    },
+  };
+}
+
+/**
+ * Inflates `head` (blob bytes [0, head.length), which must end on a member boundary) into a new running
+ * hash. zlib works on its thread pool, not the event loop.
+ */
+export async function hashGzipHead(head: Buffer): Promise<DiffResume> {
+  const hash = createHash('sha256');
+  const { write, finish } = gunzipInto(hash);
+  await write(head);
+  await finish();
+  return { offset: head.length, hash };
+}
+
+function gunzipInto(hash: Hash): { write(data: Buffer): Promise<void>; finish(): Promise<void> } {
+  const gunzip = createGunzip();
+  gunzip.on('data', (d: Buffer) => hash.update(d));
+  const inflated = new Promise<void>((resolve, reject) => {
+    gunzip.once('end', resolve);
+    gunzip.once('error', reject);
+  });
+  inflated.catch(() => undefined); // seen by finish(); a write after an error fails on its own
+  return {
+    async write(data) {
+      if (!gunzip.write(data)) await new Promise((r) => gunzip.once('drain', r));
+    },
+    async finish() {
+      gunzip.end();
+      await inflated;
+    },
+  };
+}
