@@ -3,7 +3,8 @@
  *
  * - withTail(): the footer and the TOC in one round trip. readToc asks for the footer, then for the TOC before
  *   it; reading a tail sized to hold a typical TOC on the first request serves both (the reference also reads
- *   the blob's tail in one piece).
+ *   the blob's tail in one piece). LayerBlob keeps that tail, so background fetch does not fetch again the
+ *   bytes of it that lie before the TOC.
  * - LayerBlob: a long range (the prefetch range from offset 0 is often tens of MiB) is read as parallel range
  *   requests, as `[blob] parallel_fetch_*` configure: a registry or CDN may cap each connection.
  */
@@ -23,8 +24,17 @@ export function tailBytesFor(size: number): number {
   return Math.min(size, Math.max(MIN_TAIL_BYTES, Math.min(MAX_TAIL_BYTES, Math.floor(size / TAIL_RATIO))));
 }
 
-/** `blob` for readToc: the first read that touches the tail fetches the whole tail, later ones are served from it. */
-export function withTail(blob: RangeReadable, tailBytes: number = tailBytesFor(blob.size)): RangeReadable {
+/** Bytes [offset, offset + data.length) of a blob: its tail, read once. */
+export interface BlobTail {
+  offset: number;
+  data: Buffer;
+}
+
+/**
+ * `blob` for readToc: the first read that touches the tail fetches the whole tail, later ones are served from
+ * it. tail() hands the bytes on (to LayerBlob), so the part before the TOC is not fetched again later.
+ */
+export function withTail(blob: RangeReadable, tailBytes: number = tailBytesFor(blob.size)): RangeReadable & { tail(): Promise<BlobTail | undefined> } {
   const tailStart = blob.size - Math.min(blob.size, tailBytes);
   let tail: Promise<Buffer> | undefined;
   return {
@@ -40,6 +50,10 @@ export function withTail(blob: RangeReadable, tailBytes: number = tailBytesFor(b
       const [head, t] = await Promise.all([blob.readRange(offset, tailStart - offset, signal), tail]);
       return Buffer.concat([head, t.subarray(0, end - tailStart)]);
     },
+    async tail(): Promise<BlobTail | undefined> {
+      const data = await tail?.catch(() => undefined);
+      return data === undefined ? undefined : { offset: tailStart, data };
+    },
   };
 }
 
@@ -48,6 +62,8 @@ export interface LayerBlobOptions {
   chunkBytes: number;
   /** Parallel requests of one split range. */
   concurrency: number;
+  /** The blob's tail as read with the TOC: reads inside it are served from memory. */
+  tail?: BlobTail;
 }
 
 export class LayerBlob implements BlobSource {
@@ -62,8 +78,14 @@ export class LayerBlob implements BlobSource {
     this.size = blob.size;
   }
 
-  readRange(offset: number, length: number, signal?: AbortSignal): Promise<Buffer> {
-    return this.fetch(offset, length, signal);
+  /** Reads inside the tail come from memory; one that ends inside it fetches only what comes before. */
+  async readRange(offset: number, length: number, signal?: AbortSignal): Promise<Buffer> {
+    const tail = this.opts.tail;
+    const end = offset + length;
+    if (tail === undefined || end <= tail.offset || end > tail.offset + tail.data.length) return this.fetch(offset, length, signal);
+    if (offset >= tail.offset) return tail.data.subarray(offset - tail.offset, end - tail.offset);
+    const before = await this.fetch(offset, tail.offset - offset, signal);
+    return Buffer.concat([before, tail.data.subarray(0, end - tail.offset)]);
   }
 
   readRanges(ranges: readonly ByteRange[], signal?: AbortSignal): Promise<Buffer[]> {

@@ -12,7 +12,7 @@ import { DeferredBlobSource } from '../remote/deferred-blob-source';
 import type { Logger } from '../log';
 import { LayerMount, lazyUnmount } from '../fuse/layer-fuse';
 import { mountsUnder } from './mount-table';
-import { LayerBlob, withTail } from './layer-blob';
+import { LayerBlob, withTail, type BlobTail } from './layer-blob';
 import { buildLayerTree, type LayerNode } from '../metadata/layer-tree';
 import { LayerReader } from '../reader/chunk-reader';
 import type { BlobSource } from '../remote/blob-source';
@@ -45,6 +45,8 @@ interface OpenedLayer {
   tocDigest: string;
   tocOffset: number;
   compression: LayerCompression;
+  /** The blob's tail as read with the TOC. */
+  tail: BlobTail | undefined;
 }
 
 /** Resolves a layer blob of an image in its registry. RegistryClient implements it. */
@@ -141,6 +143,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const blob = new LayerBlob(opened.blob, {
       chunkBytes: this.options.config.blob.parallelFetchChunkBytes,
       concurrency: this.options.config.blob.parallelFetchConcurrency,
+      tail: opened.tail,
     });
     const reader = new LayerReader(blob, tree, {
       memoryCacheBytes: this.memoryCache ? undefined : 0,
@@ -271,7 +274,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
     source: LayerSourceInfo,
     signal: AbortSignal,
     layerLog: Logger,
-  ): Promise<{ blob: BlobSource; toc: Toc; tocOffset: number; compression: LayerCompression }> {
+  ): Promise<{ blob: BlobSource; toc: Toc; tocOffset: number; compression: LayerCompression; tail?: BlobTail }> {
     const resolve = (s?: AbortSignal): Promise<BlobSource> => this.options.registry.resolveBlob(source.ref, source.digest, s);
     // A layer opened ahead had no cached TOC then: no need to look (file reads wait for the libuv threads,
     // which a running prefetch keeps busy inflating).
@@ -290,7 +293,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
         return { blob: new DeferredBlobSource(source.digest, cached.blobSize, resolve), toc, tocOffset: cached.tocOffset, compression: 'gzip' };
       }
     }
-    const { blob, toc, tocJson, tocDigest, tocOffset, compression } = early ?? (await this.readLayer(source.ref, source.digest, signal));
+    const { blob, toc, tocJson, tocDigest, tocOffset, compression, tail } = early ?? (await this.readLayer(source.ref, source.digest, signal));
     this.verifyToc(source, tocDigest, layerLog);
     if (compression === 'zstd') layerLog.debug('zstd:chunked layer');
     // The cache records no compression: zstd:chunked TOCs are not cached (their layers always read the TOC).
@@ -300,7 +303,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
       this.tocSaves.add(saving);
       void saving.finally(() => this.tocSaves.delete(saving));
     }
-    return { blob, toc, tocOffset, compression };
+    return { blob, toc, tocOffset, compression, tail };
   }
 
   /** Resolves a layer's blob and reads its TOC (not yet verified: the caller checks it against its labels). */
@@ -308,9 +311,11 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const started = Date.now();
     const blob = await this.options.registry.resolveBlob(ref, digest, signal);
     const resolvedMs = Date.now() - started;
-    const { toc, tocJson, tocDigest, tocOffset, compression } = await readToc(withTail(blob), { signal });
+    const tailed = withTail(blob);
+    const { toc, tocJson, tocDigest, tocOffset, compression } = await readToc(tailed, { signal });
+    const tail = await tailed.tail();
     this.options.log.debug({ layer: digest, resolvedMs, tocMs: Date.now() - started - resolvedMs, tocBytes: blob.size - tocOffset }, 'blob resolved and TOC read');
-    return { blob, toc, tocJson, tocDigest, tocOffset, compression };
+    return { blob, toc, tocJson, tocDigest, tocOffset, compression, tail };
   }
 
   /**

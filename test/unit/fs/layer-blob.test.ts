@@ -60,3 +60,18 @@ test('LayerBlob: a long range is read as parallel chunks, in order', async () =>
   assert.deepEqual(await lb.readRange(5, 15_000), blob.data.subarray(5, 15_005));
   assert.equal(blob.reads.length, 6, 'shorter than two chunks: one request');
 });
+
+test('LayerBlob: reads inside the tail read with the TOC come from memory', async () => {
+  const blob = memoryBlob(100_000);
+  const t = withTail(blob, 10_000);
+  await t.readRange(100_000 - 51, 51);
+  const tail = await t.tail();
+  assert.deepEqual(tail?.offset, 90_000);
+  const lb = new LayerBlob(blob, { chunkBytes: 0, concurrency: 1, tail });
+  blob.reads.length = 0;
+  assert.deepEqual(await lb.readRange(92_000, 8_000), blob.data.subarray(92_000));
+  assert.deepEqual(blob.reads, [], 'inside the tail: no request');
+  assert.deepEqual(await lb.readRange(86_000, 8_000), blob.data.subarray(86_000, 94_000));
+  assert.deepEqual(blob.reads, [[86_000, 4_000]], 'straddling: only the part before the tail');
+  assert.deepEqual(await lb.readRange(0, 1_000), blob.data.subarray(0, 1_000));
+});
