@@ -47,6 +47,21 @@ interface OpenedLayer {
   compression: LayerCompression;
   /** The blob's tail as read with the TOC. */
   tail: BlobTail | undefined;
+  /** Set when the layer was opened ahead of its mount: its reader, prefetch started. */
+  ready?: ReadyLayer;
+}
+
+/** A layer's tree and reader with its prefetch started (see makeReady). */
+interface ReadyLayer {
+  tree: LayerTree;
+  blob: LayerBlob;
+  reader: LayerReader;
+  prefetchBytes: number;
+  /** Settles when prefetch ends: true when it completed. */
+  prefetched: Promise<boolean>;
+  verify: boolean;
+  /** The prefetched blob head for background fetch, once. */
+  takeHead(): Buffer | undefined;
 }
 
 /** Resolves a layer blob of an image in its registry. RegistryClient implements it. */
@@ -137,21 +152,14 @@ export class StargazeFileSystem implements RemoteFileSystem {
     this.preOpen(source, layerLog);
 
     const opened = await this.openLayer(source, signal, layerLog);
-    const { toc, tocOffset, compression } = opened;
-    const tree = buildLayerTree(toc, { blobSize: opened.blob.size, tocOffset });
-    const prefetchBytes = this.prefetchSize(source, tree.prefetchLandmarkOffset, tree.noPrefetch, opened.blob.size);
-    const blob = new LayerBlob(opened.blob, {
-      chunkBytes: this.options.config.blob.parallelFetchChunkBytes,
-      concurrency: this.options.config.blob.parallelFetchConcurrency,
-      tail: opened.tail,
-    });
-    const reader = new LayerReader(blob, tree, {
-      memoryCacheBytes: this.memoryCache ? undefined : 0,
-      sharedMemoryCache: this.memoryCache,
-      verify: !this.options.config.disableVerification && !(source.skipVerify && source.tocDigest === undefined),
-      diskCache: this.options.diskCache,
-      compression,
-    });
+    const verify = !this.options.config.disableVerification && !(source.skipVerify && source.tocDigest === undefined);
+    // A layer opened ahead has its prefetch running already; it is used when it was set up as this mount wants.
+    const early = opened.ready;
+    const ready =
+      early !== undefined && early.verify === verify && early.prefetchBytes === this.prefetchSize(source.prefetchBytes, early.tree, early.blob.size)
+        ? early
+        : this.makeReady(opened, source.prefetchBytes, verify, source.digest, layerLog);
+    const { tree, blob, reader, prefetchBytes, prefetched } = ready;
     const mount = new LayerMount<LayerNode>(mountpoint, { root: tree.root, read: (node, pos, len, sig) => reader.read(node, pos, len, sig) }, {
       attrTimeoutSec: this.options.config.fuse.attrTimeoutSec,
       entryTimeoutSec: this.options.config.fuse.entryTimeoutSec,
@@ -166,17 +174,13 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const elapsedMs = Date.now() - started;
     layerLog.info({ ref: source.ref, elapsedMs, blobSize: blob.size }, 'layer mounted');
     this.metrics.observe('mount', source.digest, elapsedMs);
-    // Background fetch hashes the head prefetch downloaded rather than downloading it again (gzip members
-    // only: a zstd:chunked pass always starts at 0).
-    let head: Buffer | undefined;
-    const keepHead = !this.options.config.noBackgroundFetch && reader.compression === 'gzip';
-    const prefetched = this.startPrefetch(source.digest, prefetchBytes, reader, layerLog, keepHead ? (h) => (head = h) : undefined);
     const stop = new AbortController();
     if (!this.options.config.noBackgroundFetch) {
       // After prefetch, so what the image marked as needed first is never queued behind the rest.
       void prefetched.then((ok) => {
+        const head = ready.takeHead();
+        // hashed now, while the job may wait in the queue: only the hash state waits
         const resume = ok && head !== undefined ? this.hashHead(head, layerLog) : Promise.resolve(undefined);
-        head = undefined; // hashed now, while the job may wait in the queue: only the hash state waits
         this.enqueueBackground(() => this.fetchInBackground({ source, parent, blob, tree, reader, mount, log: layerLog, signal: stop.signal, resume }));
       });
     }
@@ -274,7 +278,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
     source: LayerSourceInfo,
     signal: AbortSignal,
     layerLog: Logger,
-  ): Promise<{ blob: BlobSource; toc: Toc; tocOffset: number; compression: LayerCompression; tail?: BlobTail }> {
+  ): Promise<{ blob: BlobSource; toc: Toc; tocOffset: number; compression: LayerCompression; tail: BlobTail | undefined; ready?: ReadyLayer }> {
     const resolve = (s?: AbortSignal): Promise<BlobSource> => this.options.registry.resolveBlob(source.ref, source.digest, s);
     // A layer opened ahead had no cached TOC then: no need to look (file reads wait for the libuv threads,
     // which a running prefetch keeps busy inflating).
@@ -290,10 +294,10 @@ export class StargazeFileSystem implements RemoteFileSystem {
         const toc = parseToc(cached.tocJson, { blobSize: cached.blobSize, tocOffset: cached.tocOffset });
         layerLog.debug('TOC from the local cache');
         // Only eStargz TOCs are cached (below), so a cached one means gzip members.
-        return { blob: new DeferredBlobSource(source.digest, cached.blobSize, resolve), toc, tocOffset: cached.tocOffset, compression: 'gzip' };
+        return { blob: new DeferredBlobSource(source.digest, cached.blobSize, resolve), toc, tocOffset: cached.tocOffset, compression: 'gzip', tail: undefined };
       }
     }
-    const { blob, toc, tocJson, tocDigest, tocOffset, compression, tail } = early ?? (await this.readLayer(source.ref, source.digest, signal));
+    const { blob, toc, tocJson, tocDigest, tocOffset, compression, tail, ready } = early ?? (await this.readLayer(source.ref, source.digest, signal));
     this.verifyToc(source, tocDigest, layerLog);
     if (compression === 'zstd') layerLog.debug('zstd:chunked layer');
     // The cache records no compression: zstd:chunked TOCs are not cached (their layers always read the TOC).
@@ -303,7 +307,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
       this.tocSaves.add(saving);
       void saving.finally(() => this.tocSaves.delete(saving));
     }
-    return { blob, toc, tocOffset, compression, tail };
+    return { blob, toc, tocOffset, compression, tail, ready };
   }
 
   /** Resolves a layer's blob and reads its TOC (not yet verified: the caller checks it against its labels). */
@@ -332,7 +336,12 @@ export class StargazeFileSystem implements RemoteFileSystem {
       if (digest === source.digest || mounted.has(digest) || this.preOpened.has(key)) continue;
       const opened = (async (): Promise<OpenedLayer | undefined> => {
         if (await this.options.tocCache?.has(digest)) return undefined;
-        return this.readLayer(source.ref, digest, AbortSignal.timeout(MOUNT_TIMEOUT_MS));
+        const layer = await this.readLayer(source.ref, digest, AbortSignal.timeout(MOUNT_TIMEOUT_MS));
+        // Its prefetch starts now rather than at its mount: the mount checks the TOC against its labels
+        // first, and chunks are verified against this TOC's digests either way.
+        const verify = !this.options.config.disableVerification;
+        layer.ready = this.makeReady(layer, source.prefetchBytes, verify, digest, this.options.log.child({ layer: digest }));
+        return layer;
       })().catch((err: unknown) => {
         layerLog.debug({ neighbour: digest, err: errorMessage(err) }, 'could not open a following layer ahead of its mount');
         return undefined;
@@ -421,11 +430,50 @@ export class StargazeFileSystem implements RemoteFileSystem {
   }
 
   /** How much to prefetch: up to the landmark, else the label's or config's size; none when told so. */
-  private prefetchSize(source: LayerSourceInfo, landmarkOffset: number | undefined, noPrefetch: boolean, blobSize: number): number {
+  private prefetchSize(labelBytes: number | undefined, tree: LayerTree, blobSize: number): number {
     const config = this.options.config;
-    if (config.noPrefetch || noPrefetch) return 0;
-    return Math.max(0, landmarkOffset ?? Math.min(source.prefetchBytes ?? config.prefetchSizeBytes, blobSize));
+    if (config.noPrefetch || tree.noPrefetch) return 0;
+    return Math.max(0, tree.prefetchLandmarkOffset ?? Math.min(labelBytes ?? config.prefetchSizeBytes, blobSize));
   }
+
+  /**
+   * The layer's tree and reader, with its prefetch started (it needs no mount: reads of the mount join it).
+   * Background fetch later takes the prefetched head (gzip members only: a zstd:chunked pass starts at 0)
+   * and hashes it rather than downloading it again.
+   */
+  private makeReady(opened: OpenedLayer | Omit<OpenedLayer, 'tocJson' | 'tocDigest'>, labelBytes: number | undefined, verify: boolean, digest: string, log: Logger): ReadyLayer {
+    const tree = buildLayerTree(opened.toc, { blobSize: opened.blob.size, tocOffset: opened.tocOffset });
+    const prefetchBytes = this.prefetchSize(labelBytes, tree, opened.blob.size);
+    const blob = new LayerBlob(opened.blob, {
+      chunkBytes: this.options.config.blob.parallelFetchChunkBytes,
+      concurrency: this.options.config.blob.parallelFetchConcurrency,
+      tail: opened.tail,
+    });
+    const reader = new LayerReader(blob, tree, {
+      memoryCacheBytes: this.memoryCache ? undefined : 0,
+      sharedMemoryCache: this.memoryCache,
+      verify,
+      diskCache: this.options.diskCache,
+      compression: opened.compression,
+    });
+    let head: Buffer | undefined;
+    const keepHead = !this.options.config.noBackgroundFetch && reader.compression === 'gzip';
+    const prefetched = this.startPrefetch(digest, prefetchBytes, reader, log, keepHead ? (h) => (head = h) : undefined);
+    return {
+      tree,
+      blob,
+      reader,
+      prefetchBytes,
+      prefetched,
+      verify,
+      takeHead: () => {
+        const h = head;
+        head = undefined;
+        return h;
+      },
+    };
+  }
+
 
   /**
    * Prefetch what the image marks as needed first, in the background: mount does not wait for it; check()
