@@ -95,10 +95,11 @@ function main(): void {
         client.resume();
       });
       sockets.add(upstream);
-      upstream.on('close', () => {
-        sockets.delete(upstream);
-        client.destroy();
-      });
+      // A clean close of the upstream (its FIN: 'end') is passed on by pipeThrough once the bytes still
+      // crossing the emulated link are delivered. Destroying the client here would cut them off: the
+      // registry side closes idle keep-alive connections after a second, while several connections sharing
+      // a slow link may still have their last MiB in flight (responses cut short, then fetched again).
+      upstream.on('close', () => sockets.delete(upstream));
       upstream.on('error', () => client.destroy());
       client.on('close', () => upstream.destroy());
     }, rttMs);

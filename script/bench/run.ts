@@ -12,6 +12,7 @@ import { benchStartup } from './startup';
 import { benchRpullDownload } from './rpull-download';
 import { benchReadDisk } from './read-disk';
 import { benchFirstRead } from './first-read';
+import { benchRpullConcurrent } from './rpull-concurrent';
 
 const BENCHES: Record<string, () => Promise<Record<string, unknown>>> = {
   'read-throughput': runReadThroughput,
@@ -21,6 +22,7 @@ const BENCHES: Record<string, () => Promise<Record<string, unknown>>> = {
   'rpull-download': runRpullDownload,
   'read-disk': runReadDisk,
   'first-read': runFirstRead,
+  'rpull-concurrent': runRpullConcurrent,
 };
 
 async function runRpullDownload(): Promise<Record<string, unknown>> {
@@ -31,6 +33,20 @@ async function runRpullDownload(): Promise<Record<string, unknown>> {
   for (const note of notes) process.stdout.write(`  note: ${note}\n`);
   for (const c of commands) process.stdout.write(`  command: ${c}\n`);
   return { results, notes, commands };
+}
+
+async function runRpullConcurrent(): Promise<Record<string, unknown>> {
+  if (process.getuid?.() !== 0) throw new Error('the rpull-concurrent benchmark runs containerd and the daemon: run it as root');
+  const pulls = Number(process.env.BENCH_CONCURRENT_PULLS ?? 20);
+  process.stdout.write(`rpull concurrent: 1 vs ${pulls} concurrent rpulls of one eStargz image, fresh containerd + daemon each (median of ${process.env.BENCH_SAMPLES ?? 3})\n`);
+  const r = await benchRpullConcurrent();
+  const fuse = [...new Set(r.concurrent.map((s) => s.fuseMounts))].join('/');
+  process.stdout.write(`  link ${r.link}, ${r.layers} layers\n`);
+  process.stdout.write(`  1 rpull              ${(r.singleMedianMs / 1000).toFixed(2).padStart(7)} s\n`);
+  process.stdout.write(`  ${String(r.pulls).padEnd(2)} concurrent rpulls ${(r.concurrentMedianMs / 1000).toFixed(2).padStart(7)} s  ratio ${r.ratio.toFixed(2)}x (target <= 1.5x)\n`);
+  process.stdout.write(`  FUSE mounts after the concurrent pulls: ${fuse} (layers: ${r.layers})\n`);
+  for (const note of r.notes) process.stdout.write(`  note: ${note}\n`);
+  return { ...r };
 }
 
 async function runReadDisk(): Promise<Record<string, unknown>> {

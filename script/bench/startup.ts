@@ -70,7 +70,7 @@ const MODES = ['legacy', 'lazy', 'lazy-opt'] as const;
 type Mode = (typeof MODES)[number];
 const STEP_TIMEOUT_MS = 900_000;
 
-interface Link {
+export interface Link {
   name: string;
   rttMs: number;
   /** bits per second; 0: direct */
@@ -98,7 +98,7 @@ export interface StartupRow {
   samples: Sample[];
 }
 
-function parseLinks(spec: string): Link[] {
+export function parseLinks(spec: string): Link[] {
   return spec
     .split(',')
     .map((s) => s.trim())
@@ -111,7 +111,7 @@ function parseLinks(spec: string): Link[] {
     });
 }
 
-function median(xs: number[]): number {
+export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   const mid = Math.floor(s.length / 2);
   return s.length % 2 === 1 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
@@ -131,7 +131,7 @@ const say = (msg: string): void => {
 };
 
 /** Starts link-proxy.js in front of `target`; resolves with its host:port once it listens. */
-async function startLinkProxy(target: string, link: Link, scope: CleanupStack): Promise<string> {
+export async function startLinkProxy(target: string, link: Link, scope: CleanupStack): Promise<string> {
   const script = path.join(REPO_ROOT, 'dist', 'script', 'bench', 'link-proxy.js');
   const child = spawn(process.execPath, [script, '0', target, String(link.rttMs), String(link.bps)], {
     stdio: ['ignore', 'pipe', 'inherit'],

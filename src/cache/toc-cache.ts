@@ -99,6 +99,12 @@ export class TocCache {
     return { blobSize: blobSize as number, tocOffset: tocOffset as number, tocJson };
   }
 
+  /** Whether a TOC of layer `layerDigest` is stored (not whether it is the right one: load() checks that). */
+  async has(layerDigest: string): Promise<boolean> {
+    const file = this.file(layerDigest);
+    return file !== undefined && (await stat(file).then((st) => st.isFile(), () => false));
+  }
+
   /** Stores a verified TOC; atomic (write, then rename). A failure only costs the next mount a fetch. */
   async save(layerDigest: string, toc: CachedToc): Promise<void> {
     const file = this.file(layerDigest);

@@ -7,15 +7,15 @@ import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import pino from 'pino';
 import { StargazeError, UsageError, errorMessage } from '../errors';
-import { ContainerdClient } from '../containerd/client';
-import { pullImage, type LayerOutcome, type PullEvent } from '../containerd/pull';
-import { formatPlatform, hostPlatform, parsePlatform } from '../containerd/platforms';
-import { DEFAULT_HOST_DIR, HOSTS_FILE } from '../remote/hosts';
+import type { ContainerdClient } from '../containerd/client';
+import type { LayerOutcome, PullEvent } from '../containerd/pull';
+import { collapseKey, joinOrLead, type CollapsedPull } from '../containerd/pull-collapse';
+import { formatPlatform, hostPlatform, parsePlatform, type Platform } from '../containerd/platforms';
 import { parseReference, registryHostFor } from '../remote/reference';
-import { RegistryClient } from '../remote/registry-client';
 import { pathExists } from '../path-exists';
+// pino, the gRPC client, the pull and the registry client are loaded in pull() only: a pull that joins a
+// concurrent one of the same image never needs them, and loading them is most of a pull's CPU time.
 
 export const DEFAULT_CONTAINERD_ADDRESS = '/run/containerd/containerd.sock';
 export const DEFAULT_NAMESPACE = 'default';
@@ -117,6 +117,7 @@ export function parseRpullArgs(argv: string[]): RpullArgs | undefined {
 async function hostsDirFor(domain: string, hostsDir: string, plainHttp: boolean): Promise<{ dir: string; cleanup: () => Promise<void> }> {
   const none = { dir: hostsDir, cleanup: async () => undefined };
   if (!plainHttp) return none;
+  const { DEFAULT_HOST_DIR, HOSTS_FILE } = await import('../remote/hosts');
   if ((await pathExists(path.join(hostsDir, domain, HOSTS_FILE))) || (await pathExists(path.join(hostsDir, DEFAULT_HOST_DIR, HOSTS_FILE)))) return none;
   const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-rpull-hosts-'));
   await mkdir(path.join(dir, domain), { recursive: true });
@@ -200,10 +201,59 @@ export async function main(argv: string[]): Promise<number> {
   }
   const reference = parseReference(args.ref);
   const platform = args.platform !== undefined ? parsePlatform(args.platform) : hostPlatform();
+  const abort = new AbortController();
+  const onSignal = (): void => abort.abort(new StargazeError('ERR_INTERNAL', 'interrupted'));
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  try {
+    const progress = new ProgressPrinter(process.stdout, process.stdout.isTTY === true);
+    const key = collapseKey({
+      address: path.resolve(args.address),
+      namespace: args.namespace,
+      snapshotter: args.snapshotter,
+      ref: reference.toString(),
+      platform: formatPlatform(platform),
+      prefetchBytes: args.prefetchBytes,
+      hostsDir: path.resolve(args.hostsDir),
+      plainHttp: args.plainHttp,
+      user: args.user,
+    });
+    const collapse = await joinOrLead(key, { signal: abort.signal });
+    if (collapse.kind === 'joined') {
+      printJoined(progress, collapse.result, collapse.waitedMs);
+      return 0;
+    }
+    try {
+      const result = await pull(args, reference.domain, platform, abort.signal, progress);
+      await collapse.publish(result);
+    } finally {
+      await collapse.release();
+    }
+    return 0;
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+}
+
+/** What a pull that joined a concurrent one prints: the same lines, every layer present (the other pull did it). */
+function printJoined(progress: ProgressPrinter, r: CollapsedPull, ms: number): void {
+  progress.line(`${r.name}: ${r.manifestDigest.slice(0, SHORT_DIGEST_CHARS)}${r.platform ? ` (${r.platform})` : ''}, ${layers(r.layers.length)}`);
+  progress.line('joined a concurrent rpull of the same image');
+  for (const d of r.layers) progress.line(layerLine(d, 'present', 0, ms));
+  progress.line(`done: ${r.name} ${layers(r.layers.length)} (0 lazy, 0 fetched, ${r.layers.length} already present), 0 bytes fetched in ${ms}ms`);
+}
+
+async function pull(args: RpullArgs, domain: string, platform: Platform, signal: AbortSignal, progress: ProgressPrinter): Promise<CollapsedPull> {
+  const [{ default: pino }, { RegistryClient }, { resolveManifest }] = await Promise.all([
+    import('pino'),
+    import('../remote/registry-client'),
+    import('../containerd/resolve'),
+  ]);
   // Logs go to stderr (stdout is the progress); quiet unless STARGAZE_LOG_LEVEL says otherwise.
   const log = pino({ level: process.env.STARGAZE_LOG_LEVEL ?? 'warn', base: undefined }, pino.destination(2));
 
-  const hosts = await hostsDirFor(reference.domain, args.hostsDir, args.plainHttp);
+  const hosts = await hostsDirFor(domain, args.hostsDir, args.plainHttp);
   const user = args.user;
   const registry = new RegistryClient({
     hostsDir: hosts.dir,
@@ -211,13 +261,15 @@ export async function main(argv: string[]): Promise<number> {
     log: log.child({ module: 'remote' }),
   });
   let client: ContainerdClient | undefined;
-  const abort = new AbortController();
-  const onSignal = (): void => abort.abort(new StargazeError('ERR_INTERNAL', 'interrupted'));
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
   try {
+    // The registry round trips for the manifest go on while the gRPC client loads and connects (loading it
+    // is CPU work of about 100 ms). containerd's errors still come first: the pull awaits this after them.
+    const resolved = resolveManifest(registry, args.ref, platform, signal);
+    resolved.catch(() => undefined);
+    const [{ ContainerdClient }, { pullImage }] = await Promise.all([import('../containerd/client'), import('../containerd/pull')]);
     client = await ContainerdClient.connect({ address: args.address, namespace: args.namespace });
-    const progress = new ProgressPrinter(process.stdout, process.stdout.isTTY === true);
+    let manifestDigest = '';
+    let platformName: string | undefined;
     const result = await pullImage({
       client,
       registry,
@@ -226,8 +278,15 @@ export async function main(argv: string[]): Promise<number> {
       platform,
       prefetchBytes: args.prefetchBytes,
       log: log.child({ module: 'rpull' }),
-      signal: abort.signal,
-      onEvent: (e) => progress.event(e),
+      signal,
+      resolved,
+      onEvent: (e) => {
+        if (e.type === 'resolved') {
+          manifestDigest = e.manifest.digest;
+          platformName = e.platform;
+        }
+        progress.event(e);
+      },
     });
     const count = (o: LayerOutcome): number => result.layers.filter((l) => l.outcome === o).length;
     const bytes = result.layers.reduce((n, l) => n + l.bytes, 0);
@@ -235,10 +294,8 @@ export async function main(argv: string[]): Promise<number> {
       `done: ${result.name} ${layers(result.layers.length)} (${count('lazy')} lazy, ${count('fetched')} fetched, ${count('present')} already present), ` +
         `${bytes} bytes fetched in ${result.ms}ms`,
     );
-    return 0;
+    return { name: result.name, manifestDigest: manifestDigest || result.manifest.digest, platform: platformName, layers: result.layers.map((l) => l.digest) };
   } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
     client?.close();
     await registry.close();
     await hosts.cleanup();

@@ -11,10 +11,9 @@
  */
 import { createHash } from 'node:crypto';
 import net from 'node:net';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { errorCode } from '../errors';
 
-/** How often a waiter retries the lock and polls `satisfied`. */
+/** How often a waiter retries the lock and polls `satisfied` at least (a release wakes it at once). */
 export const HOST_LOCK_POLL_MS = 50;
 /** Abstract socket names are limited to 107 bytes; ours are a fixed prefix plus a hash of the lock's name. */
 const NAME_PREFIX = '\0stargaze-lock-';
@@ -34,10 +33,20 @@ function socketName(name: string): string {
   return NAME_PREFIX + createHash('sha256').update(name).digest('hex').slice(0, NAME_HASH_CHARS);
 }
 
-/** Takes the lock if it is free: the release function, or undefined when another process holds it. */
+/**
+ * Takes the lock if it is free: the release function, or undefined when another process holds it. The holder
+ * keeps connections from waitForHostLockRelease() open and closes them on release (or the kernel does, when it
+ * exits), so waiters learn at once that the lock is free.
+ */
 export function tryHostLock(name: string): Promise<ReleaseHostLock | undefined> {
   return new Promise((resolve, reject) => {
-    const server = net.createServer((conn) => conn.destroy());
+    const waiters = new Set<net.Socket>();
+    const server = net.createServer((conn) => {
+      conn.unref();
+      conn.on('error', () => undefined);
+      waiters.add(conn);
+      conn.once('close', () => waiters.delete(conn));
+    });
     server.once('error', (err) => {
       if (errorCode(err) === 'EADDRINUSE') resolve(undefined);
       else reject(err);
@@ -45,8 +54,35 @@ export function tryHostLock(name: string): Promise<ReleaseHostLock | undefined> 
     server.listen({ path: socketName(name) }, () => {
       server.unref(); // a held lock does not keep the process alive
       let released: Promise<void> | undefined;
-      resolve(() => (released ??= new Promise<void>((done) => server.close(() => done()))));
+      resolve(
+        () =>
+          (released ??= new Promise<void>((done) => {
+            server.close(() => done());
+            for (const conn of waiters) conn.destroy();
+          })),
+      );
     });
+  });
+}
+
+/**
+ * Resolves when the lock `name` is (probably) free: its holder released it or exited, nobody held it, or
+ * `maxWaitMs` passed. Callers try the lock again afterwards; this only saves them from polling blindly.
+ */
+export function waitForHostLockRelease(name: string, maxWaitMs: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const conn = net.connect({ path: socketName(name) });
+    const done = (): void => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', done);
+      conn.destroy();
+      resolve();
+    };
+    const timer = setTimeout(done, maxWaitMs);
+    signal?.addEventListener('abort', done, { once: true });
+    conn.on('error', done);
+    conn.on('close', done);
+    conn.on('data', () => undefined);
   });
 }
 
@@ -62,7 +98,8 @@ export async function acquireHostLock(name: string, opts: HostLockOptions = {}):
     if (release !== undefined) return release;
     if (!waited) opts.onWait?.();
     waited = true;
-    await sleep(HOST_LOCK_POLL_MS, undefined, { signal: opts.signal });
+    await waitForHostLockRelease(name, HOST_LOCK_POLL_MS, opts.signal);
+    opts.signal?.throwIfAborted();
     if (opts.satisfied !== undefined && (await opts.satisfied())) return undefined;
   }
 }

@@ -22,7 +22,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import { RegistryAuthError, RegistryError, StargazeError, errorMessage } from '../errors';
+import { RegistryError, StargazeError, errorMessage } from '../errors';
 import type { Logger } from '../log';
 import { parseReference, type ImageReference } from '../remote/reference';
 import type { RegistryClient } from '../remote/registry-client';
@@ -47,28 +47,23 @@ import {
   GC_EXPIRE,
   GC_REF_SNAPSHOT_PREFIX,
   INHERITED_SNAPSHOT_LABEL_PREFIX,
-  MEDIA_TYPE_DOCKER_SCHEMA1_MANIFEST,
-  MEDIA_TYPE_OCI_INDEX,
-  MEDIA_TYPE_OCI_MANIFEST,
   UNCOMPRESSED,
   chainIds,
   appendDistributionSource,
   childrenGcLabels,
   distributionSourceKey,
   isConfigType,
-  isIndexType,
   isLayerType,
-  isManifestType,
   labelFits,
   parseConfig,
-  parseIndex,
-  parseManifest,
-  type ImageIndex,
   type ImageManifest,
 } from './image';
 import { acquireHostLock } from './host-lock';
-import { formatPlatform, platformRank, type Platform } from './platforms';
+import { UnsupportedImageError, resolveManifest, type Fetched, type ResolvedManifest } from './resolve';
+import type { Platform } from './platforms';
 import type { Descriptor, Mount } from './types';
+
+export { ImageAuthError, ImageNotFoundError, UnsupportedImageError, resolveManifest, type ResolvedManifest } from './resolve';
 
 /** client.WithLease's default expiration. */
 export const LEASE_EXPIRE_MS = 24 * 60 * 60 * 1000;
@@ -112,6 +107,11 @@ export interface PullOptions {
   log: Logger;
   signal?: AbortSignal;
   onEvent?: (e: PullEvent) => void;
+  /**
+   * resolveManifest(registry, ref, platform) started by the caller, so that its round trips overlap with
+   * what comes before the pull (rpull loads the gRPC client and connects meanwhile).
+   */
+  resolved?: Promise<ResolvedManifest>;
 }
 
 export interface LayerResult {
@@ -133,13 +133,6 @@ export interface PullResult {
   chainId: string;
   layers: LayerResult[];
   ms: number;
-}
-
-/** A manifest with the bytes it came as. */
-interface Fetched<T> {
-  desc: Descriptor;
-  body: Buffer;
-  doc: T;
 }
 
 /** rootfs.uniquePart: nanoseconds of now plus 3 random bytes, base64url. */
@@ -180,27 +173,6 @@ export function layerLabels(ref: string, layers: readonly Descriptor[], i: numbe
   return labels;
 }
 
-/** An image that is not what a pull can handle (schema 1, no layers matching diff_ids...). */
-export class UnsupportedImageError extends StargazeError {
-  constructor(message: string) {
-    super('ERR_SNAP_INVALID_ARGUMENT', message);
-  }
-}
-
-/** The registry does not know the image (manifest 404). */
-export class ImageNotFoundError extends RegistryError {
-  constructor(name: string, cause: RegistryError) {
-    super(`image ${name} not found: ${cause.message}`, cause.status);
-  }
-}
-
-/** The registry refused our credentials (or wanted some we do not have). */
-export class ImageAuthError extends RegistryAuthError {
-  constructor(name: string, cause: RegistryError | RegistryAuthError) {
-    super(`not authorized to pull ${name}: ${cause.message} (pass --user USER:PASS, or log in with docker login)`);
-  }
-}
-
 /** Errors of snapshot calls that mean "no such snapshotter" or "snapshotter not answering", said plainly. */
 function snapshotterError(err: unknown, sn: SnapshotsService, address: string): unknown {
   if (!(err instanceof ContainerdError)) return err;
@@ -216,21 +188,6 @@ function snapshotterError(err: unknown, sn: SnapshotsService, address: string): 
 function leaseExpiry(now: number): string {
   // RFC 3339 without fractional seconds, as Go's time.RFC3339 formats it.
   return new Date(now + LEASE_EXPIRE_MS).toISOString().replace(/\.\d{3}Z$/, 'Z');
-}
-
-/** The manifest's media type: the Content-Type if it is a known one, else the document's own mediaType field. */
-function manifestMediaType(contentType: string, body: Buffer): string {
-  if (isIndexType(contentType) || isManifestType(contentType) || contentType === MEDIA_TYPE_DOCKER_SCHEMA1_MANIFEST) return contentType;
-  try {
-    const j = JSON.parse(body.toString('utf8')) as { mediaType?: unknown; manifests?: unknown; schemaVersion?: unknown; config?: unknown };
-    if (typeof j.mediaType === 'string' && j.mediaType !== '') return j.mediaType;
-    if (j.schemaVersion === 1) return MEDIA_TYPE_DOCKER_SCHEMA1_MANIFEST;
-    if (Array.isArray(j.manifests)) return MEDIA_TYPE_OCI_INDEX;
-    if (j.config !== undefined) return MEDIA_TYPE_OCI_MANIFEST;
-  } catch {
-    // not JSON: reported below by the type check
-  }
-  return contentType;
 }
 
 async function readAll(body: AsyncIterable<Buffer>, limit: number, what: string): Promise<Buffer> {
@@ -270,26 +227,31 @@ export async function pullImage(opts: PullOptions): Promise<PullResult> {
   const { client } = opts;
   const log = opts.log.child({ image: name });
 
-  // containerd creates a namespace on first use; creating it explicitly also proves containerd answers.
-  if ((await client.namespaces.get(client.namespace)) === undefined) {
-    await client.namespaces.create(client.namespace).catch((err: unknown) => {
-      if (!isAlreadyExists(err)) throw err;
-    });
-  }
-  // Fail early, before any download, when the snapshotter is missing or not answering.
-  const sn = client.snapshots(opts.snapshotter);
-  await sn.stat(PREFLIGHT_SNAPSHOT_KEY).catch((err: unknown) => Promise.reject(snapshotterError(err, sn, client.address)));
-  const leaseId = `stargaze-rpull-${uniquePart()}`;
-  await client.leases.create(leaseId, { [GC_EXPIRE]: leaseExpiry(Date.now()) });
-  log.debug({ lease: leaseId }, 'lease created');
-  const leased = client.withLease(leaseId);
   // Cancels background layer downloads when the pull fails, and fetch-aheads nobody needed when it is done.
   const abort = new AbortController();
   const onCallerAbort = (): void => abort.abort(opts.signal?.reason);
   opts.signal?.addEventListener('abort', onCallerAbort, { once: true });
-  const pull = new Pull(opts, leased, reference, name, abort.signal, log);
+  const leaseId = `stargaze-rpull-${uniquePart()}`;
+  const pull = new Pull(opts, client.withLease(leaseId), reference, name, abort.signal, log);
+  // The registry round trips (manifest, config) and containerd's checks need nothing of each other: they run
+  // together. Only reads happen before the lease exists; containerd's errors are reported first.
+  const resolving = pull.resolveImage();
+  resolving.catch(() => undefined); // awaited below, unless containerd failed first
+  let leased = false;
   try {
-    const result = await pull.run();
+    // containerd creates a namespace on first use; creating it explicitly also proves containerd answers.
+    if ((await client.namespaces.get(client.namespace)) === undefined) {
+      await client.namespaces.create(client.namespace).catch((err: unknown) => {
+        if (!isAlreadyExists(err)) throw err;
+      });
+    }
+    // Fail early, before any download, when the snapshotter is missing or not answering.
+    const sn = client.snapshots(opts.snapshotter);
+    await sn.stat(PREFLIGHT_SNAPSHOT_KEY).catch((err: unknown) => Promise.reject(snapshotterError(err, sn, client.address)));
+    await client.leases.create(leaseId, { [GC_EXPIRE]: leaseExpiry(Date.now()) });
+    leased = true;
+    log.debug({ lease: leaseId, ms: Date.now() - started }, 'lease created');
+    const result = await pull.run(await resolving);
     return { ...result, ms: Date.now() - started };
   } catch (err) {
     abort.abort(err);
@@ -298,8 +260,15 @@ export async function pullImage(opts: PullOptions): Promise<PullResult> {
     opts.signal?.removeEventListener('abort', onCallerAbort);
     abort.abort(new StargazeError('ERR_INTERNAL', 'pull finished'));
     await pull.settle();
-    await client.leases.delete(leaseId).catch((err: unknown) => log.warn({ lease: leaseId, err: errorMessage(err) }, 'could not delete lease'));
+    if (leased) {
+      await client.leases.delete(leaseId).catch((err: unknown) => log.warn({ lease: leaseId, err: errorMessage(err) }, 'could not delete lease'));
+    }
   }
+}
+
+/** The image as the registry describes it: what Pull.run needs. */
+interface ResolvedImage extends ResolvedManifest {
+  config: Fetched<undefined>;
 }
 
 /** One pull's state; see the file comment for the steps. */
@@ -327,9 +296,17 @@ class Pull {
     await Promise.allSettled(this.fetches.values());
   }
 
-  async run(): Promise<Omit<PullResult, 'ms'>> {
-    const { target, index, manifest, platform } = await this.resolve();
-    const config = await this.fetchConfig(manifest.doc);
+  /** Manifest (via the index) and config: registry reads, plus a content store read when the config is there. */
+  async resolveImage(): Promise<ResolvedImage> {
+    const started = Date.now();
+    const resolved = await (this.opts.resolved ?? resolveManifest(this.opts.registry, this.name, this.opts.platform, this.signal));
+    const config = await this.fetchConfig(resolved.manifest.doc);
+    this.log.debug({ ms: Date.now() - started }, 'manifest and config fetched');
+    return { ...resolved, config };
+  }
+
+  async run(image: ResolvedImage): Promise<Omit<PullResult, 'ms'>> {
+    const { target, index, manifest, platform, config } = image;
     const diffIds = parseConfig(config.body, `config ${config.desc.digest} of ${this.name}`).rootfs.diff_ids;
     const layers = manifest.doc.layers;
     if (layers.length !== diffIds.length) {
@@ -344,13 +321,21 @@ class Pull {
     const chain = chainIds(diffIds);
     await this.downloadEarly(chain);
 
-    // Top-down, as containerd's handlers: index, manifest, config (layers are the unpacker's business).
-    if (index !== undefined) await this.storeBlob('index', index.desc, index.body, childrenGcLabels(index.doc.manifests));
-    await this.storeBlob('manifest', manifest.desc, manifest.body, childrenGcLabels([manifest.doc.config, ...layers]));
-    await this.storeBlob('config', config.desc, config.body, {});
-
+    // Top-down, as containerd's handlers: index, manifest, config. The layers do not need them (the lease keeps
+    // everything from the garbage collector meanwhile), so they are unpacked at the same time.
+    const storing = (async () => {
+      if (index !== undefined) await this.storeBlob('index', index.desc, index.body, childrenGcLabels(index.doc.manifests));
+      await this.storeBlob('manifest', manifest.desc, manifest.body, childrenGcLabels([manifest.doc.config, ...layers]));
+      await this.storeBlob('config', config.desc, config.body, {});
+    })();
+    storing.catch(() => undefined); // awaited below
     const results: LayerResult[] = [];
-    for (let i = 0; i < layers.length; i++) results.push(await this.unpackLayer(i, chain, diffIds));
+    try {
+      for (let i = 0; i < layers.length; i++) results.push(await this.unpackLayer(i, chain, diffIds));
+    } finally {
+      await storing.catch(() => undefined); // nothing of this pull runs on after it returns
+    }
+    await storing;
     const top = chain[chain.length - 1] ?? '';
     if (top !== '') await this.c.content.updateLabels(config.desc.digest, { [`${GC_REF_SNAPSHOT_PREFIX}${this.opts.snapshotter}`]: top });
     await this.createImage(target.desc);
@@ -359,64 +344,17 @@ class Pull {
 
   // --- resolve -------------------------------------------------------------------------------------------
 
-  private async resolve(): Promise<{ target: Fetched<unknown>; index: Fetched<ImageIndex> | undefined; manifest: Fetched<ImageManifest>; platform: string | undefined }> {
-    const { registry } = this.opts;
-    let top;
-    try {
-      top = await registry.fetchManifest(this.name, undefined, this.signal);
-    } catch (err) {
-      if (err instanceof RegistryAuthError || (err instanceof RegistryError && (err.status === 401 || err.status === 403))) throw new ImageAuthError(this.name, err);
-      if (err instanceof RegistryError && err.status === 404) throw new ImageNotFoundError(this.name, err);
-      throw err;
-    }
-    const topType = manifestMediaType(top.mediaType, top.body);
-    const topDesc: Descriptor = { mediaType: topType, digest: top.digest, size: top.body.length };
-    if (topType === MEDIA_TYPE_DOCKER_SCHEMA1_MANIFEST) {
-      throw new UnsupportedImageError(`${this.name} is a Docker schema 1 image, which is not supported (push it again with a current client)`);
-    }
-    if (isManifestType(topType)) {
-      const doc = parseManifest(top.body, `manifest ${top.digest} of ${this.name}`);
-      const manifest = { desc: topDesc, body: top.body, doc };
-      return { target: manifest, index: undefined, manifest, platform: undefined };
-    }
-    if (!isIndexType(topType)) throw new UnsupportedImageError(`${this.name}: the registry answered with media type "${topType}", not an image manifest or index`);
-
-    const index = { desc: topDesc, body: top.body, doc: parseIndex(top.body, `index ${top.digest} of ${this.name}`) };
-    const wanted = this.opts.platform;
-    let best: { desc: Descriptor; rank: number } | undefined;
-    for (const m of index.doc.manifests) {
-      if (!isManifestType(m.mediaType) || m.platform === undefined) continue;
-      const rank = platformRank(wanted, m.platform);
-      if (rank !== undefined && (best === undefined || rank < best.rank)) best = { desc: m, rank };
-    }
-    if (best === undefined) {
-      const available = index.doc.manifests.flatMap((m) => (m.platform ? [formatPlatform(m.platform)] : [])).join(', ');
-      throw new UnsupportedImageError(`${this.name} has no image for platform ${formatPlatform(wanted)} (it has: ${available || 'none'}); see --platform`);
-    }
-    const chosen = best.desc;
-    const fetched = await registry.fetchManifest(`${this.reference.name}@${chosen.digest}`, undefined, this.signal);
-    if (fetched.body.length !== chosen.size) {
-      throw new RegistryError(`manifest ${chosen.digest} of ${this.name}: got ${fetched.body.length} bytes, the index says ${chosen.size}`);
-    }
-    const doc = parseManifest(fetched.body, `manifest ${chosen.digest} of ${this.name}`);
-    const platform = 'platform' in chosen && chosen.platform ? formatPlatform(chosen.platform as Platform) : undefined;
-    return {
-      target: index,
-      index,
-      manifest: { desc: { mediaType: chosen.mediaType, digest: chosen.digest, size: chosen.size }, body: fetched.body, doc },
-      platform,
-    };
-  }
-
   private async fetchConfig(manifest: ImageManifest): Promise<Fetched<undefined>> {
     const desc = manifest.config;
     const what = `config ${desc.digest} of ${this.name}`;
     if (!isConfigType(desc.mediaType)) throw new UnsupportedImageError(`${what}: media type "${desc.mediaType}" is not an image config`);
     if (desc.size > MAX_CONFIG_BYTES) throw new UnsupportedImageError(`${what}: ${desc.size} bytes is more than the ${MAX_CONFIG_BYTES} allowed`);
     // A pull of an image we have is served from the content store: no download at all.
+    // The client without the lease: this runs before the lease is created (and reads need none).
+    const content = this.opts.client.content;
     const body =
-      (await this.c.content.info(desc.digest)) !== undefined
-        ? await this.c.content.read(desc.digest, desc.size)
+      (await content.info(desc.digest)) !== undefined
+        ? await content.read(desc.digest, desc.size)
         : await readAll((await this.opts.registry.fetchBlob(this.name, desc.digest, this.signal)).body, desc.size, what);
     if (body.length !== desc.size) throw new RegistryError(`${what}: got ${body.length} bytes, the manifest says ${desc.size}`);
     return { desc: { mediaType: desc.mediaType, digest: desc.digest, size: desc.size }, body, doc: undefined };

@@ -12,6 +12,7 @@ import { DeferredBlobSource } from '../remote/deferred-blob-source';
 import type { Logger } from '../log';
 import { LayerMount, lazyUnmount } from '../fuse/layer-fuse';
 import { mountsUnder } from './mount-table';
+import { LayerBlob, withTail, type BlobTail } from './layer-blob';
 import { buildLayerTree, type LayerNode } from '../metadata/layer-tree';
 import { LayerReader } from '../reader/chunk-reader';
 import type { BlobSource } from '../remote/blob-source';
@@ -28,6 +29,40 @@ const CHAIN_ID_SUFFIX = /sha256:[0-9a-f]{64}$/;
 
 /** The reference waits this long for a layer to resolve before giving up (and falling back). */
 const MOUNT_TIMEOUT_MS = 30_000;
+
+/**
+ * How long a layer opened ahead of its mount (see preOpen) is kept for it. rpull Prepares the layers of an
+ * image one after the other within seconds; an image whose later layers are never prepared must not pin their
+ * TOCs for long.
+ */
+const PRE_OPEN_TTL_MS = 60_000;
+
+/** A layer's blob and TOC as read from the registry, before the TOC is checked against the mount's labels. */
+interface OpenedLayer {
+  blob: BlobSource;
+  toc: Toc;
+  tocJson: Buffer;
+  tocDigest: string;
+  tocOffset: number;
+  compression: LayerCompression;
+  /** The blob's tail as read with the TOC. */
+  tail: BlobTail | undefined;
+  /** Set when the layer was opened ahead of its mount: its reader, prefetch started. */
+  ready?: ReadyLayer;
+}
+
+/** A layer's tree and reader with its prefetch started (see makeReady). */
+interface ReadyLayer {
+  tree: LayerTree;
+  blob: LayerBlob;
+  reader: LayerReader;
+  prefetchBytes: number;
+  /** Settles when prefetch ends: true when it completed. */
+  prefetched: Promise<boolean>;
+  verify: boolean;
+  /** The prefetched blob head for background fetch, once. */
+  takeHead(): Buffer | undefined;
+}
 
 /** Resolves a layer blob of an image in its registry. RegistryClient implements it. */
 export interface BlobResolver {
@@ -69,6 +104,10 @@ export class StargazeFileSystem implements RemoteFileSystem {
   /** Background fetches waiting for a slot, and how many run (at most `max_concurrency`). */
   private readonly backgroundQueue: (() => Promise<void>)[] = [];
   private backgroundRunning = 0;
+  /** TOC cache writes not finished yet. */
+  private readonly tocSaves = new Set<Promise<void>>();
+  /** Layers opened ahead of their mount, by `ref \0 digest`: undefined when that failed (the mount tries again). */
+  private readonly preOpened = new Map<string, Promise<OpenedLayer | undefined>>();
   /** Decompressed chunks of every layer: `[cache] memory_max_bytes` bounds them all together. */
   private readonly memoryCache: LRUCache<string, Buffer> | undefined;
 
@@ -110,17 +149,17 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const layerLog = this.options.log.child({ layer: source.digest, mountpoint });
     const started = Date.now();
     const signal = AbortSignal.timeout(MOUNT_TIMEOUT_MS);
+    this.preOpen(source, layerLog);
 
-    const { blob, toc, tocOffset, compression } = await this.openLayer(source, signal, layerLog);
-
-    const tree = buildLayerTree(toc, { blobSize: blob.size, tocOffset });
-    const reader = new LayerReader(blob, tree, {
-      memoryCacheBytes: this.memoryCache ? undefined : 0,
-      sharedMemoryCache: this.memoryCache,
-      verify: !this.options.config.disableVerification && !(source.skipVerify && source.tocDigest === undefined),
-      diskCache: this.options.diskCache,
-      compression,
-    });
+    const opened = await this.openLayer(source, signal, layerLog);
+    const verify = !this.options.config.disableVerification && !(source.skipVerify && source.tocDigest === undefined);
+    // A layer opened ahead has its prefetch running already; it is used when it was set up as this mount wants.
+    const early = opened.ready;
+    const ready =
+      early !== undefined && early.verify === verify && early.prefetchBytes === this.prefetchSize(source.prefetchBytes, early.tree, early.blob.size)
+        ? early
+        : this.makeReady(opened, source.prefetchBytes, verify, source.digest, layerLog);
+    const { tree, blob, reader, prefetchBytes, prefetched } = ready;
     const mount = new LayerMount<LayerNode>(mountpoint, { root: tree.root, read: (node, pos, len, sig) => reader.read(node, pos, len, sig) }, {
       attrTimeoutSec: this.options.config.fuse.attrTimeoutSec,
       entryTimeoutSec: this.options.config.fuse.entryTimeoutSec,
@@ -135,18 +174,13 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const elapsedMs = Date.now() - started;
     layerLog.info({ ref: source.ref, elapsedMs, blobSize: blob.size }, 'layer mounted');
     this.metrics.observe('mount', source.digest, elapsedMs);
-    const prefetchBytes = this.prefetchSize(source, tree.prefetchLandmarkOffset, tree.noPrefetch, blob.size);
-    // Background fetch hashes the head prefetch downloaded rather than downloading it again (gzip members
-    // only: a zstd:chunked pass always starts at 0).
-    let head: Buffer | undefined;
-    const keepHead = !this.options.config.noBackgroundFetch && reader.compression === 'gzip';
-    const prefetched = this.startPrefetch(source.digest, prefetchBytes, reader, layerLog, keepHead ? (h) => (head = h) : undefined);
     const stop = new AbortController();
     if (!this.options.config.noBackgroundFetch) {
       // After prefetch, so what the image marked as needed first is never queued behind the rest.
       void prefetched.then((ok) => {
+        const head = ready.takeHead();
+        // hashed now, while the job may wait in the queue: only the hash state waits
         const resume = ok && head !== undefined ? this.hashHead(head, layerLog) : Promise.resolve(undefined);
-        head = undefined; // hashed now, while the job may wait in the queue: only the hash state waits
         this.enqueueBackground(() => this.fetchInBackground({ source, parent, blob, tree, reader, mount, log: layerLog, signal: stop.signal, resume }));
       });
     }
@@ -208,6 +242,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
 
   /** Unmounts every layer; called on daemon shutdown. */
   async close(): Promise<void> {
+    await Promise.allSettled(this.tocSaves);
     const mountpoints = [...this.layers.keys()];
     const results = await Promise.allSettled(mountpoints.map((m) => this.unmount(m)));
     results.forEach((r, i) => {
@@ -243,24 +278,79 @@ export class StargazeFileSystem implements RemoteFileSystem {
     source: LayerSourceInfo,
     signal: AbortSignal,
     layerLog: Logger,
-  ): Promise<{ blob: BlobSource; toc: Toc; tocOffset: number; compression: LayerCompression }> {
+  ): Promise<{ blob: BlobSource; toc: Toc; tocOffset: number; compression: LayerCompression; tail: BlobTail | undefined; ready?: ReadyLayer }> {
     const resolve = (s?: AbortSignal): Promise<BlobSource> => this.options.registry.resolveBlob(source.ref, source.digest, s);
-    const cached = source.tocDigest !== undefined ? await this.options.tocCache?.load(source.digest, source.tocDigest) : undefined;
-    if (cached) {
-      const toc = parseToc(cached.tocJson, { blobSize: cached.blobSize, tocOffset: cached.tocOffset });
-      layerLog.debug('TOC from the local cache');
-      // Only eStargz TOCs are cached (below), so a cached one means gzip members.
-      return { blob: new DeferredBlobSource(source.digest, cached.blobSize, resolve), toc, tocOffset: cached.tocOffset, compression: 'gzip' };
+    // A layer opened ahead had no cached TOC then: no need to look (file reads wait for the libuv threads,
+    // which a running prefetch keeps busy inflating).
+    const key = preOpenKey(source.ref, source.digest);
+    const pre = this.preOpened.get(key);
+    this.preOpened.delete(key);
+    const early = pre !== undefined ? await pre : undefined;
+    if (early !== undefined) {
+      layerLog.debug('blob and TOC were read ahead of the mount');
+    } else {
+      const cached = source.tocDigest !== undefined ? await this.options.tocCache?.load(source.digest, source.tocDigest) : undefined;
+      if (cached) {
+        const toc = parseToc(cached.tocJson, { blobSize: cached.blobSize, tocOffset: cached.tocOffset });
+        layerLog.debug('TOC from the local cache');
+        // Only eStargz TOCs are cached (below), so a cached one means gzip members.
+        return { blob: new DeferredBlobSource(source.digest, cached.blobSize, resolve), toc, tocOffset: cached.tocOffset, compression: 'gzip', tail: undefined };
+      }
     }
-    const blob = await resolve(signal);
-    const { toc, tocJson, tocDigest, tocOffset, compression } = await readToc(blob, { signal });
+    const { blob, toc, tocJson, tocDigest, tocOffset, compression, tail, ready } = early ?? (await this.readLayer(source.ref, source.digest, signal));
     this.verifyToc(source, tocDigest, layerLog);
     if (compression === 'zstd') layerLog.debug('zstd:chunked layer');
     // The cache records no compression: zstd:chunked TOCs are not cached (their layers always read the TOC).
-    if (source.tocDigest === tocDigest && compression === 'gzip') {
-      await this.options.tocCache?.save(source.digest, { blobSize: blob.size, tocOffset, tocJson });
+    // The mount does not wait for the write (it only spares a later mount the registry); close() does.
+    if (source.tocDigest === tocDigest && compression === 'gzip' && this.options.tocCache !== undefined) {
+      const saving = this.options.tocCache.save(source.digest, { blobSize: blob.size, tocOffset, tocJson });
+      this.tocSaves.add(saving);
+      void saving.finally(() => this.tocSaves.delete(saving));
     }
-    return { blob, toc, tocOffset, compression };
+    return { blob, toc, tocOffset, compression, tail, ready };
+  }
+
+  /** Resolves a layer's blob and reads its TOC (not yet verified: the caller checks it against its labels). */
+  private async readLayer(ref: string, digest: string, signal: AbortSignal): Promise<OpenedLayer> {
+    const started = Date.now();
+    const blob = await this.options.registry.resolveBlob(ref, digest, signal);
+    const resolvedMs = Date.now() - started;
+    const tailed = withTail(blob);
+    const { toc, tocJson, tocDigest, tocOffset, compression } = await readToc(tailed, { signal });
+    const tail = await tailed.tail();
+    this.options.log.debug({ layer: digest, resolvedMs, tocMs: Date.now() - started - resolvedMs, tocBytes: blob.size - tocOffset }, 'blob resolved and TOC read');
+    return { blob, toc, tocJson, tocDigest, tocOffset, compression, tail };
+  }
+
+  /**
+   * Opens the image's other layers (the layers label: this one and those after it) while this one mounts,
+   * as the reference pre-resolves neighbouring layers: a pull Prepares layers one at a time, each on its
+   * parent, so without this every layer would pay its blob resolution and TOC round trips in turn. Each
+   * opened layer waits for its own mount, which verifies its TOC against that mount's toc.digest label.
+   * Layers whose TOC is in the local cache are left alone: their mount needs no registry.
+   */
+  private preOpen(source: LayerSourceInfo, layerLog: Logger): void {
+    const mounted = new Set([...this.layers.values()].map((l) => l.source.digest));
+    for (const digest of source.layers) {
+      const key = preOpenKey(source.ref, digest);
+      if (digest === source.digest || mounted.has(digest) || this.preOpened.has(key)) continue;
+      const opened = (async (): Promise<OpenedLayer | undefined> => {
+        if (await this.options.tocCache?.has(digest)) return undefined;
+        const layer = await this.readLayer(source.ref, digest, AbortSignal.timeout(MOUNT_TIMEOUT_MS));
+        // Its prefetch starts now rather than at its mount: the mount checks the TOC against its labels
+        // first, and chunks are verified against this TOC's digests either way.
+        const verify = !this.options.config.disableVerification;
+        layer.ready = this.makeReady(layer, source.prefetchBytes, verify, digest, this.options.log.child({ layer: digest }));
+        return layer;
+      })().catch((err: unknown) => {
+        layerLog.debug({ neighbour: digest, err: errorMessage(err) }, 'could not open a following layer ahead of its mount');
+        return undefined;
+      });
+      this.preOpened.set(key, opened);
+      setTimeout(() => {
+        if (this.preOpened.get(key) === opened) this.preOpened.delete(key);
+      }, PRE_OPEN_TTL_MS).unref();
+    }
   }
 
   /** Runs `job` when fewer than `max_concurrency` background fetches run. */
@@ -340,11 +430,50 @@ export class StargazeFileSystem implements RemoteFileSystem {
   }
 
   /** How much to prefetch: up to the landmark, else the label's or config's size; none when told so. */
-  private prefetchSize(source: LayerSourceInfo, landmarkOffset: number | undefined, noPrefetch: boolean, blobSize: number): number {
+  private prefetchSize(labelBytes: number | undefined, tree: LayerTree, blobSize: number): number {
     const config = this.options.config;
-    if (config.noPrefetch || noPrefetch) return 0;
-    return Math.max(0, landmarkOffset ?? Math.min(source.prefetchBytes ?? config.prefetchSizeBytes, blobSize));
+    if (config.noPrefetch || tree.noPrefetch) return 0;
+    return Math.max(0, tree.prefetchLandmarkOffset ?? Math.min(labelBytes ?? config.prefetchSizeBytes, blobSize));
   }
+
+  /**
+   * The layer's tree and reader, with its prefetch started (it needs no mount: reads of the mount join it).
+   * Background fetch later takes the prefetched head (gzip members only: a zstd:chunked pass starts at 0)
+   * and hashes it rather than downloading it again.
+   */
+  private makeReady(opened: OpenedLayer | Omit<OpenedLayer, 'tocJson' | 'tocDigest'>, labelBytes: number | undefined, verify: boolean, digest: string, log: Logger): ReadyLayer {
+    const tree = buildLayerTree(opened.toc, { blobSize: opened.blob.size, tocOffset: opened.tocOffset });
+    const prefetchBytes = this.prefetchSize(labelBytes, tree, opened.blob.size);
+    const blob = new LayerBlob(opened.blob, {
+      chunkBytes: this.options.config.blob.parallelFetchChunkBytes,
+      concurrency: this.options.config.blob.parallelFetchConcurrency,
+      tail: opened.tail,
+    });
+    const reader = new LayerReader(blob, tree, {
+      memoryCacheBytes: this.memoryCache ? undefined : 0,
+      sharedMemoryCache: this.memoryCache,
+      verify,
+      diskCache: this.options.diskCache,
+      compression: opened.compression,
+    });
+    let head: Buffer | undefined;
+    const keepHead = !this.options.config.noBackgroundFetch && reader.compression === 'gzip';
+    const prefetched = this.startPrefetch(digest, prefetchBytes, reader, log, keepHead ? (h) => (head = h) : undefined);
+    return {
+      tree,
+      blob,
+      reader,
+      prefetchBytes,
+      prefetched,
+      verify,
+      takeHead: () => {
+        const h = head;
+        head = undefined;
+        return h;
+      },
+    };
+  }
+
 
   /**
    * Prefetch what the image marks as needed first, in the background: mount does not wait for it; check()
@@ -374,6 +503,10 @@ export class StargazeFileSystem implements RemoteFileSystem {
       return undefined;
     });
   }
+}
+
+function preOpenKey(ref: string, digest: string): string {
+  return `${ref}\0${digest}`;
 }
 
 /**

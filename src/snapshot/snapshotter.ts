@@ -389,12 +389,16 @@ export class Snapshotter {
     target: string,
     alreadyExists: () => AlreadyExistsError,
   ): Promise<Mount[]> {
-    const { mounts, id } = await this.createSnapshotWithId('active', key, parent, labels);
+    // No availability check of the remote ancestors yet (as the reference): a layer's check waits for its
+    // prefetch, and a pull Prepares each layer on the one before, so every layer would wait for the prefetch
+    // of its parent. Only the fallback to a normal snapshot, whose mounts are used at once, checks them.
+    const { mounts, id } = await this.createSnapshotWithId('active', key, parent, labels, { checkAncestors: false });
     const fields = { key, parent };
     const source = layerSourceFromLabels(labels);
     if (this.fs === undefined || source === undefined) {
       const reason = this.fs === undefined ? 'no remote filesystem configured' : 'labels do not describe a remote layer';
       this.log.info({ ...fields, [REMOTE_SNAPSHOT_LOG_KEY]: 'false', reason }, 'prepared a normal snapshot');
+      await this.checkAncestors(this.store.chain(parent));
       return mounts;
     }
     try {
@@ -404,6 +408,7 @@ export class Snapshotter {
         { ...fields, [REMOTE_SNAPSHOT_LOG_KEY]: 'false', reason: errorMessage(err) },
         'failed to prepare remote snapshot; falling back to a normal pull',
       );
+      await this.checkAncestors(this.store.chain(parent));
       return mounts;
     }
     try {
@@ -444,6 +449,7 @@ export class Snapshotter {
     key: string,
     parent: string,
     labels: Record<string, string>,
+    opts: { checkAncestors?: boolean } = {},
   ): Promise<{ mounts: Mount[]; id: string }> {
     // Early checks: fail before touching the disk (the store re-checks atomically on insert).
     const chain = this.store.chain(parent);
@@ -451,7 +457,7 @@ export class Snapshotter {
       throw new InvalidArgumentError(`parent "${parent}" is not committed snapshot`);
     }
     if (this.exists(key)) throw new AlreadyExistsError(`snapshot ${key}: already exists`);
-    await this.checkAncestors(chain);
+    if (opts.checkAncestors !== false) await this.checkAncestors(chain);
 
     const tempName = `${TEMP_DIR_PREFIX}${crypto.randomBytes(8).toString('hex')}`;
     const tempDir = path.join(this.snapshotsDir, tempName);

@@ -1,0 +1,127 @@
+/**
+ * Collapsing concurrent `stargaze rpull`s of one image (same containerd, namespace, snapshotter, reference,
+ * platform and registry options): the first becomes the leader and pulls; the others wait for it, without
+ * loading gRPC or the registry client, and finish with its result. Twenty pulls started at once then cost about
+ * one pull plus nineteen bare Node starts, instead of twenty pulls fighting for two cores and the same locks.
+ *
+ * Leadership is a host lock (host-lock.ts: crash-safe, freed by the kernel). The result travels through a file
+ * in a directory only our user can write (checked, not assumed), because anyone on the host can bind an abstract
+ * socket name: a waiter trusts nothing it hears from the lock, only a result file newer than its own start. When
+ * the leader fails (or the directory is not private) each waiter pulls on its own, as without collapsing.
+ */
+import { createHash } from 'node:crypto';
+import { lstat, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { errorCode } from '../errors';
+import { tryHostLock, waitForHostLockRelease, type ReleaseHostLock } from './host-lock';
+
+/** Longest a waiter sleeps between looks at the lock (a release wakes it earlier). */
+const WAIT_SLICE_MS = 1_000;
+const RESULT_DIR_MODE = 0o700;
+
+/** What a waiter needs to report the pull as its own. */
+export interface CollapsedPull {
+  name: string;
+  manifestDigest: string;
+  platform: string | undefined;
+  /** Layer digests, base first. */
+  layers: string[];
+}
+
+interface ResultFile extends CollapsedPull {
+  finishedAt: number;
+}
+
+export type CollapseOutcome =
+  | { kind: 'joined'; result: CollapsedPull; waitedMs: number }
+  | { kind: 'lead'; publish: (result: CollapsedPull) => Promise<void>; release: ReleaseHostLock };
+
+/** Everything that decides what a pull does; two pulls with equal keys are interchangeable. */
+export function collapseKey(parts: Record<string, unknown>): string {
+  return createHash('sha256').update(JSON.stringify(parts)).digest('hex');
+}
+
+/** Our private result directory, or undefined when it is not ours alone (then nothing is collapsed). */
+export async function privateResultDir(base?: string): Promise<string | undefined> {
+  const uid = process.getuid?.();
+  if (uid === undefined) return undefined;
+  const dir = base ?? (uid === 0 ? '/run/stargaze/rpull' : path.join(os.tmpdir(), `stargaze-rpull-${uid}`));
+  try {
+    await mkdir(dir, { recursive: true, mode: RESULT_DIR_MODE });
+    const st = await lstat(dir);
+    if (!st.isDirectory() || st.uid !== uid || (st.mode & 0o077) !== 0) return undefined;
+    return dir;
+  } catch {
+    return undefined;
+  }
+}
+
+function isResult(x: unknown): x is ResultFile {
+  const r = x as Partial<ResultFile> | null;
+  return (
+    typeof r === 'object' &&
+    r !== null &&
+    typeof r.finishedAt === 'number' &&
+    typeof r.name === 'string' &&
+    typeof r.manifestDigest === 'string' &&
+    (r.platform === undefined || typeof r.platform === 'string') &&
+    Array.isArray(r.layers) &&
+    r.layers.every((l) => typeof l === 'string')
+  );
+}
+
+async function readFresh(file: string, since: number): Promise<CollapsedPull | undefined> {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(await readFile(file, 'utf8'));
+  } catch (err) {
+    if (errorCode(err) === 'ENOENT' || err instanceof SyntaxError) return undefined;
+    throw err;
+  }
+  if (!isResult(parsed) || parsed.finishedAt < since) return undefined;
+  const { name, manifestDigest, platform, layers } = parsed;
+  return { name, manifestDigest, platform, layers };
+}
+
+/**
+ * Becomes the leader of pulls with this key, or waits for the current leader and returns its result. A leader
+ * must publish() on success and release() always.
+ */
+export async function joinOrLead(key: string, opts: { signal?: AbortSignal; resultDir?: string } = {}): Promise<CollapseOutcome> {
+  const noop: CollapseOutcome = { kind: 'lead', publish: async () => undefined, release: async () => undefined };
+  const dir = await privateResultDir(opts.resultDir);
+  if (dir === undefined) return noop;
+  const file = path.join(dir, `${key}.json`);
+  const lockName = `rpull ${key}`;
+  // Results finished before we started may be stale (the image was deleted since, say): only newer ones count.
+  const since = Date.now();
+  const lead = (release: ReleaseHostLock): CollapseOutcome => ({
+    kind: 'lead',
+    release,
+    // Best effort: without the file the waiters pull on their own, which is slower but just as right.
+    publish: async (result) => {
+      const tmp = `${file}.${process.pid}.tmp`;
+      try {
+        await writeFile(tmp, JSON.stringify({ ...result, finishedAt: Date.now() } satisfies ResultFile), { mode: 0o600 });
+        await rename(tmp, file);
+      } catch {
+        await rm(tmp, { force: true }).catch(() => undefined);
+      }
+    },
+  });
+  for (;;) {
+    opts.signal?.throwIfAborted();
+    const release = await tryHostLock(lockName);
+    if (release !== undefined) {
+      // The leader may have published between our last look and taking the lock.
+      const result = await readFresh(file, since);
+      if (result === undefined) return lead(release);
+      await release();
+      return { kind: 'joined', result, waitedMs: Date.now() - since };
+    }
+    await waitForHostLockRelease(lockName, WAIT_SLICE_MS, opts.signal);
+    const result = await readFresh(file, since);
+    if (result !== undefined) return { kind: 'joined', result, waitedMs: Date.now() - since };
+  }
+}

@@ -1,0 +1,77 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import type { BlobSource } from '../../../src/remote/blob-source';
+import { LayerBlob, tailBytesFor, withTail } from '../../../src/fs/layer-blob';
+
+/** A blob in memory that records the ranges asked for. */
+function memoryBlob(size: number): BlobSource & { data: Buffer; reads: Array<[number, number]> } {
+  const data = randomBytes(size);
+  const reads: Array<[number, number]> = [];
+  return {
+    digest: `sha256:${'0'.repeat(64)}`,
+    size,
+    data,
+    reads,
+    async readRange(offset: number, length: number) {
+      reads.push([offset, length]);
+      assert.ok(offset >= 0 && offset + length <= size, `range ${offset}+${length} outside the blob`);
+      return Buffer.from(data.subarray(offset, offset + length));
+    },
+  };
+}
+
+test('withTail: footer and a TOC inside the tail cost one read', async () => {
+  const blob = memoryBlob(10 * 1024 * 1024);
+  const t = withTail(blob);
+  const tail = tailBytesFor(blob.size);
+  assert.ok(tail >= 64 * 1024 && tail <= 512 * 1024);
+  const footer = await t.readRange(blob.size - 51, 51);
+  const toc = await t.readRange(blob.size - 20_000, 20_000 - 51);
+  assert.deepEqual(footer, blob.data.subarray(blob.size - 51));
+  assert.deepEqual(toc, blob.data.subarray(blob.size - 20_000, blob.size - 51));
+  assert.deepEqual(blob.reads, [[blob.size - tail, tail]]);
+});
+
+test('withTail: a TOC larger than the tail reads only what the tail lacks', async () => {
+  const blob = memoryBlob(1024 * 1024);
+  const t = withTail(blob, 1000);
+  await t.readRange(blob.size - 51, 51);
+  const toc = await t.readRange(blob.size - 5000, 5000 - 51);
+  assert.deepEqual(toc, blob.data.subarray(blob.size - 5000, blob.size - 51));
+  assert.deepEqual(blob.reads, [
+    [blob.size - 1000, 1000],
+    [blob.size - 5000, 4000],
+  ]);
+});
+
+test('withTail: a blob smaller than the tail is read whole', async () => {
+  const blob = memoryBlob(700);
+  const t = withTail(blob);
+  assert.deepEqual(await t.readRange(649, 51), blob.data.subarray(649));
+  assert.deepEqual(blob.reads, [[0, 700]]);
+});
+
+test('LayerBlob: a long range is read as parallel chunks, in order', async () => {
+  const blob = memoryBlob(100_000);
+  const lb = new LayerBlob(blob, { chunkBytes: 10_000, concurrency: 3 });
+  assert.deepEqual(await lb.readRange(5, 45_000), blob.data.subarray(5, 45_005));
+  assert.equal(blob.reads.length, 5);
+  assert.deepEqual(await lb.readRange(5, 15_000), blob.data.subarray(5, 15_005));
+  assert.equal(blob.reads.length, 6, 'shorter than two chunks: one request');
+});
+
+test('LayerBlob: reads inside the tail read with the TOC come from memory', async () => {
+  const blob = memoryBlob(100_000);
+  const t = withTail(blob, 10_000);
+  await t.readRange(100_000 - 51, 51);
+  const tail = await t.tail();
+  assert.deepEqual(tail?.offset, 90_000);
+  const lb = new LayerBlob(blob, { chunkBytes: 0, concurrency: 1, tail });
+  blob.reads.length = 0;
+  assert.deepEqual(await lb.readRange(92_000, 8_000), blob.data.subarray(92_000));
+  assert.deepEqual(blob.reads, [], 'inside the tail: no request');
+  assert.deepEqual(await lb.readRange(86_000, 8_000), blob.data.subarray(86_000, 94_000));
+  assert.deepEqual(blob.reads, [[86_000, 4_000]], 'straddling: only the part before the tail');
+  assert.deepEqual(await lb.readRange(0, 1_000), blob.data.subarray(0, 1_000));
+});
