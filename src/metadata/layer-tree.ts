@@ -327,14 +327,29 @@ function newNode(e: TocEntry): LayerNode {
   return node;
 }
 
+/** Parsed modtimes: a layer has few distinct ones, and Date.parse showed in profiles of large TOCs. */
+const mtimeCache = new Map<string, number>();
+const MTIME_CACHE_MAX = 4096;
+
+function mtimeOf(modtime: string | undefined): number {
+  if (modtime === undefined) return 0;
+  let ms = mtimeCache.get(modtime);
+  if (ms === undefined) {
+    ms = Date.parse(modtime);
+    if (mtimeCache.size >= MTIME_CACHE_MAX) mtimeCache.clear();
+    mtimeCache.set(modtime, ms);
+  }
+  return ms;
+}
+
 /** Copies the attributes every entry type has. */
 function fillFromEntry(node: LayerNode, e: TocEntry): void {
   node.mode = modeOf(node.type, e.mode ?? 0);
   node.uid = e.uid ?? 0;
   node.gid = e.gid ?? 0;
-  node.mtimeMs = e.modtime !== undefined ? Date.parse(e.modtime) : 0;
+  node.mtimeMs = mtimeOf(e.modtime);
   node.xattrs = new Map();
-  for (const [k, v] of Object.entries(e.xattrs ?? {})) node.xattrs.set(k, Buffer.from(v, 'base64'));
+  if (e.xattrs !== undefined) for (const [k, v] of Object.entries(e.xattrs)) node.xattrs.set(k, Buffer.from(v, 'base64'));
 }
 
 /** The overlayfs whiteout format: a 0/0 char device, no permission bits, owned by root. */
