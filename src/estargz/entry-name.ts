@@ -8,6 +8,12 @@
  * a NUL byte or a `..` component (which could only mean escaping the layer root).
  */
 export function normalizeEntryName(raw: string): string | undefined {
+  // Fast path: writers prefix every name with `./` and end directories with `/`; past those, most names are
+  // already clean and need no splitting.
+  const start = raw.startsWith('./') ? 2 : 0;
+  const end = raw.length > start && raw.charCodeAt(raw.length - 1) === SLASH ? raw.length - 1 : raw.length;
+  const core = start === 0 && end === raw.length ? raw : raw.slice(start, end);
+  if (isClean(core)) return core;
   if (raw.includes('\0')) return undefined;
   const parts: string[] = [];
   for (const part of raw.split('/')) {
@@ -27,4 +33,27 @@ export function parentName(name: string): string {
 /** The last component of a cleaned name. */
 export function baseName(name: string): string {
   return name.slice(name.lastIndexOf('/') + 1);
+}
+
+const SLASH = 0x2f;
+const DOT = 0x2e;
+
+/**
+ * True when `name` is already in cleaned form: no NUL, no empty, `.` or `..` component, no leading or
+ * trailing slash. One pass without allocating, for the common case (a TOC's names are mostly clean but for
+ * a `./` prefix on some writers); anything else takes the splitting path.
+ */
+function isClean(name: string): boolean {
+  const n = name.length;
+  let start = 0; // start of the current component
+  for (let i = 0; i <= n; i++) {
+    const c = i < n ? name.charCodeAt(i) : SLASH;
+    if (c === 0) return false;
+    if (c !== SLASH) continue;
+    const len = i - start;
+    if (len === 0) return n === 0; // "" is the clean root; an empty component is not clean
+    if (name.charCodeAt(start) === DOT && (len === 1 || (len === 2 && name.charCodeAt(start + 1) === DOT))) return false;
+    start = i + 1;
+  }
+  return true;
 }

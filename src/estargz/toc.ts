@@ -93,20 +93,6 @@ export interface ParseTocOptions {
   maxTocBytes?: number;
 }
 
-const NUMBER_FIELDS = [
-  'size',
-  'mode',
-  'uid',
-  'gid',
-  'offset',
-  'innerOffset',
-  'devMajor',
-  'devMinor',
-  'chunkOffset',
-  'chunkSize',
-] as const;
-const STRING_FIELDS = ['modtime', 'linkName', 'userName', 'groupName', 'digest', 'chunkDigest'] as const;
-const DIGEST_RE = /^sha256:[0-9a-f]{64}$/;
 const BASE64_RE = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
 
 /** The regular file whose chunks are being read, to check that chunk entries tile it exactly. */
@@ -160,28 +146,29 @@ export function parseToc(json: Buffer | string, opts: ParseTocOptions = {}): Toc
     open = undefined;
   };
 
+  // Distinct modtimes are few (a layer is built in seconds): parse each once.
+  const modtimes = new Map<string, boolean>();
   for (let i = 0; i < rawEntries.length; i++) {
-    const e = parseEntry(rawEntries[i], i);
-    const where = `TOC entry ${i} (${JSON.stringify(e.name)})`;
+    const e = parseEntry(rawEntries[i], i, modtimes);
 
     if (e.type === 'chunk') {
       if (open === undefined || open.name !== e.name) {
-        throw new EstargzFormatError(`${where}: chunk does not follow a regular file of the same name`);
+        throw new EstargzFormatError(`${entryAt(i, e.name)}: chunk does not follow a regular file of the same name`);
       }
     } else {
       closeOpenFile();
-      if (e.name === '' && e.type !== 'dir') throw new EstargzFormatError(`${where}: empty name`);
-      if (types.has(e.name)) throw new EstargzFormatError(`${where}: duplicate entry`);
+      if (e.name === '' && e.type !== 'dir') throw new EstargzFormatError(`${entryAt(i, e.name)}: empty name`);
+      if (types.has(e.name)) throw new EstargzFormatError(`${entryAt(i, e.name)}: duplicate entry`);
       types.set(e.name, e.type);
     }
 
     if (e.type === 'symlink' || e.type === 'hardlink') {
-      if (e.linkName === undefined || e.linkName === '') throw new EstargzFormatError(`${where}: ${e.type} has no linkName`);
-      if (e.linkName.includes('\0')) throw new EstargzFormatError(`${where}: linkName contains NUL`);
+      if (e.linkName === undefined || e.linkName === '') throw new EstargzFormatError(`${entryAt(i, e.name)}: ${e.type} has no linkName`);
+      if (e.linkName.includes('\0')) throw new EstargzFormatError(`${entryAt(i, e.name)}: linkName contains NUL`);
       if (e.type === 'hardlink') {
         const target = normalizeEntryName(e.linkName);
         if (target === undefined || target === '') {
-          throw new EstargzFormatError(`${where}: unsafe hardlink target ${JSON.stringify(e.linkName)}`);
+          throw new EstargzFormatError(`${entryAt(i, e.name)}: unsafe hardlink target ${JSON.stringify(e.linkName)}`);
         }
         e.linkName = target;
       }
@@ -190,19 +177,19 @@ export function parseToc(json: Buffer | string, opts: ParseTocOptions = {}): Toc
     if (e.type === 'reg' || e.type === 'chunk') {
       const fileSize = e.type === 'reg' ? (e.size ?? 0) : (open?.size ?? 0);
       const chunkOffset = e.chunkOffset ?? 0;
-      if (e.type === 'reg' && chunkOffset !== 0) throw new EstargzFormatError(`${where}: first chunk at ${chunkOffset}`);
+      if (e.type === 'reg' && chunkOffset !== 0) throw new EstargzFormatError(`${entryAt(i, e.name)}: first chunk at ${chunkOffset}`);
       if (e.type === 'chunk' && chunkOffset !== open?.nextChunkOffset) {
-        throw new EstargzFormatError(`${where}: chunk at ${chunkOffset}, want ${open?.nextChunkOffset}`);
+        throw new EstargzFormatError(`${entryAt(i, e.name)}: chunk at ${chunkOffset}, want ${open?.nextChunkOffset}`);
       }
       const chunkSize = e.chunkSize !== undefined && e.chunkSize > 0 ? e.chunkSize : fileSize - chunkOffset;
       if (chunkOffset + chunkSize > fileSize || (fileSize > 0 && chunkSize === 0)) {
-        throw new EstargzFormatError(`${where}: chunk ${chunkOffset}+${chunkSize} outside a ${fileSize}-byte file`);
+        throw new EstargzFormatError(`${entryAt(i, e.name)}: chunk ${chunkOffset}+${chunkSize} outside a ${fileSize}-byte file`);
       }
       if (fileSize > 0) {
-        if (e.offset === undefined) throw new EstargzFormatError(`${where}: payload has no offset`);
-        if (e.offset >= dataEnd) throw new EstargzFormatError(`${where}: offset ${e.offset} is past the data (${dataEnd})`);
+        if (e.offset === undefined) throw new EstargzFormatError(`${entryAt(i, e.name)}: payload has no offset`);
+        if (e.offset >= dataEnd) throw new EstargzFormatError(`${entryAt(i, e.name)}: offset ${e.offset} is past the data (${dataEnd})`);
         if (e.offset < lastDataOffset) {
-          throw new EstargzFormatError(`${where}: offset ${e.offset} goes back before ${lastDataOffset}`);
+          throw new EstargzFormatError(`${entryAt(i, e.name)}: offset ${e.offset} goes back before ${lastDataOffset}`);
         }
         lastDataOffset = e.offset;
       }
@@ -226,51 +213,93 @@ export function parseToc(json: Buffer | string, opts: ParseTocOptions = {}): Toc
   return { version: TOC_VERSION, entries };
 }
 
-function parseEntry(raw: unknown, index: number): TocEntry {
-  const where = `TOC entry ${index}`;
-  if (!isRecord(raw)) throw new EstargzFormatError(`${where} is not an object`);
-  if (typeof raw.name !== 'string') throw new EstargzFormatError(`${where} has no string "name"`);
+/** An entry named in an error; built only then (a message per entry cost more than checking it). */
+function entryAt(index: number, name: string): string {
+  return `TOC entry ${index} (${JSON.stringify(name)})`;
+}
+
+/**
+ * One raw entry to a TocEntry. Fields are read one by one with literal keys, not by looping over key lists:
+ * with a TOC of tens of thousands of entries, the keyed lookups and per-entry allocations were most of the
+ * parse. `modtimes` remembers which modtime strings parsed.
+ */
+function parseEntry(raw: unknown, index: number, modtimes: Map<string, boolean>): TocEntry {
+  if (!isRecord(raw)) throw new EstargzFormatError(`TOC entry ${index} is not an object`);
+  if (typeof raw.name !== 'string') throw new EstargzFormatError(`TOC entry ${index} has no string "name"`);
   const name = normalizeEntryName(raw.name);
-  if (name === undefined) throw new EstargzFormatError(`${where}: unsafe name ${JSON.stringify(raw.name)}`);
-  if (typeof raw.type !== 'string' || !ENTRY_TYPES.has(raw.type)) {
-    throw new EstargzFormatError(`${where} (${JSON.stringify(name)}): unknown type ${JSON.stringify(raw.type)}`);
+  if (name === undefined) throw new EstargzFormatError(`TOC entry ${index}: unsafe name ${JSON.stringify(raw.name)}`);
+  const type = raw.type;
+  if (typeof type !== 'string' || !ENTRY_TYPES.has(type)) {
+    throw new EstargzFormatError(`${entryAt(index, name)}: unknown type ${JSON.stringify(type)}`);
   }
-  const e: TocEntry = { name, type: raw.type as TocEntryType };
-  for (const key of NUMBER_FIELDS) {
-    const v = raw[key];
-    if (v === undefined) continue;
-    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) {
-      throw new EstargzFormatError(`${where} (${JSON.stringify(name)}): "${key}" is not a non-negative integer`);
+  const e: TocEntry = { name, type: type as TocEntryType };
+  if (raw.size !== undefined) e.size = checkNumber(raw.size, 'size', index, name);
+  if (raw.mode !== undefined) e.mode = checkNumber(raw.mode, 'mode', index, name);
+  if (raw.uid !== undefined) e.uid = checkNumber(raw.uid, 'uid', index, name);
+  if (raw.gid !== undefined) e.gid = checkNumber(raw.gid, 'gid', index, name);
+  if (raw.offset !== undefined) e.offset = checkNumber(raw.offset, 'offset', index, name);
+  if (raw.innerOffset !== undefined) e.innerOffset = checkNumber(raw.innerOffset, 'innerOffset', index, name);
+  if (raw.devMajor !== undefined) e.devMajor = checkNumber(raw.devMajor, 'devMajor', index, name);
+  if (raw.devMinor !== undefined) e.devMinor = checkNumber(raw.devMinor, 'devMinor', index, name);
+  if (raw.chunkOffset !== undefined) e.chunkOffset = checkNumber(raw.chunkOffset, 'chunkOffset', index, name);
+  if (raw.chunkSize !== undefined) e.chunkSize = checkNumber(raw.chunkSize, 'chunkSize', index, name);
+  if (raw.modtime !== undefined) {
+    const modtime = checkString(raw.modtime, 'modtime', index, name);
+    let ok = modtimes.get(modtime);
+    if (ok === undefined) {
+      ok = !Number.isNaN(Date.parse(modtime));
+      modtimes.set(modtime, ok);
     }
-    e[key] = v;
+    if (!ok) throw new EstargzFormatError(`${entryAt(index, name)}: bad modtime ${JSON.stringify(modtime)}`);
+    e.modtime = modtime;
   }
-  for (const key of STRING_FIELDS) {
-    const v = raw[key];
-    if (v === undefined) continue;
-    if (typeof v !== 'string') throw new EstargzFormatError(`${where} (${JSON.stringify(name)}): "${key}" is not a string`);
-    e[key] = v;
+  if (raw.linkName !== undefined) e.linkName = checkString(raw.linkName, 'linkName', index, name);
+  if (raw.userName !== undefined) e.userName = checkString(raw.userName, 'userName', index, name);
+  if (raw.groupName !== undefined) e.groupName = checkString(raw.groupName, 'groupName', index, name);
+  if (raw.digest !== undefined) {
+    const digest = checkString(raw.digest, 'digest', index, name);
+    if (!isSha256Digest(digest)) throw new EstargzFormatError(`${entryAt(index, name)}: "digest" is not a sha256 digest`);
+    e.digest = digest;
   }
-  for (const key of ['digest', 'chunkDigest'] as const) {
-    const v = e[key];
-    if (v !== undefined && !DIGEST_RE.test(v)) {
-      throw new EstargzFormatError(`${where} (${JSON.stringify(name)}): "${key}" is not a sha256 digest`);
-    }
-  }
-  if (e.modtime !== undefined && Number.isNaN(Date.parse(e.modtime))) {
-    throw new EstargzFormatError(`${where} (${JSON.stringify(name)}): bad modtime ${JSON.stringify(e.modtime)}`);
+  if (raw.chunkDigest !== undefined) {
+    const digest = checkString(raw.chunkDigest, 'chunkDigest', index, name);
+    if (!isSha256Digest(digest)) throw new EstargzFormatError(`${entryAt(index, name)}: "chunkDigest" is not a sha256 digest`);
+    e.chunkDigest = digest;
   }
   if (raw.xattrs !== undefined && raw.xattrs !== null) {
-    if (!isRecord(raw.xattrs)) throw new EstargzFormatError(`${where} (${JSON.stringify(name)}): "xattrs" is not an object`);
+    if (!isRecord(raw.xattrs)) throw new EstargzFormatError(`${entryAt(index, name)}: "xattrs" is not an object`);
     const xattrs: Record<string, string> = {};
     for (const [k, v] of Object.entries(raw.xattrs)) {
       if (k === '' || k.includes('\0') || typeof v !== 'string' || !BASE64_RE.test(v)) {
-        throw new EstargzFormatError(`${where} (${JSON.stringify(name)}): bad xattr ${JSON.stringify(k)}`);
+        throw new EstargzFormatError(`${entryAt(index, name)}: bad xattr ${JSON.stringify(k)}`);
       }
       xattrs[k] = v;
     }
     e.xattrs = xattrs;
   }
   return e;
+}
+
+function checkNumber(v: unknown, key: string, index: number, name: string): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) {
+    throw new EstargzFormatError(`${entryAt(index, name)}: "${key}" is not a non-negative integer`);
+  }
+  return v;
+}
+
+function checkString(v: unknown, key: string, index: number, name: string): string {
+  if (typeof v !== 'string') throw new EstargzFormatError(`${entryAt(index, name)}: "${key}" is not a string`);
+  return v;
+}
+
+/**
+ * `sha256:` and 64 lowercase hex digits. A regex, not a char loop: a TOC is parsed once per mount, in code not
+ * yet optimised, where the regex engine's compiled matcher beats an interpreted loop.
+ */
+const SHA256_DIGEST_RE = /^sha256:[0-9a-f]{64}$/;
+
+function isSha256Digest(v: string): boolean {
+  return SHA256_DIGEST_RE.test(v);
 }
 
 function isRecord(v: unknown): v is Record<string, unknown> {

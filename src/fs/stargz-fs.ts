@@ -12,7 +12,7 @@ import { DeferredBlobSource } from '../remote/deferred-blob-source';
 import type { Logger } from '../log';
 import { LayerMount, lazyUnmount } from '../fuse/layer-fuse';
 import { mountsUnder } from './mount-table';
-import { LayerBlob, withTail, type BlobTail } from './layer-blob';
+import { LayerBlob, RESOLVE_TAIL_BYTES, withTail, type BlobTail } from './layer-blob';
 import { buildLayerTree, type LayerNode } from '../metadata/layer-tree';
 import { LayerReader } from '../reader/chunk-reader';
 import type { BlobSource } from '../remote/blob-source';
@@ -67,6 +67,8 @@ interface ReadyLayer {
 /** Resolves a layer blob of an image in its registry. RegistryClient implements it. */
 export interface BlobResolver {
   resolveBlob(ref: string, digest: string, signal?: AbortSignal): Promise<BlobSource>;
+  /** resolveBlob that also reads the blob's last tailBytes in the same request when the host allows. */
+  resolveBlobTail?(ref: string, digest: string, tailBytes: number, signal?: AbortSignal): Promise<{ source: BlobSource; tail: BlobTail | undefined }>;
 }
 
 export interface StargazeFsOptions {
@@ -313,9 +315,14 @@ export class StargazeFileSystem implements RemoteFileSystem {
   /** Resolves a layer's blob and reads its TOC (not yet verified: the caller checks it against its labels). */
   private async readLayer(ref: string, digest: string, signal: AbortSignal): Promise<OpenedLayer> {
     const started = Date.now();
-    const blob = await this.options.registry.resolveBlob(ref, digest, signal);
+    const registry = this.options.registry;
+    // The footer and TOC come with the resolve when the registry serves suffix ranges: one round trip, not two.
+    const { source: blob, tail: fetchedTail } =
+      registry.resolveBlobTail !== undefined
+        ? await registry.resolveBlobTail(ref, digest, RESOLVE_TAIL_BYTES, signal)
+        : { source: await registry.resolveBlob(ref, digest, signal), tail: undefined };
     const resolvedMs = Date.now() - started;
-    const tailed = withTail(blob);
+    const tailed = withTail(blob, undefined, fetchedTail);
     const { toc, tocJson, tocDigest, tocOffset, compression } = await readToc(tailed, { signal });
     const tail = await tailed.tail();
     this.options.log.debug({ layer: digest, resolvedMs, tocMs: Date.now() - started - resolvedMs, tocBytes: blob.size - tocOffset }, 'blob resolved and TOC read');

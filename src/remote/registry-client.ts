@@ -9,6 +9,9 @@
  *      range reads go to (registry auth and custom headers are not sent to another origin).
  *   2. The size comes from that probe (Content-Range total on 206, Content-Length on 200) when it can, saving
  *      a round trip; otherwise HEAD on the final URL, then GET bytes=0-1 as the reference does.
+ *   resolveBlobTail() probes with a suffix range (`Range: bytes=-N`, after a redirect sent again to its target)
+ *   instead: the 206 tells the size and carries the blob's last N bytes (footer and TOC), so a mount needs one
+ *   round trip where it needed two (three after a redirect). Any other answer falls back to the steps above.
  * Range reads expect 206 with a matching Content-Range; a 200 (server ignored Range) is read only up to the
  * wanted slice and the rest of the connection is dropped, so a whole blob is never buffered. 403 on a
  * redirected URL (expired pre-signed URL), or 401 from storage on another origin, re-resolves once; 401 from
@@ -166,6 +169,39 @@ function parseContentRange(s: string | undefined): { start: number; end: number;
   return { start: Number(m[1]), end: Number(m[2]), total: m[3] === '*' ? undefined : Number(m[3]) };
 }
 
+/** Bytes [offset, offset + data.length) of a blob, its end. */
+export interface BlobTailBytes {
+  offset: number;
+  data: Buffer;
+}
+
+export interface ResolvedBlobTail {
+  source: BlobSource;
+  tail: BlobTailBytes | undefined;
+}
+
+/**
+ * A 206 answer to `Range: bytes=-N`: the size from its Content-Range total, and its bytes when they are the
+ * blob's end and no more than N. A Content-Range that says otherwise, or a body that breaks off, costs only
+ * the tail (the range reads fetch it again); no total at all leaves the size to sizeAt.
+ */
+async function readSuffixProbe(res: Dispatcher.ResponseData, tailBytes: number): Promise<{ size: number | undefined; tail?: BlobTailBytes }> {
+  const range = parseContentRange(firstHeader(res, 'content-range'));
+  const size = range?.total;
+  if (range === undefined || size === undefined || range.end !== size - 1 || range.start > range.end || range.end - range.start + 1 > tailBytes) {
+    await discard(res);
+    return { size };
+  }
+  const length = range.end - range.start + 1;
+  try {
+    const data = await readLimited(res, length, 'tail', '');
+    return data.length === length ? { size, tail: { offset: range.start, data } } : { size };
+  } catch {
+    res.body.destroy();
+    return { size };
+  }
+}
+
 /** Best effort: read a little of an unwanted body so the socket can be reused, else drop it. */
 async function discard(res: Dispatcher.ResponseData): Promise<void> {
   try {
@@ -290,16 +326,27 @@ export class RegistryClient {
 
   /** Resolves a layer blob of `ref` to a BlobSource serving ranges of it. */
   async resolveBlob(ref: string, digest: string, signal?: AbortSignal): Promise<BlobSource> {
+    return (await this.resolveBlobTail(ref, digest, 0, signal)).source;
+  }
+
+  /**
+   * resolveBlob, and the blob's last `tailBytes` bytes (fewer when the blob is smaller) read by the same
+   * request when the host serves suffix ranges; `tail` is undefined when it did not (or tailBytes is 0).
+   */
+  async resolveBlobTail(ref: string, digest: string, tailBytes: number, signal?: AbortSignal): Promise<ResolvedBlobTail> {
     const reference = parseReference(ref);
     validateDigest(digest, 'blob digest');
     const what = `blob ${digest} of ${reference.name}`;
     return this.tryEndpoints(reference, ['pull'], what, signal, async (endpoint) => {
       const blobUrl = this.objectUrl(endpoint, reference, 'blobs', digest);
-      const { location, size, rangesIgnored } = await this.locateBlob(endpoint, reference, blobUrl, what, signal);
-      this.log.debug({ host: endpoint.host, repository: reference.repository, digest, size, redirected: location.foreign }, 'blob resolved');
+      const { location, size, rangesIgnored, tail } = await this.locateBlob(endpoint, reference, blobUrl, what, signal, tailBytes);
+      this.log.debug(
+        { host: endpoint.host, repository: reference.repository, digest, size, redirected: location.foreign, tailBytes: tail?.data.length },
+        'blob resolved',
+      );
       const source = new RegistryBlobSource(this, reference, digest, size, location);
       source.rangesIgnored = rangesIgnored;
-      return source;
+      return { source, tail };
     });
   }
 
@@ -451,26 +498,29 @@ export class RegistryClient {
     );
   }
 
-  /** Probe + size, see the file comment. */
+  /** Probe + size, see the file comment. With tailBytes > 0 the probe is a suffix range whose bytes are kept. */
   async locateBlob(
     endpoint: RegistryEndpoint,
     reference: ImageReference,
     blobUrl: URL,
     what: string,
     signal: AbortSignal | undefined,
-  ): Promise<{ location: BlobLocation; size: number; rangesIgnored: boolean }> {
+    tailBytes = 0,
+  ): Promise<{ location: BlobLocation; size: number; rangesIgnored: boolean; tail?: BlobTailBytes }> {
     const deadline = new Deadline(signal, this.requestTimeoutMs);
     const where = `${what} at ${endpoint.host}`;
+    const range = tailBytes > 0 ? `bytes=-${tailBytes}` : 'bytes=0-1';
     try {
       const probe = await this.sendAuthorized(
         endpoint,
         reference,
         blobUrl,
-        { method: 'GET', headers: { range: 'bytes=0-1', 'accept-encoding': 'identity' }, signal: deadline.signal },
+        { method: 'GET', headers: { range, 'accept-encoding': 'identity' }, signal: deadline.signal },
         what,
       );
       let location: BlobLocation = { endpoint, blobUrl, url: blobUrl, foreign: false };
       let size: number | undefined;
+      let tail: BlobTailBytes | undefined;
       const status = probe.statusCode;
       if (isRedirect(status)) {
         const target = firstHeader(probe, 'location');
@@ -478,9 +528,20 @@ export class RegistryClient {
         if (target === undefined) throw new RegistryError(`${where}: redirect (${status}) without a Location`, status);
         const url = new URL(target, blobUrl);
         location = { endpoint, blobUrl, url, foreign: url.origin !== blobUrl.origin };
+        if (tailBytes > 0) {
+          // The suffix read at the target tells the size too: it replaces the HEAD below. Anything but a 206
+          // (a storage URL that refuses it) just leaves the size to sizeAt.
+          const atTarget = await this.sendTo(location, reference, { method: 'GET', headers: { range, 'accept-encoding': 'identity' }, signal: deadline.signal }, what);
+          if (atTarget.statusCode === 206) ({ size, tail } = await readSuffixProbe(atTarget, tailBytes));
+          else if (atTarget.statusCode === 200) atTarget.body.destroy(); // the whole blob: don't read it
+          else await discard(atTarget);
+        }
       } else if (status === 206) {
-        size = parseContentRange(firstHeader(probe, 'content-range'))?.total;
-        await discard(probe);
+        if (tailBytes > 0) ({ size, tail } = await readSuffixProbe(probe, tailBytes));
+        else {
+          size = parseContentRange(firstHeader(probe, 'content-range'))?.total;
+          await discard(probe);
+        }
       } else if (status === 200) {
         size = parseNonNegativeInt(firstHeader(probe, 'content-length'));
         // The server ignored Range and is sending the whole blob: don't read it.
@@ -493,7 +554,7 @@ export class RegistryClient {
         throw this.statusError(what, endpoint.host, status);
       }
       if (size === undefined) size = await this.sizeAt(location, reference, what, deadline.signal);
-      return { location, size, rangesIgnored: status === 200 };
+      return { location, size, rangesIgnored: status === 200, tail };
     } catch (err) {
       throw deadline.error(err, where);
     } finally {

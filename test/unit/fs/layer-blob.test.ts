@@ -33,6 +33,18 @@ test('withTail: footer and a TOC inside the tail cost one read', async () => {
   assert.deepEqual(blob.reads, [[blob.size - tail, tail]]);
 });
 
+test('withTail: a tail that came with the resolve is used as is, and handed on', async () => {
+  const blob = memoryBlob(1024 * 1024);
+  const fetched = { offset: blob.size - 8000, data: Buffer.from(blob.data.subarray(blob.size - 8000)) };
+  const t = withTail(blob, undefined, fetched);
+  assert.deepEqual(await t.readRange(blob.size - 51, 51), blob.data.subarray(blob.size - 51));
+  assert.deepEqual(blob.reads, [], 'no request for bytes the resolve brought');
+  const toc = await t.readRange(blob.size - 9000, 9000 - 51);
+  assert.deepEqual(toc, blob.data.subarray(blob.size - 9000, blob.size - 51));
+  assert.deepEqual(blob.reads, [[blob.size - 9000, 1000]], 'only what lies before the tail');
+  assert.deepEqual(await t.tail(), fetched);
+});
+
 test('withTail: a TOC larger than the tail reads only what the tail lacks', async () => {
   const blob = memoryBlob(1024 * 1024);
   const t = withTail(blob, 1000);

@@ -163,6 +163,58 @@ describe('registry client: plain registry', () => {
     }
   });
 
+  it('resolveBlobTail: one suffix-range request tells the size and brings the tail', async () => {
+    const proxy = await startFakeServer((req, res) => forward(req, res, reg.host));
+    fakes.push(proxy);
+    const c = new RegistryClient({});
+    try {
+      const { source, tail } = await c.resolveBlobTail(`${proxy.host}/${REPO}`, digest, 10_000);
+      assert.equal(source.size, data.length);
+      assert.deepEqual(
+        proxy.requests.filter((r) => r.url.includes('/blobs/')).map((r) => [r.method, r.range]),
+        [['GET', 'bytes=-10000']],
+        'no HEAD, no size probe',
+      );
+      assert.equal(tail?.offset, data.length - 10_000);
+      assert.ok(tail?.data.equals(data.subarray(data.length - 10_000)));
+      assert.ok((await source.readRange(100, 50)).equals(data.subarray(100, 150)));
+      // A suffix longer than the blob is the whole blob.
+      const whole = await c.resolveBlobTail(`${proxy.host}/${REPO}`, digest, data.length * 2);
+      assert.equal(whole.tail?.offset, 0);
+      assert.ok(whole.tail?.data.equals(data));
+    } finally {
+      await c.close();
+    }
+  });
+
+  it('resolveBlobTail: after a redirect the suffix read goes to the target; a server ignoring Range gives no tail', async () => {
+    const storage = await startFakeServer((req, res) => forward(req, res, reg.host));
+    fakes.push(storage);
+    const front = await startFakeServer((req, res) => {
+      res.writeHead(307, { location: `http://${storage.host}${(req.url ?? '').replace(/\?.*$/, '')}` });
+      res.end();
+    });
+    fakes.push(front);
+    const ignoring = await startFakeServer((req, res) => forward(req, res, reg.host, (h) => delete h.range));
+    fakes.push(ignoring);
+    const c = new RegistryClient({});
+    try {
+      const redirected = await c.resolveBlobTail(`${front.host}/${REPO}`, digest, 4096);
+      assert.equal(redirected.source.size, data.length);
+      assert.ok(redirected.tail?.data.equals(data.subarray(data.length - 4096)));
+      assert.equal(front.requests.length, 1);
+      assert.deepEqual(storage.requests.map((r) => [r.method, r.range]), [['GET', 'bytes=-4096']], 'the suffix read replaces the HEAD');
+      assert.ok((await redirected.source.readRange(7, 7)).equals(data.subarray(7, 14)));
+
+      const plain = await c.resolveBlobTail(`${ignoring.host}/${REPO}`, digest, 4096);
+      assert.equal(plain.source.size, data.length);
+      assert.equal(plain.tail, undefined);
+      assert.ok((await plain.source.readRange(data.length - 5, 5)).equals(data.subarray(data.length - 5)));
+    } finally {
+      await c.close();
+    }
+  });
+
   it('follows a redirect to storage once and reads ranges from the final URL', async () => {
     const front = await startFakeServer((req, res) => {
       if (req.url?.includes('/blobs/')) {
