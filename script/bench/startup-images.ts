@@ -22,10 +22,9 @@ import { createHash } from 'node:crypto';
 import { createReadStream, createWriteStream, existsSync, readFileSync } from 'node:fs';
 import { lstat, mkdir, readdir, readFile, readlink, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createGzip } from 'node:zlib';
-import { run } from '../../test/e2e/harness';
+import { hashingTap, run } from '../../test/e2e/harness';
 
 export interface ImageSpec {
   name: string;
@@ -193,19 +192,6 @@ async function overlayToOci(upper: string): Promise<void> {
   for (const m of r.stdout.matchAll(/^# file: (.*)\ntrusted\.overlay\.opaque="y"/gm)) {
     await writeFile(path.join(m[1]!, '.wh..wh..opq'), '');
   }
-}
-
-function hashingTap(): { tap: Transform; result: () => { digest: string; size: number } } {
-  const h = createHash('sha256');
-  let size = 0;
-  const tap = new Transform({
-    transform(chunk: Buffer, _enc, cb) {
-      h.update(chunk);
-      size += chunk.length;
-      cb(null, chunk);
-    },
-  });
-  return { tap, result: () => ({ digest: `sha256:${h.digest('hex')}`, size }) };
 }
 
 /** tar (posix, sorted, numeric owners, no xattrs: overlay's trusted.* must not leak) + gzip into the layout. */

@@ -36,7 +36,7 @@ export {
   type LogEntry,
   type StargazeDaemon,
 } from './daemon';
-export { DEFAULT_MTIME_SEC, materializeEntries, packLayer, type EntrySpec, type FileContent, type LayerBlob, type LayerSpec } from './rootfs';
+export { DEFAULT_MTIME_SEC, hashingTap, materializeEntries, packLayer, type EntrySpec, type FileContent, type LayerBlob, type LayerSpec } from './rootfs';
 export {
   ANNOTATION_TOC_DIGEST,
   ANNOTATION_UNCOMPRESSED_SIZE,

@@ -207,7 +207,7 @@ function byteOrder(a: string, b: string): number {
 }
 
 /** Counts and hashes what flows through. */
-function hashingTap(): { tap: Transform; result: () => { digest: string; size: number } } {
+export function hashingTap(): { tap: Transform; result: () => { digest: string; size: number } } {
   const hash = createHash('sha256');
   let size = 0;
   const tap = new Transform({
