@@ -10,6 +10,7 @@
  */
 import { createHash, type Hash } from 'node:crypto';
 import { createGunzip } from 'node:zlib';
+import { VerificationError } from '../errors';
 
 /** The hash of the uncompressed stream of blob bytes [0, offset), to continue from `offset`. */
 export interface DiffResume {
@@ -53,18 +54,32 @@ export async function hashGzipHead(head: Buffer): Promise<DiffResume> {
 function gunzipInto(hash: Hash): { write(data: Buffer): Promise<void>; finish(): Promise<void> } {
   const gunzip = createGunzip();
   gunzip.on('data', (d: Buffer) => hash.update(d));
+  let written = 0;
+  let finishing = false;
   const inflated = new Promise<void>((resolve, reject) => {
     gunzip.once('end', resolve);
     gunzip.once('error', reject);
   });
-  inflated.catch(() => undefined); // seen by finish(); a write after an error fails on its own
+  inflated.catch(() => undefined); // seen by finish() or the write that waits on it
+  // gunzip ends quietly where a member is followed by garbage (a zero byte, say): the rest of the blob would
+  // then be hashed by nobody, and a forged tail could pass the chainID check. Every byte must be consumed.
+  const endedEarly = inflated.then(() => {
+    if (!finishing) throw new VerificationError(`the layer's gzip stream ended after ${gunzip.bytesWritten} of the bytes written to it`);
+  });
+  endedEarly.catch(() => undefined);
   return {
     async write(data) {
-      if (!gunzip.write(data)) await new Promise((r) => gunzip.once('drain', r));
+      written += data.length;
+      // Never wait for a 'drain' that cannot come once the stream has ended or failed.
+      if (!gunzip.write(data)) await Promise.race([new Promise((r) => gunzip.once('drain', r)), endedEarly]);
     },
     async finish() {
+      finishing = true;
       gunzip.end();
       await inflated;
+      if (gunzip.bytesWritten !== written) {
+        throw new VerificationError(`the layer's gzip stream ends after ${gunzip.bytesWritten} of ${written} bytes: the rest is not gzip`);
+      }
     },
   };
 }
