@@ -94,7 +94,11 @@ export class DiskChunkCache {
     }
     found.sort((a, b) => a.mtimeMs - b.mtimeMs);
     for (const f of found) cache.index.set(f.hex, { size: f.size, touchedMs: f.mtimeMs });
-    options.budget?.restore(found.map((f) => ({ key: f.hex, bytes: f.size, lastUsedMs: f.mtimeMs, evict: () => cache.evictForBudget(f.hex) })));
+    // A file bigger than the whole cap (disk_max_bytes lowered since) is not kept by the index: delete it,
+    // as nothing would count it; the budget restores only what the index kept.
+    const kept = found.filter((f) => cache.index.has(f.hex));
+    for (const f of found) if (!cache.index.has(f.hex)) await rm(cache.file(f.hex), { force: true });
+    options.budget?.restore(kept.map((f) => ({ key: f.hex, bytes: f.size, lastUsedMs: f.mtimeMs, evict: () => cache.evictForBudget(f.hex) })));
     options.log.info({ dir: options.dir, chunks: cache.index.size, bytes: cache.index.calculatedSize }, 'disk chunk cache opened');
     return cache;
   }
@@ -108,8 +112,11 @@ export class DiskChunkCache {
     return hex !== undefined && this.index.has(hex);
   }
 
-  /** The chunk's bytes, verified against `digest`; undefined on a miss (also for a dropped corrupt file). */
-  async get(digest: string): Promise<Buffer | undefined> {
+  /**
+   * The chunk's bytes, verified against `digest`; undefined on a miss (also for a dropped corrupt file). With
+   * `expectedSize`, a file of another size is dropped before anything is allocated or read for it.
+   */
+  async get(digest: string, expectedSize?: number): Promise<Buffer | undefined> {
     const hex = hexOf(digest);
     const entry = hex === undefined ? undefined : this.index.get(hex);
     if (hex === undefined || entry === undefined) {
@@ -117,12 +124,15 @@ export class DiskChunkCache {
       return undefined;
     }
     let data: Buffer | undefined;
-    try {
-      data = await readExactly(this.file(hex), entry.size);
-    } catch {
-      this.index.delete(hex);
-      this.stats.misses++;
-      return undefined;
+    // A digest fixes the size: a file of another size is corrupt, and is not even read.
+    if (expectedSize === undefined || entry.size === expectedSize) {
+      try {
+        data = await readExactly(this.file(hex), entry.size);
+      } catch {
+        this.index.delete(hex);
+        this.stats.misses++;
+        return undefined;
+      }
     }
     // A file cut short or grown is as corrupt as one with flipped bits.
     if (data === undefined || (await sha256Hex(data)) !== hex) {
@@ -185,8 +195,8 @@ export class DiskChunkCache {
 
   /** The shared budget evicts a chunk the way this cache's own LRU would. */
   private evictForBudget(hex: string): void {
-    if (!this.index.delete(hex)) return;
-    this.stats.evictions++;
+    if (this.index.delete(hex)) this.stats.evictions++;
+    // The file goes even when the index no longer knows it: nothing else would ever count or delete it.
     void rm(this.file(hex), { force: true });
   }
 

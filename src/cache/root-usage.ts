@@ -59,7 +59,9 @@ export async function untrackedBytes(options: RootUsageOptions): Promise<number>
       const st = await lstat(p, { bigint: true }).catch(() => undefined);
       if (st === undefined || st.dev !== rootStat.dev) continue;
       count(st);
-      if (st.isDirectory()) stack.push(p);
+      // Below a cache's own dir everything is its entries (the shard dirs' blocks are counted just above):
+      // listing its thousands of chunk files every scan would count nothing.
+      if (st.isDirectory() && !filesTracked) stack.push(p);
     }
   }
   return Number(total);

@@ -34,8 +34,8 @@ const PREFETCH_INFLATE_CONCURRENCY = 4;
 /** A second cache level below memory, keyed by chunk digest (DiskChunkCache). */
 export interface ChunkStore {
   has(digest: string): boolean;
-  /** Verified bytes, or undefined on a miss. */
-  get(digest: string): Promise<Buffer | undefined>;
+  /** Verified bytes, or undefined (a miss, or a stored file that is not `expectedSize` bytes long). */
+  get(digest: string, expectedSize: number): Promise<Buffer | undefined>;
   /** Stores bytes already verified against `digest`; never rejects. */
   put(digest: string, data: Buffer): Promise<void>;
 }
@@ -186,14 +186,7 @@ export class LayerReader {
       if (this.has(key)) continue;
       if (c.digest === undefined || c.size > MAX_CHUNK_BYTES || !disk.has(c.digest)) break;
       this.stats.readAheadChunks++;
-      const p = this.fetch(c)
-        .then((data) => {
-          cache.set(key, data);
-          return data;
-        })
-        .finally(() => this.inflight.delete(key));
-      p.catch(() => undefined); // a reader that joins it sees the error
-      this.inflight.set(key, p);
+      this.chunk(c).catch(() => undefined); // a reader that joins it sees the error
     }
   }
 
@@ -317,8 +310,8 @@ export class LayerReader {
   private async fetch(c: ChunkInfo): Promise<Buffer> {
     this.checkChunk(c);
     if (this.disk !== undefined && c.digest !== undefined && this.disk.has(c.digest)) {
-      const local = await this.disk.get(c.digest);
-      if (local !== undefined && local.length === c.size) {
+      const local = await this.disk.get(c.digest, c.size);
+      if (local !== undefined) {
         this.stats.diskHits++;
         return local;
       }

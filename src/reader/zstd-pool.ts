@@ -107,7 +107,8 @@ export class ZstdPool {
 
   /** zstdRange's result, decoded in a worker thread when the output is big enough to be worth it. */
   range(member: Buffer, skip: number, length: number, maxFrameOutput = DEFAULT_MAX_FRAME_OUTPUT_BYTES): Promise<Buffer> {
-    if (length <= INLINE_MAX_BYTES) return zstdRange(member, skip, length, maxFrameOutput);
+    // The frames are decoded up to skip + length: a small file deep inside a frame is not a small decode.
+    if (skip + length <= INLINE_MAX_BYTES) return zstdRange(member, skip, length, maxFrameOutput);
     return this.worker().run({ id: this.nextId++, kind: 'range', member: ownCopy(member), skip, length, maxFrameOutput });
   }
 

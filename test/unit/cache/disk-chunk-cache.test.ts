@@ -118,3 +118,29 @@ test('a full disk degrades to no caching without failing', { skip: process.getui
   await cache.put(small.digest, small.data);
   assert.deepEqual(await cache.get(small.digest), small.data);
 });
+
+test('a file whose size differs from what the TOC says is dropped before it is read', async (t) => {
+  const dir = await tmpDir(t);
+  const a = chunk('a', 4096);
+  const cache = await DiskChunkCache.open({ dir, maxBytes: 1 << 20, log: quiet });
+  await cache.put(a.digest, a.data);
+  assert.equal(await cache.get(a.digest, 4095), undefined);
+  assert.equal(cache.stats.corrupt, 1);
+  assert.equal(cache.has(a.digest), false);
+  const hex = a.digest.slice('sha256:'.length);
+  assert.deepEqual(await readdir(path.join(dir, hex.slice(0, 2))), []);
+});
+
+test('a file bigger than a lowered cap is deleted, not left on disk uncounted', async (t) => {
+  const dir = await tmpDir(t);
+  const big = chunk('a', 8192);
+  let cache = await DiskChunkCache.open({ dir, maxBytes: 1 << 20, log: quiet });
+  await cache.put(big.digest, big.data);
+  const restored: string[] = [];
+  const budget = { restore: (entries: { key: string }[]) => restored.push(...entries.map((e) => e.key)) };
+  cache = await DiskChunkCache.open({ dir, maxBytes: 4096, log: quiet, budget: budget as never });
+  assert.equal(cache.has(big.digest), false);
+  assert.deepEqual(restored, []);
+  const hex = big.digest.slice('sha256:'.length);
+  assert.deepEqual(await readdir(path.join(dir, hex.slice(0, 2))), []);
+});
