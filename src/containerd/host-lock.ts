@@ -29,7 +29,8 @@ export interface HostLockOptions {
   onWait?: () => void;
 }
 
-function socketName(name: string): string {
+/** The abstract socket address behind lock `name` (exported for tests that play a hostile holder). */
+export function socketName(name: string): string {
   return NAME_PREFIX + createHash('sha256').update(name).digest('hex').slice(0, NAME_HASH_CHARS);
 }
 
@@ -71,17 +72,28 @@ export function tryHostLock(name: string): Promise<ReleaseHostLock | undefined> 
  */
 export function waitForHostLockRelease(name: string, maxWaitMs: number, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
+    const started = Date.now();
     const conn = net.connect({ path: socketName(name) });
+    let settled = false;
     const done = (): void => {
       clearTimeout(timer);
       signal?.removeEventListener('abort', done);
       conn.destroy();
       resolve();
     };
-    const timer = setTimeout(done, maxWaitMs);
+    let timer = setTimeout(done, maxWaitMs);
+    // A holder that closes at once (an older stargaze, or whoever bound the name) must not turn the
+    // callers' retry loops into a busy spin: the connection ending wakes them no sooner than a poll would.
+    const ended = (): void => {
+      if (settled) return;
+      settled = true;
+      conn.destroy();
+      clearTimeout(timer);
+      timer = setTimeout(done, Math.max(0, started + Math.min(maxWaitMs, HOST_LOCK_POLL_MS) - Date.now()));
+    };
     signal?.addEventListener('abort', done, { once: true });
-    conn.on('error', done);
-    conn.on('close', done);
+    conn.on('error', ended);
+    conn.on('close', ended);
     conn.on('data', () => undefined);
   });
 }

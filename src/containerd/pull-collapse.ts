@@ -18,6 +18,8 @@ import { tryHostLock, waitForHostLockRelease, type ReleaseHostLock } from './hos
 
 /** Longest a waiter sleeps between looks at the lock (a release wakes it earlier). */
 const WAIT_SLICE_MS = 1_000;
+/** The longest a pull waits for another's result before it pulls on its own. */
+const MAX_JOIN_WAIT_MS = 120_000;
 const RESULT_DIR_MODE = 0o700;
 
 /** What a waiter needs to report the pull as its own. */
@@ -123,5 +125,7 @@ export async function joinOrLead(key: string, opts: { signal?: AbortSignal; resu
     await waitForHostLockRelease(lockName, WAIT_SLICE_MS, opts.signal);
     const result = await readFresh(file, since);
     if (result !== undefined) return { kind: 'joined', result, waitedMs: Date.now() - since };
+    // Anyone on the host can hold the lock's name: past this, pull without the leader (correct, just not shared).
+    if (Date.now() - since > MAX_JOIN_WAIT_MS) return noop;
   }
 }
