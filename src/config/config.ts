@@ -336,10 +336,18 @@ function parseResolverHosts(value: unknown, source: string): Record<string, Reso
           for (const [hk, hv] of Object.entries(mv)) {
             const ok = typeof hv === 'string' || (Array.isArray(hv) && hv.every((x) => typeof x === 'string'));
             if (!ok) throw new ConfigError(`${source}: ${path}.${keyPath([hk])} must be a string or an array of strings, got ${describe(hv)}`);
+            // CR, LF and other controls would split the request's header block: refuse them here, not per request.
+            if ((typeof hv === 'string' ? [hv] : (hv as string[])).some((x) => /[\u0000-\u001f\u007f]/.test(x))) {
+              throw new ConfigError(`${source}: ${path}.${keyPath([hk])} holds a control character`);
+            }
             headers[hk.toLowerCase()] = typeof hv === 'string' ? [hv] : (hv as string[]);
           }
         }
         if (typeof mirror.host !== 'string' || mirror.host === '') throw new ConfigError(`${source}: ${mpath}.host must be set`);
+        // The reference's key is a bare host[:port]; `https://m.example` or a path would make a nonsense URL.
+        if (!/^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$/.test(mirror.host)) {
+          throw new ConfigError(`${source}: ${mpath}.host must be host[:port] (no scheme, path or user), got ${JSON.stringify(mirror.host)}`);
+        }
         return {
           host: mirror.host,
           insecure: mirror.insecure === true,

@@ -285,16 +285,23 @@ function stringList(v: unknown, fail: () => Error): string[] {
   throw fail();
 }
 
-/** containerd accepts `client = "a.pem"`, `client = ["a.pem"]`, `client = [["a.cert", "a.key"]]`. */
+/**
+ * containerd accepts `client = "a.pem"`, `client = ["a.pem"]`, `client = [["a.cert", "a.key"]]`, and an empty
+ * key (`[["a.pem", ""]]`, its hosts.md example) for a PEM file holding both.
+ */
 function parseClient(v: unknown, fail: () => Error, baseDir: string): RegistryEndpoint['clientCerts'] {
   if (v === undefined) return [];
-  if (typeof v === 'string') return [{ certFile: absolute(v, baseDir), keyFile: undefined }];
+  const cert = (file: string): string => {
+    if (file === '') throw fail();
+    return absolute(file, baseDir);
+  };
+  if (typeof v === 'string') return [{ certFile: cert(v), keyFile: undefined }];
   if (!Array.isArray(v)) throw fail();
   return v.map((item: unknown) => {
-    if (typeof item === 'string') return { certFile: absolute(item, baseDir), keyFile: undefined };
+    if (typeof item === 'string') return { certFile: cert(item), keyFile: undefined };
     if (Array.isArray(item) && item.length >= 1 && item.length <= 2 && item.every((x): x is string => typeof x === 'string')) {
-      const [cert, key] = item as string[];
-      return { certFile: absolute(cert as string, baseDir), keyFile: key === undefined ? undefined : absolute(key, baseDir) };
+      const [certFile, key] = item as string[];
+      return { certFile: cert(certFile as string), keyFile: key === undefined || key === '' ? undefined : absolute(key, baseDir) };
     }
     throw fail();
   });

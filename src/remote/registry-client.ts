@@ -166,7 +166,13 @@ function parseContentRange(s: string | undefined): { start: number; end: number;
   if (s === undefined) return undefined;
   const m = /^bytes\s+(\d+)-(\d+)\/(\d+|\*)$/i.exec(s.trim());
   if (m === null) return undefined;
-  return { start: Number(m[1]), end: Number(m[2]), total: m[3] === '*' ? undefined : Number(m[3]) };
+  const start = Number(m[1]);
+  const end = Number(m[2]);
+  const total = m[3] === '*' ? undefined : Number(m[3]);
+  // A hostile or broken server's numbers never become sizes or offsets: past 2^53 they are not exact.
+  if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start > end) return undefined;
+  if (total !== undefined && (!Number.isSafeInteger(total) || end >= total)) return undefined;
+  return { start, end, total };
 }
 
 /** Bytes [offset, offset + data.length) of a blob, its end. */

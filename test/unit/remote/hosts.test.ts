@@ -100,7 +100,12 @@ server = "https://registry-1.docker.io"
     ['[host."https://m"]\nheader = { a = 1 }', /header\.a: must be a string/],
     ['[host."https://m"]\nca = 3', /ca: must be a path/],
     ['this is not toml', /invalid TOML/],
+    ['[host."https://m"]\nclient = [["", "k.key"]]', /client/],
   ];
+  it('an empty client key means the cert file holds the key too (containerd hosts.md example)', () => {
+    const hosts = parseHostsToml('[host."https://m"]\nclient = [["/etc/certs/client.pem", ""]]', opts);
+    assert.deepEqual(hosts.endpoints[0]?.clientCerts, [{ certFile: '/etc/certs/client.pem', keyFile: undefined }]);
+  });
   for (const [text, re] of bad) {
     it(`rejects ${JSON.stringify(text)}`, () => {
       assert.throws(() => parseHostsToml(text, opts), (err: unknown) => err instanceof ConfigError && re.test(err.message));
