@@ -44,8 +44,16 @@ export class BoundedLogFile {
     currentSize: number,
   ) {
     // Asynchronous writes: a log line must never block a FUSE callback on the main thread.
-    this.dest = pino.destination({ dest: path, sync: false, mkdir: true });
+    this.dest = pino.destination({ dest: path, sync: false, mkdir: true, mode: 0o600 });
     this.written = currentSize;
+    // The last lines before an exit (a fatal error) are the ones worth having.
+    process.once('exit', () => {
+      try {
+        this.dest.flushSync();
+      } catch {
+        // not open yet, or the disk is full: nothing more to do on the way out
+      }
+    });
   }
 
   write(line: string): boolean {

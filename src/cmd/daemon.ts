@@ -177,7 +177,9 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
   const logFile = path.join(dir, 'fuse-server.log');
   const client = new FuseServerClient({
     socketPath,
-    logFile,
+    // Its stdout and stderr: what it prints before its logger exists, and a crash's stack trace. Kept apart
+    // from the rotated log, so a rotation never sends them into a deleted file.
+    logFile: path.join(dir, 'fuse-server.stderr'),
     serverArgv: [
       path.resolve(process.argv[1] ?? 'stargaze'),
       'fuse-server',
@@ -189,8 +191,7 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
       '--config', setup.configPath,
       ...(setup.configExplicit ? [] : ['--config-optional']),
       '--log-level', setup.logLevel,
-      // The server writes its log lines to this file itself, bounded in size; its stdout and stderr
-      // (a crash's stack trace) are appended to the same file by the spawn.
+      // The server writes its log lines to this file itself, bounded in size.
       '--log-file', logFile,
       ...(setup.keychains.criKeychainDir ? ['--cri-keychain-dir', setup.keychains.criKeychainDir] : []),
       ...(setup.keychains.kubeconfigPath ? ['--kubeconfig', setup.keychains.kubeconfigPath] : []),
