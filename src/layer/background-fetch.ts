@@ -57,7 +57,16 @@ export async function backgroundFetch(options: BackgroundFetchOptions): Promise<
   const windowBytes = options.windowBytes ?? DEFAULT_WINDOW_BYTES;
   const chunks = [...options.chunks].sort((a, b) => a.compressedOffset - b.compressedOffset);
 
-  const resume = options.compression !== 'zstd' && options.resume !== undefined && options.resume.offset <= blob.size ? options.resume : undefined;
+  // The head is skipped only while every chunk in it is still local: prefetch's disk writes can fail (a full
+  // disk) or be evicted since, and a layer must end up wholly local. Else the pass starts from 0 again.
+  const offered = options.resume;
+  const resume =
+    options.compression !== 'zstd' &&
+    offered !== undefined &&
+    offered.offset <= blob.size &&
+    chunks.every((c) => c.compressedOffset >= offered.offset || options.isCached(c))
+      ? offered
+      : undefined;
   const diff = options.compression === 'zstd' ? zstdDiff() : gzipDiff(resume?.hash);
   const startOffset = resume?.offset ?? 0;
 

@@ -104,7 +104,7 @@ test('resumes from the hash of a head that ends on a member boundary: same diff_
     chunks,
     resume,
     windowBytes: 10_000,
-    isCached: () => false,
+    isCached: (c) => c.compressedOffset < cut, // prefetch stored the head's chunks
     isBusy: () => false,
     async onMember(c) {
       handed.push(c.compressedOffset);
@@ -115,6 +115,28 @@ test('resumes from the hash of a head that ends on a member boundary: same diff_
   assert.equal(result.fetchedBytes, blob.size - cut);
   assert.ok(counting.reads.every((r) => r.offset >= cut), 'nothing before the head’s end is read again');
   assert.deepEqual(handed, chunks.filter((c) => c.compressedOffset >= cut).map((c) => c.compressedOffset));
+});
+
+test('a head whose chunks are no longer all local is fetched again, so the layer ends up wholly local', async () => {
+  const { blob, diffId } = await layer();
+  const { toc, tocOffset } = await readToc(blob);
+  const chunks = buildLayerTree(toc, { blobSize: blob.size, tocOffset }).chunksInBlobOrder();
+  const cut = chunks[Math.floor(chunks.length / 2)]!.compressedEnd;
+  const lost = chunks[0]!; // its disk write failed, or the budget evicted it
+  const handed: number[] = [];
+  const result = await backgroundFetch({
+    blob,
+    chunks,
+    resume: await hashGzipHead(await blob.readRange(0, cut)),
+    isCached: (c) => c.compressedOffset < cut && c !== lost,
+    isBusy: () => false,
+    async onMember(c) {
+      handed.push(c.compressedOffset);
+    },
+  });
+  assert.equal(result.diffId, diffId);
+  assert.equal(result.startOffset, 0);
+  assert.ok(handed.includes(lost.compressedOffset), 'the lost chunk is fetched and stored again');
 });
 
 test('a head cut inside a member is refused (the caller falls back to a full pass)', async () => {
