@@ -392,13 +392,14 @@ export class Snapshotter {
     // No availability check of the remote ancestors yet (as the reference): a layer's check waits for its
     // prefetch, and a pull Prepares each layer on the one before, so every layer would wait for the prefetch
     // of its parent. Only the fallback to a normal snapshot, whose mounts are used at once, checks them.
-    const { mounts, id } = await this.createSnapshotWithId('active', key, parent, labels, { checkAncestors: false });
-    const fields = { key, parent };
     const source = layerSourceFromLabels(labels);
+    const normal = this.fs === undefined || source === undefined;
+    // A normal snapshot checks its ancestors before anything is created, as any Prepare does.
+    const { mounts, id } = await this.createSnapshotWithId('active', key, parent, labels, { checkAncestors: normal });
+    const fields = { key, parent };
     if (this.fs === undefined || source === undefined) {
       const reason = this.fs === undefined ? 'no remote filesystem configured' : 'labels do not describe a remote layer';
       this.log.info({ ...fields, [REMOTE_SNAPSHOT_LOG_KEY]: 'false', reason }, 'prepared a normal snapshot');
-      await this.checkAncestors(this.store.chain(parent));
       return mounts;
     }
     try {
@@ -408,7 +409,13 @@ export class Snapshotter {
         { ...fields, [REMOTE_SNAPSHOT_LOG_KEY]: 'false', reason: errorMessage(err) },
         'failed to prepare remote snapshot; falling back to a normal pull',
       );
-      await this.checkAncestors(this.store.chain(parent));
+      try {
+        await this.checkAncestors(this.store.chain(parent));
+      } catch (checkErr) {
+        // Its mounts would not work: the snapshot just made is not left behind.
+        await this.remove(key).catch(() => undefined);
+        throw checkErr;
+      }
       return mounts;
     }
     try {
