@@ -305,7 +305,8 @@ export class StargazeFileSystem implements RemoteFileSystem {
     // The cache records no compression: zstd:chunked TOCs are not cached (their layers always read the TOC).
     // The mount does not wait for the write (it only spares a later mount the registry); close() does.
     if (source.tocDigest === tocDigest && compression === 'gzip' && this.options.tocCache !== undefined) {
-      const saving = this.options.tocCache.save(source.digest, { blobSize: blob.size, tocOffset, tocJson });
+      // save() logs its own failures; a rejection here must not become an unhandled one.
+      const saving = this.options.tocCache.save(source.digest, { blobSize: blob.size, tocOffset, tocJson }).catch(() => undefined);
       this.tocSaves.add(saving);
       void saving.finally(() => this.tocSaves.delete(saving));
     }
