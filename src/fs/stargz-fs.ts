@@ -60,8 +60,8 @@ interface ReadyLayer {
   /** Settles when prefetch ends: true when it completed. */
   prefetched: Promise<boolean>;
   verify: boolean;
-  /** The prefetched blob head for background fetch, once. */
-  takeHead(): Buffer | undefined;
+  /** The diff hash of the prefetched head, once (a running hash continues one pass); undefined: a full pass. */
+  takeHeadHash(): Promise<DiffResume | undefined>;
 }
 
 /** Resolves a layer blob of an image in its registry. RegistryClient implements it. */
@@ -179,11 +179,10 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const stop = new AbortController();
     if (!this.options.config.noBackgroundFetch) {
       // After prefetch, so what the image marked as needed first is never queued behind the rest.
-      void prefetched.then((ok) => {
-        const head = ready.takeHead();
-        // hashed now, while the job may wait in the queue: only the hash state waits
-        const resume = ok && head !== undefined ? this.hashHead(head, layerLog) : Promise.resolve(undefined);
-        this.enqueueBackground(() => this.fetchInBackground({ source, parent, blob, tree, reader, mount, log: layerLog, signal: stop.signal, resume }));
+      void prefetched.then(() => {
+        this.enqueueBackground(() =>
+          this.fetchInBackground({ source, parent, blob, tree, reader, mount, log: layerLog, signal: stop.signal, resume: ready.takeHeadHash() }),
+        );
       });
     }
     // Its TOC stays on disk while it is mounted: a restarted FUSE server mounts it again from there.
@@ -446,8 +445,8 @@ export class StargazeFileSystem implements RemoteFileSystem {
 
   /**
    * The layer's tree and reader, with its prefetch started (it needs no mount: reads of the mount join it).
-   * Background fetch later takes the prefetched head (gzip members only: a zstd:chunked pass starts at 0)
-   * and hashes it rather than downloading it again.
+   * The prefetched head (gzip members only: a zstd:chunked pass starts at 0) is hashed when prefetch ends,
+   * and background fetch continues from that hash rather than downloading the head again.
    */
   private makeReady(opened: OpenedLayer | Omit<OpenedLayer, 'tocJson' | 'tocDigest'>, labelBytes: number | undefined, verify: boolean, digest: string, log: Logger): ReadyLayer {
     const tree = buildLayerTree(opened.toc, { blobSize: opened.blob.size, tocOffset: opened.tocOffset });
@@ -467,19 +466,19 @@ export class StargazeFileSystem implements RemoteFileSystem {
     let head: Buffer | undefined;
     const keepHead = !this.options.config.noBackgroundFetch && reader.compression === 'gzip';
     const prefetched = this.startPrefetch(digest, prefetchBytes, reader, log, keepHead ? (h) => (head = h) : undefined);
-    return {
-      tree,
-      blob,
-      reader,
-      prefetchBytes,
-      prefetched,
-      verify,
-      takeHead: () => {
-        const h = head;
-        head = undefined;
-        return h;
-      },
+    // Hashed as soon as prefetch ends, so only the hash state waits for the mount and the background queue,
+    // not the head itself (tens of MiB for a layer opened ahead of its mount).
+    let headHash: Promise<DiffResume | undefined> | undefined = prefetched.then((ok) => {
+      const h = head;
+      head = undefined;
+      return ok && h !== undefined ? this.hashHead(h, log) : undefined;
+    });
+    const takeHeadHash = (): Promise<DiffResume | undefined> => {
+      const taken = headHash ?? Promise.resolve(undefined);
+      headHash = undefined;
+      return taken;
     };
+    return { tree, blob, reader, prefetchBytes, prefetched, verify, takeHeadHash };
   }
 
 
