@@ -15,6 +15,7 @@ export type ErrorCode =
   | 'ERR_REGISTRY_AUTH'
   | 'ERR_CONFIG'
   | 'ERR_USAGE'
+  | 'ERR_LOCAL_COPY'
   | 'ERR_INTERNAL';
 
 export class StargazeError extends Error {
@@ -94,6 +95,13 @@ export class ConfigError extends StargazeError {
 export class UsageError extends StargazeError {
   constructor(message: string) {
     super('ERR_USAGE', message);
+  }
+}
+
+/** A fully fetched layer could not be copied to local disk; it stays served through FUSE. */
+export class LocalCopyError extends StargazeError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ERR_LOCAL_COPY', message, options);
   }
 }
 

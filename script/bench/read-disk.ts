@@ -11,6 +11,9 @@
  * The blob source counts its reads, so the "disk only" number provably fetched nothing from the blob.
  * Reads are done by `dd` in a child process (this process serves the mount).
  *
+ * Third arm, "local copy": the fully fetched layer copied out of its mount (layer/local-copy.ts) and used as an
+ * overlay lower dir, which is what the snapshotter gives containers created after a layer is fully fetched.
+ *
  * Knobs: BENCH_FILE_MIB (default 256), BENCH_SAMPLES (default 3), BENCH_MEMORY_CACHE_MIB (default 8: two
  * 4 MiB chunks, so one FUSE 128 KiB read after another does not go to disk for the same chunk again).
  */
@@ -20,6 +23,7 @@ import os from 'node:os';
 import path from 'node:path';
 
 import { DiskChunkCache } from '../../src/cache/disk-chunk-cache';
+import { copyLayerToLocal, localCopyPath } from '../../src/layer/local-copy';
 import { defaultConfig } from '../../src/config/config';
 import { StargazeFileSystem } from '../../src/fs/stargz-fs';
 import { log } from '../../src/log';
@@ -128,6 +132,8 @@ export async function benchReadDisk(): Promise<{ results: ReadResult[]; notes: s
   const lazy = path.join(dir, 'lazy');
   const overlay = path.join(dir, 'overlay');
   let overlayMounted = false;
+  const copyOverlay = path.join(dir, 'copy-overlay');
+  let copyOverlayMounted = false;
   let blobBytesReadFromDiskCases = 0;
   try {
     const { blob, tocDigest, tarPath } = await buildLayer(dir);
@@ -229,22 +235,35 @@ export async function benchReadDisk(): Promise<{ results: ReadResult[]; notes: s
     await timedRead(overlayFile);
     results.push(await measure('overlayfs, page cache warm', overlayFile, async () => undefined, WARM_SAMPLES));
 
+    // The fully fetched layer, copied to local disk and mounted as the snapshotter mounts it for new containers.
+    const copyStarted = Date.now();
+    await copyLayerToLocal(lazy);
+    notes.push(`local copy of the ${FILE_MIB} MiB layer (tar from the FUSE mount, chunks on disk): ${((Date.now() - copyStarted) / 1000).toFixed(2)} s`);
+    for (const d of ['copy-upper', 'copy-work', 'copy-overlay']) await mkdir(path.join(dir, d));
+    await run('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${localCopyPath(lazy)},upperdir=${dir}/copy-upper,workdir=${dir}/copy-work`, copyOverlay]);
+    copyOverlayMounted = true;
+    const copyFile = path.join(copyOverlay, FILE_NAME);
+    results.push(await measure('stargaze local copy, page cache dropped', copyFile, dropPageCache));
+    await timedRead(copyFile);
+
     // Warm, with process spawn excluded: WARM_PASSES open+read+close passes in one child, timed inside it;
-    // stargaze and overlayfs take turns (5 samples each), so load from elsewhere on the box hits both alike.
+    // the arms take turns (5 samples each), so load from elsewhere on the box hits them alike.
     {
       const before = fuseCounters(fsys, lazy).reads;
-      const secs: Record<'stargaze' | 'overlayfs', number[]> = { stargaze: [], overlayfs: [] };
+      const secs: Record<'stargaze' | 'stargaze local copy' | 'overlayfs', number[]> = { stargaze: [], 'stargaze local copy': [], overlayfs: [] };
       for (let i = 0; i < 5; i++) {
         secs.stargaze.push(await warmPassesSeconds(lazyFile, WARM_PASSES));
+        secs['stargaze local copy'].push(await warmPassesSeconds(copyFile, WARM_PASSES));
         secs.overlayfs.push(await warmPassesSeconds(overlayFile, WARM_PASSES));
       }
-      for (const name of ['stargaze', 'overlayfs'] as const) {
+      for (const name of ['stargaze', 'stargaze local copy', 'overlayfs'] as const) {
         const sorted = [...secs[name]].sort((a, b) => a - b);
         const sec = sorted[2] as number;
         results.push({ case: `${name}, page cache warm, ${WARM_PASSES} passes in one process (no spawn)`, seconds: sec, mibPerSec: FILE_MIB / sec });
       }
       notes.push(
         `in-process warm passes, s/pass per sample: stargaze [${secs.stargaze.map((x) => x.toFixed(3)).join(', ')}], ` +
+          `local copy [${secs['stargaze local copy'].map((x) => x.toFixed(3)).join(', ')}], ` +
           `overlayfs [${secs.overlayfs.map((x) => x.toFixed(3)).join(', ')}]; FUSE reads meanwhile: ${fuseCounters(fsys, lazy).reads - before}`,
       );
     }
@@ -252,15 +271,18 @@ export async function benchReadDisk(): Promise<{ results: ReadResult[]; notes: s
     {
       const smallMib = (SMALL_FILES * SMALL_FILE_BYTES) / MIB;
       const lazySmall = path.join(lazy, SMALL_DIR);
+      const copySmall = path.join(copyOverlay, SMALL_DIR);
       const overlaySmall = path.join(overlay, SMALL_DIR);
       await warmSmallPassesSeconds(lazySmall, 1);
+      await warmSmallPassesSeconds(copySmall, 1);
       await warmSmallPassesSeconds(overlaySmall, 1);
-      const secs: Record<'stargaze' | 'overlayfs', number[]> = { stargaze: [], overlayfs: [] };
+      const secs: Record<'stargaze' | 'stargaze local copy' | 'overlayfs', number[]> = { stargaze: [], 'stargaze local copy': [], overlayfs: [] };
       for (let i = 0; i < 5; i++) {
         secs.stargaze.push(await warmSmallPassesSeconds(lazySmall, WARM_PASSES));
+        secs['stargaze local copy'].push(await warmSmallPassesSeconds(copySmall, WARM_PASSES));
         secs.overlayfs.push(await warmSmallPassesSeconds(overlaySmall, WARM_PASSES));
       }
-      for (const name of ['stargaze', 'overlayfs'] as const) {
+      for (const name of ['stargaze', 'stargaze local copy', 'overlayfs'] as const) {
         const sec = [...secs[name]].sort((a, b) => a - b)[2] as number;
         results.push({ case: `${name}, page cache warm, ${SMALL_FILES} files of ${SMALL_FILE_BYTES / 1024} KiB, ${WARM_PASSES} passes`, seconds: sec, mibPerSec: smallMib / sec });
       }
@@ -282,7 +304,14 @@ export async function benchReadDisk(): Promise<{ results: ReadResult[]; notes: s
     const ovSmallP = get('overlayfs, page cache warm, ' + String(SMALL_FILES));
     if (smallP && ovSmallP) notes.push(`warm small files: ${(smallP.mibPerSec / ovSmallP.mibPerSec).toFixed(2)}x overlayfs`);
     if (warmP && ovWarmP) notes.push(`warm (${WARM_PASSES} passes in one process, spawn excluded): ${(warmP.mibPerSec / ovWarmP.mibPerSec).toFixed(2)}x overlayfs warm (target >= 0.9x)`);
+    const copyWarm = get('stargaze local copy, page cache warm, ');
+    const copySmall = get('stargaze local copy, page cache warm, ' + String(SMALL_FILES));
+    const copyCold = get('stargaze local copy, page cache dropped');
+    if (copyWarm && ovWarmP) notes.push(`local copy, warm (${WARM_PASSES} passes in one process): ${(copyWarm.mibPerSec / ovWarmP.mibPerSec).toFixed(2)}x overlayfs warm (target >= 0.9x)`);
+    if (copySmall && ovSmallP) notes.push(`local copy, warm small files: ${(copySmall.mibPerSec / ovSmallP.mibPerSec).toFixed(2)}x overlayfs`);
+    if (copyCold && ovCold) notes.push(`local copy, page cache dropped: ${(copyCold.mibPerSec / ovCold.mibPerSec).toFixed(2)}x overlayfs`);
   } finally {
+    if (copyOverlayMounted) await run('umount', [copyOverlay]).catch(() => undefined);
     await fsys?.close();
     if (overlayMounted) await run('umount', [overlay]).catch(() => undefined);
     await rm(dir, { recursive: true, force: true });

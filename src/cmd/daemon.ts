@@ -88,6 +88,7 @@ export async function main(argv: string[]): Promise<number> {
     root: path.join(root, 'snapshotter'),
     fs: filesystem,
     log: log.child({ module: 'snapshot' }),
+    useLocalCopies: config.copyFetchedLayers,
   });
   await snapshotter.restore();
   // The CRI image-service proxy: on the daemon's own socket by default (as the reference), else on its own.

@@ -93,6 +93,11 @@ export interface Config {
   readonly noPrefetch: boolean;
   /** `no_background_fetch`: don't fetch the rest of each layer in the background. */
   readonly noBackgroundFetch: boolean;
+  /**
+   * `copy_fetched_layers` (ours): a layer fully fetched (and checked against its chainID) is copied to a plain
+   * directory beside its mount, and containers created after that read it from there instead of through FUSE.
+   */
+  readonly copyFetchedLayers: boolean;
   /** `prefetch_timeout_sec`: how long the first Check waits for prefetch. */
   readonly prefetchTimeoutSec: number;
   /** `prefetch_size`: bytes to prefetch when the layer has no landmark and no label says. */
@@ -151,6 +156,7 @@ export function defaultConfig(): Config {
   return {
     noPrefetch: false,
     noBackgroundFetch: false,
+    copyFetchedLayers: true,
     prefetchTimeoutSec: DEFAULT_PREFETCH_TIMEOUT_SEC,
     prefetchSizeBytes: DEFAULT_PREFETCH_SIZE_BYTES,
     disableVerification: false,
@@ -269,6 +275,7 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
   const config: Config = {
     noPrefetch: get<boolean>('noprefetch') ?? d.noPrefetch,
     noBackgroundFetch: get<boolean>('no_background_fetch') ?? d.noBackgroundFetch,
+    copyFetchedLayers: get<boolean>('copy_fetched_layers') ?? d.copyFetchedLayers,
     prefetchTimeoutSec: nonNegative('prefetch_timeout_sec', d.prefetchTimeoutSec),
     prefetchSizeBytes: nonNegative('prefetch_size', d.prefetchSizeBytes),
     disableVerification: get<boolean>('disable_verification') ?? d.disableVerification,

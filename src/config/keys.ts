@@ -19,6 +19,8 @@ const off = (type: KeyType): KeySpec => ({ type, implemented: false });
 export const TOP_LEVEL_KEYS: Readonly<Record<string, KeySpec>> = {
   noprefetch: on('boolean'),
   no_background_fetch: on('boolean'),
+  // Ours: fully fetched layers are copied to local disk for the containers created after that.
+  copy_fetched_layers: on('boolean'),
   prefetch_timeout_sec: on('integer'),
   prefetch_size: on('integer'),
   disable_verification: on('boolean'),

@@ -22,6 +22,7 @@ import { FsMetrics, type LayerMetricsSnapshot } from '../metrics/fs-metrics';
 import type { DiskChunkCache } from '../cache/disk-chunk-cache';
 import { backgroundFetch, checkChainId } from '../layer/background-fetch';
 import { hashGzipHead, type DiffResume } from '../layer/diff-hash';
+import { copyLayerToLocal, hasLocalCopy } from '../layer/local-copy';
 import type { LayerTree } from '../metadata/layer-tree';
 
 /** The chainID at the end of a snapshot name. */
@@ -106,6 +107,8 @@ export class StargazeFileSystem implements RemoteFileSystem {
   /** Background fetches waiting for a slot, and how many run (at most `max_concurrency`). */
   private readonly backgroundQueue: (() => Promise<void>)[] = [];
   private backgroundRunning = 0;
+  /** Local copies being made, by mountpoint: an unmount waits for its copy to stop. */
+  private readonly copies = new Map<string, Promise<void>>();
   /** TOC cache writes not finished yet. */
   private readonly tocSaves = new Set<Promise<void>>();
   /** Layers opened ahead of their mount, by `ref \0 digest`: undefined when that failed (the mount tries again). */
@@ -232,6 +235,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
     this.layers.delete(mountpoint);
     this.options.tocCache?.unpin(layer.source.digest);
     layer.stop.abort();
+    await this.copies.get(mountpoint);
     await layer.mount.unmount();
     layer.log.info('layer unmounted');
   }
@@ -416,12 +420,12 @@ export class StargazeFileSystem implements RemoteFileSystem {
       const elapsedMs = Date.now() - started;
       this.metrics.observe('background_fetch_total', source.digest, elapsedMs);
       layerLog.info({ metrics: 'latency', operation: 'background_fetch_total', elapsedMs, diffId: result.diffId, fetchedBytes: result.fetchedBytes, startOffset: result.startOffset }, 'layer fully fetched');
-      if (this.options.config.disableVerification) return;
+      if (this.options.config.disableVerification) return await this.copyToLocal(job, layerLog);
       // containerd names a snapshot it committed itself `<namespace>/<n>/<chainID>`; ours carry the bare chainID.
       const parentChainId = job.parent === undefined ? undefined : CHAIN_ID_SUFFIX.exec(job.parent)?.[0];
       if (job.parent !== undefined && parentChainId === undefined) {
         layerLog.warn({ parent: job.parent }, 'parent snapshot name holds no chainID; layer content not checked against its chainID');
-        return;
+        return await this.copyToLocal(job, layerLog);
       }
       try {
         checkChainId(source.chainId, parentChainId, result.diffId);
@@ -429,10 +433,45 @@ export class StargazeFileSystem implements RemoteFileSystem {
         this.metrics.integrityFailure(source.digest);
         job.mount.fail(errorMessage(err));
         layerLog.error({ chainId: source.chainId, parent: job.parent, diffId: result.diffId, err: errorMessage(err) }, 'layer does not match its chainID: no longer served');
+        return;
       }
+      await this.copyToLocal(job, layerLog);
     } catch (err) {
       if (job.signal.aborted) return;
       layerLog.warn({ err: errorMessage(err) }, 'background fetch failed; the layer stays lazy');
+    }
+  }
+
+  /**
+   * A fully fetched layer is copied out of its mount (layer/local-copy.ts), so containers created from now on
+   * read it from local disk; a failure (disk full, ...) only leaves it served through FUSE.
+   */
+  private async copyToLocal(
+    layer: { source: LayerSourceInfo; tree: LayerTree; reader: LayerReader; mount: LayerMount<LayerNode>; signal: AbortSignal },
+    layerLog: Logger,
+  ): Promise<void> {
+    const { mountpoint } = layer.mount;
+    const { digest } = layer.source;
+    const signal = layer.signal;
+    if (!this.options.config.copyFetchedLayers || signal.aborted || (await hasLocalCopy(mountpoint))) return;
+    // The copy reads the mount: with chunks evicted already (a cap smaller than the layer) it would download
+    // them again. Such a layer stays served through FUSE.
+    if (!layer.tree.chunksInBlobOrder().every((c) => layer.reader.isLocal(c))) {
+      layerLog.info('not copied to local disk: some of its chunks are no longer cached');
+      return;
+    }
+    const started = Date.now();
+    const copy = copyLayerToLocal(mountpoint, signal);
+    this.copies.set(mountpoint, copy.catch(() => undefined));
+    try {
+      await copy;
+      const elapsedMs = Date.now() - started;
+      this.metrics.observe('local_copy', digest, elapsedMs);
+      layerLog.info({ metrics: 'latency', operation: 'local_copy', elapsedMs }, 'layer copied to local disk; new containers read it from there');
+    } catch (err) {
+      if (!signal.aborted) layerLog.warn({ err: errorMessage(err) }, 'local copy of the fetched layer failed; it stays served through FUSE');
+    } finally {
+      this.copies.delete(mountpoint);
     }
   }
 

@@ -28,6 +28,7 @@ import type { RemoteFileSystem } from './filesystem';
 import { parseFilters } from './filters';
 import { MetadataStore, WALK_PAGE_ROWS, type ChainEntry, type MetadataStoreOptions } from './metadata-store';
 import { mountsUnder } from '../fs/mount-table';
+import { hasLocalCopy, localCopyPath } from '../layer/local-copy';
 import { snapshotFieldAdaptor, type Mount, type SnapshotInfo, type SnapshotKind, type SnapshotUsage } from './snapshot-info';
 
 /** Log field counted by the e2e scripts, as the reference's `remote-snapshot-prepared`. */
@@ -52,6 +53,11 @@ export interface SnapshotterOptions {
   log?: Logger;
   /** Durability of metadata commits; see MetadataStore. */
   durability?: MetadataStoreOptions['durability'];
+  /**
+   * Lower dirs of remote layers that have a local copy (layer/local-copy.ts) are that copy, not the FUSE
+   * mount (config `copy_fetched_layers`; default true).
+   */
+  useLocalCopies?: boolean;
 }
 
 export interface RestoreResult {
@@ -94,6 +100,9 @@ export class Snapshotter {
   private readonly remotePrepares = new Map<string, Promise<void>>();
   /** Temp directory names being created; Cleanup must not take them for orphans. */
   private readonly pendingDirs = new Set<string>();
+  /** Ids of remote snapshots seen with a complete local copy: a copy lasts as long as its snapshot. */
+  private readonly localCopies = new Set<string>();
+  private readonly useLocalCopies: boolean;
   private closed = false;
 
   private constructor(root: string, store: MetadataStore, overlayOptions: string[], options: SnapshotterOptions) {
@@ -103,6 +112,7 @@ export class Snapshotter {
     this.fs = options.fs;
     this.log = options.log ?? rootLog.child({ module: 'snapshot' });
     this.overlayOptions = overlayOptions;
+    this.useLocalCopies = options.useLocalCopies ?? true;
   }
 
   /** Creates the root if needed and opens its metadata. */
@@ -189,8 +199,9 @@ export class Snapshotter {
     this.assertOpen();
     const record = this.store.getSnapshot(key);
     const { info } = this.store.getInfo(key);
-    await this.checkAncestors(this.store.chain(info.parent));
-    return this.buildMounts(record.id, record.kind, record.parentIds);
+    const chain = this.store.chain(info.parent);
+    await this.checkAncestors(chain);
+    return this.buildMounts(record.id, record.kind, await this.lowerPaths(chain));
   }
 
   /** Commits active snapshot `key` as `name`, recording its disk usage. */
@@ -249,6 +260,7 @@ export class Snapshotter {
     for (const name of names) {
       if (ids.has(name) || this.pendingDirs.has(name)) continue;
       const dir = path.join(this.snapshotsDir, name);
+      this.localCopies.delete(name);
       if (await this.removeOrphanDir(dir)) removed.push(dir);
     }
     return removed;
@@ -479,9 +491,11 @@ export class Snapshotter {
         await fsp.mkdir(work, { mode: WORK_DIR_MODE });
         await fsp.chmod(work, WORK_DIR_MODE);
       }
+      const lowerPaths = await this.lowerPaths(chain);
       if (chain.length > 0) {
-        // The new upper dir belongs to whoever owns the parent's root, as in overlay.go.
-        const st = await fsp.stat(this.upperPath(chain[0]!.id));
+        // The new upper dir belongs to whoever owns the parent's root, as in overlay.go (the local copy's
+        // root when there is one: it has the same owner, and the FUSE server need not answer).
+        const st = await fsp.stat(lowerPaths[0]!);
         await fsp.lchown(upper, st.uid, st.gid);
       }
       const record = this.store.createSnapshot(kind, key, parent, labels);
@@ -495,7 +509,7 @@ export class Snapshotter {
         }
         throw err;
       }
-      return { mounts: this.buildMounts(record.id, kind, record.parentIds), id: record.id };
+      return { mounts: this.buildMounts(record.id, kind, lowerPaths), id: record.id };
     } catch (err) {
       await fsp.rm(tempDir, { recursive: true, force: true }).catch((rmErr: unknown) => {
         this.log.warn({ path: tempDir, err: errorMessage(rmErr) }, 'failed to remove temp snapshot directory');
@@ -516,9 +530,29 @@ export class Snapshotter {
     }
   }
 
-  /** Checks every remote ancestor in parallel; any failure makes the snapshot Unavailable. */
+  /**
+   * The lower dir of each layer of `chain`, nearest first: its directory, or for a remote layer with a local
+   * copy, the copy, so a new container reads a fully fetched layer from local disk rather than through FUSE.
+   */
+  private async lowerPaths(chain: readonly ChainEntry[]): Promise<string[]> {
+    return Promise.all(chain.map(async (e) => ((await this.servedLocally(e)) ? localCopyPath(this.upperPath(e.id)) : this.upperPath(e.id))));
+  }
+
+  private async servedLocally(entry: ChainEntry): Promise<boolean> {
+    if (!this.useLocalCopies || !isRemote(entry.labels)) return false;
+    if (this.localCopies.has(entry.id)) return true;
+    if (!(await hasLocalCopy(this.upperPath(entry.id)))) return false;
+    this.localCopies.add(entry.id);
+    return true;
+  }
+
+  /**
+   * Checks every remote ancestor in parallel; any failure makes the snapshot Unavailable. A layer with a
+   * local copy needs neither its mount nor the registry, so it is not checked.
+   */
   private async checkAncestors(chain: readonly ChainEntry[]): Promise<void> {
-    const remote = chain.filter((e) => isRemote(e.labels));
+    const local = await Promise.all(chain.map((e) => this.servedLocally(e)));
+    const remote = chain.filter((e, i) => isRemote(e.labels) && !local[i]);
     if (remote.length === 0) return;
     const fs = this.fs;
     if (fs === undefined) throw new UnavailableError('layer unavailable: no remote filesystem configured');
@@ -531,18 +565,18 @@ export class Snapshotter {
     }
   }
 
-  /** overlay.go mounts(). `parentIds` nearest first. */
-  private buildMounts(id: string, kind: SnapshotKind, parentIds: readonly string[]): Mount[] {
-    if (parentIds.length === 0) {
+  /** overlay.go mounts(). `lowerPaths`: the parents' directories, nearest first. */
+  private buildMounts(id: string, kind: SnapshotKind, lowerPaths: readonly string[]): Mount[] {
+    if (lowerPaths.length === 0) {
       // Overlay needs at least one lower dir: a lone layer is a bind mount of its own directory.
       return [{ type: 'bind', source: this.upperPath(id), options: [kind === 'view' ? 'ro' : 'rw', 'rbind'] }];
     }
-    if (kind !== 'active' && parentIds.length === 1) {
-      return [{ type: 'bind', source: this.upperPath(parentIds[0]!), options: ['ro', 'rbind'] }];
+    if (kind !== 'active' && lowerPaths.length === 1) {
+      return [{ type: 'bind', source: lowerPaths[0]!, options: ['ro', 'rbind'] }];
     }
     const options = [...this.overlayOptions];
     if (kind === 'active') options.push(`workdir=${this.workPath(id)}`, `upperdir=${this.upperPath(id)}`);
-    options.push(`lowerdir=${parentIds.map((p) => this.upperPath(p)).join(':')}`);
+    options.push(`lowerdir=${lowerPaths.join(':')}`);
     return [{ type: 'overlay', source: 'overlay', options }];
   }
 }

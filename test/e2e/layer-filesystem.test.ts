@@ -1,10 +1,12 @@
 /**
  * The layer filesystem beyond first reads: background fetch makes a layer fully local (containers keep
- * reading every file with the registry gone), and a layer whose content does not match the chainID it
- * was committed under stops being served once that is known.
+ * reading every file with the registry gone), a fully fetched layer is copied to local disk and new
+ * containers read the copy instead of the FUSE mount, and a layer whose content does not match the
+ * chainID it was committed under stops being served once that is known.
  */
 import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
+import { compareTrees, formatDifferences } from './harness/fs-compare';
 import path from 'node:path';
 import { before, describe, test } from 'node:test';
 import {
@@ -19,6 +21,7 @@ import {
   startDaemon,
   startRegistry,
   suiteScope,
+  trickyFixture,
   waitFor,
   type Containerd,
   type Registry,
@@ -85,6 +88,70 @@ describe('layer filesystem: background fetch and integrity', { skip: notRoot && 
     );
     const again = await containerd.runContainer(esgz.ref, readAll, { namespace: ns, snapshotter: 'stargz' });
     assert.equal(again.stdout, expected, 'served from disk after a full restart with no registry');
+  });
+
+  test('a fully fetched layer is copied to local disk, and new containers read the copy', async (t) => {
+    const fixture = trickyFixture();
+    // Its own registry: the test before stops the suite's.
+    const copyRegistry = await startRegistry({ scope: t });
+    const original = await buildBusyboxImage({
+      host: copyRegistry.host,
+      repo: 'lfs/tricky',
+      tag: 'v1',
+      extraFiles: fixture.extraFiles,
+      layers: fixture.layers,
+    });
+    const esgz = await convertToEstargz(containerd, original.ref, `${copyRegistry.host}/lfs/tricky:v1-esgz`);
+    const ns = containerd.newNamespace('local-copy');
+    await containerd.pull(original.ref, { namespace: ns });
+    await containerd.rpull(esgz.ref, { namespace: ns });
+    const copied = await Promise.all(
+      esgz.layers.map((layer) =>
+        daemon.waitForLog((e) => e.msg === 'layer copied to local disk; new containers read it from there' && e.layer === layer.digest, {
+          timeoutMs: 120_000,
+          what: `the local copy of ${layer.digest}`,
+        }),
+      ),
+    );
+    // Each copy is what its FUSE mount serves, entry by entry, trusted.* xattrs (opaque dirs) included.
+    for (const entry of copied) {
+      const mountpoint = String(entry.mountpoint);
+      const diffs = await compareTrees(mountpoint, path.join(path.dirname(mountpoint), 'local'), { compareRoot: true });
+      assert.equal(diffs.length, 0, `FUSE mount vs its local copy:\n${formatDifferences(diffs)}`);
+    }
+
+    // A rootfs made now has the copies for lower dirs, and is what the overlayfs snapshotter unpacks.
+    const dir = await makeTmpRoot('lfs-local-copy', t);
+    const unpacked = path.join(dir, 'overlayfs');
+    const lazy = path.join(dir, 'stargz');
+    await containerd.mountImage(original.ref, unpacked, { namespace: ns });
+    t.after(() => containerd.unmountImage(unpacked, { namespace: ns }));
+    await containerd.mountImage(esgz.ref, lazy, { namespace: ns, snapshotter: 'stargz' });
+    t.after(() => containerd.unmountImage(lazy, { namespace: ns }));
+    const mountinfo = await readFile('/proc/self/mountinfo', 'utf8');
+    const lazyMount = mountinfo.split('\n').find((l) => l.split(' ')[4] === lazy);
+    const lowerdir = lazyMount?.match(/lowerdir=([^,\s]+)/)?.[1];
+    assert.ok(lowerdir !== undefined, `the stargz rootfs is an overlay mount: ${lazyMount}`);
+    const lowers = lowerdir.split(':');
+    assert.equal(lowers.length, esgz.layers.length);
+    for (const lower of lowers) assert.equal(path.basename(lower), 'local', `lower dir ${lower} is a local copy`);
+    const diffs = await compareTrees(unpacked, lazy, { xattrFilter: (name) => !name.startsWith('trusted.') });
+    assert.equal(diffs.length, 0, `overlayfs vs stargz from local copies:\n${formatDifferences(diffs)}`);
+
+    // The copies need neither the registry nor the FUSE server.
+    const fuseServerPid = Number(await readFile(path.join(daemon.root, 'fuse', 'fuse-server.pid'), 'utf8'));
+    const probe = fixture.present.find((p) => p.startsWith('/tricky/chunks/')) ?? fixture.present[0]!;
+    const expected = (await containerd.runContainer(original.ref, ['/bin/sh', '-c', `ls -la /tricky | wc -l; sha256sum ${probe}`], { namespace: ns })).stdout;
+    process.kill(fuseServerPid, 'SIGSTOP');
+    try {
+      const r = await containerd.runContainer(esgz.ref, ['/bin/sh', '-c', `ls -la /tricky | wc -l; sha256sum ${probe}`], {
+        namespace: ns,
+        snapshotter: 'stargz',
+      });
+      assert.equal(r.stdout, expected, 'a new container reads the copies while the FUSE server is stopped');
+    } finally {
+      process.kill(fuseServerPid, 'SIGCONT');
+    }
   });
 
   test('a layer whose content does not match its chainID stops being served', async (t) => {

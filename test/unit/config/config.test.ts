@@ -25,6 +25,7 @@ describe('config defaults', () => {
     assert.deepEqual(defaultConfig(), {
       noPrefetch: false,
       noBackgroundFetch: false,
+      copyFetchedLayers: true,
       prefetchTimeoutSec: 10,
       prefetchSizeBytes: 0,
       disableVerification: false,
@@ -58,6 +59,7 @@ describe('parseConfig: good configs', () => {
       'implemented keys',
       `noprefetch = true
 no_background_fetch = true
+copy_fetched_layers = false
 prefetch_timeout_sec = 20
 prefetch_size = 1048576
 disable_verification = true
@@ -76,6 +78,7 @@ fetching_timeout_sec = 60
       {
         noPrefetch: true,
         noBackgroundFetch: true,
+        copyFetchedLayers: false,
         prefetchTimeoutSec: 20,
         prefetchSizeBytes: 1048576,
         disableVerification: true,

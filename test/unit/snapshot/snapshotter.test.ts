@@ -396,6 +396,29 @@ describe('Snapshotter remote snapshots', () => {
     await assert.rejects(sn.stat('v'), NotFoundError, 'nothing is created when the parent is unavailable');
   });
 
+  it('a remote layer with a local copy is a lower dir from the copy, and needs no check', async () => {
+    await assert.rejects(sn.prepare('k', '', remoteLabels()), AlreadyExistsError);
+    const layerDir = remote.mounts[0]!.mountpoint;
+    const before = await sn.prepare('before', CHAIN);
+    assert.equal(overlayOpt(before[0]!.options, 'lowerdir'), layerDir, 'no copy yet: the mount');
+    const local = path.join(path.dirname(layerDir), 'local');
+    fs.mkdirSync(`${local}.tmp`);
+    assert.equal(overlayOpt((await sn.prepare('partial', CHAIN))[0]!.options, 'lowerdir'), layerDir, 'a copy being made is not used');
+    fs.renameSync(`${local}.tmp`, local);
+    remote.checkError = new UnavailableError('FUSE server gone');
+    const after = await sn.prepare('after', CHAIN);
+    assert.equal(overlayOpt(after[0]!.options, 'lowerdir'), local);
+    assert.equal(overlayOpt((await sn.mounts('after'))[0]!.options, 'lowerdir'), local);
+    assert.deepEqual((await sn.view('v', CHAIN))[0], { type: 'bind', source: local, options: ['ro', 'rbind'] });
+    // Mounts handed out before the copy existed are built anew on each call, from the copy now.
+    assert.equal(overlayOpt((await sn.mounts('before'))[0]!.options, 'lowerdir'), local);
+
+    await sn.close();
+    sn = await Snapshotter.open({ root, fs: remote, log: pino({ level: 'silent' }), useLocalCopies: false });
+    remote.checkError = undefined;
+    assert.equal(overlayOpt((await sn.mounts('after'))[0]!.options, 'lowerdir'), layerDir, 'copy_fetched_layers = false: the mount');
+  });
+
   it('restore re-mounts remote snapshots with their labels; failures keep data', async () => {
     await assert.rejects(sn.prepare('k', '', remoteLabels()), AlreadyExistsError);
     await commitBase('local', { keep: 'me' });
