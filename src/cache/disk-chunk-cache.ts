@@ -42,6 +42,8 @@ export interface DiskChunkCacheStats {
   /** Files dropped because their bytes did not match their digest. */
   corrupt: number;
   writeErrors: number;
+  /** Chunks not written because the shared budget had no room for them. */
+  refused: number;
 }
 
 interface Entry {
@@ -50,7 +52,7 @@ interface Entry {
 }
 
 export class DiskChunkCache {
-  readonly stats: DiskChunkCacheStats = { hits: 0, misses: 0, evictions: 0, corrupt: 0, writeErrors: 0 };
+  readonly stats: DiskChunkCacheStats = { hits: 0, misses: 0, evictions: 0, corrupt: 0, writeErrors: 0, refused: 0 };
   /** digest hex → size; lru-cache keeps the order and the byte total, and evicts past the cap. */
   private readonly index: LRUCache<string, Entry>;
   /** Writes in flight by digest hex, so a chunk is written once. */
@@ -171,7 +173,14 @@ export class DiskChunkCache {
     const file = this.file(hex);
     const temp = path.join(this.options.dir, `${TEMP_PREFIX}${randomBytes(8).toString('hex')}`);
     // The temp file counts from its first byte: the budget makes room before it is written, not after.
-    const release = this.options.budget?.reserve(data.length);
+    const budget = this.options.budget;
+    const release = budget?.reserve(data.length, hex);
+    if (budget !== undefined && release === undefined) {
+      // No room even after evicting all that can go (the metadata db and logs fill disk_max_bytes): the
+      // chunk stays uncached on disk, and reads are served from memory or the registry.
+      this.stats.refused++;
+      return;
+    }
     try {
       await mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
       const handle = await open(temp, 'wx', 0o600);
