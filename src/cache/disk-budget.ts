@@ -7,7 +7,9 @@
  * least-recently-used order over all of them, so a TOC nobody mounted for days goes before a chunk read a
  * minute ago, and when the total is over the cap it evicts from the old end, skipping pinned entries (the
  * TOC of a mounted layer, which a restarted FUSE server needs to mount it again without the registry).
- * Bytes it cannot evict (`setUntrackedBytes`, reservations) still count, so the caches shrink to make room.
+ * Bytes it cannot evict (`setUntrackedBytes`, reservations) still count, so the caches shrink to make room;
+ * when those alone leave none, a reservation is refused and the file is not written at all (it would be
+ * evicted the moment it was added).
  *
  * The budget holds no I/O of its own: evicting calls the owner's callback, which deletes the file.
  */
@@ -40,8 +42,13 @@ export interface BudgetAccount {
   /** While pinned (counted: pin twice, unpin twice), the entry is never evicted. Works before it exists. */
   pin(key: string): void;
   unpin(key: string): void;
-  /** Counts `bytes` about to be written (a temp file) until the returned release is called. */
-  reserve(bytes: number): () => void;
+  /**
+   * Counts `bytes` about to be written (a temp file) for entry `key` until the returned release is called.
+   * Undefined (refused, nothing counted) when evicting every entry that can go would still leave no room:
+   * the file would be evicted as soon as it was added, so the caller does not write it. A pinned key is
+   * never refused, since nothing evicts its entry once added.
+   */
+  reserve(bytes: number, key: string): (() => void) | undefined;
 }
 
 export interface RestoredEntry {
@@ -54,6 +61,8 @@ export interface RestoredEntry {
 export interface DiskBudgetStats {
   /** Entries evicted for room, by account prefix. */
   evictions: Record<string, number>;
+  /** Reservations refused because no eviction could make room, by account prefix. */
+  refusals: Record<string, number>;
 }
 
 interface Entry {
@@ -63,7 +72,7 @@ interface Entry {
 }
 
 export class DiskBudget {
-  readonly stats: DiskBudgetStats = { evictions: {} };
+  readonly stats: DiskBudgetStats = { evictions: {}, refusals: {} };
   /** Every entry by `<prefix>:<key>`, least recently used first (a Map keeps insertion order). */
   private entries = new Map<string, Entry>();
   /** Pin counts by full key; independent of `entries` so a layer can be pinned before its TOC is saved. */
@@ -106,7 +115,7 @@ export class DiskBudget {
         else this.pins.delete(k(key));
         this.enforce();
       },
-      reserve: (bytes) => this.reserve(bytes),
+      reserve: (bytes, key) => this.reserve(prefix, bytes, k(key)),
     };
   }
 
@@ -155,8 +164,12 @@ export class DiskBudget {
     return e;
   }
 
-  private reserve(bytes: number): () => void {
+  private reserve(prefix: string, bytes: number, key: string): (() => void) | undefined {
     const charged = allocatedBytes(bytes);
+    if (!this.pins.has(key) && this.unevictableBytes() + charged > this.maxBytes) {
+      this.stats.refusals[prefix] = (this.stats.refusals[prefix] ?? 0) + 1;
+      return undefined;
+    }
     this.reservedBytes += charged;
     this.enforce();
     let released = false;
@@ -165,6 +178,16 @@ export class DiskBudget {
       released = true;
       this.reservedBytes -= charged;
     };
+  }
+
+  /**
+   * What no eviction can free: untracked files, reservations and pinned entries. Pins are the mounted
+   * layers' TOCs, a handful, so counting them here costs less than keeping a total in step with pin counts.
+   */
+  private unevictableBytes(): number {
+    let pinned = 0;
+    for (const key of this.pins.keys()) pinned += this.entries.get(key)?.bytes ?? 0;
+    return this.untrackedBytes + this.reservedBytes + pinned;
   }
 
   /** Evicts unpinned entries, oldest first, until the total is within the cap or nothing is left to evict. */

@@ -5,17 +5,17 @@
  * - Writes are atomic: a temp file in the cache dir, then rename.
  * - Reads are verified: a file whose bytes no longer match its name (bit rot, a partial copy, a meddler)
  *   is deleted and reported as a miss, so it is fetched again and never served.
- * - The total is capped in bytes with least-recently-used eviction; recency survives restarts through the
- *   files' mtimes.
+ * - The byte budget (disk-budget.ts) caps the total and evicts the least recently used first, in its one
+ *   order over chunks and TOCs together; this cache keeps only an unordered index. Recency survives
+ *   restarts through the files' mtimes.
  * - A full disk degrades to no caching (the caller fetches directly), never to a failed read.
  */
 import { randomBytes, webcrypto } from 'node:crypto';
 import { mkdir, open, readdir, rename, rm, stat, utimes } from 'node:fs/promises';
 import path from 'node:path';
-import { LRUCache } from 'lru-cache';
 import { errorMessage } from '../errors';
 import type { Logger } from '../log';
-import type { BudgetAccount } from './disk-budget';
+import { type BudgetAccount, DiskBudget } from './disk-budget';
 
 /** Files being written carry this prefix until renamed; leftovers from a crash are removed at open. */
 const TEMP_PREFIX = '.tmp-';
@@ -25,12 +25,12 @@ const TOUCH_INTERVAL_MS = 60_000;
 
 export interface DiskChunkCacheOptions {
   dir: string;
-  /** Cap on the bytes of cached chunks. */
+  /** Cap on the bytes of cached chunks: a file found bigger than it is deleted at open. */
   maxBytes: number;
   log: Logger;
   /**
    * The root's shared byte budget (disk-budget.ts): chunks are reported to it, it evicts them when the
-   * root as a whole is over `disk_max_bytes`. Without it, only this cache's own cap applies.
+   * root as a whole is over `disk_max_bytes`. Without it, the cache gets a budget of its own of `maxBytes`.
    */
   budget?: BudgetAccount;
 }
@@ -42,6 +42,8 @@ export interface DiskChunkCacheStats {
   /** Files dropped because their bytes did not match their digest. */
   corrupt: number;
   writeErrors: number;
+  /** Chunks not written because the budget had no room for them (nothing left to evict, or over the cap). */
+  refused: number;
 }
 
 interface Entry {
@@ -50,27 +52,20 @@ interface Entry {
 }
 
 export class DiskChunkCache {
-  readonly stats: DiskChunkCacheStats = { hits: 0, misses: 0, evictions: 0, corrupt: 0, writeErrors: 0 };
-  /** digest hex → size; lru-cache keeps the order and the byte total, and evicts past the cap. */
-  private readonly index: LRUCache<string, Entry>;
+  readonly stats: DiskChunkCacheStats = { hits: 0, misses: 0, evictions: 0, corrupt: 0, writeErrors: 0, refused: 0 };
+  /** The chunks on disk by digest hex. No order: the budget keeps the recency and decides what goes. */
+  private readonly index = new Map<string, Entry>();
+  /** Sum of the indexed files' sizes. */
+  private indexedBytes = 0;
   /** Writes in flight by digest hex, so a chunk is written once. */
   private readonly writing = new Map<string, Promise<void>>();
+  private readonly budget: BudgetAccount;
 
   private constructor(private readonly options: DiskChunkCacheOptions) {
-    this.index = new LRUCache<string, Entry>({
-      maxSize: Math.max(1, options.maxBytes),
-      sizeCalculation: (e) => Math.max(1, e.size),
-      dispose: (_entry, hex, reason) => {
-        if (reason !== 'set') options.budget?.remove(hex);
-        if (reason === 'evict') {
-          this.stats.evictions++;
-          void rm(this.file(hex), { force: true });
-        }
-      },
-    });
+    this.budget = options.budget ?? new DiskBudget(options.maxBytes, options.log).account('chunk');
   }
 
-  /** Opens (creating) the cache dir and indexes what a previous process left, oldest first. */
+  /** Opens (creating) the cache dir and indexes what a previous process left; the budget orders it by mtime. */
   static async open(options: DiskChunkCacheOptions): Promise<DiskChunkCache> {
     const cache = new DiskChunkCache(options);
     await mkdir(options.dir, { recursive: true, mode: 0o700 });
@@ -92,19 +87,22 @@ export class DiskChunkCache {
         if (st?.isFile()) found.push({ hex: name, size: st.size, mtimeMs: st.mtimeMs });
       }
     }
-    found.sort((a, b) => a.mtimeMs - b.mtimeMs);
-    for (const f of found) cache.index.set(f.hex, { size: f.size, touchedMs: f.mtimeMs });
-    // A file bigger than the whole cap (disk_max_bytes lowered since) is not kept by the index: delete it,
-    // as nothing would count it; the budget restores only what the index kept.
-    const kept = found.filter((f) => cache.index.has(f.hex));
-    for (const f of found) if (!cache.index.has(f.hex)) await rm(cache.file(f.hex), { force: true });
-    options.budget?.restore(kept.map((f) => ({ key: f.hex, bytes: f.size, lastUsedMs: f.mtimeMs, evict: () => cache.evictForBudget(f.hex) })));
-    options.log.info({ dir: options.dir, chunks: cache.index.size, bytes: cache.index.calculatedSize }, 'disk chunk cache opened');
+    // A file bigger than the whole cap (disk_max_bytes lowered since) could never be kept: delete it now
+    // rather than count it only for the budget to evict it.
+    const kept: typeof found = [];
+    for (const f of found) {
+      if (f.size > options.maxBytes) await rm(cache.file(f.hex), { force: true });
+      else kept.push(f);
+    }
+    for (const f of kept) cache.addToIndex(f.hex, f.size, f.mtimeMs);
+    cache.budget.restore(kept.map((f) => ({ key: f.hex, bytes: f.size, lastUsedMs: f.mtimeMs, evict: () => cache.evictForBudget(f.hex) })));
+    options.log.info({ dir: options.dir, chunks: cache.index.size, bytes: cache.indexedBytes }, 'disk chunk cache opened');
     return cache;
   }
 
+  /** Bytes of the chunks on disk (their sizes; the budget charges them in whole blocks). */
   get usedBytes(): number {
-    return this.index.calculatedSize ?? 0;
+    return this.indexedBytes;
   }
 
   has(digest: string): boolean {
@@ -129,7 +127,7 @@ export class DiskChunkCache {
       try {
         data = await readExactly(this.file(hex), entry.size);
       } catch {
-        this.index.delete(hex);
+        this.drop(hex);
         this.stats.misses++;
         return undefined;
       }
@@ -138,13 +136,13 @@ export class DiskChunkCache {
     if (data === undefined || (await sha256Hex(data)) !== hex) {
       this.stats.corrupt++;
       this.options.log.warn({ digest, file: this.file(hex) }, 'cached chunk does not match its digest; dropped');
-      this.index.delete(hex);
+      this.drop(hex);
       await rm(this.file(hex), { force: true });
       this.stats.misses++;
       return undefined;
     }
     this.stats.hits++;
-    this.options.budget?.touch(hex);
+    this.budget.touch(hex);
     const now = Date.now();
     if (now - entry.touchedMs > TOUCH_INTERVAL_MS) {
       entry.touchedMs = now;
@@ -159,7 +157,7 @@ export class DiskChunkCache {
    */
   put(digest: string, data: Buffer): Promise<void> {
     const hex = hexOf(digest);
-    if (hex === undefined || this.index.has(hex) || data.length > this.options.maxBytes) return Promise.resolve();
+    if (hex === undefined || this.index.has(hex)) return Promise.resolve();
     const running = this.writing.get(hex);
     if (running) return running;
     const p = this.write(hex, data).finally(() => this.writing.delete(hex));
@@ -171,7 +169,13 @@ export class DiskChunkCache {
     const file = this.file(hex);
     const temp = path.join(this.options.dir, `${TEMP_PREFIX}${randomBytes(8).toString('hex')}`);
     // The temp file counts from its first byte: the budget makes room before it is written, not after.
-    const release = this.options.budget?.reserve(data.length);
+    const release = this.budget.reserve(data.length, hex);
+    if (release === undefined) {
+      // No room even after evicting all that can go (the metadata db and logs fill disk_max_bytes): the
+      // chunk stays uncached on disk, and reads are served from memory or the registry.
+      this.stats.refused++;
+      return;
+    }
     try {
       await mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
       const handle = await open(temp, 'wx', 0o600);
@@ -181,21 +185,42 @@ export class DiskChunkCache {
         await handle.close();
       }
       await rename(temp, file);
-      release?.();
-      this.index.set(hex, { size: data.length, touchedMs: Date.now() });
-      this.options.budget?.add(hex, data.length, () => this.evictForBudget(hex));
+      release();
+      // Indexed before the budget hears of it: adding may evict it at once, and the eviction unindexes it.
+      this.addToIndex(hex, data.length, Date.now());
+      this.budget.add(hex, data.length, () => this.evictForBudget(hex));
     } catch (err) {
       this.stats.writeErrors++;
       this.options.log.warn({ err: errorMessage(err) }, 'could not write a chunk to the disk cache; serving without it');
       await rm(temp, { force: true }).catch(() => undefined);
     } finally {
-      release?.();
+      release();
     }
   }
 
-  /** The shared budget evicts a chunk the way this cache's own LRU would. */
+  private addToIndex(hex: string, size: number, touchedMs: number): void {
+    this.index.set(hex, { size, touchedMs });
+    this.indexedBytes += size;
+  }
+
+  /** Unindexes a chunk; true if it was indexed. */
+  private unindex(hex: string): boolean {
+    const entry = this.index.get(hex);
+    if (entry === undefined) return false;
+    this.index.delete(hex);
+    this.indexedBytes -= entry.size;
+    return true;
+  }
+
+  /** Forgets a chunk whose file this cache deletes itself (unreadable or corrupt). */
+  private drop(hex: string): void {
+    this.unindex(hex);
+    this.budget.remove(hex);
+  }
+
+  /** The budget has forgotten the chunk to make room: the index and the file follow. */
   private evictForBudget(hex: string): void {
-    if (this.index.delete(hex)) this.stats.evictions++;
+    if (this.unindex(hex)) this.stats.evictions++;
     // The file goes even when the index no longer knows it: nothing else would ever count or delete it.
     void rm(this.file(hex), { force: true });
   }

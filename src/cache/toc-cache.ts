@@ -112,14 +112,16 @@ export class TocCache {
     const temp = path.join(this.dir, `${TEMP_PREFIX}${randomBytes(8).toString('hex')}`);
     const meta = Buffer.from(JSON.stringify({ blobSize: toc.blobSize, tocOffset: toc.tocOffset }) + '\n');
     const bytes = meta.length + toc.tocJson.length;
-    // Counted from the first byte written: the budget makes room before the write, not after.
-    const release = this.budget?.reserve(bytes);
+    const hex = DIGEST_PATTERN.exec(layerDigest)![1]!;
+    // Counted from the first byte written: the budget makes room before the write, not after. Refused when
+    // there is no room for a layer not mounted: it would be evicted at once.
+    const release = this.budget?.reserve(bytes, hex);
+    if (this.budget !== undefined && release === undefined) return;
     try {
       await mkdir(this.dir, { recursive: true, mode: 0o700 });
       await writeFile(temp, Buffer.concat([meta, toc.tocJson]), { mode: 0o600 });
       await rename(temp, file);
       release?.();
-      const hex = DIGEST_PATTERN.exec(layerDigest)![1]!;
       this.budget?.add(hex, bytes, this.evictor(hex));
     } catch {
       await rm(temp, { force: true }).catch(() => undefined);

@@ -5,6 +5,7 @@ import { gunzip, type InputType, type ZlibOptions } from 'node:zlib';
 import { EstargzFormatError, errorCode, errorMessage } from '../errors';
 import { normalizeEntryName } from './entry-name';
 import { FOOTER_SIZE_BYTES, LEGACY_FOOTER_SIZE_BYTES, parseFooter } from './footer';
+import { modtimeMs } from './modtime';
 import { TAR_BLOCK_BYTES, TYPEFLAG, decodeTarHeader, parsePaxRecords, tarPaddingBytes } from './tar-header';
 import { ZSTD_CHUNKED_FOOTER_BYTES, parseZstdChunkedFooter, readZstdChunkedTocJson } from './zstd-chunked-footer';
 
@@ -146,10 +147,8 @@ export function parseToc(json: Buffer | string, opts: ParseTocOptions = {}): Toc
     open = undefined;
   };
 
-  // Distinct modtimes are few (a layer is built in seconds): parse each once.
-  const modtimes = new Map<string, boolean>();
   for (let i = 0; i < rawEntries.length; i++) {
-    const e = parseEntry(rawEntries[i], i, modtimes);
+    const e = parseEntry(rawEntries[i], i);
 
     if (e.type === 'chunk') {
       if (open === undefined || open.name !== e.name) {
@@ -221,9 +220,9 @@ function entryAt(index: number, name: string): string {
 /**
  * One raw entry to a TocEntry. Fields are read one by one with literal keys, not by looping over key lists:
  * with a TOC of tens of thousands of entries, the keyed lookups and per-entry allocations were most of the
- * parse. `modtimes` remembers which modtime strings parsed.
+ * parse.
  */
-function parseEntry(raw: unknown, index: number, modtimes: Map<string, boolean>): TocEntry {
+function parseEntry(raw: unknown, index: number): TocEntry {
   if (!isRecord(raw)) throw new EstargzFormatError(`TOC entry ${index} is not an object`);
   if (typeof raw.name !== 'string') throw new EstargzFormatError(`TOC entry ${index} has no string "name"`);
   const name = normalizeEntryName(raw.name);
@@ -245,12 +244,8 @@ function parseEntry(raw: unknown, index: number, modtimes: Map<string, boolean>)
   if (raw.chunkSize !== undefined) e.chunkSize = checkNumber(raw.chunkSize, 'chunkSize', index, name);
   if (raw.modtime !== undefined) {
     const modtime = checkString(raw.modtime, 'modtime', index, name);
-    let ok = modtimes.get(modtime);
-    if (ok === undefined) {
-      ok = !Number.isNaN(Date.parse(modtime));
-      modtimes.set(modtime, ok);
-    }
-    if (!ok) throw new EstargzFormatError(`${entryAt(index, name)}: bad modtime ${JSON.stringify(modtime)}`);
+    // Parsed through the cache the layer tree reads its mtimes from: each distinct string once.
+    if (Number.isNaN(modtimeMs(modtime))) throw new EstargzFormatError(`${entryAt(index, name)}: bad modtime ${JSON.stringify(modtime)}`);
     e.modtime = modtime;
   }
   if (raw.linkName !== undefined) e.linkName = checkString(raw.linkName, 'linkName', index, name);

@@ -10,6 +10,7 @@
  */
 import type { RangeReadable } from '../estargz/toc';
 import { readRangesOf, type BlobSource, type ByteRange } from '../remote/blob-source';
+import { splitChunkBytes } from '../remote/parallel-fetch';
 
 /**
  * Tail read with the footer: blob size / 128, within [64 KiB, 512 KiB]. TOCs grow with the file count, not the
@@ -70,7 +71,10 @@ export function withTail(
 }
 
 export interface LayerBlobOptions {
-  /** Ranges at least twice this long are split into parallel requests of this size. */
+  /**
+   * Ranges at least twice this long are split into parallel requests of at most this size (smaller for a
+   * range that would give each connection too few, as for a whole-blob fetch: splitChunkBytes).
+   */
   chunkBytes: number;
   /** Parallel requests of one split range. */
   concurrency: number;
@@ -104,10 +108,12 @@ export class LayerBlob implements BlobSource {
     return readRangesOf(this.blob, ranges, signal);
   }
 
-  /** One request, or parallel ones of chunkBytes for a long range (a registry may cap each connection). */
+  /** One request, or parallel ones for a long range (a registry may cap each connection). */
   private async fetch(offset: number, length: number, signal?: AbortSignal): Promise<Buffer> {
-    const { chunkBytes, concurrency } = this.opts;
-    if (chunkBytes <= 0 || concurrency <= 1 || length < 2 * chunkBytes) return this.blob.readRange(offset, length, signal);
+    const { concurrency } = this.opts;
+    if (this.opts.chunkBytes <= 0 || concurrency <= 1 || length < 2 * this.opts.chunkBytes) return this.blob.readRange(offset, length, signal);
+    // Cut as a whole-blob fetch is: the last round of requests should not leave most connections idle.
+    const chunkBytes = splitChunkBytes(length, concurrency, this.opts.chunkBytes);
     const out = Buffer.allocUnsafe(length);
     // The first failure stops the other requests: the caller gets nothing from a partial range anyway.
     const failed = new AbortController();

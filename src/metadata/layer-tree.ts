@@ -1,5 +1,6 @@
 import { EstargzFormatError } from '../errors';
 import { baseName, parentName } from '../estargz/entry-name';
+import { modtimeMs } from '../estargz/modtime';
 import { NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, type Toc, type TocEntry } from '../estargz/toc';
 import { modeOf, makedev, S_IFCHR } from './file-mode';
 
@@ -327,27 +328,13 @@ function newNode(e: TocEntry): LayerNode {
   return node;
 }
 
-/** Parsed modtimes: a layer has few distinct ones, and Date.parse showed in profiles of large TOCs. */
-const mtimeCache = new Map<string, number>();
-const MTIME_CACHE_MAX = 4096;
-
-function mtimeOf(modtime: string | undefined): number {
-  if (modtime === undefined) return 0;
-  let ms = mtimeCache.get(modtime);
-  if (ms === undefined) {
-    ms = Date.parse(modtime);
-    if (mtimeCache.size >= MTIME_CACHE_MAX) mtimeCache.clear();
-    mtimeCache.set(modtime, ms);
-  }
-  return ms;
-}
-
 /** Copies the attributes every entry type has. */
 function fillFromEntry(node: LayerNode, e: TocEntry): void {
   node.mode = modeOf(node.type, e.mode ?? 0);
   node.uid = e.uid ?? 0;
   node.gid = e.gid ?? 0;
-  node.mtimeMs = mtimeOf(e.modtime);
+  // parseToc checked the string through the same cache, so this is a lookup rather than a second Date.parse.
+  node.mtimeMs = e.modtime === undefined ? 0 : modtimeMs(e.modtime);
   // A node is filled once, right after it was made with an empty map: most entries have no xattrs and keep it.
   if (e.xattrs === undefined) {
     if (node.xattrs.size > 0) node.xattrs = new Map();

@@ -54,7 +54,7 @@ test('budget: one LRU over every account, pinned entries skipped, untracked and 
   assert.equal(budget.usedBytes, 4 * BLOCK_BYTES);
   a.touch('1'); // now b1 is the oldest
   b.pin('1');
-  const release = a.reserve(1);
+  const release = a.reserve(1, 'temp')!;
   assert.deepEqual(evicted, ['a2'], 'the oldest unpinned entry goes first; the pinned one stays');
   release();
   release(); // idempotent
@@ -67,6 +67,57 @@ test('budget: one LRU over every account, pinned entries skipped, untracked and 
   assert.deepEqual(evicted, ['a2', 'a1', 'b1']);
   assert.deepEqual(budget.stats.evictions, { a: 2, b: 1 });
   a.remove('nothing'); // unknown keys are fine
+});
+
+test('budget: a reservation no eviction can make room for is refused, unless its entry is pinned', () => {
+  const budget = new DiskBudget(4 * BLOCK_BYTES);
+  const evicted: string[] = [];
+  const a = budget.account('a');
+  a.add('old', BLOCK_BYTES, () => evicted.push('old'));
+  a.add('mounted', BLOCK_BYTES, () => evicted.push('mounted'));
+  a.pin('mounted');
+  budget.setUntrackedBytes(2 * BLOCK_BYTES);
+  const release = a.reserve(BLOCK_BYTES, 'new');
+  assert.ok(release, 'room once the old entry goes');
+  assert.deepEqual(evicted, ['old']);
+  assert.equal(a.reserve(1, 'another'), undefined, 'untracked, reserved and pinned bytes fill the cap');
+  const pinned = a.reserve(BLOCK_BYTES, 'mounted');
+  assert.ok(pinned, 'a pinned entry is never evicted once added, so writing it is not wasted');
+  pinned();
+  release();
+  budget.setUntrackedBytes(5 * BLOCK_BYTES); // the metadata db and logs alone are over the cap
+  assert.equal(a.reserve(1, 'another'), undefined);
+  assert.equal(budget.usedBytes, 6 * BLOCK_BYTES, 'a refused reservation counts nothing');
+  assert.deepEqual(evicted, ['old'], 'a refusal evicts nothing');
+  assert.deepEqual(budget.stats.refusals, { a: 2 });
+});
+
+test('untracked files alone over the cap: chunks and unmounted layers’ TOCs are not written, rather than written and evicted', async (t) => {
+  const root = await tmpDir(t);
+  const cacheDir = path.join(root, 'cache', 'chunks');
+  const tocDir = path.join(root, 'cache', 'toc');
+  const caches = await openDiskCaches({ cacheDir, maxBytes: 8 * BLOCK_BYTES, log: quiet });
+  t.after(() => caches.close());
+  await caches.counted;
+  caches.budget.setUntrackedBytes(9 * BLOCK_BYTES);
+  const c = chunk('c', BLOCK_BYTES);
+  await caches.diskCache.put(c.digest, c.data); // never rejects
+  assert.equal(caches.diskCache.has(c.digest), false);
+  assert.equal(caches.diskCache.stats.refused, 1);
+  assert.equal(caches.diskCache.stats.writeErrors, 0);
+  assert.deepEqual(caches.budget.stats.evictions, {}, 'nothing was written only to be evicted');
+  assert.deepEqual(await readdir(cacheDir), [], 'no chunk file, no temp file, not even its shard dir');
+  const unmounted = toc('u', 100);
+  const mounted = toc('m', 100);
+  caches.tocCache.pin(mounted.layer);
+  for (const x of [unmounted, mounted]) await caches.tocCache.save(x.layer, { blobSize: 10, tocOffset: 5, tocJson: x.tocJson });
+  assert.deepEqual(await tocFiles(tocDir), [`${mounted.layer.slice(7)}.toc`], 'a mounted layer’s TOC is still kept for a restart');
+  assert.deepEqual(caches.budget.stats.refusals, { chunk: 1, toc: 1 });
+
+  // Once the untracked files shrink, chunks are cached again.
+  caches.budget.setUntrackedBytes(BLOCK_BYTES);
+  await caches.diskCache.put(c.digest, c.data);
+  assert.deepEqual(await caches.diskCache.get(c.digest), c.data);
 });
 
 test('TOC cache entries count toward the cap and are evicted like chunks, except a mounted layer’s', async (t) => {

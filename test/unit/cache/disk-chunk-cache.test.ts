@@ -6,6 +6,7 @@ import { mkdtemp, mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
+import { BLOCK_BYTES } from '../../../src/cache/disk-budget';
 import { DiskChunkCache } from '../../../src/cache/disk-chunk-cache';
 import { log } from '../../../src/log';
 
@@ -72,14 +73,15 @@ test('a file cut short or grown is dropped as corrupt, never served', async (t) 
 
 test('stays under its byte cap, evicting the least recently used', async (t) => {
   const dir = await tmpDir(t);
-  const cache = await DiskChunkCache.open({ dir, maxBytes: 3000, log: quiet });
-  const [a, b, c, d] = ['a', 'b', 'c', 'd'].map((s) => chunk(s, 1000));
+  // Without a shared budget the cache makes its own, which charges whole blocks as every budget does.
+  const cache = await DiskChunkCache.open({ dir, maxBytes: 3 * BLOCK_BYTES, log: quiet });
+  const [a, b, c, d] = ['a', 'b', 'c', 'd'].map((s) => chunk(s, BLOCK_BYTES));
   await cache.put(a!.digest, a!.data);
   await cache.put(b!.digest, b!.data);
   await cache.put(c!.digest, c!.data);
   assert.ok(await cache.get(a!.digest)); // a is now more recent than b
   await cache.put(d!.digest, d!.data);
-  assert.ok(cache.usedBytes <= 3000);
+  assert.ok(cache.usedBytes <= 3 * BLOCK_BYTES);
   assert.equal(cache.has(b!.digest), false, 'b was least recently used');
   assert.ok(cache.has(a!.digest) && cache.has(c!.digest) && cache.has(d!.digest));
   assert.equal(cache.stats.evictions, 1);

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import type { BlobSource } from '../../../src/remote/blob-source';
 import { LayerBlob, tailBytesFor, withTail } from '../../../src/fs/layer-blob';
+import { splitChunkBytes } from '../../../src/remote/parallel-fetch';
 
 /** A blob in memory that records the ranges asked for. */
 function memoryBlob(size: number): BlobSource & { data: Buffer; reads: Array<[number, number]> } {
@@ -71,6 +72,17 @@ test('LayerBlob: a long range is read as parallel chunks, in order', async () =>
   assert.equal(blob.reads.length, 5);
   assert.deepEqual(await lb.readRange(5, 15_000), blob.data.subarray(5, 15_005));
   assert.equal(blob.reads.length, 6, 'shorter than two chunks: one request');
+});
+
+test('LayerBlob: a long range is cut as a whole-blob fetch is, several requests a connection', async () => {
+  const MiB = 1024 * 1024;
+  const blob = memoryBlob(20 * MiB);
+  const lb = new LayerBlob(blob, { chunkBytes: 8 * MiB, concurrency: 4 });
+  assert.deepEqual(await lb.readRange(0, 20 * MiB), blob.data);
+  // Two 8 MiB and a 4 MiB request would leave three of the four connections idle; splitChunkBytes says 16 x 1.25 MiB.
+  const sizes = blob.reads.map(([, n]) => n);
+  assert.deepEqual(sizes, Array.from({ length: 16 }, () => splitChunkBytes(20 * MiB, 4, 8 * MiB)));
+  assert.equal(sizes[0], 1.25 * MiB);
 });
 
 test('LayerBlob: reads inside the tail read with the TOC come from memory', async () => {
