@@ -288,6 +288,7 @@ export async function benchReadDisk(): Promise<{ results: ReadResult[]; notes: s
       }
       notes.push(
         `small files, s/pass per sample: stargaze [${secs.stargaze.map((x) => x.toFixed(3)).join(', ')}], ` +
+          `local copy [${secs['stargaze local copy'].map((x) => x.toFixed(3)).join(', ')}], ` +
           `overlayfs [${secs.overlayfs.map((x) => x.toFixed(3)).join(', ')}]`,
       );
     }
