@@ -35,6 +35,7 @@ RUN npm run build \
  && cp -a package.json proto node_modules /opt/stargaze/ \
  && cp -a dist/src /opt/stargaze/dist/src
 COPY script/kind /opt/stargaze/script/kind
+COPY --chmod=0755 script/stargaze /opt/stargaze/script/stargaze
 
 # --- daemon: `stargaze daemon` as a container (DaemonSet) -----------------------------------------------
 FROM ${NODE_RUNTIME_IMAGE} AS daemon

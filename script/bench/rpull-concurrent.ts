@@ -19,7 +19,8 @@
 import { loadavg } from 'node:os';
 import {
   CleanupStack,
-  DEFAULT_CLI_PATH,
+  STARGAZE_COMMAND,
+  STARGAZE_COMMAND_ENV,
   buildBusyboxImage,
   convertToEstargz,
   mountsUnder,
@@ -93,7 +94,8 @@ export async function benchRpullConcurrent(): Promise<RpullConcurrentResult> {
         const started = Date.now();
         const results: RunResult[] = await Promise.all(
           Array.from({ length: n }, () =>
-            run(process.execPath, [DEFAULT_CLI_PATH, 'rpull', '--address', containerd.address, '--namespace', ns, '--plain-http', ref], {
+            run(STARGAZE_COMMAND, ['rpull', '--address', containerd.address, '--namespace', ns, '--plain-http', ref], {
+              env: STARGAZE_COMMAND_ENV,
               timeoutMs: RPULL_TIMEOUT_MS,
               allowFailure: true,
             }),

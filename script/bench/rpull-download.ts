@@ -19,7 +19,8 @@
 import { performance } from 'node:perf_hooks';
 import {
   CleanupStack,
-  DEFAULT_CLI_PATH,
+  STARGAZE_COMMAND,
+  STARGAZE_COMMAND_ENV,
   buildBusyboxImage,
   run,
   startContainerd,
@@ -98,15 +99,15 @@ export async function benchRpullDownload(): Promise<{ results: RpullDownloadResu
         const daemon = await startDaemon({ scope: local, logLevel: 'warn', plainHttpHosts: [registry.host, throttle.host], config: 'no_background_fetch = true\n' });
         const containerd = await startContainerd({ scope: local, stargazeAddress: daemon.address, stargazeRoot: daemon.root });
         const ns = containerd.newNamespace('bench-rpull');
-        const args = [DEFAULT_CLI_PATH, 'rpull', '--address', containerd.address, '--namespace', ns, '--plain-http', ref];
+        const args = ['rpull', '--address', containerd.address, '--namespace', ns, '--plain-http', ref];
         const t0 = performance.now();
-        const r = await run(process.execPath, args, { allowFailure: true, timeoutMs: PULL_TIMEOUT_MS, env: RPULL_ENV });
+        const r = await run(STARGAZE_COMMAND, args, { allowFailure: true, timeoutMs: PULL_TIMEOUT_MS, env: { ...STARGAZE_COMMAND_ENV, ...RPULL_ENV } });
         const s = (performance.now() - t0) / 1000;
         check(r, 'stargaze rpull');
         if (DEBUG) process.stdout.write(r.stderr.split('\n').filter((l) => /layer (applied|downloaded)/.test(l)).map((l) => `    ${l}\n`).join(''));
         rpullOut = r.stdout;
         if (!/fetched \d+ bytes/.test(r.stdout)) throw new Error(`rpull did not download the layers itself:\n${r.stdout}`);
-        if (commands.length < 4) commands.push(`node dist/src/cli.js rpull --address <fresh containerd> --namespace ${ns} --plain-http ${ref}`);
+        if (commands.length < 4) commands.push(`script/stargaze rpull --address <fresh containerd> --namespace ${ns} --plain-http ${ref}`);
         return s;
       } finally {
         await local.run();

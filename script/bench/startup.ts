@@ -54,6 +54,8 @@ import path from 'node:path';
 import {
   CleanupStack,
   DEFAULT_CLI_PATH,
+  STARGAZE_COMMAND,
+  STARGAZE_COMMAND_ENV,
   REPO_ROOT,
   STARGZ_SNAPSHOTTER,
   fetchManifest,
@@ -264,7 +266,8 @@ async function sample(
     const id = containerd.uniqueId('bench');
     registry.resetCounters();
     const pull = lazy
-      ? await run(process.execPath, [DEFAULT_CLI_PATH, 'rpull', '--address', containerd.address, '--namespace', ns, '--plain-http', ref], {
+      ? await run(STARGAZE_COMMAND, ['rpull', '--address', containerd.address, '--namespace', ns, '--plain-http', ref], {
+          env: STARGAZE_COMMAND_ENV,
           timeoutMs: STEP_TIMEOUT_MS,
         })
       : await containerd.ctr(['images', 'pull', '--plain-http', ref], { namespace: ns, timeoutMs: STEP_TIMEOUT_MS });

@@ -15,6 +15,7 @@
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
+import { trustedCas } from './trust';
 import { homedir } from 'node:os';
 import path from 'node:path';
 import type { Logger } from '../log';
@@ -161,9 +162,11 @@ export function kubeconfigPath(configured: string, env: NodeJS.ProcessEnv = proc
 
 // --- secrets ---------------------------------------------------------------------------------------
 
-function getJson(access: ApiServerAccess, urlPath: string): Promise<unknown> {
+async function getJson(access: ApiServerAccess, urlPath: string): Promise<unknown> {
   const url = new URL(access.server + urlPath);
   const lib = url.protocol === 'https:' ? https : http;
+  // A kubeconfig's certificate-authority is all it trusts (as client-go); without one, the default trust.
+  const ca = access.ca ?? (url.protocol === 'https:' ? await trustedCas([]) : undefined);
   return new Promise((resolve, reject) => {
     const req = lib.request(
       url,
@@ -171,7 +174,7 @@ function getJson(access: ApiServerAccess, urlPath: string): Promise<unknown> {
         method: 'GET',
         headers: { accept: 'application/json', ...(access.token ? { authorization: `Bearer ${access.token}` } : {}) },
         timeout: REQUEST_TIMEOUT_MS,
-        ...(url.protocol === 'https:' ? { ca: access.ca, cert: access.cert, key: access.key, rejectUnauthorized: !access.insecureSkipTlsVerify } : {}),
+        ...(url.protocol === 'https:' ? { ca, cert: access.cert, key: access.key, rejectUnauthorized: !access.insecureSkipTlsVerify } : {}),
       },
       (res) => {
         const chunks: Buffer[] = [];

@@ -34,9 +34,9 @@
  */
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
-import { rootCertificates } from 'node:tls';
 import { type Readable, Transform, type TransformCallback, pipeline } from 'node:stream';
 import { Pool, type Dispatcher } from 'undici';
+import { secureContextFor } from './trust';
 import { RegistryAuthError, RegistryError, StargazeError, errorCode, errorMessage } from '../errors';
 import { log as rootLog, type Logger } from '../log';
 import { MAX_TOKEN_RESPONSE_BYTES, RegistryAuthorizer, pullScope, type TokenHttp } from './auth';
@@ -796,16 +796,13 @@ export class RegistryClient {
 
   private async createPool(origin: string, tls: TlsSettings, certIndex: number): Promise<Pool> {
     const connect: Record<string, unknown> = { rejectUnauthorized: !tls.skipVerify };
-    if (tls.caFiles.length > 0) {
-      // Node's `ca` replaces the default trust store; hosts.toml `ca` adds to it.
-      connect.ca = [...rootCertificates, ...(await Promise.all(tls.caFiles.map((f) => readTlsFile(f, 'ca'))))];
-    }
+    // hosts.toml `ca` adds to the default trust (trust.ts); one context for the pool's connections.
+    const hostCas = await Promise.all(tls.caFiles.map((f) => readTlsFile(f, 'ca')));
     const c = tls.clientCerts[certIndex];
-    if (c !== undefined) {
-      const cert = await readTlsFile(c.certFile, 'client certificate');
-      connect.cert = cert;
-      connect.key = c.keyFile === undefined ? cert : await readTlsFile(c.keyFile, 'client key');
-    }
+    const cert = c === undefined ? undefined : await readTlsFile(c.certFile, 'client certificate');
+    const key = c === undefined ? undefined : c.keyFile === undefined ? cert : await readTlsFile(c.keyFile, 'client key');
+    const secureContext = await secureContextFor({ hostCas, cert, key });
+    if (secureContext !== undefined) connect.secureContext = secureContext;
     return new Pool(origin, { connections: this.connectionsPerOrigin, keepAliveTimeout: KEEP_ALIVE_TIMEOUT_MS, connect });
   }
 

@@ -13,9 +13,9 @@
  */
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
-import { rootCertificates } from 'node:tls';
 import { Transform, pipeline, type Readable, type TransformCallback } from 'node:stream';
 import { Agent, type Dispatcher } from 'undici';
+import { secureContextFor } from './trust';
 import { ConfigError, RegistryAuthError, RegistryError, errorCode, errorMessage } from '../errors';
 import { log as rootLog, type Logger } from '../log';
 import { resolveHosts, type RegistryEndpoint } from './hosts';
@@ -249,15 +249,12 @@ export class RegistryPusher {
 
 async function createAgent(endpoint: RegistryEndpoint): Promise<Agent> {
   const connect: Record<string, unknown> = { rejectUnauthorized: !endpoint.skipVerify };
-  if (endpoint.caFiles.length > 0) {
-    connect.ca = [...rootCertificates, ...(await Promise.all(endpoint.caFiles.map((f) => readTls(f, 'ca'))))];
-  }
+  const hostCas = await Promise.all(endpoint.caFiles.map((f) => readTls(f, 'ca')));
   const client = endpoint.clientCerts[0];
-  if (client !== undefined) {
-    const cert = await readTls(client.certFile, 'client certificate');
-    connect.cert = cert;
-    connect.key = client.keyFile === undefined ? cert : await readTls(client.keyFile, 'client key');
-  }
+  const cert = client === undefined ? undefined : await readTls(client.certFile, 'client certificate');
+  const key = client === undefined ? undefined : client.keyFile === undefined ? cert : await readTls(client.keyFile, 'client key');
+  const secureContext = await secureContextFor({ hostCas, cert, key });
+  if (secureContext !== undefined) connect.secureContext = secureContext;
   return new Agent({ connections: PUSH_CONNECTIONS, connect });
 }
 

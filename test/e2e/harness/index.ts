@@ -29,6 +29,8 @@ export {
 } from './containerd';
 export {
   DEFAULT_CLI_PATH,
+  STARGAZE_COMMAND,
+  STARGAZE_COMMAND_ENV,
   REPO_ROOT,
   startDaemon,
   writePlainHttpHostConfig,

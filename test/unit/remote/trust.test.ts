@@ -1,0 +1,128 @@
+/**
+ * Default TLS trust with NODE_EXTRA_CA_CERTS handed over by the launcher (src/remote/trust.ts,
+ * script/stargaze): a real node:https server whose CA is only in the extra-certs file, certificates made by
+ * `openssl` in a temp dir. The registry client must trust it through STARGAZE_EXTRA_CA_CERTS exactly as
+ * Node would through NODE_EXTRA_CA_CERTS, also beside a hosts.toml `ca`.
+ */
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { createServer, type Server } from 'node:https';
+import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { promisify } from 'node:util';
+import { after, before, describe, it } from 'node:test';
+import { rootCertificates } from 'node:tls';
+import { RegistryClient } from '../../../src/remote/registry-client';
+import { DEFERRED_EXTRA_CA_ENV, trustedCas } from '../../../src/remote/trust';
+
+const run = promisify(execFile);
+const REPO_ROOT = resolve(__dirname, '..', '..', '..', '..');
+
+async function makeCa(dir: string, name: string): Promise<void> {
+  await run('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', join(dir, `${name}.key`), '-out', join(dir, `${name}.crt`), '-days', '2', '-subj', `/CN=${name}`]);
+}
+
+async function makeServerCert(dir: string, issuer: string): Promise<void> {
+  await run('openssl', ['req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', join(dir, 'server.key'), '-out', join(dir, 'server.csr'), '-subj', '/CN=server']);
+  await writeFile(join(dir, 'server.ext'), 'subjectAltName=IP:127.0.0.1\n');
+  await run('openssl', ['x509', '-req', '-in', join(dir, 'server.csr'), '-CA', join(dir, `${issuer}.crt`), '-CAkey', join(dir, `${issuer}.key`), '-CAcreateserial', '-out', join(dir, 'server.crt'), '-days', '2', '-extfile', join(dir, 'server.ext')]);
+}
+
+describe('default TLS trust with deferred extra CA certificates', () => {
+  let dir: string;
+  let server: Server;
+  let host: string;
+  const saved = { deferred: process.env[DEFERRED_EXTRA_CA_ENV], node: process.env.NODE_EXTRA_CA_CERTS };
+
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'stargaze-trust-'));
+    await makeCa(dir, 'extra-ca');
+    await makeCa(dir, 'other-ca');
+    await makeServerCert(dir, 'extra-ca');
+    // The extra-certs file holds a bundle: another CA first, then the one that signed the server.
+    await writeFile(join(dir, 'bundle.pem'), (await readFile(join(dir, 'other-ca.crt'), 'utf8')) + (await readFile(join(dir, 'extra-ca.crt'), 'utf8')));
+    server = createServer({ key: await readFile(join(dir, 'server.key')), cert: await readFile(join(dir, 'server.crt')) }, (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json', 'docker-content-digest': 'x' }).end('{}');
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    host = `127.0.0.1:${(server.address() as AddressInfo).port}`;
+  });
+
+  after(async () => {
+    process.env[DEFERRED_EXTRA_CA_ENV] = saved.deferred;
+    if (saved.deferred === undefined) delete process.env[DEFERRED_EXTRA_CA_ENV];
+    process.env.NODE_EXTRA_CA_CERTS = saved.node;
+    if (saved.node === undefined) delete process.env.NODE_EXTRA_CA_CERTS;
+    await new Promise<void>((r) => server.close(() => r()));
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it('leaves Node its default store when nothing is deferred and the host has no CA', async () => {
+    assert.equal(await trustedCas([], { env: {} }), undefined);
+    assert.equal(await trustedCas([], { env: { NODE_EXTRA_CA_CERTS: join(dir, 'bundle.pem') } }), undefined, 'Node loaded that one itself');
+  });
+
+  it("adds the file's certificates to Node's roots, and a host's CAs to both", async () => {
+    const bundle = join(dir, 'bundle.pem');
+    const deferred = await trustedCas([], { env: { [DEFERRED_EXTRA_CA_ENV]: bundle } });
+    assert.equal(deferred?.length, rootCertificates.length + 2);
+    const hostCa = await readFile(join(dir, 'other-ca.crt'));
+    // Node's `ca` would replace its store, dropping NODE_EXTRA_CA_CERTS: those come along by hand.
+    const withHost = await trustedCas([hostCa], { env: { NODE_EXTRA_CA_CERTS: bundle } });
+    assert.equal(withHost?.length, rootCertificates.length + 3);
+    assert.equal(withHost?.at(-1), hostCa);
+  });
+
+  it('an unreadable file is ignored with a warning, as Node does', async () => {
+    const warnings: string[] = [];
+    const onWarning = (w: Error): void => void warnings.push(w.message);
+    process.on('warning', onWarning);
+    try {
+      const cas = await trustedCas([], { env: { [DEFERRED_EXTRA_CA_ENV]: join(dir, 'missing.pem') } });
+      assert.equal(cas?.length, rootCertificates.length);
+      await new Promise((r) => setImmediate(r));
+      assert.ok(warnings.some((w) => w.includes('missing.pem')), warnings.join('; '));
+    } finally {
+      process.off('warning', onWarning);
+    }
+  });
+
+  it('the registry client trusts a server signed by a CA of the deferred file, and not without it', async () => {
+    delete process.env.NODE_EXTRA_CA_CERTS;
+    delete process.env[DEFERRED_EXTRA_CA_ENV];
+    // HTTPS only (no hosts.toml `ca`): a loopback host would otherwise be tried over plain HTTP too.
+    const hostsDir = join(dir, 'hosts');
+    await mkdir(join(hostsDir, host), { recursive: true });
+    await writeFile(join(hostsDir, host, 'hosts.toml'), `server = "https://${host}"\n`);
+    const options = { hostsDir, requestTimeoutMs: 10_000, retry: { maxRetries: 0 } };
+    const untrusting = new RegistryClient(options);
+    try {
+      await assert.rejects(untrusting.fetchManifest(`${host}/test/repo:v1`), /certificate|self-signed|issuer/i);
+    } finally {
+      await untrusting.close();
+    }
+    process.env[DEFERRED_EXTRA_CA_ENV] = join(dir, 'bundle.pem');
+    const trusting = new RegistryClient(options);
+    try {
+      const manifest = await trusting.fetchManifest(`${host}/test/repo:v1`);
+      assert.equal(manifest.body.toString(), '{}');
+    } finally {
+      await trusting.close();
+    }
+  });
+
+  it('the launcher hands NODE_EXTRA_CA_CERTS over instead of letting Node parse it at start', async () => {
+    // A stand-in for node that prints the environment it was started with.
+    const fakeNode = join(dir, 'fake-node');
+    await writeFile(fakeNode, '#!/bin/sh\necho "node=${NODE_EXTRA_CA_CERTS:-unset} stargaze=${STARGAZE_EXTRA_CA_CERTS:-unset} args=$*"\n');
+    await chmod(fakeNode, 0o755);
+    const launcher = join(REPO_ROOT, 'script', 'stargaze');
+    const env = { PATH: process.env.PATH, STARGAZE_NODE: fakeNode };
+    const withVar = await run(launcher, ['rpull', 'x'], { env: { ...env, NODE_EXTRA_CA_CERTS: '/some/bundle.pem' } });
+    assert.equal(withVar.stdout.trim(), `node=unset stargaze=/some/bundle.pem args=${join(REPO_ROOT, 'dist', 'src', 'cli.js')} rpull x`);
+    const without = await run(launcher, ['--version'], { env });
+    assert.equal(without.stdout.trim(), `node=unset stargaze=unset args=${join(REPO_ROOT, 'dist', 'src', 'cli.js')} --version`);
+  });
+});
