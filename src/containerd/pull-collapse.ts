@@ -4,23 +4,22 @@
  * loading gRPC or the registry client, and finish with its result. Twenty pulls started at once then cost about
  * one pull plus nineteen bare Node starts, instead of twenty pulls fighting for two cores and the same locks.
  *
- * Leadership is a host lock (host-lock.ts: crash-safe, freed by the kernel). The result travels through a file
- * in a directory only our user can write (checked, not assumed), because anyone on the host can bind an abstract
- * socket name: a waiter trusts nothing it hears from the lock, only a result file newer than its own start. When
- * the leader fails (or the directory is not private) each waiter pulls on its own, as without collapsing.
+ * Leadership is a host lock (host-lock.ts: crash-safe, waiters woken when the leader is done). Lock and result
+ * file live in rpull's private directory (rpull-dir.ts); a waiter trusts nothing it hears from the lock, only a
+ * result file newer than its own start. When the leader fails (or the directory is not private) each waiter
+ * pulls on its own, as without collapsing.
  */
 import { createHash } from 'node:crypto';
-import { lstat, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
-import os from 'node:os';
+import { readFile, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { errorCode } from '../errors';
 import { tryHostLock, waitForHostLockRelease, type ReleaseHostLock } from './host-lock';
+import { privateRpullDir } from './rpull-dir';
 
 /** Longest a waiter sleeps between looks at the lock (a release wakes it earlier). */
 const WAIT_SLICE_MS = 1_000;
 /** The longest a pull waits for another's result before it pulls on its own. */
 const MAX_JOIN_WAIT_MS = 120_000;
-const RESULT_DIR_MODE = 0o700;
 
 /** What a waiter needs to report the pull as its own. */
 export interface CollapsedPull {
@@ -42,21 +41,6 @@ export type CollapseOutcome =
 /** Everything that decides what a pull does; two pulls with equal keys are interchangeable. */
 export function collapseKey(parts: Record<string, unknown>): string {
   return createHash('sha256').update(JSON.stringify(parts)).digest('hex');
-}
-
-/** Our private result directory, or undefined when it is not ours alone (then nothing is collapsed). */
-export async function privateResultDir(base?: string): Promise<string | undefined> {
-  const uid = process.getuid?.();
-  if (uid === undefined) return undefined;
-  const dir = base ?? (uid === 0 ? '/run/stargaze/rpull' : path.join(os.tmpdir(), `stargaze-rpull-${uid}`));
-  try {
-    await mkdir(dir, { recursive: true, mode: RESULT_DIR_MODE });
-    const st = await lstat(dir);
-    if (!st.isDirectory() || st.uid !== uid || (st.mode & 0o077) !== 0) return undefined;
-    return dir;
-  } catch {
-    return undefined;
-  }
 }
 
 function isResult(x: unknown): x is ResultFile {
@@ -92,7 +76,7 @@ async function readFresh(file: string, since: number): Promise<CollapsedPull | u
  */
 export async function joinOrLead(key: string, opts: { signal?: AbortSignal; resultDir?: string } = {}): Promise<CollapseOutcome> {
   const noop: CollapseOutcome = { kind: 'lead', publish: async () => undefined, release: async () => undefined };
-  const dir = await privateResultDir(opts.resultDir);
+  const dir = await privateRpullDir(opts.resultDir);
   if (dir === undefined) return noop;
   const file = path.join(dir, `${key}.json`);
   const lockName = `rpull ${key}`;
@@ -114,7 +98,7 @@ export async function joinOrLead(key: string, opts: { signal?: AbortSignal; resu
   });
   for (;;) {
     opts.signal?.throwIfAborted();
-    const release = await tryHostLock(lockName);
+    const release = await tryHostLock(lockName, dir);
     if (release !== undefined) {
       // The leader may have published between our last look and taking the lock.
       const result = await readFresh(file, since);
@@ -122,10 +106,10 @@ export async function joinOrLead(key: string, opts: { signal?: AbortSignal; resu
       await release();
       return { kind: 'joined', result, waitedMs: Date.now() - since };
     }
-    await waitForHostLockRelease(lockName, WAIT_SLICE_MS, opts.signal);
+    await waitForHostLockRelease(lockName, dir, WAIT_SLICE_MS, opts.signal);
     const result = await readFresh(file, since);
     if (result !== undefined) return { kind: 'joined', result, waitedMs: Date.now() - since };
-    // Anyone on the host can hold the lock's name: past this, pull without the leader (correct, just not shared).
+    // A leader that hangs (or a lock held by something else of ours): past this, pull without it (correct, just not shared).
     if (Date.now() - since > MAX_JOIN_WAIT_MS) return noop;
   }
 }

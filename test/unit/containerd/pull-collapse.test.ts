@@ -3,7 +3,8 @@ import assert from 'node:assert/strict';
 import { chmod, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { collapseKey, joinOrLead, privateResultDir, type CollapsedPull } from '../../../src/containerd/pull-collapse';
+import { collapseKey, joinOrLead, type CollapsedPull } from '../../../src/containerd/pull-collapse';
+import { privateRpullDir } from '../../../src/containerd/rpull-dir';
 
 const RESULT: CollapsedPull = { name: 'example.com/a:b', manifestDigest: `sha256:${'1'.repeat(64)}`, platform: undefined, layers: [`sha256:${'2'.repeat(64)}`] };
 
@@ -60,9 +61,9 @@ test('a result older than the pull does not count', () =>
 
 test('a result directory others can write to is not used', () =>
   withDir(async (dir) => {
-    assert.equal(await privateResultDir(dir), dir);
+    assert.equal(await privateRpullDir(dir), dir);
     await chmod(dir, 0o777);
-    assert.equal(await privateResultDir(dir), undefined);
+    assert.equal(await privateRpullDir(dir), undefined);
     // and then nothing is collapsed: every pull leads
     const key = collapseKey({ test: 'open', n: Math.random() });
     await writeFile(path.join(dir, `${key}.json`), JSON.stringify({ ...RESULT, finishedAt: Date.now() + 60_000 }));
