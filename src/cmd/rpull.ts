@@ -226,6 +226,11 @@ export async function main(argv: string[]): Promise<number> {
     try {
       const result = await pull(args, reference.domain, platform, abort.signal, progress);
       await collapse.publish(result);
+    } catch (err) {
+      // A failure may be the waiters' too: they each try at once (pull-collapse.ts). An interrupted pull's
+      // is its own: saying nothing lets one of them take the lead for the others.
+      if (!abort.signal.aborted) await collapse.fail();
+      throw err;
     } finally {
       await collapse.release();
     }
