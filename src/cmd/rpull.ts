@@ -148,8 +148,11 @@ export function layerLine(digest: string, outcome: LayerOutcome, bytes: number, 
   }
 }
 
-/** Plain lines; on a terminal also a live status line for the layer in progress. */
-class ProgressPrinter {
+/**
+ * Plain lines; on a terminal also a live status line for the layer in progress. A pull's lines and a joined
+ * pull's (printJoined) come out of the same methods, so the two cannot drift apart.
+ */
+export class ProgressPrinter {
   /** Whether a status line is on screen (and must be cleared before the next line). */
   private statusShown = false;
   private lastDraw = 0;
@@ -175,10 +178,30 @@ class ProgressPrinter {
     this.out.write(`${text}\n`);
   }
 
+  /** The first line of a pull: the image, its manifest and platform. */
+  resolved(name: string, manifestDigest: string, platform: string | undefined, layerCount: number): void {
+    this.line(`${name}: ${manifestDigest.slice(0, SHORT_DIGEST_CHARS)}${platform ? ` (${platform})` : ''}, ${layers(layerCount)}`);
+  }
+
+  /** The last line of a pull: what happened to its layers. */
+  done(name: string, results: readonly { outcome: LayerOutcome; bytes: number }[], ms: number): void {
+    const count = (o: LayerOutcome): number => results.filter((l) => l.outcome === o).length;
+    const bytes = results.reduce((n, l) => n + l.bytes, 0);
+    this.line(
+      `done: ${name} ${layers(results.length)} (${count('lazy')} lazy, ${count('fetched')} fetched, ${count('present')} already present), ` +
+        `${bytes} bytes fetched in ${ms}ms`,
+    );
+  }
+
+  /** The line of a layer that is done. */
+  layerDone(digest: string, outcome: LayerOutcome, bytes: number, ms: number): void {
+    this.line(layerLine(digest, outcome, bytes, ms));
+  }
+
   event(e: PullEvent): void {
     switch (e.type) {
       case 'resolved':
-        this.line(`${e.name}: ${e.manifest.digest.slice(0, SHORT_DIGEST_CHARS)}${e.platform ? ` (${e.platform})` : ''}, ${layers(e.layers)}`);
+        this.resolved(e.name, e.manifest.digest, e.platform, e.layers);
         break;
       case 'layer-start':
         this.status(`${e.digest.slice(0, SHORT_DIGEST_CHARS)} preparing (${formatBytes(e.size)})`, true);
@@ -187,7 +210,7 @@ class ProgressPrinter {
         this.status(`${e.digest.slice(0, SHORT_DIGEST_CHARS)} fetching ${formatBytes(e.bytes)} / ${formatBytes(e.size)}`, e.bytes === e.size);
         break;
       case 'layer-done':
-        this.line(layerLine(e.digest, e.outcome, e.bytes, e.ms));
+        this.layerDone(e.digest, e.outcome, e.bytes, e.ms);
         break;
     }
   }
@@ -226,6 +249,11 @@ export async function main(argv: string[]): Promise<number> {
     try {
       const result = await pull(args, reference.domain, platform, abort.signal, progress);
       await collapse.publish(result);
+    } catch (err) {
+      // A failure may be the waiters' too: they each try at once (pull-collapse.ts). An interrupted pull's
+      // is its own: saying nothing lets one of them take the lead for the others.
+      if (!abort.signal.aborted) await collapse.fail();
+      throw err;
     } finally {
       await collapse.release();
     }
@@ -237,11 +265,12 @@ export async function main(argv: string[]): Promise<number> {
 }
 
 /** What a pull that joined a concurrent one prints: the same lines, every layer present (the other pull did it). */
-function printJoined(progress: ProgressPrinter, r: CollapsedPull, ms: number): void {
-  progress.line(`${r.name}: ${r.manifestDigest.slice(0, SHORT_DIGEST_CHARS)}${r.platform ? ` (${r.platform})` : ''}, ${layers(r.layers.length)}`);
+export function printJoined(progress: ProgressPrinter, r: CollapsedPull, ms: number): void {
+  progress.resolved(r.name, r.manifestDigest, r.platform, r.layers.length);
   progress.line('joined a concurrent rpull of the same image');
-  for (const d of r.layers) progress.line(layerLine(d, 'present', 0, ms));
-  progress.line(`done: ${r.name} ${layers(r.layers.length)} (0 lazy, 0 fetched, ${r.layers.length} already present), 0 bytes fetched in ${ms}ms`);
+  const present = r.layers.map((digest) => ({ digest, outcome: 'present' as const, bytes: 0 }));
+  for (const l of present) progress.layerDone(l.digest, l.outcome, l.bytes, ms);
+  progress.done(r.name, present, ms);
 }
 
 async function pull(args: RpullArgs, domain: string, platform: Platform, signal: AbortSignal, progress: ProgressPrinter): Promise<CollapsedPull> {
@@ -268,8 +297,6 @@ async function pull(args: RpullArgs, domain: string, platform: Platform, signal:
     resolved.catch(() => undefined);
     const [{ ContainerdClient }, { pullImage }] = await Promise.all([import('../containerd/client'), import('../containerd/pull')]);
     client = await ContainerdClient.connect({ address: args.address, namespace: args.namespace });
-    let manifestDigest = '';
-    let platformName: string | undefined;
     const result = await pullImage({
       client,
       registry,
@@ -280,21 +307,10 @@ async function pull(args: RpullArgs, domain: string, platform: Platform, signal:
       log: log.child({ module: 'rpull' }),
       signal,
       resolved,
-      onEvent: (e) => {
-        if (e.type === 'resolved') {
-          manifestDigest = e.manifest.digest;
-          platformName = e.platform;
-        }
-        progress.event(e);
-      },
+      onEvent: (e) => progress.event(e),
     });
-    const count = (o: LayerOutcome): number => result.layers.filter((l) => l.outcome === o).length;
-    const bytes = result.layers.reduce((n, l) => n + l.bytes, 0);
-    progress.line(
-      `done: ${result.name} ${layers(result.layers.length)} (${count('lazy')} lazy, ${count('fetched')} fetched, ${count('present')} already present), ` +
-        `${bytes} bytes fetched in ${result.ms}ms`,
-    );
-    return { name: result.name, manifestDigest: manifestDigest || result.manifest.digest, platform: platformName, layers: result.layers.map((l) => l.digest) };
+    progress.done(result.name, result.layers, result.ms);
+    return { name: result.name, manifestDigest: result.manifest.digest, platform: result.platform, layers: result.layers.map((l) => l.digest) };
   } finally {
     client?.close();
     await registry.close();

@@ -10,6 +10,8 @@
 import { readFile } from 'node:fs/promises';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { ConfigError, errorCode } from '../errors';
+import type { ConfigMirror } from '../remote/hosts';
+import { parseHeaderTable } from '../remote/header-table';
 import { MIRROR_KEYS, TABLE_KEYS, TOP_LEVEL_KEYS, type KeySpec, type KeyType } from './keys';
 
 export const DEFAULT_PREFETCH_TIMEOUT_SEC = 10;
@@ -58,17 +60,7 @@ export interface ResolverConfig {
   /** Bound of each registry request (`[resolver] request_timeout_sec`); <= 0 means no timeout. */
   readonly requestTimeoutSec: number;
   /** `[[resolver.host."<registry>".mirrors]]` by registry; used for registries without a hosts.toml. */
-  readonly mirrors: Readonly<Record<string, readonly ResolverMirror[]>>;
-}
-
-export interface ResolverMirror {
-  readonly host: string;
-  /** `insecure`: plain http. */
-  readonly insecure: boolean;
-  /** `request_timeout_sec`: 0 means `[resolver] request_timeout_sec`, negative none. */
-  readonly requestTimeoutSec: number;
-  /** `header`, names lower-cased. */
-  readonly headers: Readonly<Record<string, readonly string[]>>;
+  readonly mirrors: Readonly<Record<string, readonly ConfigMirror[]>>;
 }
 
 export interface BlobConfig {
@@ -235,7 +227,7 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
 
   const warnings: string[] = [];
   const values = new Map<string, unknown>();
-  let mirrors: Record<string, ResolverMirror[]> = {};
+  let mirrors: Record<string, ConfigMirror[]> = {};
   const ignored = (path: string, extra = ''): void => {
     warnings.push(`${source}: config key ${path} is not implemented yet, ignored${extra}`);
   };
@@ -317,8 +309,8 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
 }
 
 /** `[[resolver.host."<registry>".mirrors]]`: checked for shape and types; mirrors by registry. */
-function parseResolverHosts(value: unknown, source: string): Record<string, ResolverMirror[]> {
-  const out: Record<string, ResolverMirror[]> = {};
+function parseResolverHosts(value: unknown, source: string): Record<string, ConfigMirror[]> {
+  const out: Record<string, ConfigMirror[]> = {};
   const base = ['resolver', 'host'];
   if (!isTable(value)) throw new ConfigError(`${source}: ${keyPath(base)} must be a table of registries, got ${describe(value)}`);
   for (const [registry, entry] of Object.entries(value)) {
@@ -327,10 +319,10 @@ function parseResolverHosts(value: unknown, source: string): Record<string, Reso
     for (const [key, mirrors] of Object.entries(entry)) {
       if (key !== 'mirrors') throw new ConfigError(`${source}: unknown config key ${keyPath([...at, key])}`);
       if (!Array.isArray(mirrors)) throw new ConfigError(`${source}: ${keyPath([...at, key])} must be an array of tables ([[...mirrors]]), got ${describe(mirrors)}`);
-      out[registry] = mirrors.map((mirror: unknown, i: number): ResolverMirror => {
+      out[registry] = mirrors.map((mirror: unknown, i: number): ConfigMirror => {
         const mpath = `${keyPath([...at, key])}[${i}]`;
         if (!isTable(mirror)) throw new ConfigError(`${source}: ${mpath} must be a table, got ${describe(mirror)}`);
-        const headers: Record<string, string[]> = {};
+        let headers: Record<string, string[]> = {};
         for (const [mk, mv] of Object.entries(mirror)) {
           const type = MIRROR_KEYS[mk];
           const path = `${mpath}.${keyPath([mk])}`;
@@ -339,16 +331,7 @@ function parseResolverHosts(value: unknown, source: string): Record<string, Reso
             checkType(mv, type, source, path);
             continue;
           }
-          if (!isTable(mv)) throw new ConfigError(`${source}: ${path} must be a table, got ${describe(mv)}`);
-          for (const [hk, hv] of Object.entries(mv)) {
-            const ok = typeof hv === 'string' || (Array.isArray(hv) && hv.every((x) => typeof x === 'string'));
-            if (!ok) throw new ConfigError(`${source}: ${path}.${keyPath([hk])} must be a string or an array of strings, got ${describe(hv)}`);
-            // CR, LF and other controls would split the request's header block: refuse them here, not per request.
-            if ((typeof hv === 'string' ? [hv] : (hv as string[])).some((x) => /[\u0000-\u001f\u007f]/.test(x))) {
-              throw new ConfigError(`${source}: ${path}.${keyPath([hk])} holds a control character`);
-            }
-            headers[hk.toLowerCase()] = typeof hv === 'string' ? [hv] : (hv as string[]);
-          }
+          headers = parseHeaderTable(mv, (name, why) => new ConfigError(`${source}: ${path}${name === undefined ? '' : `.${keyPath([name])}`} ${why}`));
         }
         if (typeof mirror.host !== 'string' || mirror.host === '') throw new ConfigError(`${source}: ${mpath}.host must be set`);
         // The reference's key is a bare host[:port]; `https://m.example` or a path would make a nonsense URL.

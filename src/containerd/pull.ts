@@ -129,6 +129,8 @@ export interface PullResult {
   /** Image record target: the index, or the manifest when the reference named one. */
   target: Descriptor;
   manifest: Descriptor;
+  /** The platform picked from the index (`os/arch[/variant]`); undefined when the reference named a manifest. */
+  platform: string | undefined;
   /** chainID of the whole rootfs. */
   chainId: string;
   layers: LayerResult[];
@@ -201,6 +203,19 @@ async function readAll(body: AsyncIterable<Buffer>, limit: number, what: string)
   return chunks.length === 1 ? (chunks[0] as Buffer) : Buffer.concat(chunks, total);
 }
 
+/** `p`, or the abort reason as soon as `signal` aborts (`p` itself runs on; its rejection is handled). */
+function untilAborted<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) {
+    p.catch(() => undefined);
+    return Promise.reject(signal.reason);
+  }
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => reject(signal.reason);
+    signal.addEventListener('abort', onAbort, { once: true });
+    p.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
+  });
+}
+
 /** Runs at most `limit` tasks at once, first come first served. */
 class Semaphore {
   private active = 0;
@@ -236,7 +251,7 @@ export async function pullImage(opts: PullOptions): Promise<PullResult> {
   // The registry round trips (manifest, config) and containerd's checks need nothing of each other: they run
   // together. Only reads happen before the lease exists; containerd's errors are reported first.
   const resolving = pull.resolveImage();
-  resolving.catch(() => undefined); // awaited below, unless containerd failed first
+  resolving.catch(() => undefined); // awaited below, and in `finally` when containerd failed first
   let leased = false;
   try {
     // containerd creates a namespace on first use; creating it explicitly also proves containerd answers.
@@ -259,6 +274,9 @@ export async function pullImage(opts: PullOptions): Promise<PullResult> {
   } finally {
     opts.signal?.removeEventListener('abort', onCallerAbort);
     abort.abort(new StargazeError('ERR_INTERNAL', 'pull finished'));
+    // After an early failure the resolve may still be running: the abort stops it, and nothing of this pull
+    // (a config download, a content store read) may run on after it returns.
+    await resolving.catch(() => undefined);
     await pull.settle();
     if (leased) {
       await client.leases.delete(leaseId).catch((err: unknown) => log.warn({ lease: leaseId, err: errorMessage(err) }, 'could not delete lease'));
@@ -299,7 +317,8 @@ class Pull {
   /** Manifest (via the index) and config: registry reads, plus a content store read when the config is there. */
   async resolveImage(): Promise<ResolvedImage> {
     const started = Date.now();
-    const resolved = await (this.opts.resolved ?? resolveManifest(this.opts.registry, this.name, this.opts.platform, this.signal));
+    // The caller's resolve (opts.resolved) is not ours to stop: an aborted pull just stops waiting for it.
+    const resolved = await untilAborted(this.opts.resolved ?? resolveManifest(this.opts.registry, this.name, this.opts.platform, this.signal), this.signal);
     const config = await this.fetchConfig(resolved.manifest.doc);
     this.log.debug({ ms: Date.now() - started }, 'manifest and config fetched');
     return { ...resolved, config };
@@ -339,7 +358,7 @@ class Pull {
     const top = chain[chain.length - 1] ?? '';
     if (top !== '') await this.c.content.updateLabels(config.desc.digest, { [`${GC_REF_SNAPSHOT_PREFIX}${this.opts.snapshotter}`]: top });
     await this.createImage(target.desc);
-    return { name: this.name, target: target.desc, manifest: manifest.desc, chainId: top, layers: results };
+    return { name: this.name, target: target.desc, manifest: manifest.desc, platform, chainId: top, layers: results };
   }
 
   // --- resolve -------------------------------------------------------------------------------------------

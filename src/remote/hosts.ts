@@ -19,6 +19,7 @@ import { isAbsolute, join, resolve as resolvePath } from 'node:path';
 import { isIP } from 'node:net';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { ConfigError, errorCode } from '../errors';
+import { parseHeaderTable } from './header-table';
 import { registryHostFor } from './reference';
 
 /** File name containerd reads inside each host directory. */
@@ -52,16 +53,16 @@ export interface RegistryEndpoint {
 
 /**
  * A mirror from the daemon config's `[[resolver.host."<registry>".mirrors]]` (the reference's way to set
- * mirrors). Used for a registry only when no hosts.toml applies to it.
+ * mirrors), as config/config.ts loads it. Used for a registry only when no hosts.toml applies to it.
  */
 export interface ConfigMirror {
   /** `host[:port]`, no scheme. */
   readonly host: string;
   /** Plain http (loopback hosts get it anyway). */
   readonly insecure: boolean;
-  /** Bound of each request to this mirror: 0 means the global one, negative none. */
+  /** `request_timeout_sec`: bound of each request to this mirror; 0 means `[resolver] request_timeout_sec`, negative none. */
   readonly requestTimeoutSec: number;
-  /** Extra request headers, lower-case names. */
+  /** `header`: extra request headers, lower-case names (header-table.ts). */
   readonly headers: Readonly<Record<string, readonly string[]>>;
 }
 
@@ -244,13 +245,7 @@ function parseHost(
     capabilities = caps as HostCapability[];
   }
 
-  const headers: Record<string, string[]> = {};
-  if (table.header !== undefined) {
-    if (!isTable(table.header)) throw fail('header', 'must be a table of name = "value" or name = ["values"]');
-    for (const [name, value] of Object.entries(table.header)) {
-      headers[name.toLowerCase()] = stringList(value, () => fail(`header.${name}`, 'must be a string or a list of strings'));
-    }
-  }
+  const headers = table.header === undefined ? {} : parseHeaderTable(table.header, (name, why) => fail(name === undefined ? 'header' : `header.${name}`, why));
 
   const skipVerify = optionalBool(table.skip_verify, () => fail('skip_verify', 'must be a boolean')) ?? false;
   const caFiles =

@@ -25,7 +25,8 @@
  * whose body breaks off is read again, up to max_retries times too. All of it stays inside the bounds below.
  *
  * Timeouts: `requestTimeoutMs` ([resolver] request_timeout_sec) bounds every small request end to end and is
- * the idle limit (headers, gap between body chunks) of every request; a range read is bounded end to end by
+ * the idle limit (headers, gap between body chunks) of every request; a config mirror's own request_timeout_sec
+ * replaces it for the requests to that mirror, in both roles. A range read is bounded end to end by
  * `fetchTimeoutMs` ([blob] fetching_timeout_sec); a whole-blob stream has only the idle limit, because its
  * length is the caller's business. The caller's AbortSignal is honoured everywhere.
  *
@@ -365,7 +366,7 @@ export class RegistryClient {
     const acceptHeader = typeof accept === 'string' ? accept : accept.join(', ');
     return this.tryEndpoints(reference, caps, what, signal, async (endpoint) => {
       const url = this.objectUrl(endpoint, reference, 'manifests', reference.object);
-      const deadline = new Deadline(signal, this.requestTimeoutMs);
+      const deadline = new Deadline(signal, this.requestTimeoutFor(endpoint));
       try {
         const res = await this.follow(endpoint, reference, url, { accept: acceptHeader }, what, deadline.signal);
         if (res.statusCode !== 200) {
@@ -513,7 +514,7 @@ export class RegistryClient {
     signal: AbortSignal | undefined,
     tailBytes = 0,
   ): Promise<{ location: BlobLocation; size: number; rangesIgnored: boolean; tail?: BlobTailBytes }> {
-    const deadline = new Deadline(signal, this.requestTimeoutMs);
+    const deadline = new Deadline(signal, this.requestTimeoutFor(endpoint));
     const where = `${what} at ${endpoint.host}`;
     const range = tailBytes > 0 ? `bytes=-${tailBytes}` : 'bytes=0-1';
     try {
@@ -734,8 +735,7 @@ export class RegistryClient {
 
   private async request(url: URL, tls: TlsSettings, certIndex: number, opts: SendOptions): Promise<Dispatcher.ResponseData> {
     const pool = await this.poolFor(url, tls, certIndex);
-    const own = tls.requestTimeoutSec ?? 0;
-    const idle = own > 0 ? own * 1000 : own < 0 ? 0 : (this.requestTimeoutMs ?? 0); // undici: 0 disables
+    const idle = this.requestTimeoutFor(tls) ?? 0; // undici: 0 disables
     return pool.request({
       path: url.pathname + url.search,
       method: opts.method,
@@ -762,6 +762,17 @@ export class RegistryClient {
       if (isTransientNetworkError(err) && !this.closed) markTransient(wrapped);
       throw wrapped;
     }
+  }
+
+  /**
+   * The request bound for `target` (an endpoint, or DEFAULT_TLS for other origins): a config mirror's own
+   * request_timeout_sec when it sets one (negative: none), else [resolver] request_timeout_sec. It is both
+   * the end-to-end deadline of a small request to an endpoint and the idle limit of every request.
+   */
+  private requestTimeoutFor(target: TlsSettings): number | null {
+    const own = target.requestTimeoutSec ?? 0;
+    if (own > 0) return own * 1000;
+    return own < 0 ? null : this.requestTimeoutMs;
   }
 
   /** Token server requests, through the same pools and timeouts. */

@@ -204,6 +204,8 @@ describe('parseConfig: bad configs', () => {
     ['bad mirror header', '[[resolver.host."r".mirrors]]\nheader = { a = 1 }', /mirrors\[0\]\.header\.a must be a string or an array of strings/],
     ['mirror without host', '[[resolver.host."r".mirrors]]\ninsecure = true', /mirrors\[0\]\.host must be set/],
     ['mirror host with a scheme', '[[resolver.host."r".mirrors]]\nhost = "https://m.example"', /mirrors\[0\]\.host must be host\[:port\]/],
+    ['mirror header name not a token', '[[resolver.host."r".mirrors]]\nhost = "m.example"\nheader = { "a b" = "x" }', /header\."a b" is not a valid header name/],
+    ['mirror header not a table', '[[resolver.host."r".mirrors]]\nhost = "m.example"\nheader = "x"', /mirrors\[0\]\.header must be a table/],
     ['mirror header with a newline', '[[resolver.host."r".mirrors]]\nhost = "m.example"\nheader = { a = "x\\r\\nb: y" }', /header\.a holds a control character/],
     ['bad resolver.host entry', '[resolver.host."r"]\nfoo = 1', /unknown config key resolver\.host\.r\.foo/],
     ['syntax error', 'noprefetch = ', /test\.toml: invalid TOML at line 1/],

@@ -98,6 +98,9 @@ server = "https://registry-1.docker.io"
     ['[host."https://m"]\ncapabilities = "pull"', /capabilities: must be a list/],
     ['[host."https://m"]\nskip_verify = "yes"', /skip_verify: must be a boolean/],
     ['[host."https://m"]\nheader = { a = 1 }', /header\.a: must be a string/],
+    // The same header rules as the daemon config's mirrors (one normaliser): no controls, token names.
+    ['[host."https://m"]\nheader = { a = "x\\r\\nb: y" }', /header\.a: holds a control character/],
+    ['[host."https://m"]\nheader = { "a b" = "x" }', /header\.a b: is not a valid header name/],
     ['[host."https://m"]\nca = 3', /ca: must be a path/],
     ['this is not toml', /invalid TOML/],
     ['[host."https://m"]\nclient = [["", "k.key"]]', /client/],

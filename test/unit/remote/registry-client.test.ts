@@ -619,3 +619,76 @@ describe('registry client: Bearer token auth', () => {
     for (const l of lines) assert.ok(!l.includes(wrong), `log leaks the password: ${l}`);
   });
 });
+
+describe("registry client: a config mirror's request_timeout_sec", () => {
+  const fakes: FakeServer[] = [];
+  after(async () => {
+    await Promise.all(fakes.map((f) => f.close()));
+  });
+
+  /** A server that answers every request with `body`, one byte per `gapMs`: never idle long, slow overall. */
+  async function trickling(body: Buffer, gapMs: number): Promise<FakeServer> {
+    const server = await startFakeServer((_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json', 'content-length': body.length });
+      let sent = 0;
+      const timer = setInterval(() => {
+        res.write(body.subarray(sent, sent + 1));
+        if (++sent === body.length) {
+          clearInterval(timer);
+          res.end();
+        }
+      }, gapMs);
+      res.on('close', () => clearInterval(timer));
+    });
+    fakes.push(server);
+    return server;
+  }
+
+  async function origin(body: Buffer): Promise<FakeServer> {
+    const server = await startFakeServer((_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json', 'content-length': body.length });
+      res.end(body);
+    });
+    fakes.push(server);
+    return server;
+  }
+
+  it('is the deadline of a request to that mirror, shorter than the client one: a stalling mirror gives way to the next host', async () => {
+    const fromOrigin = Buffer.from('{"from":"origin"}');
+    const reg = await origin(fromOrigin);
+    // 40 bytes at 200 ms each: 8 s in all, but never 1 s without a byte, so only a deadline stops it.
+    const mirror = await trickling(Buffer.alloc(40, 0x20), 200);
+    const c = new RegistryClient({
+      requestTimeoutMs: 20_000,
+      configMirrors: { [reg.host]: [{ host: mirror.host, insecure: true, requestTimeoutSec: 1, headers: {} }] },
+    });
+    try {
+      const t0 = Date.now();
+      const got = await c.fetchManifest(`${reg.host}/${REPO}:v1`);
+      const ms = Date.now() - t0;
+      assert.equal(mirror.requests.length, 1);
+      assert.ok(got.body.equals(fromOrigin), got.body.toString());
+      assert.ok(ms >= 900 && ms < 5_000, `the mirror was given up after ${ms} ms, want about 1000`);
+    } finally {
+      await c.close();
+    }
+  });
+
+  it('negative means no deadline for that mirror, even under a short client one', async () => {
+    const fromMirror = Buffer.from('{"from":"mirror"}');
+    const reg = await origin(Buffer.from('{"from":"origin"}'));
+    // 17 bytes at 60 ms each: about 1 s, past the client's 300 ms.
+    const mirror = await trickling(fromMirror, 60);
+    const c = new RegistryClient({
+      requestTimeoutMs: 300,
+      configMirrors: { [reg.host]: [{ host: mirror.host, insecure: true, requestTimeoutSec: -1, headers: {} }] },
+    });
+    try {
+      const got = await c.fetchManifest(`${reg.host}/${REPO}:v1`);
+      assert.ok(got.body.equals(fromMirror), got.body.toString());
+      assert.equal(reg.requests.length, 0);
+    } finally {
+      await c.close();
+    }
+  });
+});

@@ -1,0 +1,43 @@
+/**
+ * rpull's private state directory: the results of collapsed pulls (pull-collapse.ts) and the host lock sockets
+ * (host-lock.ts). `/run/stargaze/rpull` for root, else `$TMPDIR/stargaze-rpull-<uid>`.
+ *
+ * Private is checked, not assumed: whoever can write in the directory could forge a pull result or hold a lock
+ * forever, so a directory that is not ours alone (a symlink, another owner, any group or other permission) is
+ * not used, and then nothing is collapsed or locked (pulls still come out right, they only repeat work).
+ */
+import { lstat, mkdir } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+
+export const ROOT_RPULL_DIR = '/run/stargaze/rpull';
+const DIR_MODE = 0o700;
+/**
+ * A unix socket path must fit sun_path (107 bytes), and Node cuts a longer one short without a word, which
+ * would merge locks: a directory whose entries of this many bytes would not fit is not used.
+ */
+export const MAX_SOCKET_NAME_BYTES = 64;
+const MAX_SOCKET_PATH_BYTES = 107;
+
+/** Where our user's rpull state goes; undefined where there are no uids. */
+export function defaultRpullDir(): string | undefined {
+  const uid = process.getuid?.();
+  if (uid === undefined) return undefined;
+  return uid === 0 ? ROOT_RPULL_DIR : path.join(os.tmpdir(), `stargaze-rpull-${uid}`);
+}
+
+/** `dir` (default defaultRpullDir()), made if missing, when it is private to us; otherwise undefined. */
+export async function privateRpullDir(dir = defaultRpullDir()): Promise<string | undefined> {
+  const uid = process.getuid?.();
+  if (dir === undefined || uid === undefined) return undefined;
+  const resolved = path.resolve(dir);
+  if (Buffer.byteLength(resolved) + 1 + MAX_SOCKET_NAME_BYTES > MAX_SOCKET_PATH_BYTES) return undefined;
+  try {
+    await mkdir(resolved, { recursive: true, mode: DIR_MODE });
+    const st = await lstat(resolved);
+    if (!st.isDirectory() || st.uid !== uid || (st.mode & 0o077) !== 0) return undefined;
+    return resolved;
+  } catch {
+    return undefined;
+  }
+}

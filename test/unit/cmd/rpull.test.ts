@@ -1,0 +1,39 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { ProgressPrinter, printJoined } from '../../../src/cmd/rpull';
+import type { CollapsedPull } from '../../../src/containerd/pull-collapse';
+import type { PullEvent } from '../../../src/containerd/pull';
+
+/** A non-terminal stdout that keeps the lines. */
+function sink(): { out: NodeJS.WriteStream; lines: () => string[] } {
+  let text = '';
+  const out = { columns: 80, write: (s: string) => ((text += s), true) } as unknown as NodeJS.WriteStream;
+  return { out, lines: () => text.split('\n').filter((l) => l !== '') };
+}
+
+const MANIFEST = `sha256:${'a'.repeat(64)}`;
+const LAYERS = [`sha256:${'b'.repeat(64)}`, `sha256:${'c'.repeat(64)}`];
+
+test('a pull that joined a concurrent one prints what a pull finding every layer present prints, and says it joined', () => {
+  const joined: CollapsedPull = { name: 'registry.example/app:v1', manifestDigest: MANIFEST, platform: 'linux/amd64', layers: LAYERS };
+  const j = sink();
+  printJoined(new ProgressPrinter(j.out, false), joined, 42);
+
+  // The same image pulled for real with every layer already there, through the normal printer.
+  const n = sink();
+  const normal = new ProgressPrinter(n.out, false);
+  const events: PullEvent[] = [
+    { type: 'resolved', name: joined.name, target: { mediaType: '', digest: MANIFEST, size: 1 }, manifest: { mediaType: '', digest: MANIFEST, size: 1 }, platform: 'linux/amd64', layers: 2 },
+    ...LAYERS.flatMap((digest, index): PullEvent[] => [
+      { type: 'layer-start', index, digest, size: 10 },
+      { type: 'layer-done', index, digest, outcome: 'present', bytes: 0, ms: 42 },
+    ]),
+  ];
+  for (const e of events) normal.event(e);
+  normal.done(joined.name, LAYERS.map(() => ({ outcome: 'present' as const, bytes: 0 })), 42);
+
+  const expected = n.lines();
+  assert.deepEqual(j.lines(), [expected[0], 'joined a concurrent rpull of the same image', ...expected.slice(1)]);
+  assert.match(expected[0] ?? '', /^registry\.example\/app:v1: sha256:aaaaaaaaaaaa \(linux\/amd64\), 2 layers$/);
+  assert.match(expected.at(-1) ?? '', /^done: registry\.example\/app:v1 2 layers \(0 lazy, 0 fetched, 2 already present\), 0 bytes fetched in 42ms$/);
+});
