@@ -64,7 +64,21 @@ export async function secureContextFor(
   settings: { hostCas: readonly (string | Buffer)[]; cert?: string | Buffer; key?: string | Buffer },
   options: TrustOptions = {},
 ): Promise<SecureContext | undefined> {
+  const plain = settings.hostCas.length === 0 && settings.cert === undefined;
+  const deferred = (options.env ?? process.env)[DEFERRED_EXTRA_CA_ENV] || undefined;
+  // The common case, default trust with the deferred file, is one context for the whole process.
+  if (plain && deferred !== undefined) {
+    let shared = defaultContexts.get(deferred);
+    if (shared === undefined) {
+      shared = trustedCas([], options).then((ca) => createSecureContext({ ca }));
+      defaultContexts.set(deferred, shared);
+    }
+    return shared;
+  }
   const ca = await trustedCas(settings.hostCas, options);
   if (ca === undefined && settings.cert === undefined) return undefined;
   return createSecureContext({ ...(ca !== undefined ? { ca } : {}), ...(settings.cert !== undefined ? { cert: settings.cert, key: settings.key } : {}) });
 }
+
+/** Default-trust contexts by deferred file (see secureContextFor). */
+const defaultContexts = new Map<string, Promise<SecureContext>>();

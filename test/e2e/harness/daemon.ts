@@ -17,8 +17,8 @@ export const REPO_ROOT = path.resolve(__dirname, '..', '..', '..', '..');
 export const DEFAULT_CLI_PATH = path.join(REPO_ROOT, 'dist', 'src', 'cli.js');
 /** The `stargaze` command as users run it (the package's bin, script/stargaze), with STARGAZE_COMMAND_ENV. */
 export const STARGAZE_COMMAND = path.join(REPO_ROOT, 'script', 'stargaze');
-/** Runs the command on this Node.js. */
-export const STARGAZE_COMMAND_ENV: NodeJS.ProcessEnv = { STARGAZE_NODE: process.execPath };
+/** Runs the command on this Node.js (or on STARGAZE_NODE when set, a wrapper that measures it, say). */
+export const STARGAZE_COMMAND_ENV: NodeJS.ProcessEnv = { STARGAZE_NODE: process.env.STARGAZE_NODE ?? process.execPath };
 const READY_TIMEOUT_MS = 30_000;
 const STOP_GRACE_MS = 10_000;
 
