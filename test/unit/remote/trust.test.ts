@@ -15,7 +15,7 @@ import { promisify } from 'node:util';
 import { after, before, describe, it } from 'node:test';
 import { rootCertificates } from 'node:tls';
 import { RegistryClient } from '../../../src/remote/registry-client';
-import { DEFERRED_EXTRA_CA_ENV, trustedCas } from '../../../src/remote/trust';
+import { DEFERRED_EXTRA_CA_ENV, secureContextFor, trustedCas } from '../../../src/remote/trust';
 
 const run = promisify(execFile);
 const REPO_ROOT = resolve(__dirname, '..', '..', '..', '..');
@@ -73,6 +73,16 @@ describe('default TLS trust with deferred extra CA certificates', () => {
     const withHost = await trustedCas([hostCa], { env: { NODE_EXTRA_CA_CERTS: bundle } });
     assert.equal(withHost?.length, rootCertificates.length + 3);
     assert.equal(withHost?.at(-1), hostCa);
+  });
+
+  it('default trust is one SecureContext per process; a host CA or client certificate gets its own', async () => {
+    const env = { [DEFERRED_EXTRA_CA_ENV]: join(dir, 'bundle.pem') };
+    const a = await secureContextFor({ hostCas: [] }, { env });
+    assert.ok(a !== undefined);
+    assert.equal(await secureContextFor({ hostCas: [] }, { env }), a, 'built once: it parses every root');
+    const hostCa = await readFile(join(dir, 'other-ca.crt'));
+    assert.notEqual(await secureContextFor({ hostCas: [hostCa] }, { env }), a);
+    assert.equal(await secureContextFor({ hostCas: [] }, { env: {} }), undefined, "nothing deferred: Node's own default context");
   });
 
   it('an unreadable file is ignored with a warning, as Node does', async () => {
