@@ -6,6 +6,7 @@
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { StargazeError, UsageError, errorMessage } from '../errors';
 import type { ContainerdClient } from '../containerd/client';
@@ -24,6 +25,11 @@ export const DEFAULT_SNAPSHOTTER = 'stargz';
 export const DEFAULT_HOSTS_DIR = '/etc/containerd/certs.d';
 /** ctr-remote rpull's prefetch size. */
 export const DEFAULT_PREFETCH_BYTES = 10 * 1024 * 1024;
+/**
+ * What the manifest request gets to go out before the gRPC client loads (CPU work that blocks the event loop
+ * for about 100 ms): reading hosts.toml and credentials and connecting take a few ms.
+ */
+const IO_HEAD_START_MS = 5;
 /** How often a terminal progress line is redrawn at most. */
 const TTY_REDRAW_MS = 100;
 /** Characters of a digest shown per layer: `sha256:` and 12 hex digits. */
@@ -295,6 +301,9 @@ async function pull(args: RpullArgs, domain: string, platform: Platform, signal:
     // is CPU work of about 100 ms). containerd's errors still come first: the pull awaits this after them.
     const resolved = resolveManifest(registry, args.ref, platform, signal);
     resolved.catch(() => undefined);
+    // Loading them blocks the event loop: the manifest request must be on the wire first, or it only leaves
+    // once the load is done and the round trips no longer overlap it.
+    await Promise.race([resolved.then(() => undefined, () => undefined), delay(IO_HEAD_START_MS)]);
     const [{ ContainerdClient }, { pullImage }] = await Promise.all([import('../containerd/client'), import('../containerd/pull')]);
     client = await ContainerdClient.connect({ address: args.address, namespace: args.namespace });
     const result = await pullImage({

@@ -36,7 +36,8 @@
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { type Readable, Transform, type TransformCallback, pipeline } from 'node:stream';
-import { Pool, type Dispatcher } from 'undici';
+import type { Dispatcher } from 'undici';
+import { Pool } from './undici-dispatchers';
 import { secureContextFor } from './trust';
 import { RegistryAuthError, RegistryError, StargazeError, errorCode, errorMessage } from '../errors';
 import { log as rootLog, type Logger } from '../log';

@@ -14,7 +14,8 @@
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { Transform, pipeline, type Readable, type TransformCallback } from 'node:stream';
-import { Agent, type Dispatcher } from 'undici';
+import type { Dispatcher } from 'undici';
+import { Agent } from './undici-dispatchers';
 import { secureContextFor } from './trust';
 import { ConfigError, RegistryAuthError, RegistryError, errorCode, errorMessage } from '../errors';
 import { log as rootLog, type Logger } from '../log';

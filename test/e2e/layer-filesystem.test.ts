@@ -21,7 +21,7 @@ import {
   startDaemon,
   startRegistry,
   suiteScope,
-  trickyFixture,
+  publishTrickyImages,
   waitFor,
   type Containerd,
   type Registry,
@@ -91,17 +91,9 @@ describe('layer filesystem: background fetch and integrity', { skip: notRoot && 
   });
 
   test('a fully fetched layer is copied to local disk, and new containers read the copy', async (t) => {
-    const fixture = trickyFixture();
     // Its own registry: the test before stops the suite's.
     const copyRegistry = await startRegistry({ scope: t });
-    const original = await buildBusyboxImage({
-      host: copyRegistry.host,
-      repo: 'lfs/tricky',
-      tag: 'v1',
-      extraFiles: fixture.extraFiles,
-      layers: fixture.layers,
-    });
-    const esgz = await convertToEstargz(containerd, original.ref, `${copyRegistry.host}/lfs/tricky:v1-esgz`);
+    const { fixture, original, esgz } = await publishTrickyImages(containerd, copyRegistry.host, 'lfs/tricky');
     const ns = containerd.newNamespace('local-copy');
     await containerd.pull(original.ref, { namespace: ns });
     await containerd.rpull(esgz.ref, { namespace: ns });

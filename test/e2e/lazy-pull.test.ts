@@ -18,7 +18,7 @@ import {
   startDaemon,
   startRegistry,
   suiteScope,
-  trickyFixture,
+  publishTrickyImages,
   waitFor,
   withHost,
   type BigFileFixture,
@@ -94,15 +94,7 @@ describe('lazy pull end to end', { skip: notRoot && 'e2e tests need root' }, () 
   });
 
   test('the lazily mounted rootfs equals what the overlayfs snapshotter unpacks, entry by entry', async (t) => {
-    const fixture = trickyFixture();
-    const original = await buildBusyboxImage({
-      host: registry.host,
-      repo: 'e2e/tricky',
-      tag: 'v1',
-      extraFiles: fixture.extraFiles,
-      layers: fixture.layers,
-    });
-    const esgz = await convertToEstargz(containerd, original.ref, `${registry.host}/e2e/tricky:v1-esgz`);
+    const { fixture, original, esgz } = await publishTrickyImages(containerd, registry.host, 'e2e/tricky');
     const ns = containerd.newNamespace('tricky');
     await containerd.pull(original.ref, { namespace: ns });
     const preparedBefore = preparedLogs(daemon, 'true').length;

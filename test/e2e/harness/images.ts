@@ -12,6 +12,7 @@ import type { Containerd } from './containerd';
 import { run } from './exec';
 import { DEFAULT_MTIME_SEC, materializeEntries, packLayer, type EntrySpec, type LayerBlob, type LayerSpec } from './rootfs';
 import { createTmpRoot } from './tmp';
+import { trickyFixture, type TrickyFixture } from './image-fixtures';
 
 export const MEDIA_TYPE_OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
 export const MEDIA_TYPE_OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
@@ -306,4 +307,19 @@ export async function buildEstargzImage(
   const original = await buildBusyboxImage(opts);
   const estargz = await convertToEstargz(containerd, original.ref, `${original.ref}-esgz`, opts);
   return { original, estargz };
+}
+
+/**
+ * The tricky image (image-fixtures.ts: every tar/overlay corner) pushed to `host` as `<repo>:v1`, and its
+ * eStargz conversion by the reference converter as `<repo>:v1-esgz`.
+ */
+export async function publishTrickyImages(
+  containerd: Containerd,
+  host: string,
+  repo: string,
+): Promise<{ fixture: TrickyFixture; original: BuiltImage; esgz: EstargzImage }> {
+  const fixture = trickyFixture();
+  const original = await buildBusyboxImage({ host, repo, tag: 'v1', extraFiles: fixture.extraFiles, layers: fixture.layers });
+  const esgz = await convertToEstargz(containerd, original.ref, `${host}/${repo}:v1-esgz`);
+  return { fixture, original, esgz };
 }

@@ -49,6 +49,7 @@ export {
   busyboxEntries,
   convertToEstargz,
   fetchManifest,
+  publishTrickyImages,
   withHost,
   type BuildImageOptions,
   type BuiltImage,
