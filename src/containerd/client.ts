@@ -11,12 +11,11 @@
  * Errors come back as ContainerdError carrying the gRPC code (errors.ts), so callers can tell NotFound and
  * AlreadyExists apart the way containerd's own clients do.
  */
-import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import * as protoLoader from '@grpc/proto-loader';
+import { loadProtoSet } from '../grpc/protos';
 import { InvalidArgumentError, errorCode } from '../errors';
 import { ContainerdError, ContainerdUnreachableError, fromGrpc, isNotFound } from './errors';
 import { writeContent, type ContentSource, type WriteContentOptions, type WriteContentResult } from './content-writer';
@@ -33,15 +32,6 @@ export const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
 /** containerd's identifiers.Validate: namespace names (and other ids) at most this long. */
 const MAX_IDENTIFIER_CHARS = 76;
 const IDENTIFIER_RE = /^[A-Za-z0-9]+(?:[._-](?:[A-Za-z0-9]+))*$/;
-
-const PROTO_FILES = [
-  'containerd/services/content/v1/content.proto',
-  'containerd/services/images/v1/images.proto',
-  'containerd/services/leases/v1/leases.proto',
-  'containerd/services/diff/v1/diff.proto',
-  'containerd/services/namespaces/v1/namespace.proto',
-  'containerd/services/snapshots/v1/snapshots.proto',
-];
 
 const SERVICE_NAMES = {
   content: 'containerd.services.content.v1.Content',
@@ -95,23 +85,11 @@ type DuplexMethod = (md: grpc.Metadata, opts: grpc.CallOptions) => grpc.ClientDu
 
 // --- proto loading --------------------------------------------------------------------------------------------
 
-/** Finds proto/ by walking up from this file: it sits at src/containerd (ts-node) or dist/src/containerd. */
-export function findProtoDir(start: string = __dirname): string {
-  const probe = PROTO_FILES[0] as string;
-  for (let dir = start; ; dir = path.dirname(dir)) {
-    const candidate = path.join(dir, 'proto');
-    if (fs.existsSync(path.join(candidate, probe))) return candidate;
-    if (path.dirname(dir) === dir) throw new Error(`cannot find proto/${probe} above ${start}`);
-  }
-}
-
 let loaded: grpc.GrpcObject | undefined;
 
 function loadProtos(): grpc.GrpcObject {
   loaded ??= grpc.loadPackageDefinition(
-    protoLoader.loadSync(PROTO_FILES, {
-      includeDirs: [findProtoDir()],
-      keepCase: true,
+    loadProtoSet('containerd', {
       longs: String, // int64 sizes without precision loss
       enums: String,
       defaults: true,

@@ -9,17 +9,16 @@
  * re-encoding would drop fields we do not know). Only PullImage and RemoveImage requests are decoded,
  * for the image reference and the AuthConfig. Errors from containerd go back to kubelet as they came.
  */
-import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import * as protoLoader from '@grpc/proto-loader';
+import type * as protoLoader from '@grpc/proto-loader';
+import { loadProtoSet } from '../grpc/protos';
 import { errorMessage } from '../errors';
 import type { Logger } from '../log';
 import type { CriAuthConfig, CriKeychain } from '../remote/cri-keychain';
 
 export const CRI_IMAGE_SERVICE = 'runtime.v1.ImageService';
-const CRI_PROTO = 'runtime/v1/api.proto';
 /** The unary RPCs of runtime.v1.ImageService kubelet calls. */
 const METHODS = ['ListImages', 'ImageStatus', 'PullImage', 'RemoveImage', 'ImageFsInfo'] as const;
 const SOCKET_MODE = 0o600;
@@ -28,14 +27,6 @@ const SHUTDOWN_GRACE_MS = 5000;
 interface WireImageRequest {
   image?: { image?: string } | null;
   auth?: CriAuthConfig | null;
-}
-
-function findProtoDir(start: string = __dirname): string {
-  for (let dir = start; ; dir = path.dirname(dir)) {
-    const candidate = path.join(dir, 'proto');
-    if (fs.existsSync(path.join(candidate, CRI_PROTO))) return candidate;
-    if (path.dirname(dir) === dir) throw new Error(`cannot find proto/${CRI_PROTO} above ${start}`);
-  }
 }
 
 const passThrough = (b: Buffer): Buffer => b;
@@ -57,9 +48,9 @@ export interface CriImageProxy {
 
 /** The ImageService proxy as a service definition and handlers, forwarding to `imageServicePath`. */
 export function createCriImageProxy(opts: CriImageProxyOptions): CriImageProxy {
-  const loaded = protoLoader.loadSync(CRI_PROTO, { includeDirs: [findProtoDir()], keepCase: true, longs: String, enums: String, defaults: true });
+  const loaded = loadProtoSet('cri', { longs: String, enums: String, defaults: true });
   const upstream = loaded[CRI_IMAGE_SERVICE] as protoLoader.ServiceDefinition | undefined;
-  if (!upstream) throw new Error(`${CRI_IMAGE_SERVICE} not found in proto/${CRI_PROTO}`);
+  if (!upstream) throw new Error(`${CRI_IMAGE_SERVICE} not found in our protos`);
   const decode = (method: 'PullImage' | 'RemoveImage', buf: Buffer): WireImageRequest =>
     upstream[method]!.requestDeserialize(buf) as WireImageRequest;
 

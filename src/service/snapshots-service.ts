@@ -8,7 +8,7 @@ import fsp from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import * as protoLoader from '@grpc/proto-loader';
+import { loadProtoSet } from '../grpc/protos';
 import { errorCode, InvalidArgumentError } from '../errors';
 import { log as rootLog, type Logger } from '../log';
 import type { Snapshotter } from '../snapshot/snapshotter';
@@ -25,7 +25,6 @@ const SHUTDOWN_GRACE_MS = 5000;
 const LIVE_SOCKET_PROBE_MS = 1000;
 const SOCKET_MODE = 0o600;
 const SOCKET_DIR_MODE = 0o700;
-const SNAPSHOTS_PROTO = 'containerd/services/snapshots/v1/snapshots.proto';
 const SERVICE_NAME = 'containerd.services.snapshots.v1.Snapshots';
 const NS_PER_S = 1_000_000_000n;
 
@@ -128,20 +127,9 @@ function validateLabels(labels: Record<string, string> | undefined): Record<stri
   return out;
 }
 
-/** Finds proto/ by walking up from this file: it sits at src/service (ts-node) or dist/src/service. */
-export function findProtoDir(start: string = __dirname): string {
-  for (let dir = start; ; dir = path.dirname(dir)) {
-    const candidate = path.join(dir, 'proto');
-    if (fs.existsSync(path.join(candidate, SNAPSHOTS_PROTO))) return candidate;
-    if (path.dirname(dir) === dir) throw new Error(`cannot find proto/${SNAPSHOTS_PROTO} above ${start}`);
-  }
-}
-
 /** Loads the Snapshots service definition from our protos (google/protobuf types come with protobufjs). */
-export function loadSnapshotsService(protoDir: string = findProtoDir()): grpc.ServiceDefinition {
-  const definition = protoLoader.loadSync(SNAPSHOTS_PROTO, {
-    includeDirs: [protoDir],
-    keepCase: true,
+export function loadSnapshotsService(): grpc.ServiceDefinition {
+  const definition = loadProtoSet('containerd', {
     longs: String, // int64 sizes and timestamp seconds without precision loss
     enums: String,
     defaults: true,
@@ -149,7 +137,7 @@ export function loadSnapshotsService(protoDir: string = findProtoDir()): grpc.Se
   });
   const service = definition[SERVICE_NAME];
   // A service definition is a map of method definitions; a message type would carry `format`.
-  if (service === undefined || 'format' in service) throw new Error(`${SERVICE_NAME} not found in ${SNAPSHOTS_PROTO}`);
+  if (service === undefined || 'format' in service) throw new Error(`${SERVICE_NAME} not found in our protos`);
   return service as grpc.ServiceDefinition;
 }
 
