@@ -17,7 +17,8 @@ import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { before, describe, test } from 'node:test';
 import {
-  DEFAULT_CLI_PATH,
+  STARGAZE_COMMAND,
+  STARGAZE_COMMAND_ENV,
   buildBusyboxImage,
   convertToEstargz,
   run,
@@ -76,12 +77,12 @@ describe('stargaze rpull', { skip: notRoot && 'e2e tests need root' }, () => {
   let plain: BuiltImage;
   let esgz: EstargzImage;
 
-  /** `stargaze rpull --address <containerd> [--plain-http] ...args`. */
+  /** `stargaze rpull --address <containerd> [--plain-http] ...args`, through the command users run (script/stargaze). */
   const rpull = (args: string[], opts: { plainHttp?: boolean; address?: string } = {}): Promise<RunResult> =>
     run(
-      process.execPath,
-      [DEFAULT_CLI_PATH, 'rpull', '--address', opts.address ?? containerd.address, ...(opts.plainHttp === false ? [] : ['--plain-http']), ...args],
-      { allowFailure: true, timeoutMs: RPULL_TIMEOUT_MS },
+      STARGAZE_COMMAND,
+      ['rpull', '--address', opts.address ?? containerd.address, ...(opts.plainHttp === false ? [] : ['--plain-http']), ...args],
+      { allowFailure: true, timeoutMs: RPULL_TIMEOUT_MS, env: STARGAZE_COMMAND_ENV },
     );
 
   const needDaemon = (): StargazeDaemon => {
