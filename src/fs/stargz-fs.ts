@@ -461,7 +461,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
       return;
     }
     const started = Date.now();
-    const copy = copyLayerToLocal(mountpoint, signal);
+    const copy = copyLayerToLocal(mountpoint, { signal, expectRootNames: [...(layer.tree.root.children?.keys() ?? [])] });
     this.copies.set(mountpoint, copy.catch(() => undefined));
     try {
       await copy;

@@ -17,7 +17,7 @@
  * named `local` is always complete. A leftover `local.tmp` is the copy's own and is removed before a retry.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdir, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { errorCode, errorMessage, LocalCopyError } from '../errors';
@@ -48,17 +48,29 @@ export async function hasLocalCopy(mountpoint: string): Promise<boolean> {
 /** tar's flags that keep what overlayfs reads: owners by number, modes, xattrs of every namespace. */
 const TAR_COMMON = ['--numeric-owner', '--xattrs', '--xattrs-include=*'];
 
+export interface CopyOptions {
+  signal?: AbortSignal;
+  /**
+   * The names the layer's root holds. Checked against the copy before it gets its name: a mount that went
+   * away under tar (an admin's lazy umount, say) would otherwise leave an empty directory that looks complete.
+   */
+  expectRootNames?: readonly string[];
+}
+
 /**
  * Copies the tree mounted at `mountpoint` into `localCopyPath(mountpoint)`. Rejects with LocalCopyError
- * (and leaves no partial copy) when tar fails, the disk fills, or `signal` aborts.
+ * (and leaves no partial copy) when tar fails, the disk fills, the copy's root differs from
+ * `expectRootNames`, or `signal` aborts.
  */
-export async function copyLayerToLocal(mountpoint: string, signal?: AbortSignal): Promise<void> {
+export async function copyLayerToLocal(mountpoint: string, options: CopyOptions = {}): Promise<void> {
+  const { signal } = options;
   const dest = localCopyPath(mountpoint);
   const temp = dest + TEMP_SUFFIX;
   try {
     await rm(temp, { recursive: true, force: true });
     await mkdir(temp, { mode: 0o700 });
     await pipeTar(mountpoint, temp, signal);
+    if (options.expectRootNames !== undefined) await checkRootNames(temp, options.expectRootNames);
     // The data must be on disk before the name says the copy is complete.
     await run('sync', ['-f', temp], signal);
     await rename(temp, dest);
@@ -66,6 +78,14 @@ export async function copyLayerToLocal(mountpoint: string, signal?: AbortSignal)
     await rm(temp, { recursive: true, force: true }).catch(() => undefined);
     if (err instanceof LocalCopyError) throw err;
     throw new LocalCopyError(`copying ${mountpoint} to ${dest}: ${errorMessage(err)}`);
+  }
+}
+
+async function checkRootNames(dir: string, expected: readonly string[]): Promise<void> {
+  const got = new Set(await readdir(dir));
+  const missing = expected.filter((n) => !got.has(n));
+  if (missing.length > 0 || got.size !== expected.length) {
+    throw new LocalCopyError(`the copy's root holds ${got.size} names, the layer's ${expected.length}${missing.length > 0 ? ` (missing: ${missing.slice(0, 5).join(', ')})` : ''}`);
   }
 }
 

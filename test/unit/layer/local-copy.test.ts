@@ -87,13 +87,23 @@ describe('local copy of a fetched layer', { skip: notRoot && 'needs root (device
     assert.ok(!fs.existsSync(path.join(dir, 'gone')), 'nothing made for a mount that is not there');
   });
 
+  it('a copy whose root is not what the layer holds is not named a copy', async () => {
+    fs.writeFileSync(path.join(mountpoint, 'a'), 'a');
+    // What a mount that vanished under tar leaves: fewer names than the layer's.
+    await assert.rejects(copyLayerToLocal(mountpoint, { expectRootNames: ['a', 'b'] }), (err: unknown) => err instanceof LocalCopyError && /missing: b/.test(err.message));
+    assert.ok(!(await hasLocalCopy(mountpoint)));
+    assert.ok(!fs.existsSync(`${localCopyPath(mountpoint)}.tmp`));
+    await copyLayerToLocal(mountpoint, { expectRootNames: ['a'] });
+    assert.ok(await hasLocalCopy(mountpoint));
+  });
+
   it('an abort kills the copy and removes its temp directory', async () => {
     // A sparse file big enough that tar is still reading it when the abort comes.
     const fd = fs.openSync(path.join(mountpoint, 'big'), 'w');
     fs.ftruncateSync(fd, 2 * 1024 * 1024 * 1024);
     fs.closeSync(fd);
     const abort = new AbortController();
-    const copy = copyLayerToLocal(mountpoint, abort.signal);
+    const copy = copyLayerToLocal(mountpoint, { signal: abort.signal });
     setTimeout(() => abort.abort(), 200);
     await assert.rejects(copy, (err: unknown) => err instanceof LocalCopyError && /aborted/.test(err.message));
     assert.ok(!(await hasLocalCopy(mountpoint)));
