@@ -9,6 +9,7 @@ import { errorMessage, UsageError } from '../errors';
 import { BoundedLogFile, createMultiLogger } from '../log';
 import { LogTap, runFuseServer } from '../fs/fuse-server';
 import { openKeychains } from '../remote/keychains';
+import { warmDefaultTrust } from '../remote/trust';
 
 const USAGE = `usage: stargaze fuse-server --socket SOCK --pid-file FILE --hosts-dir DIR --cache-dir DIR [--root DIR] [--config FILE [--config-optional]] [--log-level LEVEL] [--log-file FILE]
        [--cri-keychain-dir DIR] [--kubeconfig FILE]
@@ -70,6 +71,8 @@ export async function main(argv: string[]): Promise<number> {
     : await loadConfig('/dev/null', { explicit: false });
   // Re-read on each lookup when the daemon's image-service proxy rewrote it.
   const keychains = await openKeychains({ criKeychainDir: values['cri-keychain-dir'], kubeconfigPath: values.kubeconfig }, log);
+  // Its first registry connection is a mount or a read: the CA certificates the launcher deferred are parsed now.
+  warmDefaultTrust();
   try {
     await runFuseServer({ socketPath: socket, pidFile, config, hostsDir, cacheDir, root: values.root, log, logTap, credentials: keychains.provider });
   } finally {

@@ -18,6 +18,7 @@ import { join } from 'node:path';
 import { ConfigError, errorCode } from '../errors';
 import type { Logger } from '../log';
 import { isDockerHub } from './reference';
+import { childEnv } from './trust';
 
 /** Key docker uses for Docker Hub in `auths` and as the server URL given to credential helpers. */
 export const DOCKER_HUB_AUTH_KEY = 'https://index.docker.io/v1/';
@@ -177,7 +178,8 @@ export class DockerConfigKeychain {
         if (problem !== undefined) this.log?.warn({ helper: bin, host: serverUrl }, `credential helper: ${problem}`);
         resolve(creds);
       };
-      const child = spawn(bin, ['get'], { stdio: ['pipe', 'pipe', 'ignore'] });
+      // A Node-based helper gets NODE_EXTRA_CA_CERTS back, if the launcher handed it over (trust.ts).
+      const child = spawn(bin, ['get'], { stdio: ['pipe', 'pipe', 'ignore'], env: childEnv() });
       const onAbort = (): void => {
         child.kill('SIGKILL');
         done(undefined);

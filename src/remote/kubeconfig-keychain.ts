@@ -15,12 +15,13 @@
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
-import { trustedCas } from './trust';
 import { homedir } from 'node:os';
 import path from 'node:path';
+import { createSecureContext, type SecureContext } from 'node:tls';
 import type { Logger } from '../log';
 import { authKeyHost, DOCKER_HUB_AUTH_KEY, type CredentialProvider, type RegistryCredentials } from './credentials';
 import { isDockerHub } from './reference';
+import { secureContextFor } from './trust';
 
 const SECRET_TYPE = 'kubernetes.io/dockerconfigjson';
 const DOCKER_CONFIG_JSON_KEY = '.dockerconfigjson';
@@ -162,11 +163,26 @@ export function kubeconfigPath(configured: string, env: NodeJS.ProcessEnv = proc
 
 // --- secrets ---------------------------------------------------------------------------------------
 
+/** One TLS context per kubeconfig read: refreshes reuse it instead of parsing certificates again each time. */
+const contexts = new WeakMap<ApiServerAccess, Promise<SecureContext | undefined>>();
+
+function contextFor(access: ApiServerAccess): Promise<SecureContext | undefined> {
+  let context = contexts.get(access);
+  if (context === undefined) {
+    // A kubeconfig's certificate-authority is all it trusts (as client-go); without one, the default trust.
+    context =
+      access.ca !== undefined
+        ? Promise.resolve(createSecureContext({ ca: access.ca, cert: access.cert, key: access.key }))
+        : secureContextFor({ hostCas: [], cert: access.cert, key: access.key });
+    contexts.set(access, context);
+  }
+  return context;
+}
+
 async function getJson(access: ApiServerAccess, urlPath: string): Promise<unknown> {
   const url = new URL(access.server + urlPath);
   const lib = url.protocol === 'https:' ? https : http;
-  // A kubeconfig's certificate-authority is all it trusts (as client-go); without one, the default trust.
-  const ca = access.ca ?? (url.protocol === 'https:' ? await trustedCas([]) : undefined);
+  const secureContext = url.protocol === 'https:' ? await contextFor(access) : undefined;
   return new Promise((resolve, reject) => {
     const req = lib.request(
       url,
@@ -174,7 +190,7 @@ async function getJson(access: ApiServerAccess, urlPath: string): Promise<unknow
         method: 'GET',
         headers: { accept: 'application/json', ...(access.token ? { authorization: `Bearer ${access.token}` } : {}) },
         timeout: REQUEST_TIMEOUT_MS,
-        ...(url.protocol === 'https:' ? { ca, cert: access.cert, key: access.key, rejectUnauthorized: !access.insecureSkipTlsVerify } : {}),
+        ...(url.protocol === 'https:' ? { secureContext, rejectUnauthorized: !access.insecureSkipTlsVerify } : {}),
       },
       (res) => {
         const chunks: Buffer[] = [];

@@ -1,23 +1,47 @@
 /**
- * What our TLS clients trust: Node's bundled roots plus the certificates of NODE_EXTRA_CA_CERTS, plus a host's
- * own CAs (hosts.toml `ca`, a kubeconfig's certificate-authority), which add to that as they do in containerd.
+ * What our TLS clients trust: Node's default store (its bundled roots, or the system's under
+ * `--use-openssl-ca`), the certificates of NODE_EXTRA_CA_CERTS, and a host's own CAs (hosts.toml `ca`), which add
+ * to the default as they do in containerd.
  *
- * Why not leave it to Node: Node 20 parses the NODE_EXTRA_CA_CERTS file as it starts, before any of our code
- * runs, in every process: about 60 ms of CPU for Debian's bundle, more than a `stargaze rpull` that joins
- * another one costs in all (twenty of them at once spend over a CPU-second on it). So the `stargaze` launcher
- * (script/stargaze) hands the file over as STARGAZE_EXTRA_CA_CERTS, and it is read here on the first TLS
- * connection, by the processes that make one. The certificates trusted are the same.
+ * Why not leave NODE_EXTRA_CA_CERTS to Node: Node 20 parses that file as it starts, before any of our code runs,
+ * in every process: about 60 ms of CPU for Debian's bundle, more than a `stargaze rpull` that joins another one
+ * costs in all (twenty of them at once spend over a CPU-second on it). So the `stargaze` launcher (script/stargaze)
+ * hands the file over as STARGAZE_EXTRA_CA_CERTS, and it is read here when the first TLS context is built, by the
+ * processes that make one. The certificates trusted are the same.
  *
- * A client given `ca` parses it again on every connection unless it shares one SecureContext: the contexts
- * built here are made once per set of settings by the caller and passed as `secureContext`.
+ * Contexts start from Node's own default context and have certificates added to it (what Node does for `ca`
+ * itself, one certificate at a time), so whatever Node's default store is stays trusted. A client given a `ca`
+ * list instead would parse it again on every connection: contexts are built once and passed as `secureContext`.
  */
 import { readFile } from 'node:fs/promises';
-import { createSecureContext, rootCertificates, type SecureContext } from 'node:tls';
+import { createSecureContext, type SecureContext } from 'node:tls';
 
 /** Set by the launcher instead of NODE_EXTRA_CA_CERTS (see the file comment). */
 export const DEFERRED_EXTRA_CA_ENV = 'STARGAZE_EXTRA_CA_CERTS';
 
 const PEM_CERTIFICATE = /-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g;
+
+export interface TrustOptions {
+  /** The process environment (default process.env). */
+  env?: NodeJS.ProcessEnv;
+}
+
+/** The file the launcher deferred, if any. */
+export function deferredExtraCaFile(options: TrustOptions = {}): string | undefined {
+  return (options.env ?? process.env)[DEFERRED_EXTRA_CA_ENV] || undefined;
+}
+
+/**
+ * The environment for a child process that is not stargaze (a docker credential helper, say): the deferred file
+ * back under its own name, so a Node-based child trusts what it would have trusted.
+ */
+export function childEnv(options: TrustOptions = {}): NodeJS.ProcessEnv {
+  const env = options.env ?? process.env;
+  const deferred = deferredExtraCaFile(options);
+  if (deferred === undefined) return env;
+  const { [DEFERRED_EXTRA_CA_ENV]: _handedOver, ...rest } = env;
+  return { ...rest, NODE_EXTRA_CA_CERTS: deferred };
+}
 
 const loaded = new Map<string, Promise<string[]>>();
 
@@ -37,48 +61,54 @@ function certificatesOf(file: string): Promise<string[]> {
   return certs;
 }
 
-export interface TrustOptions {
-  /** The process environment (default process.env). */
-  env?: NodeJS.ProcessEnv;
+/** The native context's own method: what `createSecureContext({ ca })` calls for each certificate. */
+interface NativeContext {
+  addCACert(cert: string | Buffer): void;
 }
 
 /**
- * The `ca` list for a TLS client with these host CAs, or undefined when Node's default store is exactly
- * right (no host CAs, and Node loaded NODE_EXTRA_CA_CERTS itself).
+ * Node's default context with `cas` added. An added certificate goes into a store of this context's own
+ * (Node copies the shared root store first), so no other context trusts it.
  */
-export async function trustedCas(hostCas: readonly (string | Buffer)[], options: TrustOptions = {}): Promise<(string | Buffer)[] | undefined> {
-  const env = options.env ?? process.env;
-  const deferred = env[DEFERRED_EXTRA_CA_ENV] || undefined;
-  if (deferred === undefined && hostCas.length === 0) return undefined;
-  // With host CAs Node's store would be replaced, not added to: its extra certificates come along by hand.
-  const extraFile = deferred ?? (env.NODE_EXTRA_CA_CERTS || undefined);
-  const extra = extraFile === undefined ? [] : await certificatesOf(extraFile);
-  return [...rootCertificates, ...extra, ...hostCas];
+function defaultPlus(cas: readonly (string | Buffer)[], cert?: string | Buffer, key?: string | Buffer): SecureContext {
+  const context = createSecureContext(cert !== undefined ? { cert, key } : {});
+  const native = context.context as NativeContext;
+  for (const ca of cas) native.addCACert(ca);
+  return context;
 }
 
+/** Default-trust contexts by deferred file: one per process. */
+const defaultContexts = new Map<string, Promise<SecureContext>>();
+
 /**
- * One SecureContext for a client: trusted CAs as trustedCas() says, and a client certificate. Undefined when
- * Node's defaults do (no CAs to add, no client certificate): Node then shares its own default context.
+ * One SecureContext for a client: Node's default store, the deferred extra CAs, `hostCas`, and a client
+ * certificate. Undefined when Node's own default context is exactly that (nothing deferred, no host CAs, no
+ * client certificate): Node then shares its own.
  */
 export async function secureContextFor(
   settings: { hostCas: readonly (string | Buffer)[]; cert?: string | Buffer; key?: string | Buffer },
   options: TrustOptions = {},
 ): Promise<SecureContext | undefined> {
+  const deferred = deferredExtraCaFile(options);
   const plain = settings.hostCas.length === 0 && settings.cert === undefined;
-  const deferred = (options.env ?? process.env)[DEFERRED_EXTRA_CA_ENV] || undefined;
-  // The common case, default trust with the deferred file, is one context for the whole process.
+  if (plain && deferred === undefined) return undefined;
   if (plain && deferred !== undefined) {
     let shared = defaultContexts.get(deferred);
     if (shared === undefined) {
-      shared = trustedCas([], options).then((ca) => createSecureContext({ ca }));
+      shared = certificatesOf(deferred).then((extra) => defaultPlus(extra));
       defaultContexts.set(deferred, shared);
     }
     return shared;
   }
-  const ca = await trustedCas(settings.hostCas, options);
-  if (ca === undefined && settings.cert === undefined) return undefined;
-  return createSecureContext({ ...(ca !== undefined ? { ca } : {}), ...(settings.cert !== undefined ? { cert: settings.cert, key: settings.key } : {}) });
+  // Node put NODE_EXTRA_CA_CERTS into its default store itself unless the launcher deferred it.
+  const extra = deferred === undefined ? [] : await certificatesOf(deferred);
+  return defaultPlus([...extra, ...settings.hostCas], settings.cert, settings.key);
 }
 
-/** Default-trust contexts by deferred file (see secureContextFor). */
-const defaultContexts = new Map<string, Promise<SecureContext>>();
+/**
+ * Builds the default-trust context now, so the first TLS connection of a long-running process (a mount, a
+ * first read) does not wait for it. Does nothing when nothing was deferred.
+ */
+export function warmDefaultTrust(options: TrustOptions = {}): void {
+  if (deferredExtraCaFile(options) !== undefined) void secureContextFor({ hostCas: [] }, options);
+}

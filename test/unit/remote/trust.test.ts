@@ -13,9 +13,9 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, describe, it } from 'node:test';
-import { rootCertificates } from 'node:tls';
+import { connect as tlsConnect, type SecureContext } from 'node:tls';
 import { RegistryClient } from '../../../src/remote/registry-client';
-import { DEFERRED_EXTRA_CA_ENV, secureContextFor, trustedCas } from '../../../src/remote/trust';
+import { childEnv, DEFERRED_EXTRA_CA_ENV, secureContextFor } from '../../../src/remote/trust';
 
 const run = promisify(execFile);
 const REPO_ROOT = resolve(__dirname, '..', '..', '..', '..');
@@ -59,30 +59,59 @@ describe('default TLS trust with deferred extra CA certificates', () => {
     await rm(dir, { recursive: true, force: true });
   });
 
-  it('leaves Node its default store when nothing is deferred and the host has no CA', async () => {
-    assert.equal(await trustedCas([], { env: {} }), undefined);
-    assert.equal(await trustedCas([], { env: { NODE_EXTRA_CA_CERTS: join(dir, 'bundle.pem') } }), undefined, 'Node loaded that one itself');
+  /** Whether a TLS handshake with the test server verifies under `secureContext` (undefined: Node's default). */
+  async function verifies(secureContext: SecureContext | undefined): Promise<boolean> {
+    const [hostname, port] = host.split(':') as [string, string];
+    return new Promise((resolve) => {
+      const socket = tlsConnect({ host: hostname, port: Number(port), ...(secureContext ? { secureContext } : {}) }, () => {
+        socket.destroy();
+        resolve(true);
+      });
+      socket.on('error', () => resolve(false));
+    });
+  }
+
+  it("leaves Node its default context when there is nothing to add", async () => {
+    assert.equal(await secureContextFor({ hostCas: [] }, { env: {} }), undefined);
+    assert.equal(await secureContextFor({ hostCas: [] }, { env: { NODE_EXTRA_CA_CERTS: join(dir, 'bundle.pem') } }), undefined, 'Node loaded that one itself');
   });
 
-  it("adds the file's certificates to Node's roots, and a host's CAs to both", async () => {
-    const bundle = join(dir, 'bundle.pem');
-    const deferred = await trustedCas([], { env: { [DEFERRED_EXTRA_CA_ENV]: bundle } });
-    assert.equal(deferred?.length, rootCertificates.length + 2);
-    const hostCa = await readFile(join(dir, 'other-ca.crt'));
-    // Node's `ca` would replace its store, dropping NODE_EXTRA_CA_CERTS: those come along by hand.
-    const withHost = await trustedCas([hostCa], { env: { NODE_EXTRA_CA_CERTS: bundle } });
-    assert.equal(withHost?.length, rootCertificates.length + 3);
-    assert.equal(withHost?.at(-1), hostCa);
+  it('trusts the deferred certificates, and a host CA besides them; adds nothing to the default context', async () => {
+    const env = { [DEFERRED_EXTRA_CA_ENV]: join(dir, 'bundle.pem') };
+    const otherCa = await readFile(join(dir, 'other-ca.crt'));
+    assert.equal(await verifies(undefined), false, "Node's default context does not know the test CA");
+    assert.equal(await verifies(await secureContextFor({ hostCas: [] }, { env })), true);
+    assert.equal(await verifies(await secureContextFor({ hostCas: [otherCa] }, { env })), true, 'a host CA adds to the deferred ones');
+    assert.equal(await verifies(await secureContextFor({ hostCas: [otherCa] }, { env: {} })), false, 'and only adds: the test CA is still unknown');
+    const signer = await readFile(join(dir, 'extra-ca.crt'));
+    assert.equal(await verifies(await secureContextFor({ hostCas: [signer] }, { env: {} })), true, "a host CA on Node's default store");
+    assert.equal(await verifies(undefined), false, 'certificates added to a context stay in it');
   });
 
-  it('default trust is one SecureContext per process; a host CA or client certificate gets its own', async () => {
+  it("keeps Node's default store when it is the system's (--use-openssl-ca)", async () => {
+    // The child's system store (SSL_CERT_FILE) holds the server's CA; the deferred file and the host CA do not.
+    const trust = join(REPO_ROOT, 'dist', 'src', 'remote', 'trust.js');
+    const script = `
+      const tls = require('node:tls');
+      const { secureContextFor } = require(${JSON.stringify(trust)});
+      const [hostname, port] = ${JSON.stringify(host)}.split(':');
+      (async () => {
+        const secureContext = await secureContextFor({ hostCas: [require('node:fs').readFileSync(${JSON.stringify(join(dir, 'other-ca.crt'))})] });
+        const socket = tls.connect({ host: hostname, port: Number(port), secureContext }, () => { console.log('verified'); socket.destroy(); });
+        socket.on('error', (err) => console.log(err.code));
+      })();`;
+    const { stdout } = await run(process.execPath, ['--use-openssl-ca', '-e', script], {
+      env: { PATH: process.env.PATH, SSL_CERT_FILE: join(dir, 'extra-ca.crt'), [DEFERRED_EXTRA_CA_ENV]: join(dir, 'other-ca.crt') },
+    });
+    assert.equal(stdout.trim(), 'verified');
+  });
+
+  it('default trust is one SecureContext per process; a host CA gets its own', async () => {
     const env = { [DEFERRED_EXTRA_CA_ENV]: join(dir, 'bundle.pem') };
     const a = await secureContextFor({ hostCas: [] }, { env });
     assert.ok(a !== undefined);
-    assert.equal(await secureContextFor({ hostCas: [] }, { env }), a, 'built once: it parses every root');
-    const hostCa = await readFile(join(dir, 'other-ca.crt'));
-    assert.notEqual(await secureContextFor({ hostCas: [hostCa] }, { env }), a);
-    assert.equal(await secureContextFor({ hostCas: [] }, { env: {} }), undefined, "nothing deferred: Node's own default context");
+    assert.equal(await secureContextFor({ hostCas: [] }, { env }), a, 'built once');
+    assert.notEqual(await secureContextFor({ hostCas: [await readFile(join(dir, 'other-ca.crt'))] }, { env }), a);
   });
 
   it('an unreadable file is ignored with a warning, as Node does', async () => {
@@ -90,13 +119,20 @@ describe('default TLS trust with deferred extra CA certificates', () => {
     const onWarning = (w: Error): void => void warnings.push(w.message);
     process.on('warning', onWarning);
     try {
-      const cas = await trustedCas([], { env: { [DEFERRED_EXTRA_CA_ENV]: join(dir, 'missing.pem') } });
-      assert.equal(cas?.length, rootCertificates.length);
+      const context = await secureContextFor({ hostCas: [] }, { env: { [DEFERRED_EXTRA_CA_ENV]: join(dir, 'missing.pem') } });
+      assert.ok(context !== undefined);
+      assert.equal(await verifies(context), false);
       await new Promise((r) => setImmediate(r));
       assert.ok(warnings.some((w) => w.includes('missing.pem')), warnings.join('; '));
     } finally {
       process.off('warning', onWarning);
     }
+  });
+
+  it('a child that is not stargaze gets NODE_EXTRA_CA_CERTS back', () => {
+    assert.deepEqual(childEnv({ env: { PATH: '/bin', [DEFERRED_EXTRA_CA_ENV]: '/ca.pem' } }), { PATH: '/bin', NODE_EXTRA_CA_CERTS: '/ca.pem' });
+    const untouched = { PATH: '/bin', NODE_EXTRA_CA_CERTS: '/ca.pem' };
+    assert.equal(childEnv({ env: untouched }), untouched);
   });
 
   it('the registry client trusts a server signed by a CA of the deferred file, and not without it', async () => {
