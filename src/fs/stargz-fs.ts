@@ -3,6 +3,8 @@
  * and serve it read-only through its own FUSE mount. Any failure rejects mount(), and the snapshotter
  * falls back to a normal snapshot so containerd pulls the layer itself.
  */
+import { statfs } from 'node:fs/promises';
+import path from 'node:path';
 import type { Config } from '../config/config';
 import { EstargzFormatError, errorMessage, InvalidArgumentError, UnavailableError, VerificationError } from '../errors';
 import { parseToc, readToc, type LayerCompression, type Toc } from '../estargz/toc';
@@ -98,6 +100,44 @@ interface MountedLayer {
   stop: AbortController;
 }
 
+/** What a local copy needs of a mounted layer. */
+interface CopyJob {
+  source: LayerSourceInfo;
+  tree: LayerTree;
+  reader: LayerReader;
+  mount: LayerMount<LayerNode>;
+  signal: AbortSignal;
+}
+
+/**
+ * Free space a local copy must leave: kubelet's default eviction threshold for the image filesystem
+ * (imagefs.available < 15%), so a copy never makes the node evict pods.
+ */
+const COPY_MIN_FREE_FRACTION = 0.15;
+/** Per entry on disk beyond its data (inode, directory entry), a rough bound. */
+const COPY_BYTES_PER_ENTRY = 4096;
+
+/** Bytes a copy of the tree takes on disk, roughly: file data plus a block per entry (hardlinks once). */
+function treeBytes(root: LayerNode): number {
+  const seen = new Set<number>();
+  let bytes = 0;
+  const walk = (node: LayerNode): void => {
+    if (seen.has(node.ino)) return;
+    seen.add(node.ino);
+    bytes += COPY_BYTES_PER_ENTRY + (node.type === 'reg' ? node.size : 0);
+    if (node.children) for (const child of node.children.values()) walk(child);
+  };
+  walk(root);
+  return bytes;
+}
+
+async function roomFor(dir: string, bytes: number): Promise<{ ok: boolean; neededBytes: number; availableBytes: number }> {
+  const st = await statfs(dir);
+  const availableBytes = st.bavail * st.bsize;
+  const neededBytes = bytes + Math.ceil(st.blocks * st.bsize * COPY_MIN_FREE_FRACTION);
+  return { ok: availableBytes >= neededBytes, neededBytes, availableBytes };
+}
+
 export class StargazeFileSystem implements RemoteFileSystem {
   /** mountpoint → the layer served there. */
   private readonly layers = new Map<string, MountedLayer>();
@@ -182,7 +222,9 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const stop = new AbortController();
     if (!this.options.config.noBackgroundFetch) {
       // After prefetch, so what the image marked as needed first is never queued behind the rest.
-      void prefetched.then(() => {
+      void prefetched.then(async () => {
+        // A layer copied to local disk was fetched and checked before; its copy serves new containers.
+        if (await hasLocalCopy(mountpoint).catch(() => false)) return layerLog.info('layer has a local copy: no background fetch');
         this.enqueueBackground(() =>
           this.fetchInBackground({ source, parent, blob, tree, reader, mount, log: layerLog, signal: stop.signal, resume: ready.takeHeadHash() }),
         );
@@ -420,12 +462,13 @@ export class StargazeFileSystem implements RemoteFileSystem {
       const elapsedMs = Date.now() - started;
       this.metrics.observe('background_fetch_total', source.digest, elapsedMs);
       layerLog.info({ metrics: 'latency', operation: 'background_fetch_total', elapsedMs, diffId: result.diffId, fetchedBytes: result.fetchedBytes, startOffset: result.startOffset }, 'layer fully fetched');
-      if (this.options.config.disableVerification) return await this.copyToLocal(job, layerLog);
+      // Only a layer checked against its chainID is copied: the copy is trusted from then on, unchecked.
+      if (this.options.config.disableVerification) return;
       // containerd names a snapshot it committed itself `<namespace>/<n>/<chainID>`; ours carry the bare chainID.
       const parentChainId = job.parent === undefined ? undefined : CHAIN_ID_SUFFIX.exec(job.parent)?.[0];
       if (job.parent !== undefined && parentChainId === undefined) {
         layerLog.warn({ parent: job.parent }, 'parent snapshot name holds no chainID; layer content not checked against its chainID');
-        return await this.copyToLocal(job, layerLog);
+        return;
       }
       try {
         checkChainId(source.chainId, parentChainId, result.diffId);
@@ -443,35 +486,47 @@ export class StargazeFileSystem implements RemoteFileSystem {
   }
 
   /**
-   * A fully fetched layer is copied out of its mount (layer/local-copy.ts), so containers created from now on
-   * read it from local disk; a failure (disk full, ...) only leaves it served through FUSE.
+   * A fully fetched layer that passed its chainID check is copied out of its mount (layer/local-copy.ts), so
+   * containers created from now on read it from local disk; a failure (disk full, ...) only leaves it served
+   * through FUSE. An unmount waits for the copy to stop.
    */
-  private async copyToLocal(
-    layer: { source: LayerSourceInfo; tree: LayerTree; reader: LayerReader; mount: LayerMount<LayerNode>; signal: AbortSignal },
-    layerLog: Logger,
-  ): Promise<void> {
+  private async copyToLocal(layer: CopyJob, layerLog: Logger): Promise<void> {
     const { mountpoint } = layer.mount;
-    const { digest } = layer.source;
-    const signal = layer.signal;
-    if (!this.options.config.copyFetchedLayers || signal.aborted || (await hasLocalCopy(mountpoint))) return;
-    // The copy reads the mount: with chunks evicted already (a cap smaller than the layer) it would download
-    // them again. Such a layer stays served through FUSE.
-    if (!layer.tree.chunksInBlobOrder().every((c) => layer.reader.isLocal(c))) {
-      layerLog.info('not copied to local disk: some of its chunks are no longer cached');
-      return;
-    }
-    const started = Date.now();
-    const copy = copyLayerToLocal(mountpoint, { signal, expectRootNames: [...(layer.tree.root.children?.keys() ?? [])] });
-    this.copies.set(mountpoint, copy.catch(() => undefined));
+    if (!this.options.config.copyFetchedLayers || layer.signal.aborted || this.copies.has(mountpoint)) return;
+    // Registered before anything is awaited, so an unmount that comes meanwhile waits for it.
+    const copy = this.copyIfWorthIt(layer, layerLog);
+    this.copies.set(mountpoint, copy);
     try {
       await copy;
+    } finally {
+      this.copies.delete(mountpoint);
+    }
+  }
+
+  /** Never rejects: what went wrong is logged. */
+  private async copyIfWorthIt(layer: CopyJob, layerLog: Logger): Promise<void> {
+    const { mountpoint } = layer.mount;
+    const { signal } = layer;
+    try {
+      if (await hasLocalCopy(mountpoint)) return;
+      // The copy reads the mount: with chunks evicted already (a cap smaller than the layer) it would download
+      // them again. Such a layer stays served through FUSE.
+      if (!layer.tree.chunksInBlobOrder().every((c) => layer.reader.isLocal(c))) {
+        layerLog.info('not copied to local disk: some of its chunks are no longer cached');
+        return;
+      }
+      const room = await roomFor(path.dirname(mountpoint), treeBytes(layer.tree.root));
+      if (!room.ok) {
+        layerLog.warn({ neededBytes: room.neededBytes, availableBytes: room.availableBytes }, 'not copied to local disk: it would leave the filesystem too full');
+        return;
+      }
+      const started = Date.now();
+      await copyLayerToLocal(mountpoint, { signal, expectRootNames: [...(layer.tree.root.children?.keys() ?? [])] });
       const elapsedMs = Date.now() - started;
-      this.metrics.observe('local_copy', digest, elapsedMs);
+      this.metrics.observe('local_copy', layer.source.digest, elapsedMs);
       layerLog.info({ metrics: 'latency', operation: 'local_copy', elapsedMs }, 'layer copied to local disk; new containers read it from there');
     } catch (err) {
       if (!signal.aborted) layerLog.warn({ err: errorMessage(err) }, 'local copy of the fetched layer failed; it stays served through FUSE');
-    } finally {
-      this.copies.delete(mountpoint);
     }
   }
 

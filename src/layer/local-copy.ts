@@ -13,8 +13,16 @@
  * mount shows is exactly what overlayfs wants in a lower dir: whiteouts as 0/0 character devices, opaque
  * directories as `trusted.overlay.opaque` xattrs, hardlinks sharing an inode (the mount has use_ino).
  *
+ * GNU tar only warns, and still exits 0, when it cannot read or set an xattr (a filesystem without trusted.*,
+ * a user namespace, a full xattr block): a copy without its opaque markers would bring deleted directories
+ * back. So anything tar writes to stderr fails the copy.
+ *
+ * The children run under `setpriv --pdeathsig KILL`: libfuse opens /dev/fuse without O_CLOEXEC, so they hold
+ * every mount's FUSE connection while they run, and a FUSE server that dies must take them along, or its
+ * connections never abort and containers hang on them instead of seeing the error.
+ *
  * Crash safety: the copy is built under `local.tmp`, flushed to disk, then renamed to `local`; a directory
- * named `local` is always complete. A leftover `local.tmp` is the copy's own and is removed before a retry.
+ * named `local` is complete. A leftover `local.tmp` is the copy's own and is removed before a retry.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
@@ -44,6 +52,10 @@ export async function hasLocalCopy(mountpoint: string): Promise<boolean> {
     throw err;
   }
 }
+
+/** util-linux's setpriv: runs a command that gets SIGKILL when this process dies (see the file comment). */
+const SETPRIV = 'setpriv';
+const DIE_WITH_PARENT = ['--pdeathsig', 'KILL', '--'];
 
 /** tar's flags that keep what overlayfs reads: owners by number, modes, xattrs of every namespace. */
 const TAR_COMMON = ['--numeric-owner', '--xattrs', '--xattrs-include=*'];
@@ -91,8 +103,8 @@ async function checkRootNames(dir: string, expected: readonly string[]): Promise
 
 /** `tar -c -C from . | tar -x -C to`: the pipe joins the two children, and nothing of it is read here. */
 async function pipeTar(from: string, to: string, signal: AbortSignal | undefined): Promise<void> {
-  const reader = spawn('tar', ['-C', from, ...TAR_COMMON, '-cf', '-', '.'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  const writer = spawn('tar', ['-C', to, ...TAR_COMMON, '--same-owner', '--same-permissions', '-xf', '-'], {
+  const reader = spawn(SETPRIV, [...DIE_WITH_PARENT, 'tar', '-C', from, ...TAR_COMMON, '-cf', '-', '.'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const writer = spawn(SETPRIV, [...DIE_WITH_PARENT, 'tar', '-C', to, ...TAR_COMMON, '--same-owner', '--same-permissions', '-xf', '-'], {
     stdio: [reader.stdout ?? 'ignore', 'ignore', 'pipe'],
   });
   // The writer holds its own copy of the pipe's read end. Ours is closed, so a writer that dies makes the
@@ -108,7 +120,9 @@ async function pipeTar(from: string, to: string, signal: AbortSignal | undefined
 }
 
 function run(command: string, args: string[], signal: AbortSignal | undefined): Promise<void> {
-  return waitFor(spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'] }), command, signal);
+  const child = spawn(SETPRIV, [...DIE_WITH_PARENT, command, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+  lowerPriority(child);
+  return waitFor(child, command, signal);
 }
 
 function lowerPriority(child: ChildProcess): void {
@@ -140,8 +154,10 @@ function waitFor(child: ChildProcess, what: string, signal: AbortSignal | undefi
     child.once('close', (code, sig) => {
       signal?.removeEventListener('abort', onAbort);
       if (signal?.aborted) reject(new LocalCopyError(`${what}: aborted`));
-      else if (code === 0) resolve();
-      else reject(new LocalCopyError(`${what} exited with ${code ?? sig}: ${stderr.trim() || 'no message'}`));
+      else if (code !== 0) reject(new LocalCopyError(`${what} exited with ${code ?? sig}: ${stderr.trim() || 'no message'}`));
+      // tar's warnings (an xattr it could not read or set) come with exit status 0.
+      else if (stderr.trim() !== '') reject(new LocalCopyError(`${what} warned: ${stderr.trim()}`));
+      else resolve();
     });
   });
 }

@@ -333,8 +333,11 @@ export class Snapshotter {
   }
 
   private async remountRemote(id: string, info: SnapshotInfo): Promise<void> {
-    if (this.fs === undefined) throw new UnavailableError('no remote filesystem configured');
     const mountpoint = this.upperPath(id);
+    // A layer with a local copy needs neither its mount nor the registry: new containers get the copy. A FUSE
+    // server that outlived the daemon still serves the containers that use the mount.
+    if (await this.servedLocally({ id, name: info.name, labels: info.labels })) return;
+    if (this.fs === undefined) throw new UnavailableError('no remote filesystem configured');
     // Still served: the FUSE server outlived the daemon, and running containers are using it.
     if (await this.fs.check(mountpoint, info.labels).then(() => true, () => false)) return;
     // A mount left by a process that is gone is dead (every access is ENOTCONN): drop it before

@@ -97,6 +97,28 @@ describe('local copy of a fetched layer', { skip: notRoot && 'needs root (device
     assert.ok(await hasLocalCopy(mountpoint));
   });
 
+  it('an xattr tar cannot set fails the copy, though tar exits 0', async () => {
+    // The copy lands on a ramfs (no xattrs at all); the layer is a bind mount of a directory that has them.
+    const ram = path.join(dir, 'ram');
+    const layer = path.join(ram, 'fs');
+    fs.mkdirSync(ram);
+    await run('mount', ['-t', 'ramfs', 'ramfs', ram]);
+    try {
+      fs.mkdirSync(layer);
+      await run('mount', ['--bind', mountpoint, layer]);
+      try {
+        fs.mkdirSync(path.join(mountpoint, 'opaque'));
+        await run('setfattr', ['-n', 'trusted.overlay.opaque', '-v', 'y', path.join(mountpoint, 'opaque')]);
+        await assert.rejects(copyLayerToLocal(layer, { expectRootNames: ['opaque'] }), (err: unknown) => err instanceof LocalCopyError && /warned/.test(err.message));
+        assert.ok(!(await hasLocalCopy(layer)), 'a copy without its opaque marker is not a copy');
+      } finally {
+        await run('umount', [layer]);
+      }
+    } finally {
+      await run('umount', [ram]);
+    }
+  });
+
   it('an abort kills the copy and removes its temp directory', async () => {
     // A sparse file big enough that tar is still reading it when the abort comes.
     const fd = fs.openSync(path.join(mountpoint, 'big'), 'w');

@@ -413,9 +413,17 @@ describe('Snapshotter remote snapshots', () => {
     // Mounts handed out before the copy existed are built anew on each call, from the copy now.
     assert.equal(overlayOpt((await sn.mounts('before'))[0]!.options, 'lowerdir'), local);
 
+    // A restart (its FUSE server gone too) mounts nothing for it: the copy is all new containers need.
+    remote.served.clear();
+    const mountsBefore = remote.mounts.length;
+    const restored = await sn.restore();
+    assert.deepEqual(restored, { restored: [CHAIN], failed: [] });
+    assert.equal(remote.mounts.length, mountsBefore, 'not mounted again');
+
     await sn.close();
     sn = await Snapshotter.open({ root, fs: remote, log: pino({ level: 'silent' }), useLocalCopies: false });
     remote.checkError = undefined;
+    remote.served.add(layerDir);
     assert.equal(overlayOpt((await sn.mounts('after'))[0]!.options, 'lowerdir'), layerDir, 'copy_fetched_layers = false: the mount');
   });
 
