@@ -26,18 +26,34 @@ export function defaultRpullDir(): string | undefined {
   return uid === 0 ? ROOT_RPULL_DIR : path.join(os.tmpdir(), `stargaze-rpull-${uid}`);
 }
 
+/** Warning code of an rpull directory that cannot be used. */
+export const UNUSABLE_DIR_WARNING = 'STARGAZE_RPULL_DIR';
+const warned = new Set<string>();
+
+/** Says once per directory why it is not used: without it, concurrent pulls quietly stop collapsing. */
+function unusable(dir: string, why: string): undefined {
+  if (!warned.has(dir)) {
+    warned.add(dir);
+    process.emitWarning(`${dir} ${why}: concurrent pulls of one image are not collapsed, nor their downloads locked`, { code: UNUSABLE_DIR_WARNING });
+  }
+  return undefined;
+}
+
 /** `dir` (default defaultRpullDir()), made if missing, when it is private to us; otherwise undefined. */
 export async function privateRpullDir(dir = defaultRpullDir()): Promise<string | undefined> {
   const uid = process.getuid?.();
   if (dir === undefined || uid === undefined) return undefined;
   const resolved = path.resolve(dir);
-  if (Buffer.byteLength(resolved) + 1 + MAX_SOCKET_NAME_BYTES > MAX_SOCKET_PATH_BYTES) return undefined;
+  if (Buffer.byteLength(resolved) + 1 + MAX_SOCKET_NAME_BYTES > MAX_SOCKET_PATH_BYTES) return unusable(resolved, 'is too long a path for lock sockets');
   try {
     await mkdir(resolved, { recursive: true, mode: DIR_MODE });
     const st = await lstat(resolved);
-    if (!st.isDirectory() || st.uid !== uid || (st.mode & 0o077) !== 0) return undefined;
+    if (!st.isDirectory()) return unusable(resolved, 'is not a directory');
+    if (st.uid !== uid || (st.mode & 0o077) !== 0) {
+      return unusable(resolved, `is not private to uid ${uid} (owner ${st.uid}, mode ${(st.mode & 0o777).toString(8)})`);
+    }
     return resolved;
-  } catch {
-    return undefined;
+  } catch (err) {
+    return unusable(resolved, `cannot be made (${(err as Error).message})`);
   }
 }

@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import { LONGEST_SOCKET_NAME_BYTES, acquireHostLock, lockPath, tryHostLock } from '../../../src/containerd/host-lock';
-import { MAX_SOCKET_NAME_BYTES, privateRpullDir } from '../../../src/containerd/rpull-dir';
+import { MAX_SOCKET_NAME_BYTES, privateRpullDir, UNUSABLE_DIR_WARNING } from '../../../src/containerd/rpull-dir';
 
 const HOST_LOCK_MODULE = path.join(__dirname, '../../../src/containerd/host-lock.js');
 
@@ -107,11 +107,23 @@ test('a directory others can enter is not used: nothing is locked, nothing waits
     await listen(holder, lockPath(dir, name));
     try {
       await chmod(dir, 0o777);
-      // The socket there could be anyone's: not waited for (the lock is a no-op, the work is only repeated).
-      const release = await acquireHostLock(name, { dir, signal: AbortSignal.timeout(2000) });
-      assert.ok(release);
-      await release();
+      const warnings: { message: string; code?: string }[] = [];
+      const onWarning = (w: Error & { code?: string }): void => void warnings.push(w);
+      process.on('warning', onWarning);
+      try {
+        // The socket there could be anyone's: not waited for (the lock is a no-op, the work is only repeated).
+        const release = await acquireHostLock(name, { dir, signal: AbortSignal.timeout(2000) });
+        assert.ok(release);
+        await release();
+        await acquireHostLock(name, { dir, signal: AbortSignal.timeout(2000) }).then((r) => r?.());
+        await new Promise((r) => setImmediate(r));
+      } finally {
+        process.off('warning', onWarning);
+      }
       assert.ok(await isLive(lockPath(dir, name)), 'a no-op release leaves the file alone');
+      const said = warnings.filter((w) => w.code === UNUSABLE_DIR_WARNING);
+      assert.equal(said.length, 1, 'said once, not at every lock');
+      assert.match(said[0]!.message, /is not private to uid \d+ \(owner \d+, mode 777\): concurrent pulls of one image are not collapsed/);
     } finally {
       holder.close();
     }
