@@ -10,10 +10,13 @@ import { mkdtemp, mkdir, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { Writable } from 'node:stream';
 import { promisify } from 'node:util';
+import pino from 'pino';
 
 import { defaultConfig } from '../../../src/config/config';
 import { StargazeFileSystem, type BlobResolver } from '../../../src/fs/stargz-fs';
+import { hasLocalCopy, localCopyPath } from '../../../src/layer/local-copy';
 import { log } from '../../../src/log';
 import { serveMetrics } from '../../../src/metrics/fs-metrics';
 import type { AddressInfo } from 'node:net';
@@ -151,4 +154,61 @@ test('refuses a layer whose TOC does not match the toc.digest label', { skip: !c
   delete (withoutDigest as Record<string, string>)[TOC_DIGEST];
   await assert.rejects(served.mount(dir, withoutDigest), /digest of TOC JSON must be passed/);
   await assert.rejects(served.check(dir), /not mounted/);
+});
+
+/** A logger whose lines a test can wait for. */
+function capturingLog(): { log: typeof quiet; sawMessage: (msg: string) => boolean } {
+  const lines: { msg?: string }[] = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _enc, cb) {
+      for (const line of chunk.toString('utf8').split('\n')) if (line.trim() !== '') lines.push(JSON.parse(line) as { msg?: string });
+      cb();
+    },
+  });
+  return { log: pino({ level: 'info' }, sink), sawMessage: (msg) => lines.some((l) => l.msg === msg) };
+}
+
+async function until(what: string, pred: () => boolean | Promise<boolean>, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await pred())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+test('a fully fetched layer is copied beside its mount once its chainID check passed, not without the check', { skip: !canMount && 'needs root for FUSE' }, async () => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
+  const { blob, digest, tocDigest, diffId } = await layerFixture();
+  const registry = new MemoryRegistry();
+  registry.blobs.set(digest, new BufferBlobSource(digest, blob));
+  const checked = capturingLog();
+  const unchecked = capturingLog();
+  const withCheck = new StargazeFileSystem({ registry, config: defaultConfig(), log: checked.log });
+  const withoutCheck = new StargazeFileSystem({ registry, config: { ...defaultConfig(), disableVerification: true }, log: unchecked.log });
+  after(async () => {
+    await withCheck.close();
+    await withoutCheck.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+  const labels = { [TARGET_SNAPSHOT_REF]: diffId, [STARGZ_REFERENCE]: 'registry.test/img:1', [STARGZ_DIGEST]: digest, [TOC_DIGEST]: tocDigest };
+  const mntA = path.join(dir, 'a', 'fs');
+  const mntB = path.join(dir, 'b', 'fs');
+  await mkdir(mntA, { recursive: true });
+  await mkdir(mntB, { recursive: true });
+  await withCheck.mount(mntA, labels);
+  await withoutCheck.mount(mntB, labels);
+
+  await until('the local copy', () => hasLocalCopy(mntA));
+  const local = localCopyPath(mntA);
+  assert.deepEqual((await run('ls', ['-A', local])).stdout.split('\n').filter(Boolean).sort(), ['big.bin', 'bin', 'etc', 'gone', 'opaque']);
+  assert.equal((await run('getfattr', ['--only-values', '-n', 'trusted.overlay.opaque', path.join(local, 'opaque')])).stdout, 'y');
+  assert.equal((await run('stat', ['-c', '%F %t:%T', path.join(local, 'gone/old')])).stdout.trim(), 'character special file 0:0');
+  assert.equal((await run('stat', ['-c', '%a', path.join(local, 'bin/su')])).stdout.trim(), '4755');
+  assert.ok(checked.sawMessage('layer copied to local disk; new containers read it from there'));
+
+  await until('the unchecked layer to be fully fetched', () => unchecked.sawMessage('layer fully fetched'));
+  // The checked layer's copy took well under this.
+  await sleep(1500);
+  assert.equal(await hasLocalCopy(mntB), false, 'a layer not checked against its chainID is not copied');
+  assert.ok(!unchecked.sawMessage('layer copied to local disk; new containers read it from there'));
 });
