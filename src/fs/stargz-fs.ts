@@ -82,6 +82,8 @@ export interface StargazeFsOptions {
   /** TOCs of mounted layers, so they mount again without the registry. */
   tocCache?: TocCache;
   log: Logger;
+  /** The xattr opaque directories carry (layer-tree.ts): trusted.overlay.opaque unless overlayfs uses `userxattr`. */
+  opaqueXattr?: string;
 }
 
 interface MountedLayer {
@@ -543,7 +545,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
    * and background fetch continues from that hash rather than downloading the head again.
    */
   private makeReady(opened: OpenedLayer | Omit<OpenedLayer, 'tocJson' | 'tocDigest'>, labelBytes: number | undefined, verify: boolean, digest: string, log: Logger): ReadyLayer {
-    const tree = buildLayerTree(opened.toc, { blobSize: opened.blob.size, tocOffset: opened.tocOffset });
+    const tree = buildLayerTree(opened.toc, { blobSize: opened.blob.size, tocOffset: opened.tocOffset, opaqueXattr: this.options.opaqueXattr });
     const prefetchBytes = this.prefetchSize(labelBytes, tree, opened.blob.size);
     const blob = new LayerBlob(opened.blob, {
       chunkBytes: this.options.config.blob.parallelFetchChunkBytes,

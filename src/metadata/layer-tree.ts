@@ -22,6 +22,8 @@ const WHITEOUT_META_PREFIX = '.wh..wh.';
 const OPAQUE_WHITEOUT = '.wh..wh..opq';
 /** The xattr overlayfs reads to treat a directory as opaque. */
 export const OPAQUE_XATTR = 'trusted.overlay.opaque';
+/** The same, for overlayfs mounted with `userxattr` (inside a user namespace). */
+export const USER_OPAQUE_XATTR = 'user.overlay.opaque';
 const OPAQUE_XATTR_VALUE = Buffer.from('y');
 
 export type NodeType = 'dir' | 'reg' | 'symlink' | 'char' | 'block' | 'fifo' | 'whiteout';
@@ -72,6 +74,8 @@ export interface LayerTreeOptions {
   blobSize: number;
   /** Compressed offset of the TOC member: the last payload member ends there. Defaults to blobSize. */
   tocOffset?: number;
+  /** The xattr that marks opaque directories: OPAQUE_XATTR (default), or USER_OPAQUE_XATTR for `userxattr`. */
+  opaqueXattr?: string;
 }
 
 export interface LayerTree {
@@ -92,7 +96,7 @@ export interface LayerTree {
 
 /** Builds the inode table. Throws EstargzFormatError when entries contradict each other. */
 export function buildLayerTree(toc: Toc, opts: LayerTreeOptions): LayerTree {
-  return new TreeBuilder(toc, opts.tocOffset ?? opts.blobSize).build();
+  return new TreeBuilder(toc, opts.tocOffset ?? opts.blobSize, opts.opaqueXattr ?? OPAQUE_XATTR).build();
 }
 
 class TreeBuilder {
@@ -108,6 +112,7 @@ class TreeBuilder {
     private readonly toc: Toc,
     /** Where the last payload member ends. */
     private readonly dataEnd: number,
+    private readonly opaqueXattr: string,
   ) {
     this.root = newDir();
     this.byName.set('', this.root);
@@ -241,7 +246,7 @@ class TreeBuilder {
       children.delete(name);
       if (hidden !== undefined && hidden.type !== 'dir' && hidden.nlink > 1) hidden.nlink--;
       if (name === OPAQUE_WHITEOUT) {
-        dir.xattrs.set(OPAQUE_XATTR, OPAQUE_XATTR_VALUE);
+        dir.xattrs.set(this.opaqueXattr, OPAQUE_XATTR_VALUE);
         continue;
       }
       if (name.startsWith(WHITEOUT_META_PREFIX)) continue;

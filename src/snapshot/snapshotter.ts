@@ -29,6 +29,7 @@ import { parseFilters } from './filters';
 import { MetadataStore, WALK_PAGE_ROWS, type ChainEntry, type MetadataStoreOptions } from './metadata-store';
 import { mountsUnder } from '../fs/mount-table';
 import { hasLocalCopy, localCopyPath } from '../layer/local-copy';
+import { inUserNamespace } from '../user-namespace';
 import { snapshotFieldAdaptor, type Mount, type SnapshotInfo, type SnapshotKind, type SnapshotUsage } from './snapshot-info';
 
 /** Log field counted by the e2e scripts, as the reference's `remote-snapshot-prepared`. */
@@ -42,8 +43,6 @@ const UPPER_DIR_MODE = 0o755;
 const WORK_DIR_MODE = 0o711;
 /** Remote layers re-mounted at once on restart; each may wait on a registry. */
 const RESTORE_CONCURRENCY = 4;
-/** The kernel's full identity uid map: not inside a user namespace. */
-const INIT_USERNS_UID_MAP = /^\s*0\s+0\s+4294967295\s*$/;
 
 export interface SnapshotterOptions {
   /** State directory (absolute or relative to cwd). */
@@ -124,19 +123,10 @@ export class Snapshotter {
     // As containerd: index=off where the kernel has the knob, so shared lower dirs never trip the
     // overlay index's exclusivity checks.
     if (await pathExists('/sys/module/overlay/parameters/index')) overlayOptions.push('index=off');
-    if (await Snapshotter.inUserNamespace()) overlayOptions.push('userxattr');
+    // Inside a user namespace overlayfs needs `userxattr` (containerd overlayutils.NeedsUserXAttr).
+    if (await inUserNamespace()) overlayOptions.push('userxattr');
     const store = MetadataStore.open(root, { durability: options.durability });
     return new Snapshotter(root, store, overlayOptions, options);
-  }
-
-  /** Inside a user namespace overlayfs needs `userxattr` (containerd overlayutils.NeedsUserXAttr). */
-  private static async inUserNamespace(): Promise<boolean> {
-    try {
-      const map = await fsp.readFile('/proc/self/uid_map', 'utf8');
-      return !INIT_USERNS_UID_MAP.test(map);
-    } catch {
-      return false;
-    }
   }
 
   private upperPath(id: string): string {

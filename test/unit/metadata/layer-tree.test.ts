@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import { EstargzFormatError } from '../../../src/errors';
 import { parseToc } from '../../../src/estargz/toc';
 import { makedev } from '../../../src/metadata/file-mode';
-import { OPAQUE_XATTR, ROOT_INO, buildLayerTree, type LayerTree } from '../../../src/metadata/layer-tree';
+import { OPAQUE_XATTR, ROOT_INO, USER_OPAQUE_XATTR, buildLayerTree, type LayerTree } from '../../../src/metadata/layer-tree';
 
 const D = 'sha256:' + 'a'.repeat(64);
 
@@ -157,6 +157,13 @@ test('whiteouts become 0/0 char devices; opaque dirs get the overlay xattr', () 
   assert.deepEqual(t.resolvePath('opq')?.xattrs.get(OPAQUE_XATTR), Buffer.from('y'));
   assert.equal(t.resolvePath('etc')?.xattrs.has(OPAQUE_XATTR), false);
   assert.deepEqual(names(t, '/'), ['etc', 'opq'], 'overlay metadata names are hidden');
+});
+
+test('for overlayfs with userxattr (a user namespace) opaque dirs carry user.overlay.opaque instead', () => {
+  const entries = [{ name: 'opq/', type: 'dir' }, { name: 'opq/.wh..wh..opq', type: 'reg' }];
+  const t = buildLayerTree(parseToc(JSON.stringify({ version: 1, entries })), { blobSize: 10_000, opaqueXattr: USER_OPAQUE_XATTR });
+  assert.deepEqual(t.resolvePath('opq')?.xattrs.get(USER_OPAQUE_XATTR), Buffer.from('y'));
+  assert.equal(t.resolvePath('opq')?.xattrs.has(OPAQUE_XATTR), false, 'only the one overlayfs reads: the other would show in containers');
 });
 
 test('landmarks are hidden; the tree reports prefetch information', () => {
