@@ -62,6 +62,7 @@ import { acquireHostLock } from './host-lock';
 import { UnsupportedImageError, resolveManifest, type Fetched, type ResolvedManifest } from './resolve';
 import type { Platform } from './platforms';
 import type { Descriptor, Mount } from './types';
+import { abortable } from '../abortable';
 
 export { ImageAuthError, ImageNotFoundError, UnsupportedImageError, resolveManifest, type ResolvedManifest } from './resolve';
 
@@ -203,19 +204,6 @@ async function readAll(body: AsyncIterable<Buffer>, limit: number, what: string)
   return chunks.length === 1 ? (chunks[0] as Buffer) : Buffer.concat(chunks, total);
 }
 
-/** `p`, or the abort reason as soon as `signal` aborts (`p` itself runs on; its rejection is handled). */
-function untilAborted<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
-  if (signal.aborted) {
-    p.catch(() => undefined);
-    return Promise.reject(signal.reason);
-  }
-  return new Promise<T>((resolve, reject) => {
-    const onAbort = (): void => reject(signal.reason);
-    signal.addEventListener('abort', onAbort, { once: true });
-    p.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
-  });
-}
-
 /** Runs at most `limit` tasks at once, first come first served. */
 class Semaphore {
   private active = 0;
@@ -318,7 +306,7 @@ class Pull {
   async resolveImage(): Promise<ResolvedImage> {
     const started = Date.now();
     // The caller's resolve (opts.resolved) is not ours to stop: an aborted pull just stops waiting for it.
-    const resolved = await untilAborted(this.opts.resolved ?? resolveManifest(this.opts.registry, this.name, this.opts.platform, this.signal), this.signal);
+    const resolved = await abortable(this.opts.resolved ?? resolveManifest(this.opts.registry, this.name, this.opts.platform, this.signal), this.signal);
     const config = await this.fetchConfig(resolved.manifest.doc);
     this.log.debug({ ms: Date.now() - started }, 'manifest and config fetched');
     return { ...resolved, config };

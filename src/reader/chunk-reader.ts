@@ -8,6 +8,7 @@ import type { BlobSource } from '../remote/blob-source';
 import { readRangesOf } from '../remote/blob-source';
 import { inflateRange } from './inflate-range';
 import { zstdPool } from './zstd-pool';
+import { abortable } from '../abortable';
 
 /**
  * Reads regular-file bytes of one layer. Reads are widened to whole chunks; each chunk is fetched as
@@ -389,24 +390,4 @@ function chunkIndexAt(chunks: readonly ChunkInfo[], pos: number): number {
     else hi = mid - 1;
   }
   return lo;
-}
-
-/** Resolves like `p`, or rejects when `signal` aborts first; `p` itself keeps running. */
-function abortable<T>(p: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
-  if (signal === undefined) return p;
-  if (signal.aborted) return Promise.reject(signal.reason);
-  return new Promise<T>((resolve, reject) => {
-    const onAbort = (): void => reject(signal.reason);
-    signal.addEventListener('abort', onAbort, { once: true });
-    p.then(
-      (v) => {
-        signal.removeEventListener('abort', onAbort);
-        resolve(v);
-      },
-      (err: unknown) => {
-        signal.removeEventListener('abort', onAbort);
-        reject(err);
-      },
-    );
-  });
 }
