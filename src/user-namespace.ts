@@ -5,6 +5,7 @@
  * layer filesystem marks opaque directories with the xattr that overlayfs will read.
  */
 import { readFile } from 'node:fs/promises';
+import { OPAQUE_XATTR, USER_OPAQUE_XATTR } from './metadata/layer-tree';
 
 /** The kernel's full identity uid map: not inside a user namespace. */
 const INIT_USERNS_UID_MAP = /^\s*0\s+0\s+4294967295\s*$/;
@@ -15,4 +16,9 @@ export async function inUserNamespace(): Promise<boolean> {
   } catch {
     return false;
   }
+}
+
+/** The xattr that marks opaque directories for the overlayfs the snapshotter mounts here. */
+export async function opaqueXattrHere(): Promise<string> {
+  return (await inUserNamespace()) ? USER_OPAQUE_XATTR : OPAQUE_XATTR;
 }

@@ -22,8 +22,7 @@ import { createCriImageProxy, startCriImageProxy, type CriImageProxy, type CriIm
 import { CRI_KEYCHAIN_DIR, openCriKeychain, openKeychains, type KeychainPaths } from '../remote/keychains';
 import { kubeconfigPath } from '../remote/kubeconfig-keychain';
 import { notifySystemdReady } from './sd-notify';
-import { OPAQUE_XATTR, USER_OPAQUE_XATTR } from '../metadata/layer-tree';
-import { inUserNamespace } from '../user-namespace';
+import { opaqueXattrHere } from '../user-namespace';
 
 export const DEFAULT_ADDRESS = '/run/stargaze/stargaze.sock';
 export const DEFAULT_ROOT = '/var/lib/stargaze';
@@ -158,7 +157,7 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
       log: log.child({ module: 'cache' }),
     });
     const { diskCache, tocCache } = caches;
-    const opaqueXattr = (await inUserNamespace()) ? USER_OPAQUE_XATTR : OPAQUE_XATTR;
+    const opaqueXattr = await opaqueXattrHere();
     const filesystem = new StargazeFileSystem({ registry, config, diskCache, tocCache, opaqueXattr, log: log.child({ module: 'fs' }) });
     const metricsServer = config.metricsAddress
       ? await serveMetrics(filesystem.metrics, config.metricsAddress, log.child({ module: 'metrics' }))

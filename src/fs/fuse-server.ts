@@ -25,8 +25,7 @@ import { mountsUnder } from './mount-table';
 import { StargazeFileSystem } from './stargz-fs';
 import { serveMetrics } from '../metrics/fs-metrics';
 import { openDiskCaches } from '../cache/disk-caches';
-import { OPAQUE_XATTR, USER_OPAQUE_XATTR } from '../metadata/layer-tree';
-import { inUserNamespace } from '../user-namespace';
+import { opaqueXattrHere } from '../user-namespace';
 
 /** How long the server stays up with no daemon connected and nothing mounted. */
 const IDLE_EXIT_MS = 30_000;
@@ -77,7 +76,7 @@ export async function runFuseServer(options: FuseServerOptions): Promise<void> {
   });
   const { diskCache, tocCache } = caches;
   // The snapshotter mounts overlayfs with `userxattr` in a user namespace: opaque dirs must say so in user.*.
-  const opaqueXattr = (await inUserNamespace()) ? USER_OPAQUE_XATTR : OPAQUE_XATTR;
+  const opaqueXattr = await opaqueXattrHere();
   const filesystem = new StargazeFileSystem({ registry, config: options.config, diskCache, tocCache, opaqueXattr, log: log.child({ module: 'fs' }) });
   // The layers' metrics live where the layers are served, and so survive daemon restarts too.
   const metricsServer = options.config.metricsAddress

@@ -119,17 +119,13 @@ const COPY_MIN_FREE_FRACTION = 0.15;
 /** Per entry on disk beyond its data (inode, directory entry), a rough bound. */
 const COPY_BYTES_PER_ENTRY = 4096;
 
-/** Bytes a copy of the tree takes on disk, roughly: file data plus a block per entry (hardlinks once). */
-function treeBytes(root: LayerNode): number {
-  const seen = new Set<number>();
+/** Bytes a copy of the tree takes on disk, roughly: file data plus a block per inode (hardlinks are one). */
+function treeBytes(tree: LayerTree): number {
   let bytes = 0;
-  const walk = (node: LayerNode): void => {
-    if (seen.has(node.ino)) return;
-    seen.add(node.ino);
-    bytes += COPY_BYTES_PER_ENTRY + (node.type === 'reg' ? node.size : 0);
-    if (node.children) for (const child of node.children.values()) walk(child);
-  };
-  walk(root);
+  for (let ino = 1; ino <= tree.nodeCount; ino++) {
+    const node = tree.getNode(ino);
+    bytes += COPY_BYTES_PER_ENTRY + (node?.type === 'reg' ? node.size : 0);
+  }
   return bytes;
 }
 
@@ -517,7 +513,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
         layerLog.info('not copied to local disk: some of its chunks are no longer cached');
         return;
       }
-      const room = await roomFor(path.dirname(mountpoint), treeBytes(layer.tree.root));
+      const room = await roomFor(path.dirname(mountpoint), treeBytes(layer.tree));
       if (!room.ok) {
         layerLog.warn({ neededBytes: room.neededBytes, availableBytes: room.availableBytes }, 'not copied to local disk: it would leave the filesystem too full');
         return;

@@ -190,8 +190,9 @@ export class Snapshotter {
     const record = this.store.getSnapshot(key);
     const { info } = this.store.getInfo(key);
     const chain = this.store.chain(info.parent);
-    await this.checkAncestors(chain);
-    return this.buildMounts(record.id, record.kind, await this.lowerPaths(chain));
+    const local = await this.localFlags(chain);
+    await this.checkAncestors(chain, local);
+    return this.buildMounts(record.id, record.kind, this.lowerPaths(chain, local));
   }
 
   /** Commits active snapshot `key` as `name`, recording its disk usage. */
@@ -469,7 +470,8 @@ export class Snapshotter {
       throw new InvalidArgumentError(`parent "${parent}" is not committed snapshot`);
     }
     if (this.exists(key)) throw new AlreadyExistsError(`snapshot ${key}: already exists`);
-    if (opts.checkAncestors !== false) await this.checkAncestors(chain);
+    const local = await this.localFlags(chain);
+    if (opts.checkAncestors !== false) await this.checkAncestors(chain, local);
 
     const tempName = `${TEMP_DIR_PREFIX}${crypto.randomBytes(8).toString('hex')}`;
     const tempDir = path.join(this.snapshotsDir, tempName);
@@ -484,7 +486,7 @@ export class Snapshotter {
         await fsp.mkdir(work, { mode: WORK_DIR_MODE });
         await fsp.chmod(work, WORK_DIR_MODE);
       }
-      const lowerPaths = await this.lowerPaths(chain);
+      const lowerPaths = this.lowerPaths(chain, local);
       if (chain.length > 0) {
         // The new upper dir belongs to whoever owns the parent's root, as in overlay.go (the local copy's
         // root when there is one: it has the same owner, and the FUSE server need not answer).
@@ -527,8 +529,13 @@ export class Snapshotter {
    * The lower dir of each layer of `chain`, nearest first: its directory, or for a remote layer with a local
    * copy, the copy, so a new container reads a fully fetched layer from local disk rather than through FUSE.
    */
-  private async lowerPaths(chain: readonly ChainEntry[]): Promise<string[]> {
-    return Promise.all(chain.map(async (e) => ((await this.servedLocally(e)) ? localCopyPath(this.upperPath(e.id)) : this.upperPath(e.id))));
+  private lowerPaths(chain: readonly ChainEntry[], local: readonly boolean[]): string[] {
+    return chain.map((e, i) => (local[i] ? localCopyPath(this.upperPath(e.id)) : this.upperPath(e.id)));
+  }
+
+  /** For each layer of `chain`, whether it is served from its local copy. */
+  private localFlags(chain: readonly ChainEntry[]): Promise<boolean[]> {
+    return Promise.all(chain.map((e) => this.servedLocally(e)));
   }
 
   private async servedLocally(entry: ChainEntry): Promise<boolean> {
@@ -543,8 +550,8 @@ export class Snapshotter {
    * Checks every remote ancestor in parallel; any failure makes the snapshot Unavailable. A layer with a
    * local copy needs neither its mount nor the registry, so it is not checked.
    */
-  private async checkAncestors(chain: readonly ChainEntry[]): Promise<void> {
-    const local = await Promise.all(chain.map((e) => this.servedLocally(e)));
+  private async checkAncestors(chain: readonly ChainEntry[], local?: readonly boolean[]): Promise<void> {
+    local ??= await this.localFlags(chain);
     const remote = chain.filter((e, i) => isRemote(e.labels) && !local[i]);
     if (remote.length === 0) return;
     const fs = this.fs;
