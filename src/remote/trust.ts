@@ -73,6 +73,7 @@ interface NativeContext {
 function defaultPlus(cas: readonly (string | Buffer)[], cert?: string | Buffer, key?: string | Buffer): SecureContext {
   const context = createSecureContext(cert !== undefined ? { cert, key } : {});
   const native = context.context as NativeContext;
+  // A block that does not parse is skipped by OpenSSL without an error; the others still count.
   for (const ca of cas) native.addCACert(ca);
   return context;
 }

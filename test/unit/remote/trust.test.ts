@@ -129,6 +129,13 @@ describe('default TLS trust with deferred extra CA certificates', () => {
     }
   });
 
+  it('a certificate in the deferred file that does not parse does not stop the others from counting', async () => {
+    const mixed = join(dir, 'mixed.pem');
+    const broken = '-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n';
+    await writeFile(mixed, broken + (await readFile(join(dir, 'extra-ca.crt'), 'utf8')));
+    assert.equal(await verifies(await secureContextFor({ hostCas: [] }, { env: { [DEFERRED_EXTRA_CA_ENV]: mixed } })), true);
+  });
+
   it('a child that is not stargaze gets NODE_EXTRA_CA_CERTS back', () => {
     assert.deepEqual(childEnv({ env: { PATH: '/bin', [DEFERRED_EXTRA_CA_ENV]: '/ca.pem' } }), { PATH: '/bin', NODE_EXTRA_CA_CERTS: '/ca.pem' });
     const untouched = { PATH: '/bin', NODE_EXTRA_CA_CERTS: '/ca.pem' };
