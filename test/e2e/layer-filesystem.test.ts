@@ -21,6 +21,7 @@ import {
   startDaemon,
   startRegistry,
   suiteScope,
+  mountSideBySide,
   publishTrickyImages,
   waitFor,
   type Containerd,
@@ -113,13 +114,7 @@ describe('layer filesystem: background fetch and integrity', { skip: notRoot && 
     }
 
     // A rootfs made now has the copies for lower dirs, and is what the overlayfs snapshotter unpacks.
-    const dir = await makeTmpRoot('lfs-local-copy', t);
-    const unpacked = path.join(dir, 'overlayfs');
-    const lazy = path.join(dir, 'stargz');
-    await containerd.mountImage(original.ref, unpacked, { namespace: ns });
-    t.after(() => containerd.unmountImage(unpacked, { namespace: ns }));
-    await containerd.mountImage(esgz.ref, lazy, { namespace: ns, snapshotter: 'stargz' });
-    t.after(() => containerd.unmountImage(lazy, { namespace: ns }));
+    const { unpacked, lazy } = await mountSideBySide(containerd, t, { original: original.ref, esgz: esgz.ref, namespace: ns, label: 'lfs-local-copy' });
     const mountinfo = await readFile('/proc/self/mountinfo', 'utf8');
     const lazyMount = mountinfo.split('\n').find((l) => l.split(' ')[4] === lazy);
     const lowerdir = lazyMount?.match(/lowerdir=([^,\s]+)/)?.[1];

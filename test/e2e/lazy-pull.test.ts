@@ -4,7 +4,6 @@
  * runs containers from them. Everything is real: registry, containerd, runc, FUSE, overlayfs.
  */
 import assert from 'node:assert/strict';
-import path from 'node:path';
 import { before, describe, test } from 'node:test';
 import {
   bigFileFixture,
@@ -12,12 +11,12 @@ import {
   compareTrees,
   convertToEstargz,
   formatDifferences,
-  makeTmpRoot,
   snapshotTree,
   startContainerd,
   startDaemon,
   startRegistry,
   suiteScope,
+  mountSideBySide,
   publishTrickyImages,
   waitFor,
   withHost,
@@ -101,13 +100,7 @@ describe('lazy pull end to end', { skip: notRoot && 'e2e tests need root' }, () 
     await containerd.rpull(esgz.ref, { namespace: ns });
     assert.equal(preparedLogs(daemon, 'true').length - preparedBefore, esgz.layers.length, 'every layer lazy');
 
-    const dir = await makeTmpRoot('tricky-compare', t);
-    const unpacked = path.join(dir, 'overlayfs');
-    const lazy = path.join(dir, 'stargz');
-    await containerd.mountImage(original.ref, unpacked, { namespace: ns });
-    t.after(() => containerd.unmountImage(unpacked, { namespace: ns }));
-    await containerd.mountImage(esgz.ref, lazy, { namespace: ns, snapshotter: 'stargz' });
-    t.after(() => containerd.unmountImage(lazy, { namespace: ns }));
+    const { unpacked, lazy } = await mountSideBySide(containerd, t, { original: original.ref, esgz: esgz.ref, namespace: ns, label: 'tricky-compare' });
 
     // containerd's tar applier refuses trusted.* xattrs from archives, so the unpacked tree never has
     // them; the lazily mounted layer serves what the layer holds.

@@ -11,7 +11,8 @@ import path from 'node:path';
 import type { Containerd } from './containerd';
 import { run } from './exec';
 import { DEFAULT_MTIME_SEC, materializeEntries, packLayer, type EntrySpec, type LayerBlob, type LayerSpec } from './rootfs';
-import { createTmpRoot } from './tmp';
+import type { CleanupScope } from './cleanup';
+import { createTmpRoot, makeTmpRoot } from './tmp';
 import { trickyFixture, type TrickyFixture } from './image-fixtures';
 
 export const MEDIA_TYPE_OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
@@ -322,4 +323,23 @@ export async function publishTrickyImages(
   const original = await buildBusyboxImage({ host, repo, tag: 'v1', extraFiles: fixture.extraFiles, layers: fixture.layers });
   const esgz = await convertToEstargz(containerd, original.ref, `${host}/${repo}:v1-esgz`);
   return { fixture, original, esgz };
+}
+
+/**
+ * `original` mounted as containerd's overlayfs snapshotter unpacks it and `esgz` as the stargz snapshotter
+ * serves it, side by side under a temp dir, both unmounted when `scope` ends: what a tree comparison needs.
+ */
+export async function mountSideBySide(
+  containerd: Containerd,
+  scope: CleanupScope,
+  opts: { original: string; esgz: string; namespace: string; label: string },
+): Promise<{ unpacked: string; lazy: string }> {
+  const dir = await makeTmpRoot(opts.label, scope);
+  const unpacked = path.join(dir, 'overlayfs');
+  const lazy = path.join(dir, 'stargz');
+  await containerd.mountImage(opts.original, unpacked, { namespace: opts.namespace });
+  scope.after(() => containerd.unmountImage(unpacked, { namespace: opts.namespace }));
+  await containerd.mountImage(opts.esgz, lazy, { namespace: opts.namespace, snapshotter: 'stargz' });
+  scope.after(() => containerd.unmountImage(lazy, { namespace: opts.namespace }));
+  return { unpacked, lazy };
 }

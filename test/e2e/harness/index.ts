@@ -49,6 +49,7 @@ export {
   busyboxEntries,
   convertToEstargz,
   fetchManifest,
+  mountSideBySide,
   publishTrickyImages,
   withHost,
   type BuildImageOptions,
