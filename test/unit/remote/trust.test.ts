@@ -172,10 +172,12 @@ describe('default TLS trust with deferred extra CA certificates', () => {
     await writeFile(fakeNode, '#!/bin/sh\necho "node=${NODE_EXTRA_CA_CERTS:-unset} stargaze=${STARGAZE_EXTRA_CA_CERTS:-unset} args=$*"\n');
     await chmod(fakeNode, 0o755);
     const launcher = join(REPO_ROOT, 'script', 'stargaze');
+    // The launcher finds the app beside itself without forking readlink or dirname: script/.. as it is.
+    const cli = `${join(REPO_ROOT, 'script')}/../dist/src/cli.js`;
     const env = { PATH: process.env.PATH, STARGAZE_NODE: fakeNode };
     const withVar = await run(launcher, ['rpull', 'x'], { env: { ...env, NODE_EXTRA_CA_CERTS: '/some/bundle.pem' } });
-    assert.equal(withVar.stdout.trim(), `node=unset stargaze=/some/bundle.pem args=${join(REPO_ROOT, 'dist', 'src', 'cli.js')} rpull x`);
+    assert.equal(withVar.stdout.trim(), `node=unset stargaze=/some/bundle.pem args=${cli} rpull x`);
     const without = await run(launcher, ['--version'], { env });
-    assert.equal(without.stdout.trim(), `node=unset stargaze=unset args=${join(REPO_ROOT, 'dist', 'src', 'cli.js')} --version`);
+    assert.equal(without.stdout.trim(), `node=unset stargaze=unset args=${cli} --version`);
   });
 });
