@@ -12,6 +12,7 @@ import { StargazeError, UsageError, errorMessage } from '../errors';
 import type { ContainerdClient } from '../containerd/client';
 import type { LayerOutcome, PullEvent } from '../containerd/pull';
 import { collapseKey, joinOrLead, type CollapsedPull } from '../containerd/pull-collapse';
+import { handOverToJoiners, takeLauncherJoin } from '../containerd/launcher-join';
 import { formatPlatform, hostPlatform, parsePlatform, type Platform } from '../containerd/platforms';
 import { parseReference, registryHostFor } from '../remote/reference';
 import { pathExists } from '../path-exists';
@@ -154,6 +155,13 @@ export function layerLine(digest: string, outcome: LayerOutcome, bytes: number, 
   }
 }
 
+/** Where progress goes: stdout, or a string (joinedOutput). */
+export interface ProgressOutput {
+  write(text: string): unknown;
+  /** Terminal width, when a terminal. */
+  columns?: number;
+}
+
 /**
  * Plain lines; on a terminal also a live status line for the layer in progress. A pull's lines and a joined
  * pull's (printJoined) come out of the same methods, so the two cannot drift apart.
@@ -164,7 +172,7 @@ export class ProgressPrinter {
   private lastDraw = 0;
 
   constructor(
-    private readonly out: NodeJS.WriteStream,
+    private readonly out: ProgressOutput,
     private readonly tty: boolean,
   ) {}
 
@@ -173,7 +181,8 @@ export class ProgressPrinter {
     const now = Date.now();
     if (!force && now - this.lastDraw < TTY_REDRAW_MS) return;
     this.lastDraw = now;
-    const width = this.out.columns > 1 ? this.out.columns - 1 : 79;
+    const columns = this.out.columns ?? 0;
+    const width = columns > 1 ? columns - 1 : 79;
     this.out.write(`\r\x1b[2K${text.slice(0, width)}`);
     this.statusShown = true;
   }
@@ -230,6 +239,11 @@ export async function main(argv: string[]): Promise<number> {
   }
   const reference = parseReference(args.ref);
   const platform = args.platform !== undefined ? parsePlatform(args.platform) : hostPlatform();
+  // Pulls started by the launcher with these same arguments wait for this one's output (launcher-join.ts).
+  const launcherJoin = takeLauncherJoin();
+  const handOver = async (r: CollapsedPull, ms: number): Promise<void> => {
+    if (launcherJoin !== undefined) await handOverToJoiners(launcherJoin, joinedOutput(r, ms));
+  };
   const abort = new AbortController();
   const onSignal = (): void => abort.abort(new StargazeError('ERR_INTERNAL', 'interrupted'));
   process.once('SIGINT', onSignal);
@@ -250,11 +264,13 @@ export async function main(argv: string[]): Promise<number> {
     const collapse = await joinOrLead(key, { signal: abort.signal });
     if (collapse.kind === 'joined') {
       printJoined(progress, collapse.result, collapse.waitedMs);
+      await handOver(collapse.result, collapse.waitedMs);
       return 0;
     }
     try {
       const result = await pull(args, reference.domain, platform, abort.signal, progress);
-      await collapse.publish(result);
+      // The launcher's joiners started about when this process did: how long they waited is its age.
+      await Promise.all([collapse.publish(result), handOver(result, Math.round(performance.now()))]);
     } catch (err) {
       // A failure may be the waiters' too: they each try at once (pull-collapse.ts). An interrupted pull's
       // is its own: saying nothing lets one of them take the lead for the others.
@@ -277,6 +293,13 @@ export function printJoined(progress: ProgressPrinter, r: CollapsedPull, ms: num
   const present = r.layers.map((digest) => ({ digest, outcome: 'present' as const, bytes: 0 }));
   for (const l of present) progress.layerDone(l.digest, l.outcome, l.bytes, ms);
   progress.done(r.name, present, ms);
+}
+
+/** printJoined's lines as one string: what the launcher's joiners print. */
+export function joinedOutput(r: CollapsedPull, ms: number): string {
+  let text = '';
+  printJoined(new ProgressPrinter({ write: (s: string) => (text += s) }, false), r, ms);
+  return text;
 }
 
 async function pull(args: RpullArgs, domain: string, platform: Platform, signal: AbortSignal, progress: ProgressPrinter): Promise<CollapsedPull> {

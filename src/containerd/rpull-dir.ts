@@ -1,6 +1,7 @@
 /**
- * rpull's private state directory: the results of collapsed pulls (pull-collapse.ts) and the host lock sockets
- * (host-lock.ts). `/run/stargaze/rpull` for root, else `$TMPDIR/stargaze-rpull-<uid>`.
+ * rpull's private state directory: the results of collapsed pulls (pull-collapse.ts), the host lock sockets
+ * (host-lock.ts) and the launcher's joins (launcher-join.ts). `/run/stargaze/rpull` for root, else
+ * `$TMPDIR/stargaze-rpull-<uid>`; STARGAZE_RPULL_DIR names another (script/stargaze reads it too).
  *
  * Private is checked, not assumed: whoever can write in the directory could forge a pull result or hold a lock
  * forever, so a directory that is not ours alone (a symlink, another owner, any group or other permission) is
@@ -11,6 +12,8 @@ import os from 'node:os';
 import path from 'node:path';
 
 export const ROOT_RPULL_DIR = '/run/stargaze/rpull';
+/** Environment variable naming the directory instead. */
+export const RPULL_DIR_ENV = 'STARGAZE_RPULL_DIR';
 const DIR_MODE = 0o700;
 /**
  * A unix socket path must fit sun_path (107 bytes), and Node cuts a longer one short without a word, which
@@ -23,6 +26,8 @@ const MAX_SOCKET_PATH_BYTES = 107;
 export function defaultRpullDir(): string | undefined {
   const uid = process.getuid?.();
   if (uid === undefined) return undefined;
+  const named = process.env[RPULL_DIR_ENV];
+  if (named !== undefined && named !== '') return named;
   return uid === 0 ? ROOT_RPULL_DIR : path.join(os.tmpdir(), `stargaze-rpull-${uid}`);
 }
 

@@ -12,6 +12,7 @@
  * - unknown image, auth failure, containerd not running, snapshotter not configured: one clear error each.
  */
 import assert from 'node:assert/strict';
+import { readFile, writeFile } from 'node:fs/promises';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
@@ -21,6 +22,7 @@ import {
   STARGAZE_COMMAND_ENV,
   buildBusyboxImage,
   convertToEstargz,
+  makeTmpRoot,
   run,
   startContainerd,
   startDaemon,
@@ -78,11 +80,11 @@ describe('stargaze rpull', { skip: notRoot && 'e2e tests need root' }, () => {
   let esgz: EstargzImage;
 
   /** `stargaze rpull --address <containerd> [--plain-http] ...args`, through the command users run (script/stargaze). */
-  const rpull = (args: string[], opts: { plainHttp?: boolean; address?: string } = {}): Promise<RunResult> =>
+  const rpull = (args: string[], opts: { plainHttp?: boolean; address?: string; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> =>
     run(
       STARGAZE_COMMAND,
       ['rpull', '--address', opts.address ?? containerd.address, ...(opts.plainHttp === false ? [] : ['--plain-http']), ...args],
-      { allowFailure: true, timeoutMs: RPULL_TIMEOUT_MS, env: STARGAZE_COMMAND_ENV },
+      { allowFailure: true, timeoutMs: RPULL_TIMEOUT_MS, env: { ...STARGAZE_COMMAND_ENV, ...opts.env } },
     );
 
   const needDaemon = (): StargazeDaemon => {
@@ -296,11 +298,21 @@ describe('stargaze rpull', { skip: notRoot && 'e2e tests need root' }, () => {
     const fuseMounts = async (): Promise<number> => (await d.mounts()).filter((m) => m.fstype.startsWith('fuse')).length;
     const mountsBefore = await fuseMounts();
 
+    // Node as the launcher runs it, with a line per start: pulls with the same arguments join the first in the
+    // launcher (script/stargaze) without starting Node.
+    const dir = await makeTmpRoot('rpull-node-starts', scope);
+    const starts = path.join(dir, 'starts');
+    const countingNode = path.join(dir, 'node');
+    await writeFile(countingNode, `#!/bin/sh\necho "$$" >>${JSON.stringify(starts)}\nexec ${JSON.stringify(STARGAZE_COMMAND_ENV.STARGAZE_NODE)} "$@"\n`, { mode: 0o755 });
+
     const ns = containerd.newNamespace('concurrent');
     const started = Date.now();
-    const results = await Promise.all(Array.from({ length: CONCURRENT_PULLS }, () => rpull(['--namespace', ns, img.ref])));
+    const results = await Promise.all(Array.from({ length: CONCURRENT_PULLS }, () => rpull(['--namespace', ns, img.ref], { env: { STARGAZE_NODE: countingNode } })));
     const concurrentMs = Date.now() - started;
     for (const r of results) assert.equal(r.code, 0, `an rpull failed:\n${r.stderr}`);
+    const nodeStarts = (await readFile(starts, 'utf8')).trim().split('\n').length;
+    // One, unless the machine is so loaded that a pull was started only after the first had finished.
+    assert.ok(nodeStarts <= 2, `${nodeStarts} of ${CONCURRENT_PULLS} concurrent rpulls started Node`);
     const outcomes = results.map((r) => layerLines(r.stdout));
     for (const [i, l] of img.layers.entries()) {
       const lazy = outcomes.filter((o) => o[i]?.outcome === 'lazy').length;
@@ -309,7 +321,7 @@ describe('stargaze rpull', { skip: notRoot && 'e2e tests need root' }, () => {
       assert.equal(present, CONCURRENT_PULLS - 1, `layer ${l.digest}: the others find it present`);
     }
     assert.equal((await fuseMounts()) - mountsBefore, img.layers.length, 'exactly one FUSE mount per layer');
-    t.diagnostic(`${CONCURRENT_PULLS} concurrent rpulls of a ${img.layers.length}-layer image took ${concurrentMs} ms`);
+    t.diagnostic(`${CONCURRENT_PULLS} concurrent rpulls of a ${img.layers.length}-layer image took ${concurrentMs} ms, ${nodeStarts} started Node`);
 
     const out = await containerd.runContainer(img.ref, ['/bin/cat', '/c.txt', '/c2.txt', '/c3.txt'], { namespace: ns, snapshotter: 'stargz' });
     assert.equal(out.stdout, 'concurrent\ntwo\nthree\n');

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { ProgressPrinter, printJoined } from '../../../src/cmd/rpull';
+import { ProgressPrinter, joinedOutput, printJoined } from '../../../src/cmd/rpull';
 import type { CollapsedPull } from '../../../src/containerd/pull-collapse';
 import type { PullEvent } from '../../../src/containerd/pull';
 
@@ -36,4 +36,14 @@ test('a pull that joined a concurrent one prints what a pull finding every layer
   assert.deepEqual(j.lines(), [expected[0], 'joined a concurrent rpull of the same image', ...expected.slice(1)]);
   assert.match(expected[0] ?? '', /^registry\.example\/app:v1: sha256:aaaaaaaaaaaa \(linux\/amd64\), 2 layers$/);
   assert.match(expected.at(-1) ?? '', /^done: registry\.example\/app:v1 2 layers \(0 lazy, 0 fetched, 2 already present\), 0 bytes fetched in 42ms$/);
+});
+
+test("what the launcher's joiners print is a joined pull's lines, as one string", () => {
+  const joined: CollapsedPull = { name: 'registry.example/app:v1', manifestDigest: MANIFEST, platform: undefined, layers: LAYERS };
+  const j = sink();
+  printJoined(new ProgressPrinter(j.out, false), joined, 7);
+  const text = joinedOutput(joined, 7);
+  assert.ok(text.endsWith('\n'));
+  assert.deepEqual(text.split('\n').slice(0, -1), j.lines());
+  assert.equal(text.split('\n').length, 2 + LAYERS.length + 2);
 });

@@ -174,7 +174,9 @@ describe('default TLS trust with deferred extra CA certificates', () => {
     const launcher = join(REPO_ROOT, 'script', 'stargaze');
     // The launcher finds the app beside itself without forking readlink or dirname: script/.. as it is.
     const cli = `${join(REPO_ROOT, 'script')}/../dist/src/cli.js`;
-    const env = { PATH: process.env.PATH, STARGAZE_NODE: fakeNode };
+    // Its own rpull directory, so that rpull's launcher join leaves nothing in the host's.
+    const rpullDir = join(dir, 'rpull');
+    const env = { PATH: process.env.PATH, STARGAZE_NODE: fakeNode, STARGAZE_RPULL_DIR: rpullDir };
     const withVar = await run(launcher, ['rpull', 'x'], { env: { ...env, NODE_EXTRA_CA_CERTS: '/some/bundle.pem' } });
     assert.equal(withVar.stdout.trim(), `node=unset stargaze=/some/bundle.pem args=${cli} rpull x`);
     const without = await run(launcher, ['--version'], { env });

@@ -1,0 +1,191 @@
+/**
+ * script/stargaze's rpull join: concurrent `stargaze rpull`s with the same arguments wait for the first in the
+ * shell, without starting Node. The launcher is run for real (sh, flock, stat, sha256sum); Node is a stand-in
+ * script that plays the first pull (it logs each start, waits, then leaves the joiners' output or fails), so
+ * each case can be made to happen when it should.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { chmod, mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
+import { after, before, describe, it } from 'node:test';
+
+const REPO_ROOT = path.resolve(__dirname, '..', '..', '..', '..');
+const LAUNCHER = path.join(REPO_ROOT, 'script', 'stargaze');
+
+/** Node's stand-in: logs "<pid> <output var or ->", sleeps FAKE_SLEEP, then succeeds or fails as FAKE_MODE says. */
+const FAKE_NODE = `#!/bin/sh
+echo "$$ \${STARGAZE_RPULL_JOIN_OUTPUT:--}" >>"$FAKE_LOG"
+sleep "\${FAKE_SLEEP:-0}"
+if [ "$FAKE_MODE" = fail ]; then echo "pull failed in $$" >&2; exit 1; fi
+if [ -n "\${STARGAZE_RPULL_JOIN_OUTPUT:-}" ]; then printf 'joined the pull of %s\\n' "$$" >"$STARGAZE_RPULL_JOIN_OUTPUT"; fi
+echo "pulled by $$"
+`;
+
+interface Result {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+describe('launcher rpull join', () => {
+  let base: string;
+  let fakeNode: string;
+  let cwd: string;
+  let n = 0;
+
+  before(async () => {
+    base = await mkdtemp(path.join(tmpdir(), 'stargaze-launcher-'));
+    fakeNode = path.join(base, 'fake-node');
+    await writeFile(fakeNode, FAKE_NODE);
+    await chmod(fakeNode, 0o755);
+    cwd = path.join(base, 'cwd');
+    await mkdir(cwd);
+  });
+  after(async () => {
+    await rm(base, { recursive: true, force: true });
+  });
+
+  /** A fresh private rpull directory and start log for one case. */
+  async function fresh(mode = 0o700): Promise<{ dir: string; log: string }> {
+    n++;
+    const dir = path.join(base, `rpull-${n}`);
+    await mkdir(dir, { mode });
+    await chmod(dir, mode);
+    return { dir, log: path.join(base, `starts-${n}.log`) };
+  }
+
+  function launch(args: string[], env: Record<string, string>): Promise<Result> {
+    return new Promise((resolve, reject) => {
+      const child = spawn(LAUNCHER, args, {
+        cwd,
+        env: { PATH: process.env.PATH, STARGAZE_NODE: fakeNode, ...env },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let stdout = '';
+      let stderr = '';
+      child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+      child.on('error', reject);
+      child.on('close', (code) => resolve({ code, stdout, stderr }));
+    });
+  }
+
+  /** The stand-in's starts: [pid, output path or '-'] each. */
+  async function starts(log: string): Promise<[string, string][]> {
+    const text = await readFile(log, 'utf8').catch(() => '');
+    return text
+      .split('\n')
+      .filter((l) => l !== '')
+      .map((l) => l.split(' ') as [string, string]);
+  }
+
+  /** The launcher's file names for these arguments run in `cwd`. */
+  function argvFile(dir: string, args: string[], suffix: string): string {
+    const key = createHash('sha256').update([cwd, ...args].map((a) => `${a}\0`).join('')).digest('hex');
+    return path.join(dir, `argv-${key}${suffix}`);
+  }
+
+  /** Starts the first pull and waits until the stand-in runs (so it holds the lock), then the others. */
+  async function firstThenOthers(args: string[], env: Record<string, string>, log: string, others: number): Promise<Result[]> {
+    const first = launch(args, env);
+    for (let i = 0; (await starts(log)).length === 0; i++) {
+      assert.ok(i < 200, 'the first pull never started');
+      await delay(25);
+    }
+    const rest = Array.from({ length: others }, () => launch(args, env));
+    return Promise.all([first, ...rest]);
+  }
+
+  it('pulls with the same arguments print the first one\'s output without starting Node', async () => {
+    const { dir, log } = await fresh();
+    const args = ['rpull', '--namespace', 'ns', 'registry.example/app:v1'];
+    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed', FAKE_SLEEP: '1' };
+    const results = await firstThenOthers(args, env, log, 4);
+    const started = await starts(log);
+    assert.equal(started.length, 1, `Node started ${started.length} times`);
+    const [leaderPid, output] = started[0]!;
+    assert.equal(output, argvFile(dir, args, '.out'), 'the first is told where to leave its output');
+    assert.deepEqual(results.map((r) => r.code), [0, 0, 0, 0, 0]);
+    assert.equal(results[0]!.stdout, `pulled by ${leaderPid}\n`);
+    for (const r of results.slice(1)) assert.equal(r.stdout, `joined the pull of ${leaderPid}\n`);
+    const entries = (await readdir(dir)).sort();
+    assert.deepEqual(entries, [path.basename(argvFile(dir, args, '.lock')), path.basename(argvFile(dir, args, '.out'))].sort());
+  });
+
+  it('when the first pull fails, the others each run Node (and report for themselves)', async () => {
+    const { dir, log } = await fresh();
+    const args = ['rpull', 'registry.example/missing:v1'];
+    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'fail', FAKE_SLEEP: '0.5' };
+    const results = await firstThenOthers(args, env, log, 3);
+    const started = await starts(log);
+    assert.equal(started.length, 4);
+    // Only the first was handed the output: the others run Node as a plain rpull.
+    assert.deepEqual(started.slice(1).map(([, out]) => out), ['-', '-', '-']);
+    for (const r of results) {
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /^pull failed in \d+\n$/);
+    }
+  });
+
+  it('an output that was there before the joiner started waiting is not taken', async () => {
+    const { dir, log } = await fresh();
+    const args = ['rpull', 'registry.example/app:v2'];
+    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed', FAKE_SLEEP: '1' };
+    const first = launch(args, env);
+    while ((await starts(log)).length === 0) await delay(25);
+    // What an earlier pull would have left, appearing while the first still runs (it removed its own at start).
+    await writeFile(argvFile(dir, args, '.out'), 'an earlier pull\n');
+    const joiner = await launch(args, { ...env, FAKE_SLEEP: '0' });
+    await first;
+    assert.equal((await starts(log)).length, 2, 'the joiner ran Node');
+    assert.match(joiner.stdout, /^pulled by \d+\n$/);
+  });
+
+  it('the first pull removes an earlier output, so its joiners print its own', async () => {
+    const { dir, log } = await fresh();
+    const args = ['rpull', 'registry.example/app:v3'];
+    await writeFile(argvFile(dir, args, '.out'), 'an earlier pull\n');
+    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed', FAKE_SLEEP: '0.5' };
+    const [first, joiner] = await firstThenOthers(args, env, log, 1);
+    const [[leaderPid]] = (await starts(log)) as [[string, string]];
+    assert.equal(first!.stdout, `pulled by ${leaderPid}\n`);
+    assert.equal(joiner!.stdout, `joined the pull of ${leaderPid}\n`);
+  });
+
+  it('different arguments are not joined here (Node\'s own collapse decides)', async () => {
+    const { dir, log } = await fresh();
+    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed', FAKE_SLEEP: '0.5' };
+    const first = launch(['rpull', 'registry.example/app:v4'], env);
+    while ((await starts(log)).length === 0) await delay(25);
+    const other = await launch(['rpull', '--namespace', 'other', 'registry.example/app:v4'], env);
+    await first;
+    assert.equal((await starts(log)).length, 2);
+    assert.match(other.stdout, /^pulled by \d+\n$/);
+  });
+
+  it('a directory that is not private is not used: every pull runs Node and nothing is written there', async () => {
+    const { dir, log } = await fresh(0o755);
+    const args = ['rpull', 'registry.example/app:v5'];
+    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed', FAKE_SLEEP: '0.5' };
+    const results = await firstThenOthers(args, env, log, 2);
+    const started = await starts(log);
+    assert.equal(started.length, 3);
+    assert.deepEqual(started.map(([, out]) => out), ['-', '-', '-']);
+    for (const r of results) assert.match(r.stdout, /^pulled by \d+\n$/);
+    assert.deepEqual(await readdir(dir), []);
+  });
+
+  it('other subcommands, and variables from the caller, are left alone', async () => {
+    const { dir, log } = await fresh();
+    // A caller cannot make Node write an output: the launcher drops these unless it set them itself.
+    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed', STARGAZE_RPULL_JOIN_OUTPUT: path.join(dir, 'x'), STARGAZE_RPULL_JOIN_LOCK_FD: '9' };
+    const r = await launch(['convert', 'a', 'b'], env);
+    assert.equal(r.code, 0);
+    assert.deepEqual((await starts(log)).map(([, out]) => out), ['-']);
+    assert.deepEqual(await readdir(dir), []);
+  });
+});
