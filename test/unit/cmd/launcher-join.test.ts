@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmod, mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -114,6 +114,17 @@ describe('launcher rpull join', () => {
     for (const r of results.slice(1)) assert.equal(r.stdout, `joined the pull of ${leaderPid}\n`);
     const entries = (await readdir(dir)).sort();
     assert.deepEqual(entries, [path.basename(argvFile(dir, args, '.lock')), path.basename(argvFile(dir, args, '.out'))].sort());
+  });
+
+  it('a missing directory is made, private, and used', async () => {
+    const { dir: parent, log } = await fresh();
+    const dir = path.join(parent, 'made', 'here');
+    const args = ['rpull', 'registry.example/app:v0'];
+    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed', FAKE_SLEEP: '0.5' };
+    const results = await firstThenOthers(args, env, log, 2);
+    assert.equal((await stat(dir)).mode & 0o777, 0o700);
+    assert.equal((await starts(log)).length, 1);
+    for (const r of results.slice(1)) assert.match(r.stdout, /^joined the pull of \d+\n$/);
   });
 
   it('when the first pull fails, the others each run Node (and report for themselves)', async () => {
