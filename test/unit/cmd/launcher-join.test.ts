@@ -190,6 +190,17 @@ describe('launcher rpull join', () => {
     assert.deepEqual(await readdir(dir), []);
   });
 
+  it('a lock file that cannot be opened skips the join: the pull runs Node as usual', async () => {
+    const { dir, log } = await fresh();
+    const args = ['rpull', 'registry.example/app:v6'];
+    await mkdir(argvFile(dir, args, '.lock'));
+    const r = await launch(args, { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed' });
+    assert.equal(r.code, 0);
+    assert.equal(r.stderr, '');
+    assert.match(r.stdout, /^pulled by \d+\n$/);
+    assert.deepEqual((await starts(log)).map(([, out]) => out), ['-']);
+  });
+
   it('other subcommands, and variables from the caller, are left alone', async () => {
     const { dir, log } = await fresh();
     // A caller cannot make Node write an output: the launcher drops these unless it set them itself.
