@@ -6,11 +6,11 @@
  * lines a joined pull prints and closes the descriptor, which wakes the others. On failure it leaves nothing,
  * and they run Node as usual when it exits.
  */
-import { close, fstat, stat } from 'node:fs';
-import { rename, rm, writeFile } from 'node:fs/promises';
+import { close, fstat } from 'node:fs';
+import { lstat, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { privateRpullDir } from './rpull-dir';
+import { defaultRpullDir } from './rpull-dir';
 
 export const JOIN_OUTPUT_ENV = 'STARGAZE_RPULL_JOIN_OUTPUT';
 export const JOIN_LOCK_FD_ENV = 'STARGAZE_RPULL_JOIN_LOCK_FD';
@@ -19,7 +19,6 @@ const OUTPUT_NAME = /^argv-[0-9a-f]{64}\.out$/;
 const LOCK_SUFFIX = '.lock';
 
 const fstatAsync = promisify(fstat);
-const statAsync = promisify(stat);
 const closeAsync = promisify(close);
 
 /** What the launcher handed over, if anything. */
@@ -45,32 +44,42 @@ export function takeLauncherJoin(env: NodeJS.ProcessEnv = process.env): Launcher
 }
 
 /**
- * Leaves `text` for the launcher's joiners and wakes them. Writes only into rpull's private directory and
- * closes the descriptor only when it is the lock file next to the output: a variable that says otherwise did
- * not come from our launcher. Best effort: the joiners run Node themselves when no output is there.
+ * Leaves `text` for the launcher's joiners and wakes them. Writes only into rpull's private directory (the one
+ * the launcher uses too) and closes the descriptor only when it is the lock file next to the output: variables
+ * that say otherwise did not come from our launcher. The lock is closed even when the output cannot be
+ * written, so the joiners run Node now rather than at our exit. Best effort: false when nothing was left.
  */
-export async function handOverToJoiners(join: LauncherJoin, text: string, dir?: string): Promise<boolean> {
-  const ours = await privateRpullDir(dir);
-  if (ours === undefined || path.dirname(path.resolve(join.output)) !== ours) return false;
-  const lockFile = join.output.slice(0, -'.out'.length) + LOCK_SUFFIX;
+export async function handOverToJoiners(join: LauncherJoin, text: string, dir = defaultRpullDir()): Promise<boolean> {
+  const output = path.resolve(join.output);
+  if (dir === undefined || path.dirname(output) !== path.resolve(dir)) return false;
+  const lockFile = output.slice(0, -'.out'.length) + LOCK_SUFFIX;
   let held: { dev: number; ino: number };
   let named: { dev: number; ino: number };
   try {
-    [held, named] = await Promise.all([fstatAsync(join.lockFd), statAsync(lockFile)]);
+    [held, named] = await Promise.all([fstatAsync(join.lockFd), lstat(lockFile)]);
   } catch {
     return false;
   }
   if (held.dev !== named.dev || held.ino !== named.ino) return false;
-  const tmp = `${join.output}.${process.pid}.tmp`;
+  const tmp = `${output}.${process.pid}.tmp`;
   try {
+    if (!(await isPrivateDir(path.dirname(output)))) return false;
     await writeFile(tmp, text, { mode: 0o600 });
-    await rename(tmp, join.output);
+    await rename(tmp, output);
+    return true;
   } catch {
     await rm(tmp, { force: true }).catch(() => undefined);
     return false;
   } finally {
-    // With or without output: the joiners are better off running Node now than at our exit.
     await closeAsync(join.lockFd).catch(() => undefined);
   }
-  return true;
+}
+
+/**
+ * Ours alone: a directory (not a link) of our uid with no group or other permission. rpull-dir.ts's
+ * privateRpullDir checks the same and more (room for socket names, which these files do not need).
+ */
+async function isPrivateDir(dir: string): Promise<boolean> {
+  const st = await lstat(dir);
+  return st.isDirectory() && st.uid === process.getuid?.() && (st.mode & 0o077) === 0;
 }

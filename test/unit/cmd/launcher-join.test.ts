@@ -1,13 +1,13 @@
 /**
  * script/stargaze's rpull join: concurrent `stargaze rpull`s with the same arguments wait for the first in the
  * shell, without starting Node. The launcher is run for real (sh, flock, stat, sha256sum); Node is a stand-in
- * script that plays the first pull (it logs each start, waits, then leaves the joiners' output or fails), so
- * each case can be made to happen when it should.
+ * script that plays the first pull (it logs each start, waits until the test releases it, then leaves the
+ * joiners' output or fails), so each case happens in the order it names, however loaded the machine is.
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmod, mkdir, mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readFile, readdir, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -16,10 +16,10 @@ import { after, before, describe, it } from 'node:test';
 const REPO_ROOT = path.resolve(__dirname, '..', '..', '..', '..');
 const LAUNCHER = path.join(REPO_ROOT, 'script', 'stargaze');
 
-/** Node's stand-in: logs "<pid> <output var or ->", sleeps FAKE_SLEEP, then succeeds or fails as FAKE_MODE says. */
+/** Node's stand-in: logs "<pid> <output var or ->", waits for the file FAKE_RELEASE, then succeeds or fails as FAKE_MODE says. */
 const FAKE_NODE = `#!/bin/sh
 echo "$$ \${STARGAZE_RPULL_JOIN_OUTPUT:--}" >>"$FAKE_LOG"
-sleep "\${FAKE_SLEEP:-0}"
+while [ -n "\${FAKE_RELEASE:-}" ] && [ ! -e "$FAKE_RELEASE" ]; do sleep 0.02; done
 if [ "$FAKE_MODE" = fail ]; then echo "pull failed in $$" >&2; exit 1; fi
 if [ -n "\${STARGAZE_RPULL_JOIN_OUTPUT:-}" ]; then printf 'joined the pull of %s\\n' "$$" >"$STARGAZE_RPULL_JOIN_OUTPUT"; fi
 echo "pulled by $$"
@@ -50,12 +50,35 @@ describe('launcher rpull join', () => {
   });
 
   /** A fresh private rpull directory and start log for one case. */
-  async function fresh(mode = 0o700): Promise<{ dir: string; log: string }> {
+  async function fresh(mode = 0o700): Promise<{ dir: string; log: string; release: string }> {
     n++;
     const dir = path.join(base, `rpull-${n}`);
     await mkdir(dir, { mode });
     await chmod(dir, mode);
-    return { dir, log: path.join(base, `starts-${n}.log`) };
+    return { dir, log: path.join(base, `starts-${n}.log`), release: path.join(base, `release-${n}`) };
+  }
+
+  /** Polls `cond` every 20 ms, for 10 s at most. */
+  async function until(what: string, cond: () => Promise<boolean>): Promise<void> {
+    for (let i = 0; !(await cond()); i++) {
+      assert.ok(i < 500, `timed out waiting until ${what}`);
+      await delay(20);
+    }
+  }
+
+  /** Launchers of ours waiting for a pull in progress: `flock -s` processes in our working directory. */
+  async function waitingJoiners(): Promise<number> {
+    let count = 0;
+    for (const pid of await readdir('/proc')) {
+      if (!/^\d+$/.test(pid)) continue;
+      try {
+        const [cmdline, dirOf] = await Promise.all([readFile(`/proc/${pid}/cmdline`, 'utf8'), readlink(`/proc/${pid}/cwd`)]);
+        if (dirOf === cwd && cmdline.startsWith('flock\0-s\0')) count++;
+      } catch {
+        // gone meanwhile
+      }
+    }
+    return count;
   }
 
   function launch(args: string[], env: Record<string, string>): Promise<Result> {
@@ -89,22 +112,24 @@ describe('launcher rpull join', () => {
     return path.join(dir, `argv-${key}${suffix}`);
   }
 
-  /** Starts the first pull and waits until the stand-in runs (so it holds the lock), then the others. */
-  async function firstThenOthers(args: string[], env: Record<string, string>, log: string, others: number): Promise<Result[]> {
-    const first = launch(args, env);
-    for (let i = 0; (await starts(log)).length === 0; i++) {
-      assert.ok(i < 200, 'the first pull never started');
-      await delay(25);
-    }
-    const rest = Array.from({ length: others }, () => launch(args, env));
+  /**
+   * Starts the first pull and waits until the stand-in runs (so it holds the lock), then the others, and
+   * releases the first once each of them waits for it or runs a stand-in of its own.
+   */
+  async function firstThenOthers(args: string[], env: Record<string, string>, log: string, release: string, others: number): Promise<Result[]> {
+    const first = launch(args, { ...env, FAKE_RELEASE: release });
+    await until('the first pull started', async () => (await starts(log)).length === 1);
+    const rest = Array.from({ length: others }, () => launch(args, { ...env, FAKE_RELEASE: release }));
+    await until('the others wait or run', async () => (await starts(log)).length + (await waitingJoiners()) === 1 + others);
+    await writeFile(release, '');
     return Promise.all([first, ...rest]);
   }
 
   it('pulls with the same arguments print the first one\'s output without starting Node', async () => {
-    const { dir, log } = await fresh();
+    const { dir, log, release } = await fresh();
     const args = ['rpull', '--namespace', 'ns', 'registry.example/app:v1'];
-    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed', FAKE_SLEEP: '1' };
-    const results = await firstThenOthers(args, env, log, 4);
+    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed' };
+    const results = await firstThenOthers(args, env, log, release, 4);
     const started = await starts(log);
     assert.equal(started.length, 1, `Node started ${started.length} times`);
     const [leaderPid, output] = started[0]!;
@@ -117,21 +142,22 @@ describe('launcher rpull join', () => {
   });
 
   it('a missing directory is made, private, and used', async () => {
-    const { dir: parent, log } = await fresh();
+    const { dir: parent, log, release } = await fresh();
     const dir = path.join(parent, 'made', 'here');
     const args = ['rpull', 'registry.example/app:v0'];
-    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed', FAKE_SLEEP: '0.5' };
-    const results = await firstThenOthers(args, env, log, 2);
+    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed' };
+    const results = await firstThenOthers(args, env, log, release, 2);
     assert.equal((await stat(dir)).mode & 0o777, 0o700);
+    assert.equal((await stat(path.dirname(dir))).mode & 0o777, 0o700, 'every directory made is private, as Node makes them');
     assert.equal((await starts(log)).length, 1);
     for (const r of results.slice(1)) assert.match(r.stdout, /^joined the pull of \d+\n$/);
   });
 
   it('when the first pull fails, the others each run Node (and report for themselves)', async () => {
-    const { dir, log } = await fresh();
+    const { dir, log, release } = await fresh();
     const args = ['rpull', 'registry.example/missing:v1'];
-    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'fail', FAKE_SLEEP: '0.5' };
-    const results = await firstThenOthers(args, env, log, 3);
+    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'fail' };
+    const results = await firstThenOthers(args, env, log, release, 3);
     const started = await starts(log);
     assert.equal(started.length, 4);
     // Only the first was handed the output: the others run Node as a plain rpull.
@@ -143,46 +169,48 @@ describe('launcher rpull join', () => {
   });
 
   it('an output that was there before the joiner started waiting is not taken', async () => {
-    const { dir, log } = await fresh();
+    const { dir, log, release } = await fresh();
     const args = ['rpull', 'registry.example/app:v2'];
-    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed', FAKE_SLEEP: '1' };
-    const first = launch(args, env);
-    while ((await starts(log)).length === 0) await delay(25);
+    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed' };
+    const first = launch(args, { ...env, FAKE_RELEASE: release });
+    await until('the first pull started', async () => (await starts(log)).length === 1);
     // What an earlier pull would have left, appearing while the first still runs (it removed its own at start).
     await writeFile(argvFile(dir, args, '.out'), 'an earlier pull\n');
-    const joiner = await launch(args, { ...env, FAKE_SLEEP: '0' });
+    const joiner = await launch(args, env);
+    await writeFile(release, '');
     await first;
     assert.equal((await starts(log)).length, 2, 'the joiner ran Node');
     assert.match(joiner.stdout, /^pulled by \d+\n$/);
   });
 
   it('the first pull removes an earlier output, so its joiners print its own', async () => {
-    const { dir, log } = await fresh();
+    const { dir, log, release } = await fresh();
     const args = ['rpull', 'registry.example/app:v3'];
     await writeFile(argvFile(dir, args, '.out'), 'an earlier pull\n');
-    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed', FAKE_SLEEP: '0.5' };
-    const [first, joiner] = await firstThenOthers(args, env, log, 1);
+    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed' };
+    const [first, joiner] = await firstThenOthers(args, env, log, release, 1);
     const [[leaderPid]] = (await starts(log)) as [[string, string]];
     assert.equal(first!.stdout, `pulled by ${leaderPid}\n`);
     assert.equal(joiner!.stdout, `joined the pull of ${leaderPid}\n`);
   });
 
   it('different arguments are not joined here (Node\'s own collapse decides)', async () => {
-    const { dir, log } = await fresh();
-    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed', FAKE_SLEEP: '0.5' };
-    const first = launch(['rpull', 'registry.example/app:v4'], env);
-    while ((await starts(log)).length === 0) await delay(25);
+    const { dir, log, release } = await fresh();
+    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed' };
+    const first = launch(['rpull', 'registry.example/app:v4'], { ...env, FAKE_RELEASE: release });
+    await until('the first pull started', async () => (await starts(log)).length === 1);
     const other = await launch(['rpull', '--namespace', 'other', 'registry.example/app:v4'], env);
+    await writeFile(release, '');
     await first;
     assert.equal((await starts(log)).length, 2);
     assert.match(other.stdout, /^pulled by \d+\n$/);
   });
 
   it('a directory that is not private is not used: every pull runs Node and nothing is written there', async () => {
-    const { dir, log } = await fresh(0o755);
+    const { dir, log, release } = await fresh(0o755);
     const args = ['rpull', 'registry.example/app:v5'];
-    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed', FAKE_SLEEP: '0.5' };
-    const results = await firstThenOthers(args, env, log, 2);
+    const env = { STARGAZE_RPULL_DIR: dir, FAKE_LOG: log, FAKE_MODE: 'succeed' };
+    const results = await firstThenOthers(args, env, log, release, 2);
     const started = await starts(log);
     assert.equal(started.length, 3);
     assert.deepEqual(started.map(([, out]) => out), ['-', '-', '-']);

@@ -27,15 +27,19 @@ describe('launcher', () => {
     await rm(base, { recursive: true, force: true });
   });
 
-  it('finds the app beside itself however it is called: by path, relative, through a symlink (npm\'s bin link)', async () => {
+  it('finds the app beside itself however it is called: by path, relative, through a symlink (npm\'s bin link) or a linked directory', async () => {
     const link = path.join(base, 'stargaze');
     await symlink(path.join(SCRIPT_DIR, 'stargaze'), link);
+    const linkedDir = path.join(base, 'bin');
+    await symlink(SCRIPT_DIR, linkedDir);
     const cases: [string, string[], string][] = [
       [REPO_ROOT, [path.join(SCRIPT_DIR, 'stargaze')], `${SCRIPT_DIR}/../dist/src/cli.js`],
       [REPO_ROOT, ['script/stargaze'], 'script/../dist/src/cli.js'],
       [SCRIPT_DIR, ['./stargaze'], './../dist/src/cli.js'],
       [SCRIPT_DIR, ['sh', 'stargaze'], '../dist/src/cli.js'],
       [base, [link], `${SCRIPT_DIR}/../dist/src/cli.js`],
+      // script/ itself reached through a link: its `..` is the app only once the link is resolved.
+      [base, [path.join(linkedDir, 'stargaze')], `${SCRIPT_DIR}/../dist/src/cli.js`],
     ];
     for (const [cwd, [cmd, ...rest], cli] of cases) {
       const { stdout } = await run(cmd!, [...rest, '--version'], { cwd, env });
