@@ -29,6 +29,11 @@ export const DEFAULT_CACHE_MEMORY_MAX_BYTES = 268_435_456;
 export const DEFAULT_CACHE_DISK_MAX_BYTES = 10 * 1024 * 1024 * 1024;
 /** The reference's `max_concurrency`: layers background-fetched at once. */
 export const DEFAULT_MAX_CONCURRENCY = 2;
+/**
+ * The reference resumes background fetch only after 5 s without prioritized work (mount, prefetch, reads):
+ * a container starting meanwhile has the link and the cores to itself.
+ */
+export const DEFAULT_BACKGROUND_FETCH_QUIET_MS = 5_000;
 export const DEFAULT_REQUEST_TIMEOUT_SEC = 30;
 export const DEFAULT_FETCHING_TIMEOUT_SEC = 300;
 /** Reference defaults of the per-host retry policy. */
@@ -104,6 +109,11 @@ export interface Config {
   readonly cache: CacheConfig;
   /** `max_concurrency`: layers fetched in the background at once. */
   readonly maxConcurrency: number;
+  /**
+   * `background_fetch_quiet_msec` (ours): background fetch waits until no read has been fetching and no layer
+   * has been mounting for this long; 0: it waits only while reads are fetching.
+   */
+  readonly backgroundFetchQuietMs: number;
   readonly resolver: ResolverConfig;
   readonly blob: BlobConfig;
   readonly fuseManager: FuseManagerConfig;
@@ -157,6 +167,7 @@ export function defaultConfig(): Config {
     fuse: { attrTimeoutSec: DEFAULT_FUSE_ATTR_TIMEOUT_SEC, entryTimeoutSec: DEFAULT_FUSE_ENTRY_TIMEOUT_SEC },
     cache: { memoryMaxBytes: DEFAULT_CACHE_MEMORY_MAX_BYTES, diskMaxBytes: DEFAULT_CACHE_DISK_MAX_BYTES },
     maxConcurrency: DEFAULT_MAX_CONCURRENCY,
+    backgroundFetchQuietMs: DEFAULT_BACKGROUND_FETCH_QUIET_MS,
     resolver: { requestTimeoutSec: DEFAULT_REQUEST_TIMEOUT_SEC, mirrors: {} },
     blob: {
       fetchingTimeoutSec: DEFAULT_FETCHING_TIMEOUT_SEC,
@@ -283,6 +294,9 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
       diskMaxBytes: nonNegative('cache.disk_max_bytes', d.cache.diskMaxBytes),
     },
     maxConcurrency: nonNegative('max_concurrency', d.maxConcurrency),
+    // Ours: 0 is no quiet period, not the default.
+    backgroundFetchQuietMs:
+      get<number>('background_fetch_quiet_msec') === 0 ? 0 : nonNegative('background_fetch_quiet_msec', d.backgroundFetchQuietMs),
     // Reference: 0 -> default, negative -> no timeout (kept negative; consumers treat <= 0 as "none").
     resolver: { requestTimeoutSec: requestTimeout === undefined || requestTimeout === 0 ? d.resolver.requestTimeoutSec : requestTimeout, mirrors },
     blob: {

@@ -21,6 +21,8 @@ export const TOP_LEVEL_KEYS: Readonly<Record<string, KeySpec>> = {
   no_background_fetch: on('boolean'),
   // Ours: fully fetched layers are copied to local disk for the containers created after that.
   copy_fetched_layers: on('boolean'),
+  // Ours: how long the layers must have been quiet (no fetching reads, no mount) before background fetch goes on.
+  background_fetch_quiet_msec: on('integer'),
   prefetch_timeout_sec: on('integer'),
   prefetch_size: on('integer'),
   disable_verification: on('boolean'),

@@ -142,6 +142,8 @@ export class StargazeFileSystem implements RemoteFileSystem {
   /** Prometheus metrics of the mounted layers; served by whoever owns this filesystem. */
   readonly metrics: FsMetrics;
 
+  /** When a mount last started or ended: background fetch waits for quiet after it (backgroundMustWait). */
+  private lastMountActivityAt = 0;
   /** Background fetches waiting for a slot, and how many run (at most `max_concurrency`). */
   private readonly backgroundQueue: (() => Promise<void>)[] = [];
   private backgroundRunning = 0;
@@ -191,6 +193,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
     }
     const layerLog = this.options.log.child({ layer: source.digest, mountpoint });
     const started = Date.now();
+    this.lastMountActivityAt = started;
     const signal = AbortSignal.timeout(MOUNT_TIMEOUT_MS);
     this.preOpen(source, layerLog);
 
@@ -214,6 +217,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
       log: layerLog,
     });
     await mount.mount();
+    this.lastMountActivityAt = Date.now();
     const elapsedMs = Date.now() - started;
     layerLog.info({ ref: source.ref, elapsedMs, blobSize: blob.size }, 'layer mounted');
     this.metrics.observe('mount', source.digest, elapsedMs);
@@ -422,8 +426,18 @@ export class StargazeFileSystem implements RemoteFileSystem {
   }
 
   /** True while any layer's on-demand reads are fetching: background work yields to containers. */
-  private anyReaderBusy(): boolean {
-    for (const layer of this.layers.values()) if (layer.reader.busy) return true;
+  /**
+   * Whether background fetch must wait: while reads or prefetches are fetching, and until the layers have been
+   * quiet (no fetching, no mount) for background_fetch_quiet_msec, so a container that is starting has the
+   * link and the cores to itself. Its reads come in bursts with gaps between (create, then start; one
+   * program, then the next): without the quiet period a 4 MiB background window fills each gap and the next
+   * read waits behind it.
+   */
+  private backgroundMustWait(): boolean {
+    const quietMs = this.options.config.backgroundFetchQuietMs;
+    const now = Date.now();
+    if (now - this.lastMountActivityAt < quietMs) return true;
+    for (const layer of this.layers.values()) if (layer.reader.busy || layer.reader.idleMs(now) < quietMs) return true;
     return false;
   }
 
@@ -454,7 +468,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
         compression: reader.compression,
         onMember: (c, member) => reader.warm(c, member),
         isCached: (c) => reader.isLocal(c),
-        isBusy: () => this.anyReaderBusy(),
+        isBusy: () => this.backgroundMustWait(),
         signal: job.signal,
       });
       const elapsedMs = Date.now() - started;

@@ -33,7 +33,10 @@ export interface BackgroundFetchOptions {
   /** Receives each chunk's complete gzip member; skipped for chunks `isCached` says are local. */
   onMember(chunk: ChunkInfo, member: Buffer): Promise<void>;
   isCached(chunk: ChunkInfo): boolean;
-  /** True while on-demand reads run: the fetch waits, so it never competes with a container's reads. */
+  /**
+   * True while the fetch must wait: while on-demand reads run, and (stargz-fs.ts) until they have been quiet
+   * for a while, so it does not compete with a container's reads. Asked before each window.
+   */
   isBusy(): boolean;
   windowBytes?: number;
   signal?: AbortSignal;

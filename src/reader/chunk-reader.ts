@@ -80,6 +80,21 @@ export interface LayerReaderStats {
 /** What read() needs of a node. */
 export type ReadableNode = Pick<LayerNode, 'size' | 'chunks'>;
 
+/** The single-flight group of chunk fetches, and when a fetch last started or ended (LayerReader.idleMs). */
+class InflightChunks extends Map<string, Promise<Buffer>> {
+  lastChangeAt = 0;
+
+  override set(key: string, fetch: Promise<Buffer>): this {
+    this.lastChangeAt = Date.now();
+    return super.set(key, fetch);
+  }
+
+  override delete(key: string): boolean {
+    this.lastChangeAt = Date.now();
+    return super.delete(key);
+  }
+}
+
 export class LayerReader {
   readonly stats: LayerReaderStats = {
     fetchedBytes: 0,
@@ -95,7 +110,7 @@ export class LayerReader {
   /** Verified, decompressed chunks by this.key(). */
   private readonly cache: LRUCache<string, Buffer> | undefined;
   /** Chunk fetches in flight by this.key(): the single-flight group. */
-  private readonly inflight = new Map<string, Promise<Buffer>>();
+  private readonly inflight = new InflightChunks();
   /** Keys of `inflight` that belong to a prefetch (see chunk()). */
   private readonly prefetching = new Set<string>();
   private readonly verify: boolean;
@@ -334,6 +349,11 @@ export class LayerReader {
   /** True while reads are fetching chunks: background work waits for them. */
   get busy(): boolean {
     return this.inflight.size > 0;
+  }
+
+  /** How long no read (nor prefetch) has been fetching a chunk, in ms: 0 while one is. */
+  idleMs(now = Date.now()): number {
+    return this.inflight.size > 0 ? 0 : now - this.inflight.lastChangeAt;
   }
 
   /**

@@ -34,6 +34,7 @@ describe('config defaults', () => {
       fuse: { attrTimeoutSec: 3600, entryTimeoutSec: 3600 },
       cache: { memoryMaxBytes: 268435456, diskMaxBytes: 10737418240 },
       maxConcurrency: 2,
+      backgroundFetchQuietMs: 5000,
       resolver: { requestTimeoutSec: 30, mirrors: {} },
       blob: {
         fetchingTimeoutSec: 300,
@@ -98,6 +99,8 @@ fetching_timeout_sec = 60
       [],
     ],
     ['memory_max_bytes = 0 turns the memory tier off (not the default)', '[cache]\nmemory_max_bytes = 0\n', { cache: { memoryMaxBytes: 0 } }, []],
+    ['background_fetch_quiet_msec', 'background_fetch_quiet_msec = 1500\n', { backgroundFetchQuietMs: 1500 }, []],
+    ['background_fetch_quiet_msec = 0 waits only while reads fetch (not the default)', 'background_fetch_quiet_msec = 0\n', { backgroundFetchQuietMs: 0 }, []],
     ['negative request timeout means none', '[resolver]\nrequest_timeout_sec = -1\n', { resolver: { requestTimeoutSec: -1 } }, []],
     [
       'keychain keys',

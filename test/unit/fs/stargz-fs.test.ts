@@ -212,3 +212,55 @@ test('a fully fetched layer is copied beside its mount once its chainID check pa
   assert.equal(await hasLocalCopy(mntB), false, 'a layer not checked against its chainID is not copied');
   assert.ok(!unchecked.sawMessage('layer copied to local disk; new containers read it from there'));
 });
+
+test('background fetch waits until the layers have been quiet for background_fetch_quiet_msec', { skip: !canMount && 'needs root for FUSE' }, async () => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
+  const { blob, digest, tocDigest, diffId } = await layerFixture();
+  /** When the blob was read in background windows (4 MiB; a read's chunk is 1 MiB, the tail 512 KiB at most). */
+  const windows = new Map<string, number[]>();
+  class WatchedBlob extends BufferBlobSource {
+    constructor(private readonly name: string) {
+      super(digest, blob);
+    }
+    override async readRange(offset: number, length: number): Promise<Buffer> {
+      if (length > 2 * 1024 * 1024) windows.set(this.name, [...(windows.get(this.name) ?? []), Date.now()]);
+      return super.readRange(offset, length);
+    }
+  }
+  const quietMs = 1500;
+  const labels = { [TARGET_SNAPSHOT_REF]: diffId, [STARGZ_REFERENCE]: 'registry.test/img:1', [STARGZ_DIGEST]: digest, [TOC_DIGEST]: tocDigest };
+  // Nothing prefetched, nothing copied: the background pass is all the blob sees besides the container's read.
+  const config = { ...defaultConfig(), noPrefetch: true, copyFetchedLayers: false };
+  const serve = (name: string, backgroundFetchQuietMs: number): { fs: StargazeFileSystem; fetched: () => boolean } => {
+    const registry = new MemoryRegistry();
+    registry.blobs.set(digest, new WatchedBlob(name));
+    const logs = capturingLog();
+    return { fs: new StargazeFileSystem({ registry, config: { ...config, backgroundFetchQuietMs }, log: logs.log }), fetched: () => logs.sawMessage('layer fully fetched') };
+  };
+  const waiting = serve('quiet', quietMs);
+  const eager = serve('eager', 0);
+  after(async () => {
+    await waiting.fs.close();
+    await eager.fs.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+  const mntA = path.join(dir, 'a');
+  const mntB = path.join(dir, 'b');
+  await mkdir(mntA);
+  await mkdir(mntB);
+  await waiting.fs.mount(mntA, labels);
+  const eagerMountedAt = Date.now();
+  await eager.fs.mount(mntB, labels);
+
+  // A container reads 0.8 s after the mount: the quiet period starts again after its fetch.
+  await sleep(800);
+  const readAt = Date.now();
+  assert.equal((await run('cat', [path.join(mntA, 'etc/hello.txt')])).stdout, 'hello lazy world\n');
+  await until('both layers to be fully fetched', () => waiting.fetched() && eager.fetched());
+
+  const firstQuiet = windows.get('quiet')?.[0];
+  const firstEager = windows.get('eager')?.[0];
+  assert.ok(firstQuiet !== undefined && firstEager !== undefined, 'both read the blob in background windows');
+  assert.ok(firstQuiet - readAt >= quietMs, `background fetch began ${firstQuiet - readAt} ms after the read, not ${quietMs}`);
+  assert.ok(firstEager - eagerMountedAt < quietMs, `with no quiet period it begins at once (${firstEager - eagerMountedAt} ms)`);
+});
