@@ -142,8 +142,8 @@ export class StargazeFileSystem implements RemoteFileSystem {
   /** Prometheus metrics of the mounted layers; served by whoever owns this filesystem. */
   readonly metrics: FsMetrics;
 
-  /** When a mount last started or ended: background fetch waits for quiet after it (backgroundMustWait). */
-  private lastMountActivityAt = 0;
+  /** When a mount last started or ended (performance.now()): background fetch waits for quiet after it. */
+  private lastMountActivityAt = -Infinity;
   /** Background fetches waiting for a slot, and how many run (at most `max_concurrency`). */
   private readonly backgroundQueue: (() => Promise<void>)[] = [];
   private backgroundRunning = 0;
@@ -193,7 +193,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
     }
     const layerLog = this.options.log.child({ layer: source.digest, mountpoint });
     const started = Date.now();
-    this.lastMountActivityAt = started;
+    this.lastMountActivityAt = performance.now();
     const signal = AbortSignal.timeout(MOUNT_TIMEOUT_MS);
     this.preOpen(source, layerLog);
 
@@ -217,7 +217,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
       log: layerLog,
     });
     await mount.mount();
-    this.lastMountActivityAt = Date.now();
+    this.lastMountActivityAt = performance.now();
     const elapsedMs = Date.now() - started;
     layerLog.info({ ref: source.ref, elapsedMs, blobSize: blob.size }, 'layer mounted');
     this.metrics.observe('mount', source.digest, elapsedMs);
@@ -425,17 +425,19 @@ export class StargazeFileSystem implements RemoteFileSystem {
     }
   }
 
-  /** True while any layer's on-demand reads are fetching: background work yields to containers. */
   /**
-   * Whether background fetch must wait: while reads or prefetches are fetching, and until the layers have been
-   * quiet (no fetching, no mount) for background_fetch_quiet_msec, so a container that is starting has the
-   * link and the cores to itself. Its reads come in bursts with gaps between (create, then start; one
+   * Whether background fetch must wait: while reads are loading chunks, and until no read nor prefetch has
+   * read the blob and no layer has mounted for background_fetch_quiet_msec, so a container that is starting
+   * has the link and the cores to itself. Its reads come in bursts with gaps between (create, then start; one
    * program, then the next): without the quiet period a 4 MiB background window fills each gap and the next
-   * read waits behind it.
+   * read waits behind it. Reads from the disk cache do not restart the quiet period (a long-running service
+   * reading a fetched layer, or a local copy being made, would hold every other layer's fetch back). A
+   * neighbour layer opened ahead prefetches before it is in `layers`: its mount, soon after, stamps the time.
+   * Monotonic time: a clock stepped back must not stall it.
    */
   private backgroundMustWait(): boolean {
     const quietMs = this.options.config.backgroundFetchQuietMs;
-    const now = Date.now();
+    const now = performance.now();
     if (now - this.lastMountActivityAt < quietMs) return true;
     for (const layer of this.layers.values()) if (layer.reader.busy || layer.reader.idleMs(now) < quietMs) return true;
     return false;

@@ -80,21 +80,6 @@ export interface LayerReaderStats {
 /** What read() needs of a node. */
 export type ReadableNode = Pick<LayerNode, 'size' | 'chunks'>;
 
-/** The single-flight group of chunk fetches, and when a fetch last started or ended (LayerReader.idleMs). */
-class InflightChunks extends Map<string, Promise<Buffer>> {
-  lastChangeAt = 0;
-
-  override set(key: string, fetch: Promise<Buffer>): this {
-    this.lastChangeAt = Date.now();
-    return super.set(key, fetch);
-  }
-
-  override delete(key: string): boolean {
-    this.lastChangeAt = Date.now();
-    return super.delete(key);
-  }
-}
-
 export class LayerReader {
   readonly stats: LayerReaderStats = {
     fetchedBytes: 0,
@@ -110,7 +95,10 @@ export class LayerReader {
   /** Verified, decompressed chunks by this.key(). */
   private readonly cache: LRUCache<string, Buffer> | undefined;
   /** Chunk fetches in flight by this.key(): the single-flight group. */
-  private readonly inflight = new InflightChunks();
+  private readonly inflight = new Map<string, Promise<Buffer>>();
+  /** Blob reads (the registry's, not the disk cache's) in flight, and when one last started or ended. */
+  private blobReads = 0;
+  private blobReadsChangedAt = -Infinity;
   /** Keys of `inflight` that belong to a prefetch (see chunk()). */
   private readonly prefetching = new Set<string>();
   private readonly verify: boolean;
@@ -220,7 +208,7 @@ export class LayerReader {
       .filter((c) => c.compressedEnd <= limit && !this.has(this.key(c)) && !this.isLocal(c));
     if (wanted.length === 0) return;
     const fetchEnd = wanted.reduce((max, c) => Math.max(max, c.compressedEnd), 0);
-    const data = this.blob.readRange(0, fetchEnd, signal).then((d) => {
+    const data = this.fromBlob(this.blob.readRange(0, fetchEnd, signal)).then((d) => {
       this.stats.fetchedBytes += d.length;
       onHead?.(d);
       return d;
@@ -269,9 +257,11 @@ export class LayerReader {
     const missing = wanted.filter((c) => !this.has(this.key(c)) && !this.isLocal(c));
     if (missing.length < 2) return started;
     for (const c of missing) this.checkChunk(c);
-    const batch = readRangesOf(
-      this.blob,
-      missing.map((c) => ({ offset: c.compressedOffset, length: c.compressedEnd - c.compressedOffset })),
+    const batch = this.fromBlob(
+      readRangesOf(
+        this.blob,
+        missing.map((c) => ({ offset: c.compressedOffset, length: c.compressedEnd - c.compressedOffset })),
+      ),
     );
     missing.forEach((c, i) => {
       const key = this.key(c);
@@ -332,7 +322,7 @@ export class LayerReader {
         return local;
       }
     }
-    const compressed = await this.blob.readRange(c.compressedOffset, c.compressedEnd - c.compressedOffset);
+    const compressed = await this.fromBlob(this.blob.readRange(c.compressedOffset, c.compressedEnd - c.compressedOffset));
     this.stats.fetchedBytes += compressed.length;
     return this.decode(c, compressed);
   }
@@ -351,9 +341,24 @@ export class LayerReader {
     return this.inflight.size > 0;
   }
 
-  /** How long no read (nor prefetch) has been fetching a chunk, in ms: 0 while one is. */
-  idleMs(now = Date.now()): number {
-    return this.inflight.size > 0 ? 0 : now - this.inflight.lastChangeAt;
+  /**
+   * How long no read nor prefetch has been reading the blob, in ms (performance.now() time): 0 while one is.
+   * Chunks served from the disk cache do not count: they do not compete for the link.
+   */
+  idleMs(now = performance.now()): number {
+    return this.blobReads > 0 ? 0 : now - this.blobReadsChangedAt;
+  }
+
+  /** `read`, a read of the blob, counted for idleMs. */
+  private fromBlob<T>(read: Promise<T>): Promise<T> {
+    this.blobReads++;
+    this.blobReadsChangedAt = performance.now();
+    const done = (): void => {
+      this.blobReads--;
+      this.blobReadsChangedAt = performance.now();
+    };
+    read.then(done, done);
+    return read;
   }
 
   /**

@@ -216,18 +216,23 @@ test('a fully fetched layer is copied beside its mount once its chainID check pa
 test('background fetch waits until the layers have been quiet for background_fetch_quiet_msec', { skip: !canMount && 'needs root for FUSE' }, async () => {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
   const { blob, digest, tocDigest, diffId } = await layerFixture();
-  /** When the blob was read in background windows (4 MiB; a read's chunk is 1 MiB, the tail 512 KiB at most). */
+  // What each filesystem's blob saw: when background windows started (4 MiB; a read's chunk is 1 MiB here, the
+  // tail 512 KiB at most), and when the other reads ended.
   const windows = new Map<string, number[]>();
+  const otherReadsEnded = new Map<string, number[]>();
+  const push = (m: Map<string, number[]>, name: string, at: number): void => void m.set(name, [...(m.get(name) ?? []), at]);
   class WatchedBlob extends BufferBlobSource {
     constructor(private readonly name: string) {
       super(digest, blob);
     }
     override async readRange(offset: number, length: number): Promise<Buffer> {
-      if (length > 2 * 1024 * 1024) windows.set(this.name, [...(windows.get(this.name) ?? []), Date.now()]);
-      return super.readRange(offset, length);
+      if (length > 2 * 1024 * 1024) push(windows, this.name, Date.now());
+      const bytes = await super.readRange(offset, length);
+      if (length <= 2 * 1024 * 1024) push(otherReadsEnded, this.name, Date.now());
+      return bytes;
     }
   }
-  const quietMs = 1500;
+  const quietMs = 3000;
   const labels = { [TARGET_SNAPSHOT_REF]: diffId, [STARGZ_REFERENCE]: 'registry.test/img:1', [STARGZ_DIGEST]: digest, [TOC_DIGEST]: tocDigest };
   // Nothing prefetched, nothing copied: the background pass is all the blob sees besides the container's read.
   const config = { ...defaultConfig(), noPrefetch: true, copyFetchedLayers: false };
@@ -237,8 +242,8 @@ test('background fetch waits until the layers have been quiet for background_fet
     const logs = capturingLog();
     return { fs: new StargazeFileSystem({ registry, config: { ...config, backgroundFetchQuietMs }, log: logs.log }), fetched: () => logs.sawMessage('layer fully fetched') };
   };
-  const waiting = serve('quiet', quietMs);
   const eager = serve('eager', 0);
+  const waiting = serve('quiet', quietMs);
   after(async () => {
     await waiting.fs.close();
     await eager.fs.close();
@@ -248,12 +253,12 @@ test('background fetch waits until the layers have been quiet for background_fet
   const mntB = path.join(dir, 'b');
   await mkdir(mntA);
   await mkdir(mntB);
-  await waiting.fs.mount(mntA, labels);
   const eagerMountedAt = Date.now();
   await eager.fs.mount(mntB, labels);
+  await waiting.fs.mount(mntA, labels);
 
-  // A container reads 0.8 s after the mount: the quiet period starts again after its fetch.
-  await sleep(800);
+  // A container reads a little after the mount: the quiet period starts again after its fetch.
+  await sleep(300);
   const readAt = Date.now();
   assert.equal((await run('cat', [path.join(mntA, 'etc/hello.txt')])).stdout, 'hello lazy world\n');
   await until('both layers to be fully fetched', () => waiting.fetched() && eager.fetched());
@@ -261,6 +266,9 @@ test('background fetch waits until the layers have been quiet for background_fet
   const firstQuiet = windows.get('quiet')?.[0];
   const firstEager = windows.get('eager')?.[0];
   assert.ok(firstQuiet !== undefined && firstEager !== undefined, 'both read the blob in background windows');
-  assert.ok(firstQuiet - readAt >= quietMs, `background fetch began ${firstQuiet - readAt} ms after the read, not ${quietMs}`);
+  const containerRead = otherReadsEnded.get('quiet')?.filter((at) => at >= readAt && at <= firstQuiet);
+  assert.equal(containerRead?.length, 1, "the container's read came before the background pass");
+  // Monotonic time inside, wall time here: a millisecond of slack for the two clocks' rounding.
+  assert.ok(firstQuiet - containerRead[0]! >= quietMs - 1, `background fetch began ${firstQuiet - containerRead[0]!} ms after the read, not ${quietMs}`);
   assert.ok(firstEager - eagerMountedAt < quietMs, `with no quiet period it begins at once (${firstEager - eagerMountedAt} ms)`);
 });

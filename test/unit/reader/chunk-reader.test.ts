@@ -307,3 +307,40 @@ test('with no memory tier, reads go to the disk cache every time and nothing is 
   assert.equal(source.reads.length, before.blob);
   assert.equal(reader.stats.readAheadChunks, 0);
 });
+
+test('idleMs counts reads of the blob (reads, batches, prefetch), not chunks served from the disk cache', async () => {
+  const l = await layer();
+  const disk = new MemoryChunkStore();
+  // Every blob read takes 40 ms: a look 10 ms after a read starts finds it in flight. readRanges, so that a
+  // read of several chunks goes out as one batch.
+  class BatchingSource extends CountingBlobSource {
+    batches = 0;
+    async readRanges(ranges: readonly { offset: number; length: number }[]): Promise<Buffer[]> {
+      this.batches++;
+      return Promise.all(ranges.map((r) => this.readRange(r.offset, r.length)));
+    }
+  }
+  const source = new BatchingSource(l.blob, undefined, 40);
+  const tree = buildLayerTree(l.toc, { blobSize: l.blob.length, tocOffset: l.tocOffset });
+  const reader = new LayerReader(source, tree, { diskCache: disk });
+  const node = (p: string): LayerNode => tree.resolvePath(p) as LayerNode;
+  const duringThenAfter = async (work: Promise<unknown>, what: string): Promise<void> => {
+    await new Promise((r) => setTimeout(r, 10));
+    assert.equal(reader.idleMs(), 0, `${what}: a blob read is in flight`);
+    await work;
+    await new Promise((r) => setTimeout(r, 20));
+    assert.ok(reader.idleMs() >= 15, `${what}: quiet since: ${reader.idleMs()} ms`);
+  };
+  assert.equal(reader.idleMs(), Infinity, 'never read');
+  await duringThenAfter(reader.read(node('file'), 0, 10), 'a read');
+  await duringThenAfter(reader.read(node('file'), CHUNK, 3 * CHUNK), 'a batch of chunks');
+  assert.equal(source.batches, 1);
+  await duringThenAfter(reader.prefetch(l.blob.length), 'prefetch');
+  await new Promise((r) => setImmediate(r)); // the verified chunks reach the disk cache
+
+  // A new reader with every chunk on disk: its reads never touch the blob, so it stays idle.
+  const fromDisk = open(l, { diskCache: disk, memoryCacheBytes: 64 * CHUNK }, 40);
+  assert.deepEqual(await fromDisk.reader.read(fromDisk.node('file'), 0, FILE.length), FILE);
+  assert.equal(fromDisk.source.reads.length, 0);
+  assert.equal(fromDisk.reader.idleMs(), Infinity);
+});
