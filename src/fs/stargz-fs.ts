@@ -570,6 +570,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
       verify,
       diskCache: this.options.diskCache,
       compression: opened.compression,
+      prefetchParallel: { concurrency: this.options.config.blob.parallelFetchConcurrency, chunkBytes: this.options.config.blob.parallelFetchChunkBytes },
     });
     let head: Buffer | undefined;
     const keepHead = !this.options.config.noBackgroundFetch && reader.compression === 'gzip';

@@ -6,6 +6,7 @@ import { EstargzFormatError, VerificationError } from '../errors';
 import type { ChunkInfo, LayerNode, LayerTree } from '../metadata/layer-tree';
 import type { BlobSource } from '../remote/blob-source';
 import { readRangesOf } from '../remote/blob-source';
+import { parallelOptions, splitChunkBytes } from '../remote/parallel-fetch';
 import { inflateRange } from './inflate-range';
 import { zstdPool } from './zstd-pool';
 import { abortable } from '../abortable';
@@ -58,6 +59,12 @@ export interface LayerReaderOptions {
   verify?: boolean;
   /** How the blob's members are compressed: gzip (eStargz, the default) or zstd frames (zstd:chunked). */
   compression?: 'gzip' | 'zstd';
+  /**
+   * How prefetch downloads its range: in parts cut at member ends, as `[blob] parallel_fetch_*` cut a long
+   * range (splitChunkBytes), `concurrency` at a time. Default: DEFAULT_PARALLEL_FETCH_CONCURRENCY parts of at
+   * most DEFAULT_PARALLEL_FETCH_CHUNK_BYTES.
+   */
+  prefetchParallel?: { concurrency: number; chunkBytes: number };
 }
 
 export interface LayerReaderStats {
@@ -107,6 +114,7 @@ export class LayerReader {
   /** gzip members or zstd frames (LayerReaderOptions.compression). */
   readonly compression: 'gzip' | 'zstd';
   private readonly zstd: boolean;
+  private readonly prefetchParallel: { concurrency: number; chunkBytes: number };
 
   constructor(
     private readonly blob: BlobSource,
@@ -123,6 +131,7 @@ export class LayerReader {
     this.disk = this.verify ? opts.diskCache : undefined;
     this.compression = opts.compression ?? 'gzip';
     this.zstd = this.compression === 'zstd';
+    this.prefetchParallel = parallelOptions(opts.prefetchParallel);
   }
 
   /**
@@ -208,22 +217,21 @@ export class LayerReader {
       .filter((c) => c.compressedEnd <= limit && !this.has(this.key(c)) && !this.isLocal(c));
     if (wanted.length === 0) return;
     const fetchEnd = wanted.reduce((max, c) => Math.max(max, c.compressedEnd), 0);
-    const data = this.fromBlob(this.blob.readRange(0, fetchEnd, signal)).then((d) => {
-      this.stats.fetchedBytes += d.length;
-      onHead?.(d);
-      return d;
-    });
+    const head = this.downloadInParts(fetchEnd, signal);
+    head.all.catch(() => undefined); // awaited below; each chunk sees its own part's failure
 
     // Every wanted chunk is in flight from now on: a container reading one of them while the prefetch
-    // range downloads joins it instead of fetching the same bytes again. Inflating is bounded.
+    // range downloads joins it instead of fetching the same bytes again. A chunk is inflated as soon as
+    // its part has arrived, so inflating overlaps the download and such a reader waits for its part only,
+    // not for the whole range. Inflating is bounded.
     let inflating = 0;
     const waiting: Array<() => void> = [];
     const inflate = async (c: ChunkInfo): Promise<Buffer> => {
-      const bytes = await data;
+      await head.through(c.compressedOffset, c.compressedEnd);
       while (inflating >= PREFETCH_INFLATE_CONCURRENCY) await new Promise<void>((r) => waiting.push(r));
       inflating++;
       try {
-        return await this.decode(c, bytes.subarray(c.compressedOffset, c.compressedEnd));
+        return await this.decode(c, head.bytes.subarray(c.compressedOffset, c.compressedEnd));
       } finally {
         inflating--;
         waiting.shift()?.();
@@ -247,7 +255,75 @@ export class LayerReader {
       return p;
     });
     const failed = (await Promise.allSettled(jobs)).find((r) => r.status === 'rejected');
+    await head.all; // the download's own failure first, when there was one
+    onHead?.(head.bytes);
     if (failed !== undefined) throw (failed as PromiseRejectedResult).reason;
+  }
+
+  /**
+   * Blob bytes [0, end) into one buffer, downloaded in parts cut at member ends (parts of about
+   * splitChunkBytes, `concurrency` in flight, in order). `through(from, to)` settles once every part holding
+   * bytes [from, to) has arrived; `all` once all have. The first failure stops the parts not yet asked for,
+   * and every waiter sees it.
+   */
+  private downloadInParts(end: number, signal?: AbortSignal): { bytes: Buffer; all: Promise<void>; through(from: number, to: number): Promise<void> } {
+    const { concurrency, chunkBytes } = this.prefetchParallel;
+    const partBytes = splitChunkBytes(end, concurrency, chunkBytes);
+    // Cut points: member ends, so that no member is split between two parts (a hostile TOC's overlapping
+    // members only make a chunk wait for two parts).
+    const starts = [0];
+    for (const c of this.tree.chunksInBlobOrder()) {
+      const last = starts[starts.length - 1] as number;
+      if (c.compressedEnd < end && c.compressedEnd - last >= partBytes) starts.push(c.compressedEnd);
+    }
+    const bytes = Buffer.allocUnsafe(end);
+    const arrived = starts.map(() => {
+      let settle!: { resolve: () => void; reject: (err: unknown) => void };
+      const promise = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
+      promise.catch(() => undefined); // whoever waits on it sees the failure
+      return { promise, ...settle };
+    });
+    const failed = new AbortController();
+    const sig = signal !== undefined ? AbortSignal.any([signal, failed.signal]) : failed.signal;
+    let next = 0;
+    const worker = async (): Promise<void> => {
+      while (next < starts.length) {
+        const i = next++;
+        const from = starts[i] as number;
+        const to = i + 1 < starts.length ? (starts[i + 1] as number) : end;
+        const part = await this.fromBlob(this.blob.readRange(from, to - from, sig));
+        this.stats.fetchedBytes += part.length;
+        part.copy(bytes, from);
+        arrived[i]!.resolve();
+      }
+    };
+    const workers = Array.from({ length: Math.min(concurrency, starts.length) }, () => worker());
+    const all = Promise.all(workers).then(
+      () => undefined,
+      (err: unknown) => {
+        failed.abort(err);
+        for (const a of arrived) a.reject(err); // settles only those still pending
+        throw err;
+      },
+    );
+    /** Index of the part holding byte `offset`. */
+    const partOf = (offset: number): number => {
+      let lo = 0;
+      let hi = starts.length - 1;
+      while (lo < hi) {
+        const mid = (lo + hi + 1) >> 1;
+        if ((starts[mid] as number) <= offset) lo = mid;
+        else hi = mid - 1;
+      }
+      return lo;
+    };
+    return {
+      bytes,
+      all,
+      through: async (from, to) => {
+        for (let i = partOf(from); i <= partOf(Math.max(from, to - 1)); i++) await arrived[i]!.promise;
+      },
+    };
   }
 
   /** Starts one batched fetch for those of `wanted` that are neither cached nor in flight (two or more). */

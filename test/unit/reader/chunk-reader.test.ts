@@ -252,6 +252,62 @@ test('a read that joined a failed prefetch fetches on its own', async () => {
   assert.deepEqual(await data, SMALL);
 });
 
+test('prefetch downloads a long range in parts cut at member ends, and a chunk is ready once its part is', async () => {
+  const l = await layer(['small', 'file']);
+  const tree0 = buildLayerTree(l.toc, { blobSize: l.blob.length, tocOffset: l.tocOffset });
+  const landmark = tree0.prefetchLandmarkOffset!;
+  // Parts of about 2 KiB, 2 at a time; the part holding the start of the range arrives at once, the others
+  // take 200 ms each.
+  const source = new CountingBlobSource(l.blob);
+  const read = source.readRange.bind(source);
+  source.readRange = async (offset: number, length: number) => {
+    if (offset > 0) await new Promise((r) => setTimeout(r, 200));
+    return read(offset, length);
+  };
+  const reader = new LayerReader(source, tree0, { prefetchParallel: { concurrency: 2, chunkBytes: 2 * CHUNK } });
+  const ends = new Set(tree0.chunksInBlobOrder().map((c) => c.compressedEnd));
+  let head: Buffer | undefined;
+  const started = Date.now();
+  const prefetch = reader.prefetch(landmark, undefined, (h) => (head = h));
+  // 'small' comes first in the blob: its chunk is in the first part, ready long before the rest.
+  assert.deepEqual(await reader.read(tree0.resolvePath('small')!, 0, SMALL.length), SMALL);
+  assert.ok(Date.now() - started < 150, `the first part's chunk waited ${Date.now() - started} ms`);
+  await prefetch;
+
+  assert.ok(source.reads.length >= 3, `${source.reads.length} parts`);
+  let next = 0;
+  for (const r of [...source.reads].sort((a, b) => a.offset - b.offset)) {
+    assert.equal(r.offset, next, 'the parts cover the range without gaps or overlaps');
+    next = r.offset + r.length;
+    assert.ok(ends.has(next), 'each part ends at a member end');
+  }
+  assert.ok(head !== undefined && head.equals(l.blob.subarray(0, next)), 'the head handed on is the blob\'s bytes');
+  assert.deepEqual(await reader.read(tree0.resolvePath('file')!, 0, FILE.length), FILE);
+  assert.equal(source.reads.filter((r) => r.offset >= next).length, 0, 'prioritized files need no further fetch');
+});
+
+test('a part that fails fails the prefetch, hands on no head, and its readers fetch on their own', async () => {
+  const l = await layer(['small', 'file']);
+  const tree0 = buildLayerTree(l.toc, { blobSize: l.blob.length, tocOffset: l.tocOffset });
+  const source = new CountingBlobSource(l.blob);
+  const read = source.readRange.bind(source);
+  let failOnce = true;
+  source.readRange = async (offset: number, length: number) => {
+    if (offset > 0 && failOnce) {
+      failOnce = false;
+      throw new Error('registry hiccup');
+    }
+    return read(offset, length);
+  };
+  const reader = new LayerReader(source, tree0, { prefetchParallel: { concurrency: 2, chunkBytes: 2 * CHUNK } });
+  let head: Buffer | undefined;
+  const prefetch = reader.prefetch(tree0.prefetchLandmarkOffset!, undefined, (h) => (head = h));
+  const data = reader.read(tree0.resolvePath('file')!, 0, FILE.length);
+  await assert.rejects(prefetch, /hiccup/);
+  assert.equal(head, undefined);
+  assert.deepEqual(await data, FILE);
+});
+
 /** A ChunkStore in memory that counts its gets. */
 class MemoryChunkStore implements ChunkStore {
   readonly data = new Map<string, Buffer>();
