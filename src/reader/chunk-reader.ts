@@ -1,4 +1,5 @@
 import { webcrypto } from 'node:crypto';
+import { setMaxListeners } from 'node:events';
 
 import { LRUCache } from 'lru-cache';
 
@@ -204,11 +205,12 @@ export class LayerReader {
   }
 
   /**
-   * Fetches blob bytes [0, upToCompressedOffset) in one range read and caches every chunk whose
-   * member lies inside it. Rejects with the first chunk error after trying them all.
+   * Fetches blob bytes [0, n) (n: the last member end up to upToCompressedOffset) in parts
+   * (downloadInParts) and caches every chunk whose member lies inside it. Rejects with the download's
+   * failure, else the first chunk error after trying them all.
    *
-   * `onHead` receives the fetched bytes, blob [0, n) with n a chunk's member end, as soon as they arrive:
-   * background fetch hashes them for the diff_id instead of downloading them again.
+   * `onHead` receives the fetched bytes, blob [0, n), once all have arrived: background fetch hashes them for
+   * the diff_id instead of downloading them again.
    */
   async prefetch(upToCompressedOffset: number, signal?: AbortSignal, onHead?: (head: Buffer) => void): Promise<void> {
     const limit = Math.min(upToCompressedOffset, this.blob.size);
@@ -261,20 +263,30 @@ export class LayerReader {
   }
 
   /**
-   * Blob bytes [0, end) into one buffer, downloaded in parts cut at member ends (parts of about
-   * splitChunkBytes, `concurrency` in flight, in order). `through(from, to)` settles once every part holding
-   * bytes [from, to) has arrived; `all` once all have. The first failure stops the parts not yet asked for,
-   * and every waiter sees it.
+   * Blob bytes [0, end) into one buffer, downloaded in parts of at most splitChunkBytes, `concurrency` in
+   * flight, in order. `through(from, to)` settles once every part holding bytes [from, to) has arrived;
+   * `all` once all have. The first failure stops the parts not yet asked for, and every waiter sees it.
+   * With a concurrency of 1 (`[blob] parallel_fetch_concurrency = 1`: no parallel requests) it is one part.
    */
   private downloadInParts(end: number, signal?: AbortSignal): { bytes: Buffer; all: Promise<void>; through(from: number, to: number): Promise<void> } {
     const { concurrency, chunkBytes } = this.prefetchParallel;
-    const partBytes = splitChunkBytes(end, concurrency, chunkBytes);
-    // Cut points: member ends, so that no member is split between two parts (a hostile TOC's overlapping
-    // members only make a chunk wait for two parts).
     const starts = [0];
-    for (const c of this.tree.chunksInBlobOrder()) {
-      const last = starts[starts.length - 1] as number;
-      if (c.compressedEnd < end && c.compressedEnd - last >= partBytes) starts.push(c.compressedEnd);
+    if (concurrency > 1) {
+      // Cut at member ends where they fall, so a chunk usually waits for one part only; a stretch longer than
+      // a part without one (a big member) is cut anyway. No part is longer than partBytes, so LayerBlob, which
+      // splits only ranges of twice its chunk size, sends each as one request.
+      const partBytes = splitChunkBytes(end, concurrency, chunkBytes);
+      let last = 0; // the last cut
+      let memberEnd = 0; // the last member end seen after it
+      const cutBefore = (at: number): void => {
+        while (at - last > partBytes) starts.push((last = memberEnd > last ? memberEnd : last + partBytes));
+      };
+      for (const c of this.tree.chunksInBlobOrder()) {
+        if (c.compressedEnd <= last || c.compressedEnd >= end) continue; // a hostile TOC's members may overlap
+        cutBefore(c.compressedEnd);
+        memberEnd = c.compressedEnd;
+      }
+      cutBefore(end);
     }
     const bytes = Buffer.allocUnsafe(end);
     const arrived = starts.map(() => {
@@ -285,9 +297,11 @@ export class LayerReader {
     });
     const failed = new AbortController();
     const sig = signal !== undefined ? AbortSignal.any([signal, failed.signal]) : failed.signal;
+    setMaxListeners(0, sig); // a listener per request in flight: `concurrency` may be more than ten
     let next = 0;
     const worker = async (): Promise<void> => {
       while (next < starts.length) {
+        sig.throwIfAborted(); // a source that ignores the signal must not be read on after a failure
         const i = next++;
         const from = starts[i] as number;
         const to = i + 1 < starts.length ? (starts[i + 1] as number) : end;
@@ -297,11 +311,15 @@ export class LayerReader {
         arrived[i]!.resolve();
       }
     };
-    const workers = Array.from({ length: Math.min(concurrency, starts.length) }, () => worker());
+    const workers = Array.from({ length: Math.min(concurrency, starts.length) }, () =>
+      worker().catch((err: unknown) => {
+        failed.abort(err); // at once: the other workers ask for no further part
+        throw err;
+      }),
+    );
     const all = Promise.all(workers).then(
       () => undefined,
       (err: unknown) => {
-        failed.abort(err);
         for (const a of arrived) a.reject(err); // settles only those still pending
         throw err;
       },
