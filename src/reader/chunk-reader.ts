@@ -61,9 +61,10 @@ export interface LayerReaderOptions {
   /** How the blob's members are compressed: gzip (eStargz, the default) or zstd frames (zstd:chunked). */
   compression?: 'gzip' | 'zstd';
   /**
-   * How prefetch downloads its range: in parts cut at member ends, as `[blob] parallel_fetch_*` cut a long
-   * range (splitChunkBytes), `concurrency` at a time. Default: DEFAULT_PARALLEL_FETCH_CONCURRENCY parts of at
-   * most DEFAULT_PARALLEL_FETCH_CHUNK_BYTES.
+   * How prefetch downloads its range (downloadInParts): parts of at most splitChunkBytes(range, concurrency,
+   * chunkBytes), as `[blob] parallel_fetch_*` cut a long range, cut at member ends where they fall,
+   * `concurrency` at a time; 1 is one request. Default: DEFAULT_PARALLEL_FETCH_CONCURRENCY and
+   * DEFAULT_PARALLEL_FETCH_CHUNK_BYTES.
    */
   prefetchParallel?: { concurrency: number; chunkBytes: number };
 }
