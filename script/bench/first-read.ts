@@ -12,7 +12,9 @@
  *    would, then `cat` in a child process;
  *  - noPrefetch: mount, check (returns at once), `cat`.
  * Reported: mount -> cat done (the whole critical path of a container's first read), and the `cat` alone.
- * Two workloads: one small file (`cat etc/app/f00`), and all 20 small files (`cat f00 ... f19`, one process).
+ * Three workloads: one small file (`cat etc/app/f00`), all 20 small files (`cat f00 ... f19`, one process),
+ * and the big file after the landmark read from start to end (`sha256sum data/big.bin`: every chunk a cold
+ * fetch, so each costs a round trip unless it was fetched ahead of the reader).
  * Background fetch is off, so it neither helps nor competes.
  *
  * Knobs: BENCH_SAMPLES (default 5), BENCH_RTT_MS (default 20), BENCH_BIG_MIB (default 32).
@@ -91,6 +93,12 @@ function smallContent(i: number): Buffer {
   return Buffer.from(createHash('sha512').update(`small-${i}`).digest('hex').repeat(Math.ceil(size / 128)).slice(0, size));
 }
 
+function bigContent(): Buffer {
+  const big = Buffer.alloc(BIG_MIB * MIB);
+  for (let off = 0; off < big.length; off += 64) createHash('sha512').update(String(off)).digest().copy(big, off);
+  return big;
+}
+
 async function buildLayer(dir: string): Promise<{ blob: Buffer; tocDigest: string }> {
   const tarPath = path.join(dir, 'layer.tar');
   const pack = tarStream.pack();
@@ -99,9 +107,7 @@ async function buildLayer(dir: string): Promise<{ blob: Buffer; tocDigest: strin
   pack.entry({ name: 'etc/app/', type: 'directory', mode: 0o755 });
   pack.entry({ name: 'data/', type: 'directory', mode: 0o755 });
   // The big file first in the tar: prioritizedFiles moves the small ones ahead of it in the blob.
-  const big = Buffer.alloc(BIG_MIB * MIB);
-  for (let off = 0; off < big.length; off += 64) createHash('sha512').update(String(off)).digest().copy(big, off);
-  pack.entry({ name: 'data/big.bin', mode: 0o644 }, big);
+  pack.entry({ name: 'data/big.bin', mode: 0o644 }, bigContent());
   for (let i = 0; i < SMALL_FILES; i++) pack.entry({ name: smallName(i), mode: 0o644 }, smallContent(i));
   pack.finalize();
   await written;
@@ -138,7 +144,7 @@ export async function benchFirstRead(): Promise<{ results: FirstReadResult[]; no
     };
     notes.push(`blob ${(blob.length / MIB).toFixed(1)} MiB; every blob request delayed ${RTT_MS} ms (in-process BlobSource wrapper, no bandwidth cap)`);
 
-    const sample = async (prefetch: boolean, files: string[]): Promise<{ total: number; cat: number; check: number; requests: number; out: string }> => {
+    const sample = async (prefetch: boolean, cmd: string, files: string[]): Promise<{ total: number; cat: number; check: number; requests: number; out: string }> => {
       const source = new LatencyBlobSource(inner);
       fsys = new StargazeFileSystem({
         registry: { resolveBlob: async () => source },
@@ -153,7 +159,7 @@ export async function benchFirstRead(): Promise<{ results: FirstReadResult[]; no
       await fsys.check(mnt);
       const check = msSince(tc);
       const t1 = process.hrtime.bigint();
-      const out = await run('cat', files.map((f) => path.join(mnt, f)));
+      const out = await run(cmd, files.map((f) => path.join(mnt, f)));
       const cat = msSince(t1);
       const total = msSince(t0);
       const requests = source.requests;
@@ -163,17 +169,26 @@ export async function benchFirstRead(): Promise<{ results: FirstReadResult[]; no
       return { total, cat, check, requests, out };
     };
 
-    const workloads: Array<[string, string[]]> = [
-      ['1 small file', [smallName(0)]],
-      [`${SMALL_FILES} small files`, Array.from({ length: SMALL_FILES }, (_, i) => smallName(i))],
+    const small = (files: string[]): [string, string[], string] => [
+      'cat',
+      files,
+      Buffer.concat(files.map((f) => smallContent(Number(f.slice(-2))))).toString(),
     ];
-    for (const [label, files] of workloads) {
-      const want = Buffer.concat(files.map((f) => smallContent(Number(f.slice(-2))))).toString();
-      for (const prefetch of [true, false]) {
+    const bigPath = 'data/big.bin';
+    const bigSum = `${createHash('sha256').update(bigContent()).digest('hex')}`;
+    const workloads: Array<[string, [string, string[], string], boolean[]]> = [
+      ['1 small file', small([smallName(0)]), [true, false]],
+      [`${SMALL_FILES} small files`, small(Array.from({ length: SMALL_FILES }, (_, i) => smallName(i))), [true, false]],
+      // After the landmark: prefetch does not reach it.
+      [`the ${BIG_MIB} MiB file, sequentially`, ['sha256sum', [bigPath], bigSum], [false]],
+    ];
+    for (const [label, [cmd, files, want], modes] of workloads) {
+      for (const prefetch of modes) {
         const s: Array<Awaited<ReturnType<typeof sample>>> = [];
         // Alternate nothing across cases here: each sample is independent (new fs, new mountpoint).
         for (let i = 0; i < SAMPLES; i++) {
-          const r = await sample(prefetch, files);
+          const r = await sample(prefetch, cmd, files);
+          if (cmd === 'sha256sum') r.out = r.out.split(' ')[0] ?? '';
           if (r.out !== want) throw new Error(`${label}: cat returned the wrong bytes`);
           s.push(r);
         }

@@ -336,6 +336,41 @@ test('a part that fails fails the prefetch, hands on no head, and no further par
   assert.deepEqual(await reader.read(tree0.resolvePath('file')!, 0, FILE.length), FILE);
 });
 
+test('a reader streaming a file gets the next chunk fetched ahead, one at most; a first or random read does not', async () => {
+  const l = await layer();
+  const { reader, node, source, tree } = open(l, {}, 20);
+  const file = node('file');
+  const chunkAt = (offset: number): number => file.chunks.findIndex((c) => c.compressedOffset === offset);
+  const asked = (): number[] => source.reads.map((r) => chunkAt(r.offset));
+
+  // The first read of the file: its own chunk only (a program reading a header needs no more).
+  await reader.read(file, 0, 256);
+  assert.deepEqual(asked(), [0]);
+  // Into chunk 1, straight after chunk 0: chunk 2 is asked for at once, before the reader gets there.
+  await reader.read(file, 256, CHUNK);
+  assert.deepEqual(asked(), [0, 1, 2]);
+  assert.equal(reader.stats.fetchedAheadChunks, 1);
+  // The reader stops here: one chunk wasted at most.
+  await new Promise((r) => setTimeout(r, 50));
+  assert.deepEqual(asked(), [0, 1, 2]);
+
+  // Streaming on to the end: every chunk once, each asked for before the reader reaches it.
+  const missesBefore = reader.stats.cacheMisses;
+  for (let pos = 256 + CHUNK; pos < FILE.length; pos += 256) {
+    assert.deepEqual(await reader.read(file, pos, 256), FILE.subarray(pos, pos + 256));
+  }
+  assert.deepEqual([...asked()].sort(), [0, 1, 2, 3, 4, 5]);
+  assert.equal(reader.stats.cacheMisses - missesBefore, 3, 'chunks 3, 4 and 5 were fetched ahead: counted when asked for');
+  assert.equal(reader.stats.fetchedAheadChunks, 4);
+
+  // A random read elsewhere in another file starts nothing ahead.
+  const other = open(l, {}, 0);
+  await other.reader.read(other.node('file'), 3 * CHUNK + 10, 10);
+  await other.reader.read(other.node('file'), CHUNK + 10, 10);
+  assert.equal(other.reader.stats.fetchedAheadChunks, 0);
+  assert.equal(tree.resolvePath('file'), file);
+});
+
 /** A ChunkStore in memory that counts its gets. */
 class MemoryChunkStore implements ChunkStore {
   readonly data = new Map<string, Buffer>();
