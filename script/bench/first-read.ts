@@ -93,8 +93,10 @@ function smallContent(i: number): Buffer {
   return Buffer.from(createHash('sha512').update(`small-${i}`).digest('hex').repeat(Math.ceil(size / 128)).slice(0, size));
 }
 
+let big: Buffer | undefined;
 function bigContent(): Buffer {
-  const big = Buffer.alloc(BIG_MIB * MIB);
+  if (big !== undefined) return big;
+  big = Buffer.alloc(BIG_MIB * MIB);
   for (let off = 0; off < big.length; off += 64) createHash('sha512').update(String(off)).digest().copy(big, off);
   return big;
 }

@@ -104,6 +104,8 @@ export class LayerReader {
   };
   /** Per file, the index of the last chunk a read touched: tells sequential reads (disk read-ahead) apart. */
   private readonly lastChunk = new WeakMap<ReadableNode, number>();
+  /** Per file, where the last read ended: a read starting near there streams the file (registry read-ahead). */
+  private readonly lastEnd = new WeakMap<ReadableNode, number>();
   /** Verified, decompressed chunks by this.key(). */
   private readonly cache: LRUCache<string, Buffer> | undefined;
   /** Chunk fetches in flight by this.key(): the single-flight group. */
@@ -156,7 +158,7 @@ export class LayerReader {
     if (first === last) {
       const c = chunks[first];
       const loading = this.chunk(c);
-      this.readAhead(node, first, last); // after this read's own load, which must not queue behind it
+      this.readAhead(node, first, last, position, end); // after this read's own load, which must not queue behind it
       const data = await abortable(loading, signal);
       return data.subarray(position - c.fileOffset, end - c.fileOffset);
     }
@@ -165,7 +167,7 @@ export class LayerReader {
     const started = this.fetchMissing(chunks.slice(first, last + 1));
     const pending: Array<Promise<Buffer>> = [];
     for (let i = first; i <= last; i++) pending.push(started.get(chunks[i]) ?? this.chunk(chunks[i]));
-    this.readAhead(node, first, last);
+    this.readAhead(node, first, last, position, end);
     const parts = await abortable(Promise.all(pending), signal);
     const out = Buffer.allocUnsafe(end - position);
     let filled = 0;
@@ -181,27 +183,39 @@ export class LayerReader {
   /**
    * When a read enters a new chunk right after the previous one (or starts the file), starts loading the
    * following chunks that are in the disk cache, so they are in memory when the reader gets there (a chunk
-   * file found corrupt is fetched again, as for any read). And when a reader streams a file, moving from one
-   * chunk into the next, the chunk after that is fetched from the registry now: its round trip and inflate
-   * overlap the reader's way through this one instead of stalling it at every chunk (a 64 MiB file behind a
-   * 20 ms round trip: 862 -> 552-597 ms, first-read benchmark). Not on a file's first read: a program that reads a big
-   * file's header, or maps it and faults a few pages in, would pay a whole chunk it may never need. One
-   * chunk ahead at most, so a reader that stops wastes one. Needs a memory tier to land in; without one a
-   * chunk read ahead would be thrown away.
+   * file found corrupt is fetched again, as for any read). And when a reader streams a file (this read
+   * starts near where the last one ended) into a new chunk, the chunk after that is fetched from the registry
+   * now: its round trip and inflate overlap the reader's way through this one instead of stalling it at
+   * every chunk (a 64 MiB file behind a 20 ms round trip: 862 -> 552-634 ms, first-read benchmark).
+   *  - Not on a file's first read, nor for reads that jump further than a chunk (a program reading a big
+   *    file's header, or faulting in pages of a mapped library): they would pay a chunk they may never need.
+   *  - One chunk ahead at most, so a reader that stops wastes one; and only where the memory cache holds
+   *    two chunks, or it would push out the chunk being read and both would be fetched again.
+   *  - A reader that joins it and sees it fail fetches on its own, as with prefetch: it was a guess.
+   * Needs a memory tier to land in; without one a chunk read ahead would be thrown away.
    */
-  private readAhead(node: ReadableNode, first: number, last: number): void {
+  private readAhead(node: ReadableNode, first: number, last: number, position: number, end: number): void {
     const disk = this.disk;
     const cache = this.cache;
     if (cache === undefined) return;
+    // Near where the last read ended, not exactly: the kernel's read-ahead sends a streaming reader's reads
+    // several at a time, and they do not always arrive in order (exact matching halved the gain).
+    const lastEnd = this.lastEnd.get(node);
+    const streaming = lastEnd !== undefined && Math.abs(position - lastEnd) <= (node.chunks[first]?.size ?? 0);
+    this.lastEnd.set(node, end);
     const prev = this.lastChunk.get(node);
     if (prev === last) return; // still inside the chunk that started the read-ahead
     this.lastChunk.set(node, last);
     if (prev === undefined ? first !== 0 : first !== prev && first !== prev + 1) return;
     const chunks = node.chunks;
     const ahead = chunks[last + 1];
-    if (prev !== undefined && ahead !== undefined && ahead.size <= MAX_CHUNK_BYTES && !this.has(this.key(ahead)) && !this.isLocal(ahead)) {
+    if (streaming && prev !== undefined && ahead !== undefined && ahead.size * 2 <= cache.maxSize && !this.has(this.key(ahead)) && !this.isLocal(ahead)) {
+      const key = this.key(ahead);
       this.stats.fetchedAheadChunks++;
-      this.chunk(ahead).catch(() => undefined); // a reader that joins it sees the error
+      this.prefetching.add(key);
+      this.chunk(ahead)
+        .catch(() => undefined) // a reader that joined it fetches on its own
+        .finally(() => this.prefetching.delete(key));
     }
     if (disk === undefined) return;
     const budget = Math.min(DISK_READAHEAD_BYTES, Math.floor(cache.maxSize / 2));
