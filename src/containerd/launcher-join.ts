@@ -7,10 +7,10 @@
  * and they run Node as usual when it exits.
  */
 import { close, fstat } from 'node:fs';
-import { lstat, rename, rm, writeFile } from 'node:fs/promises';
+import { lstat } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { defaultRpullDir } from './rpull-dir';
+import { defaultRpullDir, notPrivateBecause, writeResultFile } from './rpull-dir';
 
 export const JOIN_OUTPUT_ENV = 'STARGAZE_RPULL_JOIN_OUTPUT';
 export const JOIN_LOCK_FD_ENV = 'STARGAZE_RPULL_JOIN_LOCK_FD';
@@ -61,25 +61,13 @@ export async function handOverToJoiners(join: LauncherJoin, text: string, dir = 
     return false;
   }
   if (held.dev !== named.dev || held.ino !== named.ino) return false;
-  const tmp = `${output}.${process.pid}.tmp`;
   try {
-    if (!(await isPrivateDir(path.dirname(output)))) return false;
-    await writeFile(tmp, text, { mode: 0o600 });
-    await rename(tmp, output);
-    return true;
-  } catch {
-    await rm(tmp, { force: true }).catch(() => undefined);
-    return false;
+    // Private as privateRpullDir requires, without its room for socket names, which these files do not need.
+    const uid = process.getuid?.();
+    const st = await lstat(path.dirname(output)).catch(() => undefined);
+    if (uid === undefined || st === undefined || notPrivateBecause(st, uid) !== undefined) return false;
+    return await writeResultFile(output, text);
   } finally {
     await closeAsync(join.lockFd).catch(() => undefined);
   }
-}
-
-/**
- * Ours alone: a directory (not a link) of our uid with no group or other permission. rpull-dir.ts's
- * privateRpullDir checks the same and more (room for socket names, which these files do not need).
- */
-async function isPrivateDir(dir: string): Promise<boolean> {
-  const st = await lstat(dir);
-  return st.isDirectory() && st.uid === process.getuid?.() && (st.mode & 0o077) === 0;
 }

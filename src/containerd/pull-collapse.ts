@@ -19,11 +19,11 @@
  *    collapse goes on: one waiter takes the lead and the others wait for it.
  */
 import { createHash } from 'node:crypto';
-import { readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { errorCode } from '../errors';
 import { tryHostLock, waitForHostLockRelease, type ReleaseHostLock } from './host-lock';
-import { privateRpullDir } from './rpull-dir';
+import { privateRpullDir, writeResultFile } from './rpull-dir';
 
 /** Longest a waiter sleeps between looks at the lock (a release wakes it earlier). */
 const WAIT_SLICE_MS = 1_000;
@@ -102,13 +102,7 @@ export async function joinOrLead(key: string, opts: { signal?: AbortSignal; resu
   const since = Date.now();
   // Best effort: without the file the waiters take the lead in turn, which is slower but just as right.
   const write = async (outcome: ResultFile): Promise<void> => {
-    const tmp = `${file}.${process.pid}.tmp`;
-    try {
-      await writeFile(tmp, JSON.stringify(outcome), { mode: 0o600 });
-      await rename(tmp, file);
-    } catch {
-      await rm(tmp, { force: true }).catch(() => undefined);
-    }
+    await writeResultFile(file, JSON.stringify(outcome));
   };
   const lead = (release: ReleaseHostLock): CollapseOutcome => ({
     kind: 'lead',

@@ -7,7 +7,8 @@
  * forever, so a directory that is not ours alone (a symlink, another owner, any group or other permission) is
  * not used, and then nothing is collapsed or locked (pulls still come out right, they only repeat work).
  */
-import { lstat, mkdir } from 'node:fs/promises';
+import type { Stats } from 'node:fs';
+import { lstat, mkdir, rename, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 
@@ -44,6 +45,29 @@ function unusable(dir: string, why: string): undefined {
   return undefined;
 }
 
+/** Why `st` (lstat of a directory) is not private to `uid`, or undefined when it is: ours alone, no link. */
+export function notPrivateBecause(st: Stats, uid: number): string | undefined {
+  if (!st.isDirectory()) return 'is not a directory';
+  if (st.uid !== uid || (st.mode & 0o077) !== 0) return `is not private to uid ${uid} (owner ${st.uid}, mode ${(st.mode & 0o777).toString(8)})`;
+  return undefined;
+}
+
+/**
+ * Writes `text` to `file` in the rpull directory all at once for its readers (a temporary file renamed over
+ * it), mode 0600. Best effort: false when it could not, and no temporary file is left behind.
+ */
+export async function writeResultFile(file: string, text: string): Promise<boolean> {
+  const tmp = `${file}.${process.pid}.tmp`;
+  try {
+    await writeFile(tmp, text, { mode: 0o600 });
+    await rename(tmp, file);
+    return true;
+  } catch {
+    await rm(tmp, { force: true }).catch(() => undefined);
+    return false;
+  }
+}
+
 /** `dir` (default defaultRpullDir()), made if missing, when it is private to us; otherwise undefined. */
 export async function privateRpullDir(dir = defaultRpullDir()): Promise<string | undefined> {
   const uid = process.getuid?.();
@@ -52,12 +76,8 @@ export async function privateRpullDir(dir = defaultRpullDir()): Promise<string |
   if (Buffer.byteLength(resolved) + 1 + MAX_SOCKET_NAME_BYTES > MAX_SOCKET_PATH_BYTES) return unusable(resolved, 'is too long a path for lock sockets');
   try {
     await mkdir(resolved, { recursive: true, mode: DIR_MODE });
-    const st = await lstat(resolved);
-    if (!st.isDirectory()) return unusable(resolved, 'is not a directory');
-    if (st.uid !== uid || (st.mode & 0o077) !== 0) {
-      return unusable(resolved, `is not private to uid ${uid} (owner ${st.uid}, mode ${(st.mode & 0o777).toString(8)})`);
-    }
-    return resolved;
+    const why = notPrivateBecause(await lstat(resolved), uid);
+    return why === undefined ? resolved : unusable(resolved, why);
   } catch (err) {
     return unusable(resolved, `cannot be made (${(err as Error).message})`);
   }

@@ -209,8 +209,8 @@ export class LayerReader {
     if (prev === undefined ? first !== 0 : first !== prev && first !== prev + 1) return;
     const chunks = node.chunks;
     const ahead = chunks[last + 1];
-    if (streaming && prev !== undefined && ahead !== undefined && ahead.size * 2 <= cache.maxSize && !this.has(this.key(ahead)) && !this.isLocal(ahead)) {
-      const key = this.key(ahead);
+    const key = streaming && prev !== undefined && ahead !== undefined && ahead.size * 2 <= cache.maxSize ? this.key(ahead) : undefined;
+    if (ahead !== undefined && key !== undefined && !this.has(key) && !this.isLocal(ahead)) {
       this.stats.fetchedAheadChunks++;
       this.prefetching.add(key);
       this.chunk(ahead)
