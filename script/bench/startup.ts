@@ -10,7 +10,12 @@
  *             prioritized files: `.no.prefetch.landmark`, nothing prefetched);
  * - lazy-opt: the same on the image converted with `--prioritized-files` recorded from the workload (strace, see
  *             startup-images.ts): those files first, then `.prefetch.landmark`; the daemon prefetches up to the
- *             landmark and `create` waits for it (bounded by prefetch_timeout_sec), as the reference does.
+ *             landmark and `create` waits for it (bounded by prefetch_timeout_sec), as the reference does;
+ * - peer:     the reference snapshotter (`containerd-stargz-grpc`, from STARGAZE_PEER_BIN; see
+ *             test/e2e/harness/peer.ts) with `ctr-remote images rpull`, then the same create and start as lazy, on
+ *             the very image lazy pulls (converted by `stargaze convert`: the reference reads and verifies it);
+ * - peer-opt: the same on lazy-opt's image.
+ * Without STARGAZE_PEER_BIN the peer modes are left out with one note.
  *
  * Network: the registry (docker-registry, plus the harness's byte-counting proxy) on loopback, reached either
  * directly or through link-proxy.ts, a TCP proxy this benchmark starts that emulates a link (round trip and a
@@ -21,7 +26,8 @@
  * default config: prefetch on, background fetch on), and stops and removes both afterwards; the registry and
  * the link proxy live for the whole run. Samples interleave images and modes in a random order per round.
  * Each number is the median over the samples; `fetched` is the layer bytes the registry served from the pull
- * to the end of the run (for the lazy modes that includes what background fetch got meanwhile).
+ * to the end of the run (for the lazy and peer modes that includes what background fetch got meanwhile), and
+ * `GETs` the blob GETs it answered meanwhile (config and layers; HEAD, manifest and token requests not counted).
  *
  * Output: a Markdown table (printed, and bench-results/startup.md), a chart (bench-results/startup.svg) and the
  * raw samples (bench-results/startup.json, written by run.ts).
@@ -29,11 +35,13 @@
  * Knobs (environment):
  *   BENCH_SAMPLES=3                                 samples per image, mode and link
  *   BENCH_STARTUP_IMAGES=debian,python,node,gcc     from startup-images.ts IMAGE_SPECS (also g++)
- *   BENCH_STARTUP_MODES=legacy,lazy,lazy-opt
+ *   BENCH_STARTUP_MODES=legacy,lazy,lazy-opt[,peer,peer-opt]   the peer modes by default when STARGAZE_PEER_BIN is set
+ *   STARGAZE_PEER_BIN=/path/to/containerd-stargz-grpc
  *   BENCH_STARTUP_LINKS=direct,20ms-200mbit,20ms-50mbit   `direct` or `<rtt>ms-<rate>mbit`
  *   BENCH_STARTUP_REBUILD=1                         rebuild the cached images (bench-results/startup-cache)
  *   BENCH_STARTUP_RERECORD=1                        re-record the prioritized files only
  *   BENCH_STARTUP_DAEMON_CONFIG='no_background_fetch = true'   daemon config.toml (default: empty, defaults)
+ *   BENCH_STARTUP_PEER_CONFIG='...'                 the peer's config.toml (default: empty, its defaults)
  *
  * `stargaze convert` runs registry to registry; its result is kept as an OCI layout in
  * bench-results/startup-cache/converted, keyed by source layers, prioritized files and a hash of the compiled
@@ -56,20 +64,36 @@ import {
   DEFAULT_CLI_PATH,
   STARGAZE_COMMAND,
   STARGAZE_COMMAND_ENV,
+  PEER_MISSING_NOTE,
+  PEER_SNAPSHOTTER,
   REPO_ROOT,
   STARGZ_SNAPSHOTTER,
   fetchManifest,
+  peerBinary,
   run,
   startContainerd,
   startDaemon,
+  startPeer,
   startRegistry,
   type Registry,
+  type RunResult,
 } from '../../test/e2e/harness';
 import { buildImages, type CachedImage } from './startup-images';
 
 const MIB = 1024 * 1024;
-const MODES = ['legacy', 'lazy', 'lazy-opt'] as const;
+const MODES = ['legacy', 'lazy', 'lazy-opt', 'peer', 'peer-opt'] as const;
 type Mode = (typeof MODES)[number];
+const PEER_MODES: readonly Mode[] = ['peer', 'peer-opt'];
+/** The peer mode each stargaze mode is measured against: the same image, the reference's daemon and client. */
+const PEER_OF: Partial<Record<Mode, Mode>> = { lazy: 'peer', 'lazy-opt': 'peer-opt' };
+/** The image tag each mode pulls (see publish). */
+const TAG_OF: Record<Mode, 'plain' | 'esgz' | 'esgz-opt'> = {
+  legacy: 'plain',
+  lazy: 'esgz',
+  'lazy-opt': 'esgz-opt',
+  peer: 'esgz',
+  'peer-opt': 'esgz-opt',
+};
 const STEP_TIMEOUT_MS = 900_000;
 
 export interface Link {
@@ -84,6 +108,8 @@ export interface Sample {
   createMs: number;
   runMs: number;
   fetchedBytes: number;
+  /** Blob GETs the registry answered from the pull to the end of the run. */
+  blobGets: number;
 }
 
 export interface StartupRow {
@@ -97,6 +123,7 @@ export interface StartupRow {
   run: number;
   total: number;
   fetchedBytes: number;
+  blobGets: number;
   samples: Sample[];
 }
 
@@ -187,7 +214,7 @@ async function publish(
   registry: Registry,
   image: CachedImage,
   notes: string[],
-): Promise<Record<Mode, { repoTag: string; bytes: number; layers: string[] }>> {
+): Promise<Record<'plain' | 'esgz' | 'esgz-opt', { repoTag: string; bytes: number; layers: string[] }>> {
   const repo = `bench/${image.spec.name.replace(/[^a-z0-9]/g, 'x')}`;
   const plain = `${registry.host}/${repo}:plain`;
   await run(
@@ -234,11 +261,11 @@ async function publish(
     const { manifest } = await fetchManifest(registry.host, repo, tag);
     return { repoTag: `${repo}:${tag}`, bytes: manifest.layers.reduce((n, l) => n + l.size, 0), layers: manifest.layers.map((l) => l.digest) };
   };
-  const out = { legacy: await describe('plain'), lazy: await describe('esgz'), 'lazy-opt': await describe('esgz-opt') };
+  const out = { plain: await describe('plain'), esgz: await describe('esgz'), 'esgz-opt': await describe('esgz-opt') };
   notes.push(
-    `${image.spec.name}: gzip ${(out.legacy.bytes / MIB).toFixed(1)} MiB (${(image.uncompressedBytes / MIB).toFixed(0)} MiB unpacked, ` +
-      `${image.layers.length} layers); stargaze convert: ${(t1 / 1000).toFixed(1)} s -> ${(out.lazy.bytes / MIB).toFixed(1)} MiB, ` +
-      `with ${image.prioritizedCount} prioritized files ${(t2 / 1000).toFixed(1)} s -> ${(out['lazy-opt'].bytes / MIB).toFixed(1)} MiB`,
+    `${image.spec.name}: gzip ${(out.plain.bytes / MIB).toFixed(1)} MiB (${(image.uncompressedBytes / MIB).toFixed(0)} MiB unpacked, ` +
+      `${image.layers.length} layers); stargaze convert: ${(t1 / 1000).toFixed(1)} s -> ${(out.esgz.bytes / MIB).toFixed(1)} MiB, ` +
+      `with ${image.prioritizedCount} prioritized files ${(t2 / 1000).toFixed(1)} s -> ${(out['esgz-opt'].bytes / MIB).toFixed(1)} MiB`,
   );
   return out;
 }
@@ -248,7 +275,15 @@ function daemonConfig(): string {
   return (process.env.BENCH_STARTUP_DAEMON_CONFIG ?? '').replace(/\\n/g, '\n') + '\n';
 }
 
-/** One sample: fresh containerd (+ daemon for lazy modes), pull, create, run, tear down. */
+/** The peer's config.toml: its defaults, or BENCH_STARTUP_PEER_CONFIG (TOML text, `\n` for newlines). */
+function peerConfig(): string {
+  return (process.env.BENCH_STARTUP_PEER_CONFIG ?? '').replace(/\\n/g, '\n') + '\n';
+}
+
+/**
+ * One sample: fresh containerd (+ the stargaze daemon for lazy modes, the peer daemon for peer modes), pull,
+ * create, run, tear down.
+ */
 async function sample(
   registry: Registry,
   pullHost: string,
@@ -258,20 +293,36 @@ async function sample(
 ): Promise<Sample> {
   const scope = new CleanupStack();
   try {
-    const lazy = mode !== 'legacy';
-    const daemon = lazy ? await startDaemon({ scope, logLevel: 'info', plainHttpHosts: [pullHost], config: daemonConfig() }) : undefined;
-    const containerd = await startContainerd({ scope, stargazeAddress: daemon?.address, stargazeRoot: daemon?.root });
+    const stargaze = mode === 'lazy' || mode === 'lazy-opt';
+    const peer = PEER_MODES.includes(mode);
+    const daemon = stargaze ? await startDaemon({ scope, logLevel: 'info', plainHttpHosts: [pullHost], config: daemonConfig() }) : undefined;
+    // the reference reaches registries on loopback over plain HTTP without a hosts config
+    const peerDaemon = peer ? await startPeer({ scope, config: peerConfig() }) : undefined;
+    const containerd = await startContainerd({
+      scope,
+      stargazeAddress: daemon?.address,
+      stargazeRoot: daemon?.root,
+      proxyPlugins: peerDaemon ? [{ name: PEER_SNAPSHOTTER, address: peerDaemon.address, root: peerDaemon.root }] : [],
+    });
     const ns = containerd.newNamespace('bench');
     const ref = `${pullHost}/${published.repoTag}`;
     const id = containerd.uniqueId('bench');
     registry.resetCounters();
-    const pull = lazy
-      ? await run(STARGAZE_COMMAND, ['rpull', '--address', containerd.address, '--namespace', ns, '--plain-http', ref], {
-          env: STARGAZE_COMMAND_ENV,
-          timeoutMs: STEP_TIMEOUT_MS,
-        })
-      : await containerd.ctr(['images', 'pull', '--plain-http', ref], { namespace: ns, timeoutMs: STEP_TIMEOUT_MS });
-    const snap = lazy ? ['--snapshotter', STARGZ_SNAPSHOTTER] : [];
+    let pull: RunResult;
+    if (stargaze) {
+      pull = await run(STARGAZE_COMMAND, ['rpull', '--address', containerd.address, '--namespace', ns, '--plain-http', ref], {
+        env: STARGAZE_COMMAND_ENV,
+        timeoutMs: STEP_TIMEOUT_MS,
+      });
+    } else if (peer) {
+      pull = await containerd.ctrRemote(['images', 'rpull', '--plain-http', '--snapshotter', PEER_SNAPSHOTTER, ref], {
+        namespace: ns,
+        timeoutMs: STEP_TIMEOUT_MS,
+      });
+    } else {
+      pull = await containerd.ctr(['images', 'pull', '--plain-http', ref], { namespace: ns, timeoutMs: STEP_TIMEOUT_MS });
+    }
+    const snap = stargaze ? ['--snapshotter', STARGZ_SNAPSHOTTER] : peer ? ['--snapshotter', PEER_SNAPSHOTTER] : [];
     // no command: the workload is the image's Cmd (ctr would take its flags, python3 -c, for its own)
     const create = await containerd.ctr(['containers', 'create', '--net-host', ...snap, ref, id], {
       namespace: ns,
@@ -282,7 +333,8 @@ async function sample(
       throw new Error(`${image.spec.name}/${mode}: the workload printed ${JSON.stringify(started.stdout)} ${started.stderr}`);
     }
     const fetchedBytes = published.layers.reduce((n, d) => n + registry.bytesServed(d), 0);
-    return { pullMs: pull.durationMs, createMs: create.durationMs, runMs: started.durationMs, fetchedBytes };
+    const blobGets = registry.blobRequests().filter((r) => r.method === 'GET').length;
+    return { pullMs: pull.durationMs, createMs: create.durationMs, runMs: started.durationMs, fetchedBytes, blobGets };
   } finally {
     await scope.run();
   }
@@ -290,17 +342,25 @@ async function sample(
 
 const secs = (ms: number): string => (ms / 1000).toFixed(2);
 
-function markdownTable(rows: StartupRow[]): string {
+/**
+ * One row per link, image and mode. `vs legacy`: total over legacy's total; `vs peer`: a stargaze mode's total,
+ * blob GETs and bytes over those of its peer mode (lazy over peer, lazy-opt over peer-opt).
+ */
+export function markdownTable(rows: StartupRow[]): string {
   const lines = [
-    '| link | image (gzip) | mode | pull s | create s | run s | total s | vs legacy | fetched MiB |',
-    '|---|---|---|---:|---:|---:|---:|---:|---:|',
+    '| link | image (gzip) | mode | pull s | create s | run s | total s | vs legacy | vs peer: total | blob GETs | fetched MiB | vs peer: GETs, bytes |',
+    '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
   ];
+  const ratio = (a: number, b: number): string => (b > 0 ? `${(a / b).toFixed(2)}x` : '');
   for (const r of rows) {
-    const legacy = rows.find((x) => x.link === r.link && x.image === r.image && x.mode === 'legacy');
-    const ratio = legacy && r.mode !== 'legacy' ? `${(r.total / legacy.total).toFixed(2)}x` : '';
+    const find = (mode: Mode | undefined): StartupRow | undefined =>
+      mode === undefined ? undefined : rows.find((x) => x.link === r.link && x.image === r.image && x.mode === mode);
+    const legacy = r.mode === 'legacy' ? undefined : find('legacy');
+    const peer = find(PEER_OF[r.mode]);
     lines.push(
       `| ${r.link} | ${r.image} (${(r.imageBytes / MIB).toFixed(0)} MiB) | ${r.mode} | ${secs(r.pull)} | ${secs(r.create)} | ${secs(r.run)} | ` +
-        `${secs(r.total)} | ${ratio} | ${(r.fetchedBytes / MIB).toFixed(1)} |`,
+        `${secs(r.total)} | ${legacy ? ratio(r.total, legacy.total) : ''} | ${peer ? ratio(r.total, peer.total) : ''} | ${r.blobGets} | ` +
+        `${(r.fetchedBytes / MIB).toFixed(1)} | ${peer ? `${ratio(r.blobGets, peer.blobGets)}, ${ratio(r.fetchedBytes, peer.fetchedBytes)}` : ''} |`,
     );
   }
   return lines.join('\n') + '\n';
@@ -351,16 +411,29 @@ function svgChart(rows: StartupRow[], title: string): string {
   );
 }
 
+/**
+ * The modes to run: BENCH_STARTUP_MODES, else every mode (the peer's only with a peer binary). Peer modes asked
+ * for without a binary are dropped with PEER_MISSING_NOTE, so a run without the peer runs as before.
+ */
+export function selectModes(spec: string | undefined, havePeer: boolean, notes: string[]): Mode[] {
+  const asked = (spec ?? MODES.join(',')).split(',').map((s) => s.trim()).filter(Boolean) as Mode[];
+  for (const m of asked) if (!MODES.includes(m)) throw new Error(`unknown mode ${m}; known: ${MODES.join(', ')}`);
+  if (havePeer) return asked;
+  const modes = asked.filter((m) => !PEER_MODES.includes(m));
+  if (modes.length < asked.length || spec === undefined) notes.push(PEER_MISSING_NOTE);
+  return modes;
+}
+
 export async function benchStartup(): Promise<{ rows: StartupRow[]; notes: string[]; table: string }> {
   if (process.getuid?.() !== 0) throw new Error('the startup benchmark runs containerd, FUSE and chroot: run it as root');
   const t0 = Date.now();
   const samples = Number(process.env.BENCH_SAMPLES ?? 3);
   const imageNames = (process.env.BENCH_STARTUP_IMAGES ?? 'debian,python,node,gcc').split(',').map((s) => s.trim()).filter(Boolean);
-  const modes = (process.env.BENCH_STARTUP_MODES ?? MODES.join(',')).split(',').map((s) => s.trim()).filter(Boolean) as Mode[];
-  for (const m of modes) if (!MODES.includes(m)) throw new Error(`unknown mode ${m}; known: ${MODES.join(', ')}`);
+  const havePeer = peerBinary() !== undefined;
+  const notes: string[] = [`load average at start: ${loadavg().map((l) => l.toFixed(2)).join(' ')} (${samples} samples, medians)`];
+  const modes = selectModes(process.env.BENCH_STARTUP_MODES, havePeer, notes);
   const links = parseLinks(process.env.BENCH_STARTUP_LINKS ?? 'direct,20ms-200mbit,20ms-50mbit');
   const outDir = path.join(REPO_ROOT, 'bench-results');
-  const notes: string[] = [`load average at start: ${loadavg().map((l) => l.toFixed(2)).join(' ')} (${samples} samples, medians)`];
 
   say('building / loading images (cached in bench-results/startup-cache)');
   const images = await buildImages(path.join(outDir, 'startup-cache'), imageNames, process.env.BENCH_STARTUP_REBUILD === '1');
@@ -384,7 +457,7 @@ export async function benchStartup(): Promise<{ rows: StartupRow[]; notes: strin
         for (let s = 0; s < samples; s++) {
           for (const image of shuffled(images)) {
             for (const mode of shuffled(modes)) {
-              const pub = published.get(image.spec.name)![mode];
+              const pub = published.get(image.spec.name)![TAG_OF[mode]];
               const r = await sample(registry, pullHost, image, mode, pub);
               const key = `${image.spec.name}\0${mode}`;
               collected.set(key, [...(collected.get(key) ?? []), r]);
@@ -402,12 +475,13 @@ export async function benchStartup(): Promise<{ rows: StartupRow[]; notes: strin
               link: link.name,
               image: image.spec.name,
               mode,
-              imageBytes: published.get(image.spec.name)![mode].bytes,
+              imageBytes: published.get(image.spec.name)![TAG_OF[mode]].bytes,
               pull: median(ss.map((x) => x.pullMs)),
               create: median(ss.map((x) => x.createMs)),
               run: median(ss.map((x) => x.runMs)),
               total: median(ss.map((x) => x.pullMs + x.createMs + x.runMs)),
               fetchedBytes: median(ss.map((x) => x.fetchedBytes)),
+              blobGets: median(ss.map((x) => x.blobGets)),
               samples: ss,
             });
           }

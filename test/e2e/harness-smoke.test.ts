@@ -42,6 +42,18 @@ describe('e2e harness smoke', { skip: notRoot && 'e2e tests need root' }, () => 
     containerd = await startContainerd({ scope: cleanup });
   });
 
+  test('containerd registers several proxy snapshotters under their own names', async () => {
+    // what the benchmarks do to put the peer beside stargaze: containerd dials a proxy plugin only when used
+    const two = await startContainerd({
+      scope: cleanup,
+      stargazeAddress: path.join(containerd.dir, 'absent-stargaze.sock'),
+      proxyPlugins: [{ name: 'stargz-peer', address: path.join(containerd.dir, 'absent-peer.sock') }],
+    });
+    const plugins = (await two.ctr(['plugins', 'ls'])).stdout;
+    for (const name of ['stargz', 'stargz-peer']) assert.match(plugins, new RegExp(`io\\.containerd\\.snapshotter\\.v1\\s+${name}\\s+`), plugins);
+    await two.stop();
+  });
+
   test('registry answers /v2/ directly and through the counting proxy', async () => {
     for (const host of [registry.host, registry.countingHost]) {
       const res = await fetch(`http://${host}/v2/`);

@@ -37,12 +37,23 @@ export interface ContainerdOptions {
   stargazeRoot?: string;
   /** Defaults to `stargz`. */
   proxyPluginName?: string;
+  /** More proxy snapshotters, each under its own name (the benchmarks' peer beside stargaze, say). */
+  proxyPlugins?: ProxyPlugin[];
   /** containerd log level; defaults to info. */
   logLevel?: string;
   /** TOML appended to the generated config. */
   extraConfig?: string;
   /** Keep containerd's CRI plugin (disabled by default); configure it through `extraConfig`. */
   enableCri?: boolean;
+}
+
+export interface ProxyPlugin {
+  /** What `--snapshotter` takes. */
+  name: string;
+  /** Its unix socket. */
+  address: string;
+  /** Its root, exported to containerd like the reference config does. */
+  root?: string;
 }
 
 export interface CtrOptions extends RunOptions {
@@ -171,10 +182,13 @@ function containerdConfig(dir: string, opts: ContainerdOptions): string {
     '[plugins."io.containerd.internal.v1.opt"]',
     `  path = ${q(path.join(dir, 'opt'))}`,
   ];
-  if (opts.stargazeAddress) {
-    const name = opts.proxyPluginName ?? STARGZ_SNAPSHOTTER;
-    lines.push('', `[proxy_plugins.${name}]`, '  type = "snapshot"', `  address = ${q(opts.stargazeAddress)}`);
-    if (opts.stargazeRoot) lines.push(`[proxy_plugins.${name}.exports]`, `  root = ${q(opts.stargazeRoot)}`);
+  const plugins: ProxyPlugin[] = [
+    ...(opts.stargazeAddress ? [{ name: opts.proxyPluginName ?? STARGZ_SNAPSHOTTER, address: opts.stargazeAddress, root: opts.stargazeRoot }] : []),
+    ...(opts.proxyPlugins ?? []),
+  ];
+  for (const p of plugins) {
+    lines.push('', `[proxy_plugins.${q(p.name)}]`, '  type = "snapshot"', `  address = ${q(p.address)}`);
+    if (p.root) lines.push(`[proxy_plugins.${q(p.name)}.exports]`, `  root = ${q(p.root)}`);
   }
   if (opts.extraConfig) lines.push('', opts.extraConfig);
   lines.push('');

@@ -24,9 +24,11 @@ export {
   type ContainerdOptions,
   type CtrOptions,
   type MountImageOptions,
+  type ProxyPlugin,
   type PullOptions,
   type RunContainerOptions,
 } from './containerd';
+export { PEER_BIN_ENV, PEER_MISSING_NOTE, PEER_SNAPSHOTTER, peerBinary, startPeer, type PeerDaemon, type PeerOptions } from './peer';
 export {
   DEFAULT_CLI_PATH,
   STARGAZE_COMMAND,

@@ -1,0 +1,126 @@
+/**
+ * The reference snapshotter (containerd/stargz-snapshotter's `containerd-stargz-grpc`) as the benchmarks' peer:
+ * its own root, socket, config and log in a tmp dir, started as its own process group, stopped with SIGTERM
+ * (it unmounts its layers then), and whatever it left mounted under its root unmounted afterwards.
+ *
+ * The binary is not part of this project: its path comes from STARGAZE_PEER_BIN. Without it, `peerBinary()`
+ * is undefined and the benchmarks skip their peer arms with `PEER_MISSING_NOTE`. The test suite never uses it.
+ */
+import { accessSync, constants } from 'node:fs';
+import { mkdir, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { connect } from 'node:net';
+import { bestEffort, type CleanupScope } from './cleanup';
+import { readTail, spawnGroup, waitFor, type ProcessGroup } from './exec';
+import { createTmpRoot, mountsUnder, unmountUnder, type MountInfo } from './tmp';
+
+/** Environment variable naming the peer daemon's binary. */
+export const PEER_BIN_ENV = 'STARGAZE_PEER_BIN';
+/** The proxy plugin name the peer gets in a benchmark's containerd (stargaze keeps `stargz`). */
+export const PEER_SNAPSHOTTER = 'stargz-peer';
+/** One line for a benchmark that skips its peer arm. */
+export const PEER_MISSING_NOTE =
+  `peer arm skipped: set ${PEER_BIN_ENV} to a containerd-stargz-grpc binary ` +
+  '(on our machines: ../shared/peer/stargz-reference/build.sh OUT builds the reference 0.12 from Debian\'s Go sources)';
+const READY_TIMEOUT_MS = 30_000;
+const STOP_GRACE_MS = 15_000;
+
+/** The peer binary from STARGAZE_PEER_BIN, when it names an executable file; else undefined. */
+export function peerBinary(): string | undefined {
+  const bin = process.env[PEER_BIN_ENV];
+  if (bin === undefined || bin === '') return undefined;
+  try {
+    accessSync(bin, constants.X_OK);
+  } catch {
+    throw new Error(`${PEER_BIN_ENV}=${bin} is not an executable file`);
+  }
+  return bin;
+}
+
+export interface PeerOptions {
+  scope?: CleanupScope;
+  /** Path of the binary; defaults to peerBinary(). */
+  binary?: string;
+  /** config.toml contents (default: empty, the reference's defaults). */
+  config?: string;
+  /** Defaults to info. */
+  logLevel?: string;
+}
+
+export interface PeerDaemon {
+  readonly dir: string;
+  /** Its snapshots gRPC socket (containerd's proxy plugin address). */
+  readonly address: string;
+  readonly root: string;
+  readonly configPath: string;
+  /** stdout and stderr (logrus JSON lines). */
+  readonly logFile: string;
+  /** PID of the daemon: the only process it runs (its FUSE servers are goroutines). */
+  pid(): number;
+  isRunning(): boolean;
+  mounts(): Promise<MountInfo[]>;
+  /** SIGTERM, SIGKILL after a grace period; unmounts what it left under its root and removes the tmp dir. */
+  cleanup(): Promise<void>;
+}
+
+function socketAccepts(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const sock = connect(socketPath);
+    const done = (ok: boolean): void => {
+      sock.destroy();
+      resolve(ok);
+    };
+    sock.once('connect', () => done(true));
+    sock.once('error', () => done(false));
+    sock.setTimeout(1_000, () => done(false));
+  });
+}
+
+/** Starts the peer daemon and waits until its socket accepts connections. */
+export async function startPeer(opts: PeerOptions = {}): Promise<PeerDaemon> {
+  const binary = opts.binary ?? peerBinary();
+  if (binary === undefined) throw new Error(PEER_MISSING_NOTE);
+  const tmp = await createTmpRoot('peer');
+  const dir = tmp.dir;
+  const address = path.join(dir, 'peer.sock');
+  const root = path.join(dir, 'root');
+  const configPath = path.join(dir, 'config.toml');
+  const logFile = path.join(dir, 'peer.log');
+  let proc: ProcessGroup | undefined;
+  let cleaned: Promise<void> | undefined;
+  const cleanup = (): Promise<void> =>
+    (cleaned ??= (async () => {
+      if (proc) await bestEffort('stop the peer daemon', () => proc!.stop(STOP_GRACE_MS));
+      const left = await unmountUnder(dir);
+      if (left.length > 0) process.stderr.write(`harness: mounts left under ${dir}: ${left.map((m) => m.mountpoint).join(', ')}\n`);
+      await tmp.remove();
+    })());
+  opts.scope?.after(cleanup);
+  try {
+    await mkdir(root, { recursive: true });
+    await writeFile(configPath, opts.config ?? '');
+    const p = spawnGroup(binary, ['-address', address, '-root', root, '-config', configPath, '-log-level', opts.logLevel ?? 'info'], {
+      stdoutFile: logFile, // stderr too
+    });
+    proc = p;
+    await waitFor(`peer socket ${address}`, () => socketAccepts(address), {
+      timeoutMs: READY_TIMEOUT_MS,
+      abortIf: () => (p.isRunning() ? undefined : 'the peer daemon exited'),
+    });
+  } catch (err) {
+    const log = await readTail(logFile).catch(() => '');
+    if (!opts.scope) await cleanup();
+    throw new Error(`${err instanceof Error ? err.message : String(err)}\n--- peer log ---\n${log}`);
+  }
+  return {
+    dir,
+    address,
+    root,
+    configPath,
+    logFile,
+    pid: () => proc!.pid,
+    isRunning: () => proc?.isRunning() ?? false,
+    mounts: () => mountsUnder(root),
+    cleanup,
+  };
+}
