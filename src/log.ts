@@ -36,7 +36,14 @@ export function createMultiLogger(streams: pino.DestinationStream[], level: stri
 export class BoundedLogFile {
   private readonly dest: ReturnType<typeof pino.destination>;
   private written: number;
-  private rotating = false;
+  /** Resolves when the destination's first open is done (a reopen asked before then would be queued behind it). */
+  private readonly opened: Promise<void>;
+  /** The rotation under way, if any: at most one at a time. */
+  private rotation: Promise<void> | undefined;
+  /** Bytes handed to the destination that it has not reported written yet (its 'write' events). */
+  private unwrittenBytes = 0;
+  /** settled() calls waiting for the next write or rotation to finish. */
+  private readonly waiters = new Set<() => void>();
 
   constructor(
     private readonly path: string,
@@ -46,6 +53,12 @@ export class BoundedLogFile {
     // Asynchronous writes: a log line must never block a FUSE callback on the main thread.
     this.dest = pino.destination({ dest: path, sync: false, mkdir: true, mode: 0o600 });
     this.written = currentSize;
+    // No 'error' listener here: a log file that cannot be opened or written stays as loud as it was.
+    this.opened = new Promise((resolve) => this.dest.once('ready', () => resolve()));
+    this.dest.on('write', (bytes: number) => {
+      this.unwrittenBytes -= bytes;
+      this.wake();
+    });
     // The last lines before an exit (a fatal error) are the ones worth having.
     process.once('exit', () => {
       try {
@@ -57,23 +70,48 @@ export class BoundedLogFile {
   }
 
   write(line: string): boolean {
-    this.written += Buffer.byteLength(line);
+    const bytes = Buffer.byteLength(line);
+    this.written += bytes;
+    this.unwrittenBytes += bytes;
     const ok = this.dest.write(line);
-    if (this.written >= this.maxBytes / 2 && !this.rotating) void this.rotate();
+    if (this.written >= this.maxBytes / 2 && this.rotation === undefined) {
+      this.rotation = this.rotate().finally(() => {
+        this.rotation = undefined;
+        this.wake();
+      });
+    }
     return ok;
   }
 
+  /**
+   * Resolves once every line written so far is in a file and no rotation is under way. Writes and renames
+   * are asynchronous, so this is how a caller (a test, an orderly shutdown) knows what is on disk without
+   * guessing a delay. A write that fails (the destination emits 'error') never settles.
+   */
+  async settled(): Promise<void> {
+    while (this.rotation !== undefined || this.unwrittenBytes > 0) {
+      await new Promise<void>((resolve) => this.waiters.add(resolve));
+    }
+  }
+
+  private wake(): void {
+    const waiting = [...this.waiters];
+    this.waiters.clear();
+    for (const resolve of waiting) resolve();
+  }
+
   private async rotate(): Promise<void> {
-    this.rotating = true;
     try {
+      await this.opened;
       await rename(this.path, `${this.path}.1`);
+      // The rotation ends when the new file is open (its 'ready'), so settled() never finds it missing.
+      const reopened = new Promise<void>((resolve) => this.dest.once('ready', () => resolve()));
       // Lines written around the rename land in the old file or the new one: none is lost.
       this.dest.reopen();
       this.written = 0;
+      await reopened;
     } catch {
       // Keep writing where we are; the next line tries again.
-    } finally {
-      this.rotating = false;
     }
   }
 }

@@ -87,12 +87,24 @@ async function readFresh(file: string, since: number): Promise<CollapsedPull | '
   return { name, manifestDigest, platform, layers };
 }
 
+export interface JoinOptions {
+  signal?: AbortSignal;
+  /** rpull's private directory by default. */
+  resultDir?: string;
+  /**
+   * Called each time this pull finds another leading and waits for it: first, and again after every look
+   * (a release, or WAIT_SLICE_MS) that finds the lead still taken. Shows what the pull is doing meanwhile;
+   * tests know from it that a waiter is waiting, rather than guessing a delay.
+   */
+  onWait?: () => void;
+}
+
 /**
  * Becomes the leader of pulls with this key, or waits for the current leader and returns its result. A leader
  * must publish() on success, fail() on a failure that is not an interruption, and release() always. A 'lead'
  * outcome may also mean "pull on your own": then its functions do nothing.
  */
-export async function joinOrLead(key: string, opts: { signal?: AbortSignal; resultDir?: string } = {}): Promise<CollapseOutcome> {
+export async function joinOrLead(key: string, opts: JoinOptions = {}): Promise<CollapseOutcome> {
   const noop: CollapseOutcome = { kind: 'lead', publish: async () => undefined, fail: async () => undefined, release: async () => undefined };
   const dir = await privateRpullDir(opts.resultDir);
   if (dir === undefined) return noop;
@@ -122,6 +134,7 @@ export async function joinOrLead(key: string, opts: { signal?: AbortSignal; resu
       await release();
       return outcome(result);
     }
+    opts.onWait?.();
     await waitForHostLockRelease(lockName, dir, WAIT_SLICE_MS, opts.signal);
     const result = await readFresh(file, since);
     if (result !== undefined) return outcome(result);

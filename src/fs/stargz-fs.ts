@@ -477,7 +477,10 @@ export class StargazeFileSystem implements RemoteFileSystem {
       this.metrics.observe('background_fetch_total', source.digest, elapsedMs);
       layerLog.info({ metrics: 'latency', operation: 'background_fetch_total', elapsedMs, diffId: result.diffId, fetchedBytes: result.fetchedBytes, startOffset: result.startOffset }, 'layer fully fetched');
       // Only a layer checked against its chainID is copied: the copy is trusted from then on, unchecked.
-      if (this.options.config.disableVerification) return;
+      if (this.options.config.disableVerification) {
+        if (this.options.config.copyFetchedLayers) layerLog.info('not copied to local disk: not checked against its chainID (verification is disabled)');
+        return;
+      }
       // containerd names a snapshot it committed itself `<namespace>/<n>/<chainID>`; ours carry the bare chainID.
       const parentChainId = job.parent === undefined ? undefined : CHAIN_ID_SUFFIX.exec(job.parent)?.[0];
       if (job.parent !== undefined && parentChainId === undefined) {

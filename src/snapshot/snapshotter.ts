@@ -374,6 +374,7 @@ export class Snapshotter {
     if (committed()) throw alreadyExists();
     // Wait for any in-flight attempt on the same target; if it committed, we are done too.
     for (let inflight = this.remotePrepares.get(target); inflight !== undefined; inflight = this.remotePrepares.get(target)) {
+      this.log.debug({ key, target }, 'waiting for a prepare of the same target in flight');
       await inflight;
       if (committed()) throw alreadyExists();
     }

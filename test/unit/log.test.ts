@@ -3,7 +3,6 @@ import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { BoundedLogFile } from '../../src/log';
 
 async function sizeOf(file: string): Promise<number> {
@@ -23,10 +22,11 @@ test('a bounded log file rotates once it holds half its bound, keeping one older
   const line = `${'x'.repeat(99)}\n`;
   for (let i = 0; i < 5000; i++) {
     log.write(line);
-    // Let the asynchronous writes and renames run, as they would between a server's log lines.
-    if (i % 100 === 0) await sleep(1);
+    // Let the asynchronous writes and renames finish, as they would between a server's bursts of log lines;
+    // a rotation started within a burst still has the rest of the burst written around it.
+    if (i % 100 === 0) await log.settled();
   }
-  await sleep(100);
+  await log.settled();
   const current = await sizeOf(file);
   const older = await sizeOf(`${file}.1`);
   assert.ok(older > 0, 'the log was rotated');
@@ -42,8 +42,20 @@ test('a bounded log file counts what an earlier run left in it', async (t) => {
   await writeFile(file, 'y'.repeat(600));
   const log = new BoundedLogFile(file, 1024, 600);
   log.write('one line\n');
-  await sleep(100);
+  await log.settled();
   assert.ok((await sizeOf(`${file}.1`)) >= 600, 'already past half the bound: the first line rotates the old content away');
   const both = (await readFile(`${file}.1`, 'utf8')) + (await readFile(file, 'utf8').catch(() => ''));
   assert.match(both, /one line\n/, 'the line that rotated it is kept');
+});
+
+test('a bounded log file is settled once every line written so far is in the file', async (t) => {
+  const dir = await mkdtemp(path.join(tmpdir(), 'stargaze-log-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'server.log');
+  const log = new BoundedLogFile(file, 1 << 20, 0);
+  const lines = Array.from({ length: 200 }, (_, i) => `line ${i}\n`);
+  for (const line of lines) log.write(line);
+  await log.settled();
+  assert.equal(await readFile(file, 'utf8'), lines.join(''));
+  assert.equal(await sizeOf(`${file}.1`), 0, 'far below the bound: no rotation');
 });

@@ -23,8 +23,11 @@ import type { AddressInfo } from 'node:net';
 import { BufferBlobSource, type BlobSource } from '../../../src/remote/blob-source';
 import { STARGZ_DIGEST, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../../src/source/labels';
 import { makeTar, sha256, toEstargz } from '../estargz/fixture';
+import { until } from '../until';
 
 const run = promisify(execFile);
+/** How long after its mount the quiet-period test's container reads (see there). */
+const READ_AFTER_MOUNT_MS = 300;
 const canMount = process.getuid?.() === 0;
 
 class MemoryRegistry implements BlobResolver {
@@ -103,9 +106,11 @@ test('serves an eStargz layer through FUSE', { skip: !canMount && 'needs root fo
   await assert.rejects(run('sh', ['-c', `echo x > ${path.join(mnt, 'etc/hello.txt')}`]));
 
   // The hidden state file: reachable by name, never listed, regenerated when libfuse re-checks its attributes
-  // on open, which it does once they are over a second old (ac_attr_timeout=1).
-  await sleep(1100);
-  const status = JSON.parse((await run('cat', [path.join(mnt, '.stargz-snapshotter', `${digest}.json`)])).stdout) as Record<string, unknown>;
+  // on open, which it does once they are over a second old (ac_attr_timeout=1). Until then an open returns
+  // what the page cache kept: read it again until it shows the bytes fetched since (big.bin is most of them).
+  const readStatus = async (): Promise<Record<string, unknown>> => JSON.parse((await run('cat', [statusPath])).stdout) as Record<string, unknown>;
+  let status = earlyStatus;
+  await until('the status file to be regenerated', async () => (status = await readStatus()).fetchedSize !== earlyStatus.fetchedSize, 10_000);
   assert.equal(status.digest, digest);
   assert.equal(status.size, blob.length);
   assert.ok((status.fetchedSize as number) > big.length / 2, 'reading big.bin fetched most of the layer');
@@ -168,14 +173,6 @@ function capturingLog(): { log: typeof quiet; sawMessage: (msg: string) => boole
   return { log: pino({ level: 'info' }, sink), sawMessage: (msg) => lines.some((l) => l.msg === msg) };
 }
 
-async function until(what: string, pred: () => boolean | Promise<boolean>, timeoutMs = 30_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await pred())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(50);
-  }
-}
-
 test('a fully fetched layer is copied beside its mount once its chainID check passed, not without the check', { skip: !canMount && 'needs root for FUSE' }, async () => {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
   const { blob, digest, tocDigest, diffId } = await layerFixture();
@@ -206,9 +203,11 @@ test('a fully fetched layer is copied beside its mount once its chainID check pa
   assert.equal((await run('stat', ['-c', '%a', path.join(local, 'bin/su')])).stdout.trim(), '4755');
   assert.ok(checked.sawMessage('layer copied to local disk; new containers read it from there'));
 
+  // The unchecked layer's background fetch ends with its decision not to copy: past that line nothing copies it.
   await until('the unchecked layer to be fully fetched', () => unchecked.sawMessage('layer fully fetched'));
-  // The checked layer's copy took well under this.
-  await sleep(1500);
+  await until('the unchecked layer to be left uncopied', () =>
+    unchecked.sawMessage('not copied to local disk: not checked against its chainID (verification is disabled)'),
+  );
   assert.equal(await hasLocalCopy(mntB), false, 'a layer not checked against its chainID is not copied');
   assert.ok(!unchecked.sawMessage('layer copied to local disk; new containers read it from there'));
 });
@@ -257,8 +256,11 @@ test('background fetch waits until the layers have been quiet for background_fet
   await eager.fs.mount(mntB, labels);
   await waiting.fs.mount(mntA, labels);
 
-  // A container reads a little after the mount: the quiet period starts again after its fetch.
-  await sleep(300);
+  // A container reads a while after the mount: the quiet period starts again after its fetch. This delay is the
+  // scenario, not a stand-in for an event: it puts the read several of background fetch's 50 ms busy polls
+  // after the mount, so a quiet period counted from the mount alone would begin too early and fail the check
+  // below. A longer delay (a loaded machine) only widens that margin.
+  await sleep(READ_AFTER_MOUNT_MS);
   const readAt = Date.now();
   assert.equal((await run('cat', [path.join(mntA, 'etc/hello.txt')])).stdout, 'hello lazy world\n');
   await until('both layers to be fully fetched', () => waiting.fetched() && eager.fetched());

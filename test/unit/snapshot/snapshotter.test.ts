@@ -31,6 +31,7 @@ import {
   STARGZ_REFERENCE,
   TARGET_SNAPSHOT_REF,
 } from '../../../src/source/labels';
+import { until } from '../until';
 
 const run = promisify(execFile);
 const IS_ROOT = process.getuid?.() === 0;
@@ -81,6 +82,10 @@ class LogSink extends Writable {
   }
   prepared(value: 'true' | 'false'): Record<string, unknown>[] {
     return this.lines.filter((l) => l['remote-snapshot-prepared'] === value);
+  }
+  /** Prepares that found another of the same target in flight and wait for it (debug lines). */
+  waitingForInflight(): Record<string, unknown>[] {
+    return this.lines.filter((l) => l.msg === 'waiting for a prepare of the same target in flight');
   }
 }
 
@@ -340,7 +345,8 @@ describe('Snapshotter remote snapshots', () => {
     let release!: () => void;
     remote.gate = new Promise<void>((r) => (release = r));
     const all = Promise.allSettled([1, 2, 3].map((i) => sn.prepare(`k${i}`, '', remoteLabels())));
-    await new Promise((r) => setTimeout(r, 50));
+    // Released only once all three are in flight, each mounting or waiting for a mount (one and two, asserted below).
+    await until('all three prepares in flight', () => remote.mounts.length + sink.waitingForInflight().length === 3);
     release();
     const results = await all;
     for (const r of results) {
@@ -348,6 +354,7 @@ describe('Snapshotter remote snapshots', () => {
       assert.ok((r as PromiseRejectedResult).reason instanceof AlreadyExistsError);
     }
     assert.equal(remote.mounts.length, 1);
+    assert.equal(sink.waitingForInflight().length, 2);
     assert.equal((await sn.list(['kind==active'])).length, 0, 'waiters created nothing');
   });
 
@@ -356,11 +363,13 @@ describe('Snapshotter remote snapshots', () => {
     remote.gate = new Promise<void>((r) => (release = r));
     remote.mountError = new Error('registry unreachable');
     const first = sn.prepare('k1', '', remoteLabels());
-    await new Promise((r) => setTimeout(r, 20));
+    await until('the first prepare to mount', () => remote.mounts.length === 1);
     const second = sn.prepare('k2', '', remoteLabels());
     second.catch(() => undefined); // asserted below; keep an early failure from going unhandled
-    await new Promise((r) => setTimeout(r, 20));
+    // Either it says it waits, or it mounts too (which fails the assertion below at once).
+    await until('the second prepare to wait or mount', () => sink.waitingForInflight().length === 1 || remote.mounts.length > 1);
     assert.equal(remote.mounts.length, 1, 'the second waits for the first');
+    assert.equal(sink.waitingForInflight()[0]!.key, 'k2');
     remote.mountError = undefined; // the retry succeeds
     remote.gate = undefined;
     release();
