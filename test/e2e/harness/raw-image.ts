@@ -196,7 +196,9 @@ async function pushBlob(host: string, repo: string, data: Buffer): Promise<strin
   url.searchParams.set('digest', digest);
   const put = await fetch(url, {
     method: 'PUT',
-    headers: { 'content-type': 'application/octet-stream', 'content-length': String(data.length) },
+    // fetch sets content-length from the Buffer; a second one of ours makes npm undici (which installs itself as
+    // fetch's dispatcher once src/remote is loaded in the same process) refuse the request
+    headers: { 'content-type': 'application/octet-stream' },
     body: data,
     signal: AbortSignal.timeout(60_000),
   });
