@@ -2,22 +2,34 @@
  * First-read latency of small files with and without prefetch (issue 5).
  *
  * The layer (built with src/estargz/writer.ts `prioritizedFiles`): `etc/app/f00..f19` (small config-like
- * files, 1-4 KiB) prioritized, i.e. before `.prefetch.landmark`, then a large file after it. The blob is
- * held in memory behind a BlobSource wrapper that adds a fixed latency to every request (readRange, or one
- * readRanges call = one multi-range request), BENCH_RTT_MS, default 20 ms; bandwidth is not capped. This
- * stands in for a registry's per-request round trip; no proxy process is involved.
+ * files, 1-4 KiB) prioritized, i.e. before `.prefetch.landmark`, then a large file after it.
+ * Three workloads: one small file (`cat etc/app/f00`), all 20 small files (`cat f00 ... f19`, one process),
+ * and the big file after the landmark read from start to end (`sha256sum data/big.bin`: every chunk a cold
+ * fetch, so each costs a round trip unless it was fetched ahead of the reader). Output is checked.
+ * Background fetch is off everywhere, so it neither helps nor competes.
  *
+ * In-process cases: the blob is held in memory behind a BlobSource wrapper that adds a fixed latency to every
+ * request (readRange, or one readRanges call = one multi-range request), BENCH_RTT_MS, default 20 ms; bandwidth
+ * is not capped. This stands in for a registry's per-request round trip; no proxy process is involved.
  * Each sample is a new StargazeFileSystem (empty memory cache, no disk cache) mounted on a new directory:
  *  - with prefetch: mount, then `check()` waits for prefetch as containerd's first Check (container create)
  *    would, then `cat` in a child process;
  *  - noPrefetch: mount, check (returns at once), `cat`.
  * Reported: mount -> cat done (the whole critical path of a container's first read), and the `cat` alone.
- * Three workloads: one small file (`cat etc/app/f00`), all 20 small files (`cat f00 ... f19`, one process),
- * and the big file after the landmark read from start to end (`sha256sum data/big.bin`: every chunk a cold
- * fetch, so each costs a round trip unless it was fetched ahead of the reader).
- * Background fetch is off, so it neither helps nor competes.
  *
- * Knobs: BENCH_SAMPLES (default 5), BENCH_RTT_MS (default 20), BENCH_BIG_MIB (default 32).
+ * Daemon cases, the same for the stargaze daemon and for the peer (the reference `containerd-stargz-grpc`, from
+ * STARGAZE_PEER_BIN; without it only stargaze runs and a note says how to get the peer): the layer pushed as a
+ * one-layer OCI image to the harness's registry twice, as built above (prioritized files, `.prefetch.landmark`)
+ * and without prioritized files (`.no.prefetch.landmark`: nothing to prefetch). Pulls go through link-proxy.js
+ * (BENCH_RTT_MS round trip per request, plus one per new connection; no bandwidth cap) in front of the
+ * registry's counting proxy. Each sample is a fresh containerd + fresh daemon (daemon-arm.ts; config
+ * `no_background_fetch = true`, prefetch at its default): `ctr-remote images rpull`, the image's rootfs mounted
+ * through containerd (the snapshot View checks the layer, which waits for prefetch in both daemons), then the
+ * workload in a child process. Reported: rpull start -> read done, the read alone, the rpull and the mount, and
+ * the layer-blob GETs the counting proxy saw. Samples alternate stargaze and peer; stargaze's rows carry the
+ * peer's median time over its own (higher: stargaze faster), for the whole path and for the read alone.
+ *
+ * Knobs: BENCH_SAMPLES (default 5), BENCH_RTT_MS (default 20), BENCH_BIG_MIB (default 32), STARGAZE_PEER_BIN.
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -34,26 +46,47 @@ import { StargazeFileSystem } from '../../src/fs/stargz-fs';
 import { log } from '../../src/log';
 import { BufferBlobSource, type BlobSource, type ByteRange } from '../../src/remote/blob-source';
 import { STARGZ_DIGEST, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../src/source/labels';
+import { CleanupStack, PEER_MISSING_NOTE, peerBinary, startRegistry } from '../../test/e2e/harness';
+import { pushEstargzImage, startDaemonArm, type DaemonKind, type EstargzLayer } from './daemon-arm';
+import { startLinkProxy } from './startup';
 
 const MIB = 1024 * 1024;
 const SAMPLES = Number(process.env.BENCH_SAMPLES ?? 5);
 const RTT_MS = Number(process.env.BENCH_RTT_MS ?? 20);
 const BIG_MIB = Number(process.env.BENCH_BIG_MIB ?? 32);
 const SMALL_FILES = 20;
+/** link-proxy.js needs a rate: 10 Gbit/s is far above what it moves here, i.e. uncapped like the in-process cases. */
+const LINK_BPS = 10e9;
 const smallName = (i: number): string => `etc/app/f${String(i).padStart(2, '0')}`;
 
-export interface FirstReadResult {
+interface FirstReadCommon {
   case: string;
-  /** Median ms from the start of mount() to the `cat` completing. */
+  /** Median ms from the start of mount() (in-process) or of the rpull (daemon) to the read completing. */
   mountToReadMs: number;
-  /** Median ms of the `cat` alone. */
+  /** Median ms of the read (`cat` or `sha256sum`) alone. */
   catMs: number;
-  /** Median ms check() waited (prefetch). */
-  checkMs: number;
-  /** Median number of requests made to the blob during the sample. */
+  /** Median number of requests made for the layer blob during the sample. */
   requests: number;
   samples: number;
 }
+
+export interface InProcessFirstRead extends FirstReadCommon {
+  arm: 'in-process';
+  /** Median ms check() waited (prefetch). */
+  checkMs: number;
+}
+
+export interface DaemonFirstRead extends FirstReadCommon {
+  arm: DaemonKind;
+  /** Median ms of `ctr-remote images rpull`. */
+  pullMs: number;
+  /** Median ms of the image mount (`ctr` look-ups of the chain ID, the snapshot View, which waits for prefetch, mount). */
+  mountMs: number;
+  /** Stargaze rows with a peer: the peer's median ms over stargaze's (higher: stargaze faster). */
+  vsPeer?: { total: number; read: number };
+}
+
+export type FirstReadResult = InProcessFirstRead | DaemonFirstRead;
 
 /** The blob in memory, each request delayed by RTT_MS; counts requests. */
 class LatencyBlobSource implements BlobSource {
@@ -101,7 +134,7 @@ function bigContent(): Buffer {
   return big;
 }
 
-async function buildLayer(dir: string): Promise<{ blob: Buffer; tocDigest: string }> {
+async function buildTar(dir: string): Promise<string> {
   const tarPath = path.join(dir, 'layer.tar');
   const pack = tarStream.pack();
   const written = pipeline(pack, createWriteStream(tarPath));
@@ -113,13 +146,54 @@ async function buildLayer(dir: string): Promise<{ blob: Buffer; tocDigest: strin
   for (let i = 0; i < SMALL_FILES; i++) pack.entry({ name: smallName(i), mode: 0o644 }, smallContent(i));
   pack.finalize();
   await written;
-  const blobPath = path.join(dir, 'layer.esgz');
+  return tarPath;
+}
+
+/** The tar as eStargz: the small files prioritized (then `.prefetch.landmark`), or none (`.no.prefetch.landmark`). */
+async function buildLayer(dir: string, tarPath: string, prioritized: boolean): Promise<EstargzLayer> {
+  const blobPath = path.join(dir, prioritized ? 'layer.esgz' : 'layer-no-prefetch.esgz');
   const result = await writeEstargz(createReadStream(tarPath), createWriteStream(blobPath), {
     compressionLevel: 1,
     tmpDir: dir,
-    prioritizedFiles: Array.from({ length: SMALL_FILES }, (_, i) => smallName(i)),
+    prioritizedFiles: prioritized ? Array.from({ length: SMALL_FILES }, (_, i) => smallName(i)) : [],
   });
-  return { blob: await readFile(blobPath), tocDigest: result.tocDigest };
+  return { blob: await readFile(blobPath), tocDigest: result.tocDigest, diffId: result.diffId, uncompressedSize: result.uncompressedSize };
+}
+
+interface Workload {
+  label: string;
+  cmd: 'cat' | 'sha256sum';
+  files: string[];
+  /** What `cat` prints, or the sha256 hex `sha256sum` prints first. */
+  want: string;
+  /** Prefetch on/off (in-process: noPrefetch; daemon: the image with or without the landmark). */
+  modes: boolean[];
+}
+
+function workloads(): Workload[] {
+  const small = (files: string[]): Pick<Workload, 'cmd' | 'files' | 'want'> => ({
+    cmd: 'cat',
+    files,
+    want: Buffer.concat(files.map((f) => smallContent(Number(f.slice(-2))))).toString(),
+  });
+  return [
+    { label: '1 small file', ...small([smallName(0)]), modes: [true, false] },
+    { label: `${SMALL_FILES} small files`, ...small(Array.from({ length: SMALL_FILES }, (_, i) => smallName(i))), modes: [true, false] },
+    // After the landmark: prefetch does not reach it.
+    {
+      label: `the ${BIG_MIB} MiB file, sequentially`,
+      cmd: 'sha256sum',
+      files: ['data/big.bin'],
+      want: createHash('sha256').update(bigContent()).digest('hex'),
+      modes: [false],
+    },
+  ];
+}
+
+/** Throws unless the workload's output is what the layer holds. */
+function checkOutput(w: Workload, out: string, who: string): void {
+  const got = w.cmd === 'sha256sum' ? (out.split(' ')[0] ?? '') : out;
+  if (got !== w.want) throw new Error(`${who}, ${w.label}: ${w.cmd} returned the wrong bytes`);
 }
 
 const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] as number;
@@ -135,7 +209,9 @@ export async function benchFirstRead(): Promise<{ results: FirstReadResult[]; no
   let fsys: StargazeFileSystem | undefined;
   let mountN = 0;
   try {
-    const { blob, tocDigest } = await buildLayer(dir);
+    const tarPath = await buildTar(dir);
+    const layer = await buildLayer(dir, tarPath, true);
+    const { blob, tocDigest } = layer;
     const digest = 'sha256:' + createHash('sha256').update(blob).digest('hex');
     const inner = new BufferBlobSource(digest, blob);
     const labels = {
@@ -171,31 +247,18 @@ export async function benchFirstRead(): Promise<{ results: FirstReadResult[]; no
       return { total, cat, check, requests, out };
     };
 
-    const small = (files: string[]): [string, string[], string] => [
-      'cat',
-      files,
-      Buffer.concat(files.map((f) => smallContent(Number(f.slice(-2))))).toString(),
-    ];
-    const bigPath = 'data/big.bin';
-    const bigSum = `${createHash('sha256').update(bigContent()).digest('hex')}`;
-    const workloads: Array<[string, [string, string[], string], boolean[]]> = [
-      ['1 small file', small([smallName(0)]), [true, false]],
-      [`${SMALL_FILES} small files`, small(Array.from({ length: SMALL_FILES }, (_, i) => smallName(i))), [true, false]],
-      // After the landmark: prefetch does not reach it.
-      [`the ${BIG_MIB} MiB file, sequentially`, ['sha256sum', [bigPath], bigSum], [false]],
-    ];
-    for (const [label, [cmd, files, want], modes] of workloads) {
-      for (const prefetch of modes) {
+    for (const w of workloads()) {
+      for (const prefetch of w.modes) {
         const s: Array<Awaited<ReturnType<typeof sample>>> = [];
         // Alternate nothing across cases here: each sample is independent (new fs, new mountpoint).
         for (let i = 0; i < SAMPLES; i++) {
-          const r = await sample(prefetch, cmd, files);
-          if (cmd === 'sha256sum') r.out = r.out.split(' ')[0] ?? '';
-          if (r.out !== want) throw new Error(`${label}: cat returned the wrong bytes`);
+          const r = await sample(prefetch, w.cmd, w.files);
+          checkOutput(w, r.out, 'in-process');
           s.push(r);
         }
         results.push({
-          case: `${label}, ${prefetch ? 'with prefetch (check waits)' : 'noPrefetch'}`,
+          arm: 'in-process',
+          case: `${w.label}, ${prefetch ? 'with prefetch (check waits)' : 'noPrefetch'}`,
           mountToReadMs: median(s.map((x) => x.total)),
           catMs: median(s.map((x) => x.cat)),
           checkMs: median(s.map((x) => x.check)),
@@ -204,9 +267,75 @@ export async function benchFirstRead(): Promise<{ results: FirstReadResult[]; no
         });
       }
     }
+    results.push(...(await daemonCases({ prefetch: layer, noPrefetch: await buildLayer(dir, tarPath, false) }, notes)));
   } finally {
     await fsys?.close();
     await rm(dir, { recursive: true, force: true });
   }
   return { results, notes };
+}
+
+/** The daemon cases (see the header): stargaze and, with STARGAZE_PEER_BIN, the peer, samples interleaved. */
+async function daemonCases(layers: { prefetch: EstargzLayer; noPrefetch: EstargzLayer }, notes: string[]): Promise<DaemonFirstRead[]> {
+  const kinds: DaemonKind[] = peerBinary() === undefined ? ['stargaze'] : ['stargaze', 'peer'];
+  if (!kinds.includes('peer')) notes.push(PEER_MISSING_NOTE);
+  const rows: DaemonFirstRead[] = [];
+  const scope = new CleanupStack();
+  try {
+    const registry = await startRegistry({ scope });
+    const repo = 'bench/first-read';
+    const images = {
+      prefetch: await pushEstargzImage(registry.host, repo, 'prefetch', layers.prefetch),
+      noPrefetch: await pushEstargzImage(registry.host, repo, 'no-prefetch', layers.noPrefetch),
+    };
+    const pullHost = await startLinkProxy(registry.countingHost, { name: `${RTT_MS}ms`, rttMs: RTT_MS, bps: LINK_BPS }, scope);
+    notes.push(
+      `daemon cases: registry behind link-proxy.js, ${RTT_MS} ms per request (+${RTT_MS} ms per new connection), ` +
+        `no bandwidth cap; requests = layer-blob GETs from rpull to read done`,
+    );
+    for (const w of workloads()) {
+      for (const prefetch of w.modes) {
+        const image = prefetch ? images.prefetch : images.noPrefetch;
+        const samples = new Map<DaemonKind, Array<{ total: number; read: number; pull: number; mount: number; requests: number }>>();
+        for (let i = 0; i < SAMPLES; i++) {
+          for (const kind of kinds) {
+            const arm = await startDaemonArm({ kind, registry, pullHost, repoTag: image.repoTag, layerDigests: [image.layerDigest] });
+            try {
+              const t1 = process.hrtime.bigint();
+              const out = await run(w.cmd, w.files.map((f) => path.join(arm.mountpoint, f)));
+              const read = msSince(t1);
+              const total = msSince(arm.pullStartNs);
+              checkOutput(w, out, `${kind} daemon`);
+              const sample = { total, read, pull: arm.pullMs, mount: arm.mountMs, requests: arm.blobRequests() };
+              samples.set(kind, [...(samples.get(kind) ?? []), sample]);
+            } finally {
+              await arm.cleanup();
+            }
+          }
+        }
+        const peer = samples.get('peer');
+        for (const kind of kinds) {
+          const s = samples.get(kind) ?? [];
+          const total = median(s.map((x) => x.total));
+          const read = median(s.map((x) => x.read));
+          rows.push({
+            arm: kind,
+            case: `${kind} daemon: ${w.label}, ${prefetch ? 'prefetch landmark' : 'no prefetch landmark'}`,
+            mountToReadMs: total,
+            catMs: read,
+            pullMs: median(s.map((x) => x.pull)),
+            mountMs: median(s.map((x) => x.mount)),
+            requests: median(s.map((x) => x.requests)),
+            samples: SAMPLES,
+            ...(kind === 'stargaze' && peer !== undefined
+              ? { vsPeer: { total: median(peer.map((x) => x.total)) / total, read: median(peer.map((x) => x.read)) / read } }
+              : {}),
+          });
+        }
+      }
+    }
+  } finally {
+    await scope.run();
+  }
+  return rows;
 }

@@ -1,35 +1,121 @@
 /**
- * Memory of mounted layers: the serving process's RSS with N layers mounted (default 50), each with many
- * files (the TOC metadata is what grows with layers), before and after a file of each is read.
+ * Daemon memory per mounted layer (`npm run bench -- layer-memory`; root needed): what each lazy-pulling
+ * snapshotter costs the node as a whole, stargaze (`stargaze daemon` plus the FUSE server it starts) side by side
+ * with the reference snapshotter, the peer (`containerd-stargz-grpc` from STARGAZE_PEER_BIN: one process, its FUSE
+ * servers are goroutines). Without STARGAZE_PEER_BIN the stargaze arm runs alone.
  *
- * Knobs: BENCH_LAYERS (default 50), BENCH_FILES_PER_LAYER (default 2000).
+ * The image: BENCH_LAYERS eStargz layers written by the project's writer, each of BENCH_FILES_PER_LAYER small files
+ * `usr/lib/layer<i>/dir<j>/file-<k>.so`, so what grows with the layers is the TOC metadata, not file data. It is
+ * built once per run and pushed (OCI media types, toc.digest and uncompressed-size annotations) to a local
+ * registry; both arms pull it through the registry's counting proxy.
+ *
+ * Each sample of an arm gets a fresh daemon (`noprefetch`, `no_background_fetch`: nothing is fetched that the steps
+ * below don't ask for) and a fresh containerd, and measures the daemon's processes at three points:
+ *   idle         started, nothing mounted;
+ *   mounted      after `ctr-remote images rpull` of the image (the same client for both arms), checked to have
+ *                left one FUSE mount per layer;
+ *   after reads  after a child process (`sh -c cat ...`) read one file of each layer through the image's rootfs
+ *                (an overlay view of the top snapshot), and the view was unmounted and removed again.
+ * Each point is taken 2 s after the step (SETTLE_MS) from /proc: VmRSS, threads and open fds summed over the
+ * daemon's process groups (footprint.ts). containerd's and the bench's own processes are not counted. Per layer:
+ * (mounted - idle) / layers and (after reads - mounted) / layers. With BENCH_SAMPLES > 1 the arms alternate order
+ * from sample to sample, each number is the median over samples, and ratios are stargaze / peer of the medians.
+ *
+ * Knobs: BENCH_LAYERS (default 50), BENCH_FILES_PER_LAYER (2000), BENCH_SAMPLES (1), STARGAZE_PEER_BIN.
  */
-import { execFile } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
-import os from 'node:os';
+import { loadavg } from 'node:os';
 import path from 'node:path';
 import { Readable, Writable } from 'node:stream';
-import { promisify } from 'node:util';
-import tarStream from 'tar-stream';
-import { defaultConfig } from '../../src/config/config';
+import { setTimeout as delay } from 'node:timers/promises';
 import { writeEstargz } from '../../src/estargz/writer';
-import { StargazeFileSystem } from '../../src/fs/stargz-fs';
-import { log } from '../../src/log';
-import { BufferBlobSource } from '../../src/remote/blob-source';
-import { STARGZ_DIGEST, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../src/source/labels';
+import {
+  ANNOTATION_TOC_DIGEST,
+  ANNOTATION_UNCOMPRESSED_SIZE,
+  CleanupStack,
+  PEER_MISSING_NOTE,
+  PEER_SNAPSHOTTER,
+  STARGZ_SNAPSHOTTER,
+  makeTmpRoot,
+  peerBinary,
+  run,
+  startContainerd,
+  startDaemon,
+  startPeer,
+  startRegistry,
+  type ContainerdOptions,
+  type MountInfo,
+  type Registry,
+} from '../../test/e2e/harness';
+import { readTail } from '../../test/e2e/harness/exec';
+import { makeTar, pushRawImage, type RawLayer } from '../../test/e2e/harness/raw-image';
+import { footprintOfGroups, stargazeGroups, type Footprint } from './footprint';
+import { median } from './startup';
 
-const run = promisify(execFile);
 const LAYERS = Number(process.env.BENCH_LAYERS ?? 50);
 const FILES = Number(process.env.BENCH_FILES_PER_LAYER ?? 2000);
+const SAMPLES = Math.max(1, Number(process.env.BENCH_SAMPLES ?? 1));
+const DIRS_PER_LAYER = 50;
+/** Wait before each footprint, so startup, pull and read work has finished and transient garbage is collected. */
+const SETTLE_MS = 2_000;
+const PULL_TIMEOUT_MS = 600_000;
+/** Both daemons understand these keys: no prefetch at mount, no background fetch of the rest of each layer. */
+const DAEMON_CONFIG = 'noprefetch = true\nno_background_fetch = true\n';
 const MIB = 1024 * 1024;
 
-async function layerBlob(index: number): Promise<{ blob: Buffer; tocDigest: string }> {
-  const pack = tarStream.pack();
-  for (let i = 0; i < FILES; i++) {
-    pack.entry({ name: `usr/lib/layer${index}/dir${i % 50}/file-${i}.so`, mode: 0o644 }, `layer ${index} file ${i}\n`.repeat(8));
-  }
-  pack.finalize();
+export type ArmName = 'stargaze' | 'peer';
+
+/** What the table shows, per arm; RSS in MiB, per-layer deltas in KiB. */
+export const METRICS = [
+  'idleRssMib',
+  'idleThreads',
+  'idleFds',
+  'mountedRssMib',
+  'perMountedLayerKib',
+  'mountedThreads',
+  'mountedFds',
+  'afterReadsRssMib',
+  'perReadLayerKib',
+  'afterReadsThreads',
+  'afterReadsFds',
+] as const;
+export type Metric = (typeof METRICS)[number];
+
+export interface ArmSample {
+  idle: Footprint;
+  mounted: Footprint;
+  afterReads: Footprint;
+  /** Blob bytes the daemon fetched through the counting proxy, pull and reads together. */
+  fetchedBytes: number;
+}
+
+export interface ArmResult {
+  arm: ArmName;
+  /** Medians over the samples. */
+  median: Record<Metric, number>;
+  samples: ArmSample[];
+}
+
+export interface LayerMemoryResults {
+  layers: number;
+  filesPerLayer: number;
+  samples: number;
+  /** Compressed size of all the layers. */
+  imageMib: number;
+  arms: ArmResult[];
+  /** stargaze / peer of each median; absent without the peer, null where a value is not positive (a delta GC made negative). */
+  ratio?: Record<Metric, number | null>;
+}
+
+/** The file of layer `i` the reads cat (present for any file count >= 1). */
+const fileOf = (i: number): string => `usr/lib/layer${i}/dir0/file-0.so`;
+
+async function buildLayer(index: number): Promise<RawLayer> {
+  const tar = await makeTar(
+    Array.from({ length: FILES }, (_, k) => ({
+      name: `usr/lib/layer${index}/dir${k % DIRS_PER_LAYER}/file-${k}.so`,
+      content: `layer ${index} file ${k}\n`.repeat(8),
+    })),
+  );
   const parts: Buffer[] = [];
   const sink = new Writable({
     write(chunk: Buffer, _enc, cb): void {
@@ -37,67 +123,166 @@ async function layerBlob(index: number): Promise<{ blob: Buffer; tocDigest: stri
       cb();
     },
   });
-  const result = await writeEstargz(Readable.from(pack as AsyncIterable<Buffer>), sink, { compressionLevel: 1 });
-  return { blob: Buffer.concat(parts), tocDigest: result.tocDigest };
+  const r = await writeEstargz(Readable.from([tar]), sink, { compressionLevel: 1 });
+  return {
+    blob: Buffer.concat(parts),
+    diffId: r.diffId,
+    annotations: { [ANNOTATION_TOC_DIGEST]: r.tocDigest, [ANNOTATION_UNCOMPRESSED_SIZE]: String(r.uncompressedSize) },
+  };
 }
 
-function rssMib(): number {
-  return process.memoryUsage().rss / MIB;
+/** A started daemon as one arm sees it. */
+interface ArmDaemon {
+  snapshotter: string;
+  containerd: ContainerdOptions;
+  /** The process groups to measure. */
+  groups(): Promise<number[]>;
+  mounts(): Promise<MountInfo[]>;
+  logFile: string;
 }
 
-export async function benchLayerMemory(): Promise<{ results: Record<string, number>; notes: string[] }> {
-  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-bench-mem-'));
-  const quiet = log.child({ module: 'bench' });
-  quiet.level = 'warn';
-  const blobs = new Map<string, BufferBlobSource>();
-  const config = { ...defaultConfig(), noBackgroundFetch: true, noPrefetch: true };
-  const fsys = new StargazeFileSystem({
-    registry: { resolveBlob: async (_ref, digest) => blobs.get(digest) ?? Promise.reject(new Error('no blob')) },
-    config,
-    log: quiet,
-  });
-  const mounts: string[] = [];
+async function startArm(arm: ArmName, scope: CleanupStack, pullHost: string): Promise<ArmDaemon> {
+  if (arm === 'stargaze') {
+    const d = await startDaemon({ scope, logLevel: 'info', plainHttpHosts: [pullHost], config: DAEMON_CONFIG });
+    return {
+      snapshotter: STARGZ_SNAPSHOTTER,
+      containerd: { stargazeAddress: d.address, stargazeRoot: d.root },
+      groups: async () => {
+        const groups = await stargazeGroups(d.pid(), d.root);
+        // without the FUSE server's group the footprint would silently drop half of stargaze
+        if (groups.length !== 2) throw new Error(`stargaze: no FUSE server pid under ${d.root}`);
+        return groups;
+      },
+      mounts: () => d.mounts(),
+      logFile: d.logFile,
+    };
+  }
+  // the reference reaches registries on loopback over plain HTTP without a hosts config
+  const p = await startPeer({ scope, config: DAEMON_CONFIG });
+  return {
+    snapshotter: PEER_SNAPSHOTTER,
+    containerd: { proxyPlugins: [{ name: PEER_SNAPSHOTTER, address: p.address, root: p.root }] },
+    groups: async () => [p.pid()],
+    mounts: () => p.mounts(),
+    logFile: p.logFile,
+  };
+}
+
+async function settledFootprint(daemon: ArmDaemon): Promise<Footprint> {
+  await delay(SETTLE_MS);
+  const groups = await daemon.groups();
+  const f = await footprintOfGroups(groups);
+  if (f.pids.length < groups.length) throw new Error(`a daemon process is gone (groups ${groups.join(', ')}; see ${daemon.logFile})`);
+  return f;
+}
+
+/** One sample of one arm: fresh daemon and containerd, the three footprints, everything torn down. */
+async function sample(arm: ArmName, registry: Registry, ref: string): Promise<ArmSample> {
+  const scope = new CleanupStack();
   try {
-    const layers = [];
-    for (let i = 0; i < LAYERS; i++) layers.push(await layerBlob(i));
-    let blobBytes = 0;
-    for (const { blob } of layers) blobBytes += blob.length;
-    global.gc?.();
-    const before = rssMib();
-    for (const [i, { blob, tocDigest }] of layers.entries()) {
-      const digest = 'sha256:' + createHash('sha256').update(blob).digest('hex');
-      blobs.set(digest, new BufferBlobSource(digest, blob));
-      const mnt = path.join(dir, `l${i}`);
-      await mkdir(mnt);
-      await fsys.mount(mnt, {
-        [TARGET_SNAPSHOT_REF]: `sha256:${i}`,
-        [STARGZ_REFERENCE]: 'bench.local/mem:1',
-        [STARGZ_DIGEST]: digest,
-        [TOC_DIGEST]: tocDigest,
-      });
-      mounts.push(mnt);
+    const daemon = await startArm(arm, scope, registry.countingHost);
+    const containerd = await startContainerd({ scope, ...daemon.containerd });
+    const namespace = containerd.newNamespace('bench');
+    const idle = await settledFootprint(daemon);
+
+    registry.resetCounters();
+    await containerd.ctrRemote(['images', 'rpull', '--plain-http', '--snapshotter', daemon.snapshotter, ref], {
+      namespace,
+      timeoutMs: PULL_TIMEOUT_MS,
+    });
+    // containerd falls back to a full download when a snapshotter can't mount a layer remotely: that would not
+    // measure mounted layers at all
+    const fuse = (await daemon.mounts()).filter((m) => m.fstype.startsWith('fuse')).length;
+    if (fuse !== LAYERS) {
+      throw new Error(`${arm}: ${fuse} FUSE mounts after rpull of ${LAYERS} layers\n--- ${daemon.logFile} ---\n${await readTail(daemon.logFile)}`);
     }
-    global.gc?.();
-    const mounted = rssMib();
-    // Read one file of every layer from a child process (this one serves the mounts).
-    await run('sh', ['-c', mounts.map((m, i) => `cat ${m}/usr/lib/layer${i}/dir1/file-1.so >/dev/null`).join(' && ')]);
-    global.gc?.();
-    const afterReads = rssMib();
-    const results = {
+    const mounted = await settledFootprint(daemon);
+
+    const rootfs = path.join(await makeTmpRoot('bench-rootfs', scope), 'rootfs');
+    await containerd.mountImage(ref, rootfs, { snapshotter: daemon.snapshotter, namespace });
+    try {
+      // a child reads, never this process (stargaze's rule; the daemons are separate processes anyway)
+      await run('sh', ['-c', 'cat "$@" >/dev/null', 'sh', ...Array.from({ length: LAYERS }, (_, i) => path.join(rootfs, fileOf(i)))]);
+    } finally {
+      await containerd.unmountImage(rootfs, { namespace });
+    }
+    const afterReads = await settledFootprint(daemon);
+    return { idle, mounted, afterReads, fetchedBytes: registry.bytesServed() };
+  } finally {
+    await scope.run();
+  }
+}
+
+function metricsOf(s: ArmSample): Record<Metric, number> {
+  return {
+    idleRssMib: s.idle.rssKib / 1024,
+    idleThreads: s.idle.threads,
+    idleFds: s.idle.fds,
+    mountedRssMib: s.mounted.rssKib / 1024,
+    perMountedLayerKib: (s.mounted.rssKib - s.idle.rssKib) / LAYERS,
+    mountedThreads: s.mounted.threads,
+    mountedFds: s.mounted.fds,
+    afterReadsRssMib: s.afterReads.rssKib / 1024,
+    perReadLayerKib: (s.afterReads.rssKib - s.mounted.rssKib) / LAYERS,
+    afterReadsThreads: s.afterReads.threads,
+    afterReadsFds: s.afterReads.fds,
+  };
+}
+
+const eachMetric = <T>(f: (m: Metric) => T): Record<Metric, T> => Object.fromEntries(METRICS.map((m) => [m, f(m)])) as Record<Metric, T>;
+
+const load = (): string => loadavg().map((l) => l.toFixed(2)).join(' ');
+
+export async function benchLayerMemory(): Promise<{ results: LayerMemoryResults; notes: string[] }> {
+  const arms: ArmName[] = peerBinary() === undefined ? ['stargaze'] : ['stargaze', 'peer'];
+  const notes = [
+    `daemon config (both): ${DAEMON_CONFIG.trim().replace('\n', ', ')}; sums over stargaze's daemon + FUSE server, the peer's one process`,
+    `load average at start: ${load()}`,
+  ];
+  if (!arms.includes('peer')) notes.push(PEER_MISSING_NOTE);
+  const samples = new Map<ArmName, ArmSample[]>(arms.map((a) => [a, []]));
+  const cleanup = new CleanupStack();
+  let imageBytes = 0;
+  try {
+    const registry = await startRegistry({ scope: cleanup });
+    const layers: RawLayer[] = [];
+    for (let i = 0; i < LAYERS; i++) layers.push(await buildLayer(i));
+    imageBytes = layers.reduce((n, l) => n + l.blob.length, 0);
+    await pushRawImage({ host: registry.host, repo: 'bench/layer-memory', tag: 'v1', layers });
+    const ref = `${registry.countingHost}/bench/layer-memory:v1`;
+    for (let s = 0; s < SAMPLES; s++) {
+      // alternate the order so drift in the machine's load hits both arms alike
+      for (const arm of s % 2 === 0 ? arms : [...arms].reverse()) {
+        const r = await sample(arm, registry, ref);
+        samples.get(arm)!.push(r);
+        const m = metricsOf(r);
+        process.stdout.write(
+          `  #${s + 1} ${arm.padEnd(8)} RSS idle ${m.idleRssMib.toFixed(1)} / mounted ${m.mountedRssMib.toFixed(1)} / ` +
+            `after reads ${m.afterReadsRssMib.toFixed(1)} MiB, fetched ${(r.fetchedBytes / MIB).toFixed(1)} MiB, load ${load()}\n`,
+        );
+      }
+    }
+  } finally {
+    await cleanup.run();
+  }
+  notes.push(`load average at end: ${load()}`);
+  const results: ArmResult[] = arms.map((arm) => {
+    const all = samples.get(arm)!.map(metricsOf);
+    return { arm, median: eachMetric((k) => median(all.map((m) => m[k]))), samples: samples.get(arm)! };
+  });
+  if (results.some((a) => a.median.perMountedLayerKib < 0 || a.median.perReadLayerKib < 0)) {
+    notes.push('a negative per-layer delta: the daemon freed more (garbage collection) than the step added; take BENCH_SAMPLES >= 3');
+  }
+  const [ours, peer] = results;
+  return {
+    results: {
       layers: LAYERS,
       filesPerLayer: FILES,
-      rssBeforeMountsMib: before,
-      rssWithLayersMountedMib: mounted,
-      rssAfterReadsMib: afterReads,
-      perLayerKib: ((mounted - before) * 1024) / LAYERS,
-      blobsHeldByTheBenchMib: blobBytes / MIB,
-    };
-    return {
-      results,
-      notes: ['the blobs themselves are held in memory by the benchmark (no registry): they are part of the "before" RSS'],
-    };
-  } finally {
-    await fsys.close();
-    await rm(dir, { recursive: true, force: true });
-  }
+      samples: SAMPLES,
+      imageMib: imageBytes / MIB,
+      arms: results,
+      ...(ours && peer ? { ratio: eachMetric((k) => (ours.median[k] > 0 && peer.median[k] > 0 ? ours.median[k] / peer.median[k] : null)) } : {}),
+    },
+    notes,
+  };
 }

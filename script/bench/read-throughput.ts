@@ -2,7 +2,7 @@
  * Sequential read of one large file through a lazily mounted layer, against the same file in an overlayfs
  * mount of the unpacked layer (what containerd's overlayfs snapshotter would give).
  *
- * Cases:
+ * In-process cases (the layer mounted by a StargazeFileSystem in this process, the blob held in memory):
  *  - stargaze, cold: chunks inflated and verified from the blob (held in memory: no network in this number);
  *  - stargaze, chunk cache warm: every chunk in our memory cache, kernel page cache dropped;
  *  - stargaze, page cache warm: the kernel serves it, FUSE is not asked;
@@ -10,7 +10,20 @@
  * Reads are done by `dd` in a child process: this process serves the FUSE mount, so its own fs calls must
  * never enter it.
  *
- * Knobs: BENCH_FILE_MIB (default 256), BENCH_SAMPLES (default 3).
+ * Daemon cases, the same for the stargaze daemon and for the peer (the reference `containerd-stargz-grpc`, from
+ * STARGAZE_PEER_BIN; without it only stargaze runs and a note says how to get the peer): the same layer pushed as
+ * a one-layer OCI image to the harness's registry and pulled through its byte-counting proxy on loopback (no link
+ * emulation). Each sample is a fresh containerd + fresh daemon (daemon-arm.ts; config `no_background_fetch =
+ * true`, prefetch at its default: the layer has `.no.prefetch.landmark`, so nothing is prefetched), `ctr-remote
+ * images rpull`, the image's rootfs mounted through containerd, then three `dd`s of the file:
+ *  - cold from registry: every chunk fetched from the registry (whose blob file is re-read beforehand, so the
+ *    registry serves it from the page cache in every sample);
+ *  - own cache, page cache dropped: what the daemon kept (its chunk caches, memory or disk, by its defaults);
+ *  - page cache warm.
+ * Samples alternate stargaze and peer; each row is the median, and stargaze's rows carry their ratio to the
+ * peer's (higher: stargaze faster). A note gives the bytes and requests the registry served for the cold read.
+ *
+ * Knobs: BENCH_FILE_MIB (default 256), BENCH_SAMPLES (default 3), STARGAZE_PEER_BIN.
  */
 import { spawn } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
@@ -28,6 +41,8 @@ import { StargazeFileSystem } from '../../src/fs/stargz-fs';
 import { log } from '../../src/log';
 import { BufferBlobSource } from '../../src/remote/blob-source';
 import { STARGZ_DIGEST, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../src/source/labels';
+import { CleanupStack, PEER_MISSING_NOTE, peerBinary, startRegistry } from '../../test/e2e/harness';
+import { pushEstargzImage, startDaemonArm, type DaemonKind, type EstargzLayer } from './daemon-arm';
 
 const MIB = 1024 * 1024;
 const FILE_MIB = Number(process.env.BENCH_FILE_MIB ?? 256);
@@ -44,6 +59,8 @@ export interface ReadResult {
   case: string;
   mibPerSec: number;
   seconds: number;
+  /** Stargaze daemon rows: this MiB/s over the peer daemon's in the same case (higher: stargaze faster). */
+  vsPeer?: number;
 }
 
 export function run(cmd: string, args: string[]): Promise<string> {
@@ -76,7 +93,7 @@ function fileContent(sizeBytes: number): Readable {
   });
 }
 
-export async function buildLayer(dir: string): Promise<{ blob: Buffer; tocDigest: string; tarPath: string }> {
+export async function buildLayer(dir: string): Promise<EstargzLayer & { tarPath: string }> {
   const tarPath = path.join(dir, 'layer.tar');
   const pack = tarStream.pack();
   const written = pipeline(pack, createWriteStream(tarPath));
@@ -97,7 +114,7 @@ export async function buildLayer(dir: string): Promise<{ blob: Buffer; tocDigest
     createWriteStream(blobPath),
     { compressionLevel: BENCH_COMPRESSION_LEVEL, tmpDir: dir },
   );
-  return { blob: await readFile(blobPath), tocDigest: result.tocDigest, tarPath };
+  return { blob: await readFile(blobPath), tocDigest: result.tocDigest, diffId: result.diffId, uncompressedSize: result.uncompressedSize, tarPath };
 }
 
 export async function dropPageCache(): Promise<boolean> {
@@ -150,8 +167,10 @@ export async function benchReadThroughput(): Promise<{ results: ReadResult[]; no
     });
   let fsys = newFileSystem();
   const overlay = path.join(dir, 'overlay');
+  let layer: (EstargzLayer & { tarPath: string }) | undefined;
   try {
-    const { blob, tocDigest, tarPath } = await buildLayer(dir);
+    layer = await buildLayer(dir);
+    const { blob, tocDigest, tarPath } = layer;
     const digest = 'sha256:' + createHash('sha256').update(blob).digest('hex');
     blobs.set(digest, new BufferBlobSource(digest, blob));
     const lazy = path.join(dir, 'lazy');
@@ -196,5 +215,74 @@ export async function benchReadThroughput(): Promise<{ results: ReadResult[]; no
     await run('umount', [overlay]).catch(() => undefined);
     await rm(dir, { recursive: true, force: true });
   }
+  results.push(...(await daemonCases(layer, notes)));
   return { results, notes };
+}
+
+const DAEMON_STEPS = [
+  ['cold', 'cold from registry (loopback)'],
+  ['own-cache', 'own cache, page cache dropped'],
+  ['warm', 'page cache warm'],
+] as const;
+type DaemonStep = (typeof DAEMON_STEPS)[number][0];
+
+/** GETs the blob from the registry itself (not counted), so it is in the page cache when the sample reads it. */
+async function warmRegistry(host: string, repo: string, digest: string): Promise<void> {
+  const res = await fetch(`http://${host}/v2/${repo}/blobs/${digest}`, { signal: AbortSignal.timeout(120_000) });
+  for await (const _ of res.body ?? []) {
+    // discard
+  }
+  if (res.status !== 200) throw new Error(`warming ${repo}@${digest}: HTTP ${res.status}`);
+}
+
+/** The daemon cases (see the header): stargaze and, with STARGAZE_PEER_BIN, the peer, samples interleaved. */
+async function daemonCases(layer: EstargzLayer, notes: string[]): Promise<ReadResult[]> {
+  const kinds: DaemonKind[] = peerBinary() === undefined ? ['stargaze'] : ['stargaze', 'peer'];
+  if (!kinds.includes('peer')) notes.push(PEER_MISSING_NOTE);
+  const seconds = new Map<string, number[]>();
+  const record = (kind: DaemonKind, step: DaemonStep, s: number): void => {
+    const key = `${kind} ${step}`;
+    seconds.set(key, [...(seconds.get(key) ?? []), s]);
+  };
+  const served = new Map<DaemonKind, Array<{ bytes: number; requests: number }>>();
+  const scope = new CleanupStack();
+  try {
+    const registry = await startRegistry({ scope });
+    const repo = 'bench/read-throughput';
+    const image = await pushEstargzImage(registry.host, repo, 'v1', layer);
+    for (let i = 0; i < SAMPLES; i++) {
+      for (const kind of kinds) {
+        await warmRegistry(registry.host, repo, image.layerDigest);
+        const arm = await startDaemonArm({ kind, registry, pullHost: registry.countingHost, repoTag: image.repoTag, layerDigests: [image.layerDigest] });
+        try {
+          const file = path.join(arm.mountpoint, FILE_NAME);
+          record(kind, 'cold', await timedRead(file));
+          served.set(kind, [...(served.get(kind) ?? []), { bytes: arm.bytesServed(), requests: arm.blobRequests() }]);
+          await dropPageCache();
+          record(kind, 'own-cache', await timedRead(file));
+          record(kind, 'warm', await timedRead(file));
+        } finally {
+          await arm.cleanup();
+        }
+      }
+    }
+  } finally {
+    await scope.run();
+  }
+  const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? 0;
+  const rows: ReadResult[] = [];
+  for (const [step, label] of DAEMON_STEPS) {
+    const peerSeconds = seconds.get(`peer ${step}`);
+    for (const kind of kinds) {
+      const s = median(seconds.get(`${kind} ${step}`) ?? []);
+      const vsPeer = kind === 'stargaze' && peerSeconds !== undefined ? median(peerSeconds) / s : undefined;
+      rows.push({ case: `${kind} daemon, ${label}`, seconds: s, mibPerSec: FILE_MIB / s, ...(vsPeer === undefined ? {} : { vsPeer }) });
+    }
+  }
+  for (const [kind, xs] of served) {
+    const mib = median(xs.map((x) => x.bytes)) / MIB;
+    const requests = median(xs.map((x) => x.requests));
+    notes.push(`${kind} daemon, cold read: the registry served ${mib.toFixed(1)} MiB of the ${(layer.blob.length / MIB).toFixed(1)} MiB blob in ${requests} blob GETs (median)`);
+  }
+  return rows;
 }

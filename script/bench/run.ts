@@ -63,9 +63,22 @@ async function runFirstRead(): Promise<Record<string, unknown>> {
   if (process.getuid?.() !== 0) throw new Error('the first-read benchmark mounts FUSE: run it as root');
   process.stdout.write(`first read: mount -> cat of prioritized small files, with and without prefetch (median of ${process.env.BENCH_SAMPLES ?? 5})\n`);
   const { results, notes } = await benchFirstRead();
+  const ms = (x: number, width: number): string => `${x.toFixed(1).padStart(width)} ms`;
+  let daemonHeader = false;
   for (const r of results) {
+    if (r.arm === 'in-process') {
+      process.stdout.write(
+        `  ${r.case.padEnd(44)} mount->cat ${ms(r.mountToReadMs, 7)}  cat ${ms(r.catMs, 7)}  check ${ms(r.checkMs, 6)}  requests ${r.requests}\n`,
+      );
+      continue;
+    }
+    if (!daemonHeader) {
+      daemonHeader = true;
+      process.stdout.write('  daemons (fresh containerd + daemon per sample; vs peer: peer ms / stargaze ms, >1 = stargaze faster):\n');
+    }
+    const vs = r.vsPeer ? `  vs peer ${r.vsPeer.total.toFixed(2)}x (read ${r.vsPeer.read.toFixed(2)}x)` : '';
     process.stdout.write(
-      `  ${r.case.padEnd(44)} mount->cat ${r.mountToReadMs.toFixed(1).padStart(7)} ms  cat ${r.catMs.toFixed(1).padStart(7)} ms  check ${r.checkMs.toFixed(1).padStart(6)} ms  requests ${r.requests}\n`,
+      `  ${r.case.padEnd(68)} pull->read ${ms(r.mountToReadMs, 7)}  read ${ms(r.catMs, 7)}  rpull ${ms(r.pullMs, 6)}  mount ${ms(r.mountMs, 6)}  requests ${String(r.requests).padStart(3)}${vs}\n`,
     );
   }
   for (const note of notes) process.stdout.write(`  note: ${note}\n`);
@@ -73,7 +86,7 @@ async function runFirstRead(): Promise<Record<string, unknown>> {
 }
 
 async function runStartup(): Promise<Record<string, unknown>> {
-  process.stdout.write('startup (HelloBench method): pull / create / run of Debian-built images, legacy vs lazy vs lazy-opt\n');
+  process.stdout.write('startup (HelloBench method): pull / create / run of Debian-built images, legacy vs lazy vs lazy-opt (vs peer, peer-opt)\n');
   const { rows, notes, table } = await benchStartup(); // prints its samples as they come
   process.stdout.write('\n' + table + '\n');
   for (const note of notes) process.stdout.write(`  note: ${note}\n`);
@@ -82,10 +95,36 @@ async function runStartup(): Promise<Record<string, unknown>> {
 }
 
 async function runLayerMemory(): Promise<Record<string, unknown>> {
-  if (process.getuid?.() !== 0) throw new Error('the layer-memory benchmark mounts FUSE: run it as root');
-  const { results, notes } = await benchLayerMemory();
-  process.stdout.write(`layer memory: RSS of the serving process with ${results.layers} layers of ${results.filesPerLayer} files mounted\n`);
-  for (const [k, v] of Object.entries(results)) process.stdout.write(`  ${k.padEnd(28)} ${Number(v).toFixed(1)}\n`);
+  if (process.getuid?.() !== 0) throw new Error('the layer-memory benchmark runs containerd and the daemons (FUSE): run it as root');
+  process.stdout.write('layer memory: whole daemons (stargaze: daemon + FUSE server; peer: containerd-stargz-grpc), idle, layers mounted, after reads\n');
+  const { results, notes } = await benchLayerMemory(); // prints its samples as they come
+  const rows: Array<[keyof (typeof results.arms)[number]['median'], string]> = [
+    ['idleRssMib', 'idle RSS MiB'],
+    ['idleThreads', 'idle threads'],
+    ['idleFds', 'idle fds'],
+    ['mountedRssMib', 'mounted RSS MiB'],
+    ['perMountedLayerKib', 'per mounted layer KiB'],
+    ['mountedThreads', 'mounted threads'],
+    ['mountedFds', 'mounted fds'],
+    ['afterReadsRssMib', 'after reads RSS MiB'],
+    ['perReadLayerKib', 'per read layer KiB'],
+    ['afterReadsThreads', 'after reads threads'],
+    ['afterReadsFds', 'after reads fds'],
+  ];
+  const ratio = results.ratio;
+  const cell = (s: string): string => s.padStart(14);
+  process.stdout.write(
+    `\n  ${results.layers} layers x ${results.filesPerLayer} files (${results.imageMib.toFixed(1)} MiB), median of ${results.samples}\n` +
+      `  ${''.padEnd(24)}${results.arms.map((a) => cell(a.arm)).join('')}${ratio ? cell('stargaze/peer') : ''}\n`,
+  );
+  for (const [key, label] of rows) {
+    process.stdout.write(
+      `  ${label.padEnd(24)}` +
+        results.arms.map((a) => cell(a.median[key].toFixed(1))).join('') +
+        (ratio ? cell(ratio[key] === null ? 'n/a' : `${ratio[key].toFixed(2)}x`) : '') +
+        '\n',
+    );
+  }
   for (const note of notes) process.stdout.write(`  note: ${note}\n`);
   return { results, notes };
 }
@@ -93,9 +132,12 @@ async function runLayerMemory(): Promise<Record<string, unknown>> {
 async function runReadThroughput(): Promise<Record<string, unknown>> {
   if (process.getuid?.() !== 0) throw new Error('the read-throughput benchmark mounts FUSE and overlayfs: run it as root');
   const fileMib = Number(process.env.BENCH_FILE_MIB ?? 256);
-  process.stdout.write(`read throughput: sequential dd of a ${fileMib} MiB file (median of ${process.env.BENCH_SAMPLES ?? 3})\n`);
+  process.stdout.write(`read throughput: sequential dd of a ${fileMib} MiB file (median of ${process.env.BENCH_SAMPLES ?? 3}; vs peer: stargaze MiB/s / peer MiB/s)\n`);
   const { results, notes } = await benchReadThroughput();
-  for (const r of results) process.stdout.write(`  ${r.case.padEnd(50)} ${r.mibPerSec.toFixed(0).padStart(6)} MiB/s  (${r.seconds.toFixed(3)} s)\n`);
+  for (const r of results) {
+    const vs = r.vsPeer === undefined ? '' : `  vs peer ${r.vsPeer.toFixed(2)}x`;
+    process.stdout.write(`  ${r.case.padEnd(50)} ${r.mibPerSec.toFixed(0).padStart(6)} MiB/s  (${r.seconds.toFixed(3)} s)${vs}\n`);
+  }
   for (const note of notes) process.stdout.write(`  note: ${note}\n`);
   return { fileMib, results, notes };
 }
