@@ -172,6 +172,12 @@ export class LayerMount<N extends ServedNode> {
     await new Promise<void>((resolve, reject) => fuse.unmount((err) => (err ? reject(err) : resolve())));
   }
 
+  /** Whether `path` names the hidden status dir or file (without rendering the file, as statusNode does). */
+  private isStatusPath(path: string): boolean {
+    const status = this.options.status;
+    return status !== undefined && (path === `/${STATUS_DIR}` || path === `/${STATUS_DIR}/${status.name}`);
+  }
+
   /** The hidden status dir or file, when `path` names one. */
   private statusNode(path: string): ServedNode | undefined {
     const status = this.options.status;
@@ -225,16 +231,19 @@ export class LayerMount<N extends ServedNode> {
         if (node.linkName === undefined || (node.mode & 0o170000) !== 0o120000) return cb(ERRNO.EINVAL);
         cb(0, node.linkName);
       },
+      // The status dir and file have no xattrs, and must say so (ENODATA), not ENOENT: overlayfs asks a lower
+      // entry for its trusted.overlay.* xattrs on lookup and fails the lookup on any other error, which made the
+      // state file unreachable from a container.
       getxattr: (path, name, _position, cb) => {
         const node = this.lookup(path);
-        if (!node) return cb(ERRNO.ENOENT);
+        if (!node) return cb(this.isStatusPath(path) ? ERRNO.ENODATA : ERRNO.ENOENT);
         const value = node.xattrs?.get(name);
         if (value === undefined) return cb(ERRNO.ENODATA);
         cb(0, value);
       },
       listxattr: (path, cb) => {
         const node = this.lookup(path);
-        if (!node) return cb(ERRNO.ENOENT);
+        if (!node) return this.isStatusPath(path) ? cb(0, []) : cb(ERRNO.ENOENT);
         cb(0, node.xattrs ? [...node.xattrs.keys()] : []);
       },
       statfs: (_path, cb) =>

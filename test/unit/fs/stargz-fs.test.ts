@@ -121,6 +121,17 @@ test('serves an eStargz layer through FUSE', { skip: !canMount && 'needs root fo
   // is fixed, so the kernel's cached size (attr_timeout is an hour) never cuts it short.
   assert.equal((await run('stat', ['-c', '%s', statusPath])).stdout.trim(), '1024');
   assert.ok((status.fetchedSize as number) > (earlyStatus.fetchedSize as number), 'the second read shows the bytes fetched since');
+  // As a container sees it: through overlayfs, with another lower layer (so the hidden dir is merged). Overlay asks
+  // lower entries for trusted.overlay.* xattrs on lookup and fails the lookup on anything but "no such attribute".
+  const overlay = Object.fromEntries(['lower', 'upper', 'work', 'merged'].map((d) => [d, path.join(dir, `overlay-${d}`)]));
+  for (const d of Object.values(overlay)) await mkdir(d);
+  await run('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${mnt}:${overlay.lower},upperdir=${overlay.upper},workdir=${overlay.work}`, overlay.merged!]);
+  try {
+    const seen = JSON.parse((await run('cat', [path.join(overlay.merged!, '.stargz-snapshotter', `${digest}.json`)])).stdout) as Record<string, unknown>;
+    assert.equal(seen.digest, digest, 'the state file is reachable through overlayfs');
+  } finally {
+    await run('umount', [overlay.merged!]);
+  }
   // Prometheus metrics under the reference's names.
   const metricsServer = await serveMetrics(served.metrics, '127.0.0.1:0', quiet);
   try {
