@@ -3,7 +3,7 @@
  * containers created from then on read it from the local filesystem, not through FUSE.
  *
  * Why: once every chunk is local, FUSE is only overhead. Warm reads through any FUSE mount stay below
- * overlayfs on ext4 (the FUSE page cache holds small folios; measured in the README), and a layer on local
+ * overlayfs on ext4 (the FUSE page cache holds small folios; measured in docs/benchmarks.md), and a layer on local
  * disk needs neither the FUSE server nor the registry. Running containers keep their FUSE lower dirs (an
  * overlay mount cannot swap them); the snapshotter gives new mounts the copy (snapshot/snapshotter.ts).
  *
