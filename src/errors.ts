@@ -16,6 +16,7 @@ export type ErrorCode =
   | 'ERR_CONFIG'
   | 'ERR_USAGE'
   | 'ERR_LOCAL_COPY'
+  | 'ERR_PROTOCOL'
   | 'ERR_INTERNAL';
 
 export class StargazeError extends Error {
@@ -102,6 +103,13 @@ export class UsageError extends StargazeError {
 export class LocalCopyError extends StargazeError {
   constructor(message: string, options?: { cause?: unknown }) {
     super('ERR_LOCAL_COPY', message, options);
+  }
+}
+
+/** A peer broke one of our own wire protocols (the daemon <-> FUSE server lines): bad JSON, too long, wrong shape. */
+export class ProtocolError extends StargazeError {
+  constructor(message: string) {
+    super('ERR_PROTOCOL', message);
   }
 }
 

@@ -9,7 +9,7 @@ import net from 'node:net';
 import { StargazeError, UnavailableError, type ErrorCode } from '../errors';
 import type { Logger } from '../log';
 import type { RemoteFileSystem } from '../snapshot/filesystem';
-import { onJsonLines, writeJsonLine, type FuseServerRequest, type FuseServerResponse } from './fuse-server-protocol';
+import { onJsonLines, parseServerMessage, writeJsonLine, type FuseServerLogEvent, type FuseServerRequest, type FuseServerResponse } from './fuse-server-protocol';
 
 /** How long a started server may take to listen. */
 const SERVER_START_TIMEOUT_MS = 15_000;
@@ -103,7 +103,13 @@ export class FuseServerClient implements RemoteFileSystem {
   private attach(socket: net.Socket): void {
     this.socket = socket;
     onJsonLines(socket, (message) => {
-      const m = message as FuseServerResponse | { log: string };
+      let m: FuseServerResponse | FuseServerLogEvent;
+      try {
+        m = parseServerMessage(message);
+      } catch (err) {
+        // Not our server (or not this version): its answers cannot be trusted; 'close' fails what is pending.
+        return void socket.destroy(err as Error);
+      }
       if ('log' in m) {
         // The server's own log line, shown in the daemon's log too (one JSON object per line).
         process.stdout.write(m.log + '\n');

@@ -15,12 +15,12 @@ import net from 'node:net';
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import type { Config } from '../config/config';
-import { errorCode, errorMessage, StargazeError } from '../errors';
+import { errorCode, errorMessage, ProtocolError, StargazeError } from '../errors';
 import type { Logger } from '../log';
 import { RegistryClient } from '../remote/registry-client';
 import type { CredentialProvider } from '../remote/credentials';
 import { registryOptionsFromConfig } from '../remote/registry-config';
-import { onJsonLines, writeJsonLine, type FuseServerRequest, type FuseServerResponse } from './fuse-server-protocol';
+import { onJsonLines, parseRequest, requestId, writeJsonLine, type FuseServerRequest, type FuseServerResponse } from './fuse-server-protocol';
 import { mountsUnder } from './mount-table';
 import { StargazeFileSystem } from './stargz-fs';
 import { serveMetrics } from '../metrics/fs-metrics';
@@ -129,31 +129,37 @@ export async function runFuseServer(options: FuseServerOptions): Promise<void> {
   await rm(socketPath, { force: true });
 }
 
-function serveConnection(socket: net.Socket, filesystem: StargazeFileSystem, options: FuseServerOptions): void {
+/** What a connection needs of the filesystem it serves (a fake in tests). */
+export type ServedFileSystem = Pick<StargazeFileSystem, 'mount' | 'check' | 'unmount' | 'list'>;
+
+/** Answers one daemon's requests on `socket` and forwards the log to it (exported for tests). */
+export function serveConnection(socket: net.Socket, filesystem: ServedFileSystem, options: Pick<FuseServerOptions, 'log' | 'logTap'>): void {
   const { log, logTap } = options;
   logTap.sockets.add(socket);
   socket.on('close', () => logTap.sockets.delete(socket));
   socket.on('error', (err) => log.debug({ err: errorMessage(err) }, 'daemon connection error'));
   onJsonLines(socket, (message) => {
-    const request = message as FuseServerRequest;
-    handle(filesystem, request).then(
-      (mounts) => writeJsonLine(socket, { id: request.id, ok: true, mounts } satisfies FuseServerResponse),
-      (err: unknown) =>
-        writeJsonLine(socket, {
-          id: request.id,
-          ok: false,
-          code: err instanceof StargazeError ? err.code : errorCode(err),
-          message: errorMessage(err),
-        } satisfies FuseServerResponse),
-    );
+    const id = requestId(message);
+    // Nothing to answer to: a peer that sends such lines is not a daemon of ours (or not this version).
+    if (id === undefined) return void socket.destroy(new ProtocolError('fuse server protocol: a request without an integer id'));
+    // parseRequest inside the promise: a malformed request is answered as an error, like a failed one.
+    Promise.resolve(message)
+      .then((m) => handle(filesystem, parseRequest(m)))
+      .then(
+        (mounts) => writeJsonLine(socket, { id, ok: true, mounts } satisfies FuseServerResponse),
+        (err: unknown) =>
+          writeJsonLine(socket, {
+            id,
+            ok: false,
+            code: err instanceof StargazeError ? err.code : errorCode(err),
+            message: errorMessage(err),
+          } satisfies FuseServerResponse),
+      );
   });
 }
 
 /** Runs one request; `list` answers with the mounts, the others with nothing. */
-async function handle(filesystem: StargazeFileSystem, request: FuseServerRequest): Promise<{ mountpoint: string; digest: string }[] | undefined> {
-  if (typeof request !== 'object' || request === null || typeof request.id !== 'number') {
-    throw new Error('malformed request');
-  }
+async function handle(filesystem: ServedFileSystem, request: FuseServerRequest): Promise<{ mountpoint: string; digest: string }[] | undefined> {
   switch (request.op) {
     case 'mount':
       await filesystem.mount(request.mountpoint, request.labels, request.parent);
@@ -166,8 +172,6 @@ async function handle(filesystem: StargazeFileSystem, request: FuseServerRequest
       return undefined;
     case 'list':
       return filesystem.list();
-    default:
-      throw new Error(`unknown operation ${String((request as { op: unknown }).op)}`);
   }
 }
 
