@@ -9,21 +9,26 @@ const MOUNTINFO_FILE = '/proc/self/mountinfo';
 /** Field index of the mount point in a mountinfo line (proc(5)). */
 const MOUNTINFO_MOUNTPOINT_FIELD = 4;
 
-/** mountinfo escapes space, tab, newline and backslash as \ooo octal. */
-function unescapeMountPath(s: string): string {
+/** mountinfo escapes space, tab, newline and backslash as \ooo octal (exported for tests). */
+export function unescapeMountPath(s: string): string {
   return s.replace(/\\([0-7]{3})/g, (_m, oct: string) => String.fromCharCode(parseInt(oct, 8)));
 }
 
-/** All current mount points. */
-export async function listMountPoints(): Promise<string[]> {
-  const text = await fsp.readFile(MOUNTINFO_FILE, 'utf8');
+/** The mount points in the text of a mountinfo file, unescaped (exported for tests). */
+export function mountPointsOf(mountinfo: string): string[] {
   const out: string[] = [];
-  for (const line of text.split('\n')) {
+  for (const line of mountinfo.split('\n')) {
+    // The escapes keep spaces out of the fields, so a space always separates two.
     const fields = line.split(' ');
     const mp = fields[MOUNTINFO_MOUNTPOINT_FIELD];
     if (mp !== undefined) out.push(unescapeMountPath(mp));
   }
   return out;
+}
+
+/** All current mount points. */
+export async function listMountPoints(): Promise<string[]> {
+  return mountPointsOf(await fsp.readFile(MOUNTINFO_FILE, 'utf8'));
 }
 
 /** Mount points equal to `dir` or below it. */
