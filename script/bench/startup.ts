@@ -70,6 +70,7 @@ import {
   STARGZ_SNAPSHOTTER,
   fetchManifest,
   peerBinary,
+  peerProxyPlugin,
   run,
   startContainerd,
   startDaemon,
@@ -302,7 +303,7 @@ async function sample(
       scope,
       stargazeAddress: daemon?.address,
       stargazeRoot: daemon?.root,
-      proxyPlugins: peerDaemon ? [{ name: PEER_SNAPSHOTTER, address: peerDaemon.address, root: peerDaemon.root }] : [],
+      proxyPlugins: peerDaemon ? [peerProxyPlugin(peerDaemon)] : [],
     });
     const ns = containerd.newNamespace('bench');
     const ref = `${pullHost}/${published.repoTag}`;
@@ -315,10 +316,7 @@ async function sample(
         timeoutMs: STEP_TIMEOUT_MS,
       });
     } else if (peer) {
-      pull = await containerd.ctrRemote(['images', 'rpull', '--plain-http', '--snapshotter', PEER_SNAPSHOTTER, ref], {
-        namespace: ns,
-        timeoutMs: STEP_TIMEOUT_MS,
-      });
+      pull = await containerd.rpull(ref, { snapshotter: PEER_SNAPSHOTTER, namespace: ns, timeoutMs: STEP_TIMEOUT_MS });
     } else {
       pull = await containerd.ctr(['images', 'pull', '--plain-http', ref], { namespace: ns, timeoutMs: STEP_TIMEOUT_MS });
     }
@@ -416,11 +414,11 @@ function svgChart(rows: StartupRow[], title: string): string {
  * for without a binary are dropped with PEER_MISSING_NOTE, so a run without the peer runs as before.
  */
 export function selectModes(spec: string | undefined, havePeer: boolean, notes: string[]): Mode[] {
-  const asked = (spec ?? MODES.join(',')).split(',').map((s) => s.trim()).filter(Boolean) as Mode[];
+  const asked = [...new Set((spec ?? MODES.join(',')).split(',').map((s) => s.trim()).filter(Boolean))] as Mode[];
   for (const m of asked) if (!MODES.includes(m)) throw new Error(`unknown mode ${m}; known: ${MODES.join(', ')}`);
-  if (havePeer) return asked;
-  const modes = asked.filter((m) => !PEER_MODES.includes(m));
-  if (modes.length < asked.length || spec === undefined) notes.push(PEER_MISSING_NOTE);
+  const modes = havePeer ? asked : asked.filter((m) => !PEER_MODES.includes(m));
+  if (modes.length === 0) throw new Error(`no mode left to run of ${asked.join(', ')}: ${PEER_MISSING_NOTE}`);
+  if (!havePeer && (modes.length < asked.length || spec === undefined)) notes.push(PEER_MISSING_NOTE);
   return modes;
 }
 

@@ -186,6 +186,9 @@ function containerdConfig(dir: string, opts: ContainerdOptions): string {
     ...(opts.stargazeAddress ? [{ name: opts.proxyPluginName ?? STARGZ_SNAPSHOTTER, address: opts.stargazeAddress, root: opts.stargazeRoot }] : []),
     ...(opts.proxyPlugins ?? []),
   ];
+  const names = plugins.map((p) => p.name);
+  const twice = names.find((n, i) => names.indexOf(n) !== i);
+  if (twice !== undefined) throw new Error(`two proxy plugins named ${twice}: containerd would not start`);
   for (const p of plugins) {
     lines.push('', `[proxy_plugins.${q(p.name)}]`, '  type = "snapshot"', `  address = ${q(p.address)}`);
     if (p.root) lines.push(`[proxy_plugins.${q(p.name)}.exports]`, `  root = ${q(p.root)}`);

@@ -4,11 +4,10 @@
  * its own process group. Its JSON log lines (stdout) are kept in memory and in <tmp>/daemon.log.
  * Cleanup stops it and lazily unmounts FUSE mounts it left under its root.
  */
-import { connect } from 'node:net';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { bestEffort, type CleanupScope } from './cleanup';
-import { readTail, spawnGroup, waitFor, type ExitStatus, type ProcessGroup } from './exec';
+import { readTail, socketAccepts, spawnGroup, waitFor, type ExitStatus, type ProcessGroup } from './exec';
 import { createTmpRoot, mountsUnder, unmountUnder, type MountInfo } from './tmp';
 
 /** Repository root, from dist/test/e2e/harness/ (compiled) four levels up. */
@@ -109,24 +108,17 @@ function parseLogLine(line: string): LogEntry {
   return { level: 'unparsed', msg: line };
 }
 
-function socketAccepts(socketPath: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const sock = connect(socketPath);
-    const done = (ok: boolean): void => {
-      sock.destroy();
-      resolve(ok);
-    };
-    sock.once('connect', () => done(true));
-    sock.once('error', () => done(false));
-    sock.setTimeout(1_000, () => done(false));
-  });
+
+/** The PID the daemon's FUSE server wrote to `<root>/fuse/fuse-server.pid`, if it did. */
+export async function fuseServerPid(root: string): Promise<number | undefined> {
+  const pid = Number((await readFile(path.join(root, 'fuse', 'fuse-server.pid'), 'utf8').catch(() => '')).trim());
+  return Number.isInteger(pid) && pid > 1 ? pid : undefined;
 }
 
 /** The FUSE server the daemon started lives in its own session (it outlives daemon restarts): stop it. */
 async function stopFuseServer(root: string): Promise<void> {
-  const pidText = await readFile(path.join(root, 'fuse', 'fuse-server.pid'), 'utf8').catch(() => undefined);
-  const pid = Number(pidText);
-  if (!pidText || !Number.isInteger(pid) || pid <= 1) return;
+  const pid = await fuseServerPid(root);
+  if (pid === undefined) return;
   const alive = (): boolean => {
     try {
       process.kill(pid, 0);

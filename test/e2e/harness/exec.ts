@@ -5,7 +5,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createWriteStream, type WriteStream } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
+import { connect, createServer } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { addExitGuard } from './cleanup';
 
@@ -288,4 +288,18 @@ export async function readTail(file: string, maxChars = ERROR_OUTPUT_TAIL_CHARS)
   } catch {
     return '';
   }
+}
+
+/** Whether a unix socket accepts a connection now (a server's readiness probe). */
+export function socketAccepts(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const sock = connect(socketPath);
+    const done = (ok: boolean): void => {
+      sock.destroy();
+      resolve(ok);
+    };
+    sock.once('connect', () => done(true));
+    sock.once('error', () => done(false));
+    sock.setTimeout(1_000, () => done(false));
+  });
 }

@@ -28,12 +28,13 @@ export {
   type PullOptions,
   type RunContainerOptions,
 } from './containerd';
-export { PEER_BIN_ENV, PEER_MISSING_NOTE, PEER_SNAPSHOTTER, peerBinary, startPeer, type PeerDaemon, type PeerOptions } from './peer';
+export { PEER_BIN_ENV, PEER_MISSING_NOTE, PEER_SNAPSHOTTER, peerBinary, peerProxyPlugin, startPeer, type PeerDaemon, type PeerOptions } from './peer';
 export {
   DEFAULT_CLI_PATH,
   STARGAZE_COMMAND,
   STARGAZE_COMMAND_ENV,
   REPO_ROOT,
+  fuseServerPid,
   startDaemon,
   writePlainHttpHostConfig,
   type DaemonOptions,

@@ -1,7 +1,8 @@
 /**
  * The reference snapshotter (containerd/stargz-snapshotter's `containerd-stargz-grpc`) as the benchmarks' peer:
- * its own root, socket, config and log in a tmp dir, started as its own process group, stopped with SIGTERM
- * (it unmounts its layers then), and whatever it left mounted under its root unmounted afterwards.
+ * its own root, socket, config and log in a tmp dir, started as its own process group, stopped with SIGTERM (as
+ * a service manager stops it), and whatever it left mounted under its root unmounted afterwards: upstream's
+ * daemon unmounts its layers only on SIGINT, so that a restart by SIGTERM keeps them.
  *
  * The binary is not part of this project: its path comes from STARGAZE_PEER_BIN. Without it, `peerBinary()`
  * is undefined and the benchmarks skip their peer arms with `PEER_MISSING_NOTE`. The test suite never uses it.
@@ -9,9 +10,9 @@
 import { accessSync, constants } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { connect } from 'node:net';
 import { bestEffort, type CleanupScope } from './cleanup';
-import { readTail, spawnGroup, waitFor, type ProcessGroup } from './exec';
+import { readTail, socketAccepts, spawnGroup, waitFor, type ProcessGroup } from './exec';
+import type { ProxyPlugin } from './containerd';
 import { createTmpRoot, mountsUnder, unmountUnder, type MountInfo } from './tmp';
 
 /** Environment variable naming the peer daemon's binary. */
@@ -25,7 +26,7 @@ export const PEER_MISSING_NOTE =
 const READY_TIMEOUT_MS = 30_000;
 const STOP_GRACE_MS = 15_000;
 
-/** The peer binary from STARGAZE_PEER_BIN, when it names an executable file; else undefined. */
+/** The peer binary from STARGAZE_PEER_BIN; undefined when it is unset. Throws when it names no executable file. */
 export function peerBinary(): string | undefined {
   const bin = process.env[PEER_BIN_ENV];
   if (bin === undefined || bin === '') return undefined;
@@ -63,17 +64,10 @@ export interface PeerDaemon {
   cleanup(): Promise<void>;
 }
 
-function socketAccepts(socketPath: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const sock = connect(socketPath);
-    const done = (ok: boolean): void => {
-      sock.destroy();
-      resolve(ok);
-    };
-    sock.once('connect', () => done(true));
-    sock.once('error', () => done(false));
-    sock.setTimeout(1_000, () => done(false));
-  });
+
+/** The peer's entry in a containerd's `proxyPlugins`, under PEER_SNAPSHOTTER. */
+export function peerProxyPlugin(peer: PeerDaemon): ProxyPlugin {
+  return { name: PEER_SNAPSHOTTER, address: peer.address, root: peer.root };
 }
 
 /** Starts the peer daemon and waits until its socket accepts connections. */

@@ -25,7 +25,7 @@ export interface BlobRequest {
   /** The Range request header, if any. */
   range?: string;
   status: number;
-  /** Response body bytes sent to the client. */
+  /** Response body bytes sent to the client so far (the count grows while the response streams). */
   bytes: number;
 }
 
@@ -117,24 +117,24 @@ async function startCountingProxy(
       { host: '127.0.0.1', port: upstreamPort, method: req.method, path: url, headers: req.headers },
       (up) => {
         res.writeHead(up.statusCode ?? 502, up.statusMessage, up.headers);
-        let bytes = 0;
+        // Recorded as soon as the response starts and its bytes counted as they go, so a reader of the counters
+        // sees requests still streaming (a background fetch at the end of a benchmark run) too.
+        const counted: BlobRequest | undefined =
+          blob && req.method === 'GET'
+            ? {
+                method: req.method,
+                repo: blob[1]!,
+                digest: blob[2]!,
+                range: typeof req.headers.range === 'string' ? req.headers.range : undefined,
+                status: up.statusCode ?? 0,
+                bytes: 0,
+              }
+            : undefined;
+        if (counted) record(counted);
         up.on('data', (chunk: Buffer) => {
-          bytes += chunk.length;
+          if (counted) counted.bytes += chunk.length;
         });
         up.pipe(res);
-        // 'close' comes once, after the body ended or the connection broke off
-        up.on('close', () => {
-          if (blob && req.method === 'GET') {
-            record({
-              method: req.method,
-              repo: blob[1]!,
-              digest: blob[2]!,
-              range: typeof req.headers.range === 'string' ? req.headers.range : undefined,
-              status: up.statusCode ?? 0,
-              bytes,
-            });
-          }
-        });
       },
     );
     upstream.on('error', (err) => {
@@ -188,7 +188,7 @@ export async function startRegistry(opts: RegistryOptions = {}): Promise<Registr
       logFile: started.logFile,
       bytesServed: (digest) =>
         requests.filter((r) => digest === undefined || r.digest === digest).reduce((n, r) => n + r.bytes, 0),
-      blobRequests: () => [...requests],
+      blobRequests: () => requests.map((r) => ({ ...r })),
       resetCounters: () => {
         requests.length = 0;
       },

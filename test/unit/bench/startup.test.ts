@@ -29,6 +29,14 @@ describe('startup benchmark modes', () => {
   test('an unknown mode is an error naming it', () => {
     assert.throws(() => selectModes('lazy,peer-fast', true, []), /unknown mode peer-fast/);
   });
+
+  test('only peer modes without a peer binary is an error, not an empty table', () => {
+    assert.throws(() => selectModes('peer,peer-opt', false, []), /no mode left to run.*STARGAZE_PEER_BIN/);
+  });
+
+  test('a mode named twice runs once', () => {
+    assert.deepEqual(selectModes('lazy,peer,lazy', true, []), ['lazy', 'peer']);
+  });
 });
 
 describe('startup benchmark table', () => {
