@@ -65,6 +65,12 @@ interface ReadyLayer {
   verify: boolean;
   /** The diff hash of the prefetched head, once (a running hash continues one pass); undefined: a full pass. */
   takeHeadHash(): Promise<DiffResume | undefined>;
+  /**
+   * Stops everything the layer started: its prefetch from the moment it is ready, its background fetch and
+   * local copy once mounted. Aborted when the layer is unmounted, when its mount fails or wants other settings,
+   * and when a layer opened ahead of its mount is not claimed in time.
+   */
+  stop: AbortController;
 }
 
 /** Resolves a layer blob of an image in its registry. RegistryClient implements it. */
@@ -84,6 +90,8 @@ export interface StargazeFsOptions {
   log: Logger;
   /** The xattr opaque directories carry (layer-tree.ts): trusted.overlay.opaque unless overlayfs uses `userxattr`. */
   opaqueXattr?: string;
+  /** How long a layer opened ahead of its mount waits for it (default PRE_OPEN_TTL_MS). */
+  preOpenTtlMs?: number;
 }
 
 interface MountedLayer {
@@ -98,7 +106,7 @@ interface MountedLayer {
   blobSize: number;
   /** Bytes prefetched at mount (0: none). */
   prefetchBytes: number;
-  /** Stops the layer's background fetch when it is unmounted. */
+  /** Stops the layer's prefetch, background fetch and local copy when it is unmounted (ReadyLayer.stop). */
   stop: AbortController;
 }
 
@@ -201,11 +209,21 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const verify = !this.options.config.disableVerification && !(source.skipVerify && source.tocDigest === undefined);
     // A layer opened ahead has its prefetch running already; it is used when it was set up as this mount wants.
     const early = opened.ready;
-    const ready =
-      early !== undefined && early.verify === verify && early.prefetchBytes === this.prefetchSize(source.prefetchBytes, early.tree, early.blob.size)
-        ? early
-        : this.makeReady(opened, source.prefetchBytes, verify, source.digest, layerLog);
-    const { tree, blob, reader, prefetchBytes, prefetched } = ready;
+    const useEarly =
+      early !== undefined && early.verify === verify && early.prefetchBytes === this.prefetchSize(source.prefetchBytes, early.tree, early.blob.size);
+    if (early !== undefined && !useEarly) early.stop.abort();
+    const ready = useEarly ? early : this.makeReady(opened, source.prefetchBytes, verify, source.digest, layerLog);
+    try {
+      await this.serve(mountpoint, source, ready, parent, layerLog, started);
+    } catch (err) {
+      ready.stop.abort();
+      throw err;
+    }
+  }
+
+  /** Mounts a ready layer on `mountpoint` and starts its background fetch after prefetch. */
+  private async serve(mountpoint: string, source: LayerSourceInfo, ready: ReadyLayer, parent: string | undefined, layerLog: Logger, started: number): Promise<void> {
+    const { tree, blob, reader, prefetchBytes, prefetched, stop } = ready;
     const mount = new LayerMount<LayerNode>(mountpoint, { root: tree.root, read: (node, pos, len, sig) => reader.read(node, pos, len, sig) }, {
       attrTimeoutSec: this.options.config.fuse.attrTimeoutSec,
       entryTimeoutSec: this.options.config.fuse.entryTimeoutSec,
@@ -221,7 +239,6 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const elapsedMs = Date.now() - started;
     layerLog.info({ ref: source.ref, elapsedMs, blobSize: blob.size }, 'layer mounted');
     this.metrics.observe('mount', source.digest, elapsedMs);
-    const stop = new AbortController();
     if (!this.options.config.noBackgroundFetch) {
       // After prefetch, so what the image marked as needed first is never queued behind the rest.
       void prefetched.then(async () => {
@@ -291,6 +308,8 @@ export class StargazeFileSystem implements RemoteFileSystem {
 
   /** Unmounts every layer; called on daemon shutdown. */
   async close(): Promise<void> {
+    for (const opened of this.preOpened.values()) void opened.then((layer) => layer?.ready?.stop.abort());
+    this.preOpened.clear();
     await Promise.allSettled(this.tocSaves);
     const mountpoints = [...this.layers.keys()];
     const results = await Promise.allSettled(mountpoints.map((m) => this.unmount(m)));
@@ -347,7 +366,12 @@ export class StargazeFileSystem implements RemoteFileSystem {
       }
     }
     const { blob, toc, tocJson, tocDigest, tocOffset, compression, tail, ready } = early ?? (await this.readLayer(source.ref, source.digest, signal));
-    this.verifyToc(source, tocDigest, layerLog);
+    try {
+      this.verifyToc(source, tocDigest, layerLog);
+    } catch (err) {
+      ready?.stop.abort(); // its prefetch read a layer this mount refuses
+      throw err;
+    }
     if (compression === 'zstd') layerLog.debug('zstd:chunked layer');
     // The cache records no compression: zstd:chunked TOCs are not cached (their layers always read the TOC).
     // The mount does not wait for the write (it only spares a later mount the registry); close() does.
@@ -403,8 +427,10 @@ export class StargazeFileSystem implements RemoteFileSystem {
       });
       this.preOpened.set(key, opened);
       setTimeout(() => {
-        if (this.preOpened.get(key) === opened) this.preOpened.delete(key);
-      }, PRE_OPEN_TTL_MS).unref();
+        if (this.preOpened.get(key) !== opened) return; // claimed by its mount
+        this.preOpened.delete(key);
+        void opened.then((layer) => layer?.ready?.stop.abort());
+      }, this.options.preOpenTtlMs ?? PRE_OPEN_TTL_MS).unref();
     }
   }
 
@@ -577,7 +603,8 @@ export class StargazeFileSystem implements RemoteFileSystem {
     });
     let head: Buffer | undefined;
     const keepHead = !this.options.config.noBackgroundFetch && reader.compression === 'gzip';
-    const prefetched = this.startPrefetch(digest, prefetchBytes, reader, log, keepHead ? (h) => (head = h) : undefined);
+    const stop = new AbortController();
+    const prefetched = this.startPrefetch(digest, prefetchBytes, reader, log, stop.signal, keepHead ? (h) => (head = h) : undefined);
     // Hashed as soon as prefetch ends, so only the hash state waits for the mount and the background queue,
     // not the head itself (tens of MiB for a layer opened ahead of its mount).
     let headHash: Promise<DiffResume | undefined> | undefined = prefetched.then((ok) => {
@@ -590,7 +617,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
       headHash = undefined;
       return taken;
     };
-    return { tree, blob, reader, prefetchBytes, prefetched, verify, takeHeadHash };
+    return { tree, blob, reader, prefetchBytes, prefetched, verify, takeHeadHash, stop };
   }
 
 
@@ -598,10 +625,17 @@ export class StargazeFileSystem implements RemoteFileSystem {
    * Prefetch what the image marks as needed first, in the background: mount does not wait for it; check()
    * does. Resolves true when it succeeded; `onHead` receives the blob head it downloaded.
    */
-  private startPrefetch(digest: string, size: number, reader: LayerReader, layerLog: Logger, onHead?: (head: Buffer) => void): Promise<boolean> {
+  private startPrefetch(
+    digest: string,
+    size: number,
+    reader: LayerReader,
+    layerLog: Logger,
+    signal: AbortSignal,
+    onHead?: (head: Buffer) => void,
+  ): Promise<boolean> {
     if (size <= 0) return Promise.resolve(false);
     const started = Date.now();
-    return reader.prefetch(size, undefined, onHead).then(
+    return reader.prefetch(size, signal, onHead).then(
       () => {
         const elapsedMs = Date.now() - started;
         this.metrics.observe('prefetch_total', digest, elapsedMs);
@@ -609,7 +643,8 @@ export class StargazeFileSystem implements RemoteFileSystem {
         return true;
       },
       (err: unknown) => {
-        layerLog.warn({ err: errorMessage(err) }, 'prefetch failed');
+        if (signal.aborted) layerLog.debug({ elapsedMs: Date.now() - started }, 'prefetch stopped: the layer was closed');
+        else layerLog.warn({ err: errorMessage(err) }, 'prefetch failed');
         return false;
       },
     );

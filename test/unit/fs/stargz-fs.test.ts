@@ -21,7 +21,7 @@ import { log } from '../../../src/log';
 import { serveMetrics } from '../../../src/metrics/fs-metrics';
 import type { AddressInfo } from 'node:net';
 import { BufferBlobSource, type BlobSource } from '../../../src/remote/blob-source';
-import { STARGZ_DIGEST, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../../src/source/labels';
+import { STARGZ_DIGEST, STARGZ_LAYERS, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../../src/source/labels';
 import { makeTar, sha256, toEstargz } from '../estargz/fixture';
 import { until } from '../until';
 
@@ -173,7 +173,7 @@ test('refuses a layer whose TOC does not match the toc.digest label', { skip: !c
 });
 
 /** A logger whose lines a test can wait for. */
-function capturingLog(): { log: typeof quiet; sawMessage: (msg: string) => boolean } {
+function capturingLog(level = 'info'): { log: typeof quiet; sawMessage: (msg: string) => boolean } {
   const lines: { msg?: string }[] = [];
   const sink = new Writable({
     write(chunk: Buffer, _enc, cb) {
@@ -181,7 +181,7 @@ function capturingLog(): { log: typeof quiet; sawMessage: (msg: string) => boole
       cb();
     },
   });
-  return { log: pino({ level: 'info' }, sink), sawMessage: (msg) => lines.some((l) => l.msg === msg) };
+  return { log: pino({ level }, sink), sawMessage: (msg) => lines.some((l) => l.msg === msg) };
 }
 
 test('a fully fetched layer is copied beside its mount once its chainID check passed, not without the check', { skip: !canMount && 'needs root for FUSE' }, async () => {
@@ -284,4 +284,139 @@ test('background fetch waits until the layers have been quiet for background_fet
   // Monotonic time inside, wall time here: a millisecond of slack for the two clocks' rounding.
   assert.ok(firstQuiet - containerRead[0]! >= quietMs - 1, `background fetch began ${firstQuiet - containerRead[0]!} ms after the read, not ${quietMs}`);
   assert.ok(firstEager - eagerMountedAt < quietMs, `with no quiet period it begins at once (${firstEager - eagerMountedAt} ms)`);
+});
+
+/**
+ * A layer's blob whose head (the prefetch range, or a background window) never arrives: each such read waits
+ * until its signal aborts. Shows which reads are in flight and when each was aborted.
+ */
+class StalledHeadBlob extends BufferBlobSource {
+  readonly stalled: { offset: number; length: number; abortedAt?: number }[] = [];
+  constructor(
+    digest: string,
+    blob: Buffer,
+    private readonly stallsBefore: number,
+  ) {
+    super(digest, blob);
+  }
+  override async readRange(offset: number, length: number, signal?: AbortSignal): Promise<Buffer> {
+    if (offset >= this.stallsBefore) return super.readRange(offset, length);
+    const read: { offset: number; length: number; abortedAt?: number } = { offset, length };
+    this.stalled.push(read);
+    return new Promise<Buffer>((_resolve, reject) => {
+      const abort = (): void => {
+        read.abortedAt = Date.now();
+        reject(signal?.reason ?? new Error('aborted'));
+      };
+      if (signal?.aborted) abort();
+      else signal?.addEventListener('abort', abort, { once: true });
+    });
+  }
+}
+
+/** A layer with a prioritized 4 MiB file before its landmark: its mount prefetches those bytes. */
+async function prioritizedLayer(seed: number): Promise<{ blob: Buffer; digest: string; tocDigest: string; diffId: string; headBytes: number }> {
+  const first = Buffer.alloc(4 * 1024 * 1024);
+  for (let i = 0; i < first.length; i += 4) first.writeUInt32LE(((i + seed) * 2654435761) >>> 0, i);
+  const tar = await makeTar([
+    { name: 'app/', type: 'directory', mode: 0o755 },
+    { name: 'app/first.bin', mode: 0o644, content: first },
+    { name: 'app/later.txt', mode: 0o644, content: `layer ${seed}\n` },
+  ]);
+  const { blob, result } = await toEstargz(tar, { chunkSizeBytes: 1024 * 1024, prioritizedFiles: ['app/first.bin'] });
+  // the tail read (footer and TOC) stays well past the compressed 4 MiB head
+  return { blob, digest: sha256(blob), tocDigest: result.tocDigest, diffId: result.diffId, headBytes: 3 * 1024 * 1024 };
+}
+
+/** Bound from the issue: a closed layer's fetches stop within a second. */
+const STOP_WITHIN_MS = 1000;
+
+test("unmounting a layer stops its prefetch within a second", { skip: !canMount && 'needs root for FUSE' }, async () => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
+  const layer = await prioritizedLayer(1);
+  const registry = new MemoryRegistry();
+  const source = new StalledHeadBlob(layer.digest, layer.blob, layer.headBytes);
+  registry.blobs.set(layer.digest, source);
+  const logs = capturingLog('debug');
+  const fsys = new StargazeFileSystem({ registry, config: { ...defaultConfig(), noBackgroundFetch: true, copyFetchedLayers: false }, log: logs.log });
+  after(async () => {
+    await fsys.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+  const mnt = path.join(dir, 'm');
+  await mkdir(mnt);
+  await fsys.mount(mnt, { [TARGET_SNAPSHOT_REF]: layer.diffId, [STARGZ_REFERENCE]: 'registry.test/img:1', [STARGZ_DIGEST]: layer.digest, [TOC_DIGEST]: layer.tocDigest });
+  await until('prefetch to be reading the head', () => source.stalled.length > 0);
+
+  const unmountedAt = Date.now();
+  await fsys.unmount(mnt);
+  await until('every prefetch read to be aborted', () => source.stalled.every((r) => r.abortedAt !== undefined), STOP_WITHIN_MS);
+  await until('prefetch to have ended', () => logs.sawMessage('prefetch stopped: the layer was closed'), STOP_WITHIN_MS);
+  for (const r of source.stalled) assert.ok(r.abortedAt! - unmountedAt < STOP_WITHIN_MS, `read at ${r.offset} aborted ${r.abortedAt! - unmountedAt} ms after the unmount`);
+  assert.equal(logs.sawMessage('prefetch failed'), false, 'a stopped prefetch is not a failure');
+});
+
+test('a layer opened ahead of a mount that never comes stops its prefetch when its pre-open expires', { skip: !canMount && 'needs root for FUSE' }, async () => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
+  const mounted = await prioritizedLayer(2);
+  const ahead = await prioritizedLayer(3);
+  const registry = new MemoryRegistry();
+  registry.blobs.set(mounted.digest, new BufferBlobSource(mounted.digest, mounted.blob));
+  const aheadSource = new StalledHeadBlob(ahead.digest, ahead.blob, ahead.headBytes);
+  registry.blobs.set(ahead.digest, aheadSource);
+  const preOpenTtlMs = 500;
+  const logs = capturingLog('debug');
+  const fsys = new StargazeFileSystem({
+    registry,
+    config: { ...defaultConfig(), noBackgroundFetch: true, copyFetchedLayers: false },
+    log: logs.log,
+    preOpenTtlMs,
+  });
+  after(async () => {
+    await fsys.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+  const mnt = path.join(dir, 'm');
+  await mkdir(mnt);
+  // The pull names both layers; only the first is ever mounted.
+  await fsys.mount(mnt, {
+    [TARGET_SNAPSHOT_REF]: mounted.diffId,
+    [STARGZ_REFERENCE]: 'registry.test/img:1',
+    [STARGZ_DIGEST]: mounted.digest,
+    [TOC_DIGEST]: mounted.tocDigest,
+    [STARGZ_LAYERS]: `${mounted.digest},${ahead.digest}`,
+  });
+  await until('the following layer to be prefetching ahead of its mount', () => aheadSource.stalled.length > 0);
+  const openedAt = Date.now();
+  await until('its prefetch reads to be aborted', () => aheadSource.stalled.every((r) => r.abortedAt !== undefined), preOpenTtlMs + STOP_WITHIN_MS);
+  for (const r of aheadSource.stalled) {
+    assert.ok(r.abortedAt! - openedAt >= preOpenTtlMs - 100, `aborted ${r.abortedAt! - openedAt} ms after the pre-open, before it expired`);
+  }
+  await until('its prefetch to have ended', () => logs.sawMessage('prefetch stopped: the layer was closed'), STOP_WITHIN_MS);
+  assert.equal((await run('cat', [path.join(mnt, 'app/later.txt')])).stdout, 'layer 2\n', 'the mounted layer is served meanwhile');
+});
+
+test('unmounting a layer stops its background fetch within a second', { skip: !canMount && 'needs root for FUSE' }, async () => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
+  const layer = await prioritizedLayer(4);
+  const registry = new MemoryRegistry();
+  const source = new StalledHeadBlob(layer.digest, layer.blob, layer.headBytes);
+  registry.blobs.set(layer.digest, source);
+  const fsys = new StargazeFileSystem({
+    registry,
+    config: { ...defaultConfig(), noPrefetch: true, backgroundFetchQuietMs: 0, copyFetchedLayers: false },
+    log: quiet,
+  });
+  after(async () => {
+    await fsys.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+  const mnt = path.join(dir, 'm');
+  await mkdir(mnt);
+  await fsys.mount(mnt, { [TARGET_SNAPSHOT_REF]: layer.diffId, [STARGZ_REFERENCE]: 'registry.test/img:1', [STARGZ_DIGEST]: layer.digest, [TOC_DIGEST]: layer.tocDigest });
+  await until('background fetch to be reading the blob', () => source.stalled.length > 0);
+  const unmountedAt = Date.now();
+  await fsys.unmount(mnt);
+  await until('every background read to be aborted', () => source.stalled.every((r) => r.abortedAt !== undefined), STOP_WITHIN_MS);
+  for (const r of source.stalled) assert.ok(r.abortedAt! - unmountedAt < STOP_WITHIN_MS);
 });
