@@ -7,10 +7,11 @@
  * not exist yet (retrying every `RETRY_MS`). Unlike its watch, the secrets are listed again every
  * `REFRESH_MS`; a lookup uses the last successful list.
  *
- * The kubeconfig is read as JSON or as the YAML subset kubeconfigs are written in (block maps and
- * lists of scalars and maps; what kubectl and kind write). Auth: `token` / `tokenFile`, client
- * certificate (`client-certificate(-data)` and `client-key(-data)`), CA
- * (`certificate-authority(-data)`), `insecure-skip-tls-verify`. Secrets never go into logs.
+ * The kubeconfig is YAML (or JSON, which is YAML), read with the `yaml` library (parseKubeconfig). Of it:
+ * the current context (else the first), its cluster's `server`, CA (`certificate-authority(-data)`) and
+ * `insecure-skip-tls-verify`, and its user's `token` / `tokenFile` and client certificate
+ * (`client-certificate(-data)` and `client-key(-data)`); file paths are relative to the kubeconfig.
+ * Secrets never go into logs.
  */
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
@@ -18,6 +19,7 @@ import https from 'node:https';
 import { homedir } from 'node:os';
 import path from 'node:path';
 import { createSecureContext, type SecureContext } from 'node:tls';
+import { LineCounter, parseAllDocuments, visit } from 'yaml';
 import type { Logger } from '../log';
 import { authKeyHost, DOCKER_HUB_AUTH_KEY, type CredentialProvider, type RegistryCredentials } from './credentials';
 import { isDockerHub } from './reference';
@@ -32,88 +34,48 @@ const MAX_RESPONSE_BYTES = 32 * 1024 * 1024;
 
 // --- kubeconfig ------------------------------------------------------------------------------------
 
-type Yaml = string | boolean | null | Yaml[] | { [key: string]: Yaml };
-
-function scalar(text: string): Yaml {
-  const t = text.trim();
-  if (t === '' || t === '~' || t === 'null') return null;
-  if (t === 'true') return true;
-  if (t === 'false') return false;
-  if (t.startsWith('"')) return JSON.parse(t) as string;
-  if (t.startsWith("'")) return t.slice(1, -1).replace(/''/g, "'");
-  if (t === '[]') return [];
-  if (t === '{}') return {};
-  return t;
-}
-
-interface Line {
-  indent: number;
-  text: string;
-}
-
-/** Parses the block-style YAML subset kubeconfigs use: maps, `- ` lists, plain or quoted scalars. */
-export function parseKubeconfigYaml(source: string): Yaml {
-  const lines: Line[] = [];
-  for (const raw of source.split('\n')) {
-    const noComment = raw.replace(/(^|\s)#.*$/, '');
-    if (noComment.trim() === '' || noComment.trim() === '---') continue;
-    lines.push({ indent: noComment.length - noComment.trimStart().length, text: noComment.trim() });
+/**
+ * Parses a kubeconfig (YAML 1.2, so JSON too) with the `yaml` library: a kubeconfig holds secrets, and a
+ * hand-written subset parser mis-read valid YAML (flow maps, quoted keys, anchors, documents). As client-go
+ * (sigs.k8s.io/yaml over go-yaml) it reads the first document, and a plain scalar that YAML resolves to a
+ * number keeps its text: kubeconfig fields are strings, and `name: 0123` names "0123", not 123.
+ * An error names its line and column and the library's error code only: its messages may quote the
+ * source, which here may be a token or a key, and these errors are logged.
+ */
+export function parseKubeconfig(text: string, file: string): unknown {
+  const lineCounter = new LineCounter();
+  // `<<` merge keys as go-yaml reads them. No document at all (empty, or only comments) is an empty list.
+  const [doc] = parseAllDocuments(text, { lineCounter, prettyErrors: false, merge: true });
+  if (doc === undefined) return null;
+  const error = doc.errors[0];
+  if (error !== undefined) {
+    const { line, col } = lineCounter.linePos(error.pos[0]);
+    throw new Error(`${file}: not valid YAML at line ${line}, column ${col} (${error.code})`);
   }
-  let i = 0;
-  const keyValue = (text: string): [string, string] | undefined => {
-    const m = /^("[^"]*"|'[^']*'|[^:]+?):(?:\s+(.*))?$/.exec(text);
-    if (!m) return undefined;
-    return [String(scalar(m[1]!)), m[2] ?? ''];
-  };
-  const block = (indent: number): Yaml => {
-    const first = lines[i];
-    if (!first || first.indent < indent) return null;
-    if (first.text.startsWith('- ') || first.text === '-') {
-      const list: Yaml[] = [];
-      while (i < lines.length && lines[i]!.indent === first.indent && (lines[i]!.text.startsWith('- ') || lines[i]!.text === '-')) {
-        const item = lines[i]!.text.slice(1).trim();
-        const kv = item === '' ? undefined : keyValue(item);
-        if (item === '') {
-          i++;
-          list.push(block(first.indent + 1));
-        } else if (kv) {
-          // "- key: value" starts a map whose other keys sit at the item's content indent
-          lines[i] = { indent: first.indent + 2, text: item };
-          list.push(block(first.indent + 2));
-        } else {
-          i++;
-          list.push(scalar(item));
-        }
-      }
-      return list;
-    }
-    const map: { [key: string]: Yaml } = {};
-    while (i < lines.length && lines[i]!.indent === first.indent && !lines[i]!.text.startsWith('- ')) {
-      const kv = keyValue(lines[i]!.text);
-      if (!kv) throw new Error(`kubeconfig: cannot parse line ${JSON.stringify(lines[i]!.text)}`);
-      i++;
-      const [key, rest] = kv;
-      if (rest !== '') map[key] = scalar(rest);
-      else if (i < lines.length && (lines[i]!.indent > first.indent || (lines[i]!.indent === first.indent && lines[i]!.text.startsWith('- ')))) {
-        map[key] = block(lines[i]!.indent);
-      } else map[key] = null;
-    }
-    return map;
-  };
-  return block(0);
+  visit(doc, {
+    Scalar(_key, node) {
+      if (typeof node.value === 'number' || typeof node.value === 'bigint') node.value = node.source ?? String(node.value);
+    },
+  });
+  try {
+    return doc.toJS();
+  } catch (err) {
+    // Aliases past maxAliasCount (a "billion laughs" file): the library's message says so, without the source.
+    throw new Error(`${file}: ${err instanceof Error ? err.message : String(err)}`);
+  }
 }
 
-function get(v: Yaml | undefined, key: string): Yaml | undefined {
-  return v !== null && typeof v === 'object' && !Array.isArray(v) ? v[key] : undefined;
+function get(v: unknown, key: string): unknown {
+  return typeof v === 'object' && v !== null && !Array.isArray(v) ? (v as Record<string, unknown>)[key] : undefined;
 }
 
-function str(v: Yaml | undefined): string | undefined {
+function str(v: unknown): string | undefined {
   return typeof v === 'string' && v !== '' ? v : undefined;
 }
 
-function named(list: Yaml | undefined, name: string | undefined, field: string): Yaml | undefined {
+function named(list: unknown, name: string | undefined, field: string): unknown {
   if (!Array.isArray(list)) return undefined;
-  const entry = list.find((e) => str(get(e, 'name')) === name) ?? (name === undefined ? list[0] : undefined);
+  const entry: unknown = list.find((e) => str(get(e, 'name')) === name) ?? (name === undefined ? list[0] : undefined);
   return get(entry, field);
 }
 
@@ -128,8 +90,7 @@ export interface ApiServerAccess {
 
 /** The API server and credentials of the kubeconfig's current context. */
 export function loadKubeconfig(file: string): ApiServerAccess {
-  const text = readFileSync(file, 'utf8');
-  const doc = text.trimStart().startsWith('{') ? (JSON.parse(text) as Yaml) : parseKubeconfigYaml(text);
+  const doc = parseKubeconfig(readFileSync(file, 'utf8'), file);
   const dir = path.dirname(file);
   const contextName = str(get(doc, 'current-context'));
   const context = named(get(doc, 'contexts'), contextName, 'context');
@@ -137,7 +98,7 @@ export function loadKubeconfig(file: string): ApiServerAccess {
   const user = named(get(doc, 'users'), str(get(context, 'user')), 'user');
   const server = str(get(cluster, 'server'));
   if (!server) throw new Error(`${file}: no server for context ${contextName ?? '(none)'}`);
-  const bytes = (dataKey: string, fileKey: string, from: Yaml | undefined): Buffer | undefined => {
+  const bytes = (dataKey: string, fileKey: string, from: unknown): Buffer | undefined => {
     const data = str(get(from, dataKey));
     if (data) return Buffer.from(data, 'base64');
     const f = str(get(from, fileKey));
