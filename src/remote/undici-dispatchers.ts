@@ -6,7 +6,8 @@
  *
  * undici's index.js attaches the request API to Dispatcher.prototype; the same is done here with the same
  * modules (one copy, whichever loads first), so pools and agents behave exactly as those of the index.
- * The paths are undici 7's own layout (package-lock pins the version); a unit test checks they still hold.
+ * The paths are undici 7's own layout, not its public API: package.json pins undici to an exact version, and
+ * test/unit/remote/undici-dispatchers.test.ts fails, saying what to do, when they move or export other things.
  */
 import type * as Undici from 'undici';
 
