@@ -1,9 +1,11 @@
 /**
  * One daemon-level benchmark arm, the same for stargaze and for the peer (the reference `containerd-stargz-grpc`,
  * test/e2e/harness/peer.ts): a fresh daemon with its own root, a fresh containerd that has it as a proxy
- * snapshotter, the image pulled by the same client for both (`ctr-remote images rpull --plain-http
- * --snapshotter <name>`), and its rootfs mounted (`Containerd.mountImage`: a View of the top snapshot, mounted on a
- * tmp dir). Reads then go through the daemon's FUSE mount like a container's would.
+ * snapshotter (`startDaemonWithContainerd`, which layer-memory.ts uses too), the image pulled by the same client
+ * for both (`ctr-remote images rpull --plain-http --snapshotter <name>`), checked to be mounted lazily
+ * (`expectLazyMounts`: one FUSE mount per layer under the daemon's root), and its rootfs mounted
+ * (`Containerd.mountImage`: a View of the top snapshot, mounted on a tmp dir). Reads then go through the daemon's
+ * FUSE mount like a container's would.
  *
  * Everything is registered on the arm's own CleanupStack: `cleanup()` unmounts the image, stops containerd and the
  * daemon and removes their tmp dirs, and so does a failure part-way through `startDaemonArm`.
@@ -19,9 +21,11 @@ import {
   PEER_SNAPSHOTTER,
   STARGZ_SNAPSHOTTER,
   makeTmpRoot,
+  peerProxyPlugin,
   startContainerd,
   startDaemon,
   startPeer,
+  type Containerd,
   type PeerDaemon,
   type Registry,
   type StargazeDaemon,
@@ -29,6 +33,7 @@ import {
 import { readTail } from '../../test/e2e/harness/exec';
 import { pushRawImage } from '../../test/e2e/harness/raw-image';
 
+/** The two lazy-pulling snapshotters the benchmarks compare. */
 export type DaemonKind = 'stargaze' | 'peer';
 
 /** What `--snapshotter` takes for each daemon in the arm's containerd. */
@@ -64,6 +69,69 @@ export async function pushEstargzImage(host: string, repo: string, tag: string, 
   return { repoTag: `${repo}:${tag}`, layerDigest: image.layers[0]!.digest };
 }
 
+/** A daemon of one kind and a containerd that has it as a proxy snapshotter, both on the caller's scope. */
+export interface DaemonWithContainerd {
+  kind: DaemonKind;
+  /** The daemon: pid, root, logFile (stargaze's FUSE server is a separate process, see its root). */
+  daemon: StargazeDaemon | PeerDaemon;
+  containerd: Containerd;
+  /** What `--snapshotter` takes for it: SNAPSHOTTER_OF[kind]. */
+  snapshotter: string;
+  /** A fresh namespace of that containerd. */
+  namespace: string;
+}
+
+/**
+ * Starts a fresh daemon of `kind` (its config.toml: `config`; stargaze gets a plain-HTTP hosts entry for `pullHost`,
+ * the reference reaches registries on loopback over plain HTTP without one) and a fresh containerd with it as a proxy
+ * snapshotter. Both are registered on `scope`, so running it stops them, also after a failure here.
+ */
+export async function startDaemonWithContainerd(opts: {
+  kind: DaemonKind;
+  scope: CleanupStack;
+  pullHost: string;
+  config: string;
+}): Promise<DaemonWithContainerd> {
+  const { kind, scope, config } = opts;
+  const stargaze = kind === 'stargaze' ? await startDaemon({ scope, logLevel: 'info', plainHttpHosts: [opts.pullHost], config }) : undefined;
+  const peer = kind === 'peer' ? await startPeer({ scope, config }) : undefined;
+  const daemon = stargaze ?? peer!;
+  try {
+    const containerd = await startContainerd({
+      scope,
+      stargazeAddress: stargaze?.address,
+      stargazeRoot: stargaze?.root,
+      proxyPlugins: peer ? [peerProxyPlugin(peer)] : [],
+    });
+    return { kind, daemon, containerd, snapshotter: SNAPSHOTTER_OF[kind], namespace: containerd.newNamespace('bench') };
+  } catch (err) {
+    throw await withDaemonLog(kind, daemon, err);
+  }
+}
+
+/** An error whose message already ends in the daemon's log tail. */
+class DaemonLogError extends Error {}
+
+/** `err` as a DaemonLogError (unchanged if it is one already): its message, then the tail of the daemon's log. */
+async function withDaemonLog(kind: DaemonKind, daemon: StargazeDaemon | PeerDaemon, err: unknown): Promise<Error> {
+  if (err instanceof DaemonLogError) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  const tail = await readTail(daemon.logFile);
+  return new DaemonLogError(`${kind} daemon: ${message}${tail ? `\n--- ${kind} daemon log ${daemon.logFile} (tail) ---\n${tail}` : ''}`);
+}
+
+/**
+ * Throws (with the tail of the daemon's log) unless the daemon has exactly `layers` FUSE mounts under its root, as
+ * a lazy rpull of a `layers`-layer image leaves: containerd falls back to a full download when a snapshotter can't
+ * mount a layer remotely, and a benchmark would then measure that instead without noticing.
+ */
+export async function expectLazyMounts(kind: DaemonKind, daemon: StargazeDaemon | PeerDaemon, layers: number): Promise<void> {
+  const fuse = (await daemon.mounts()).filter((m) => m.fstype.startsWith('fuse')).length;
+  if (fuse !== layers) {
+    throw await withDaemonLog(kind, daemon, new Error(`${fuse} FUSE mounts under ${daemon.root} after the rpull of ${layers} layer(s): not a lazy pull`));
+  }
+}
+
 export interface DaemonArmOptions {
   kind: DaemonKind;
   /** The registry whose counting proxy serves `pullHost`; its counters are reset when the rpull starts. */
@@ -72,6 +140,8 @@ export interface DaemonArmOptions {
   pullHost: string;
   /** `<repo>:<tag>` of the image. */
   repoTag: string;
+  /** The image's layer count: after the rpull the daemon must have this many FUSE mounts (expectLazyMounts). */
+  layers: number;
   /** Blobs the counters below count (default: all, the image config's GET included). */
   layerDigests?: readonly string[];
   /** The daemon's config.toml (both take TOML). Default: NO_BACKGROUND_FETCH_CONFIG. */
@@ -84,12 +154,12 @@ export interface DaemonArm {
   mountpoint: string;
   /** The daemon: pid, root, logFile (stargaze's FUSE server is a separate process, see its root). */
   daemon: StargazeDaemon | PeerDaemon;
-  /** process.hrtime.bigint() when the rpull started: "pull -> read done" counts from here. */
-  pullStartNs: bigint;
+  /** Of `ctr-remote images rpull`. */
   pullMs: number;
   /**
    * The image mount: the harness's `ctr` look-ups of the image's chain ID, the snapshot View (which checks the
-   * layer: both daemons wait for prefetch there), then mount(8).
+   * layer: both daemons wait for prefetch there), then mount(8). The lazy-mount check between the rpull and this
+   * is in neither number.
    */
   mountMs: number;
   /** Blob GETs the registry answered for `layerDigests` since the rpull started. */
@@ -102,33 +172,24 @@ export interface DaemonArm {
 
 const msSince = (t0: bigint): number => Number(process.hrtime.bigint() - t0) / 1e6;
 
-/** Fresh daemon of `kind` + fresh containerd, rpull, mount the image's rootfs. */
+/** Fresh daemon of `kind` + fresh containerd, rpull, check the layers are mounted lazily, mount the image's rootfs. */
 export async function startDaemonArm(opts: DaemonArmOptions): Promise<DaemonArm> {
   const scope = new CleanupStack();
-  const config = opts.config ?? NO_BACKGROUND_FETCH_CONFIG;
-  const snapshotter = SNAPSHOTTER_OF[opts.kind];
   let daemon: StargazeDaemon | PeerDaemon | undefined;
   try {
-    const stargaze = opts.kind === 'stargaze' ? await startDaemon({ scope, logLevel: 'info', plainHttpHosts: [opts.pullHost], config }) : undefined;
-    // the reference reaches registries on loopback over plain HTTP without a hosts config
-    const peer = opts.kind === 'peer' ? await startPeer({ scope, config }) : undefined;
-    daemon = stargaze ?? peer!;
-    const containerd = await startContainerd({
-      scope,
-      stargazeAddress: stargaze?.address,
-      stargazeRoot: stargaze?.root,
-      proxyPlugins: peer ? [{ name: PEER_SNAPSHOTTER, address: peer.address, root: peer.root }] : [],
-    });
-    const namespace = containerd.newNamespace('bench');
+    const started = await startDaemonWithContainerd({ kind: opts.kind, scope, pullHost: opts.pullHost, config: opts.config ?? NO_BACKGROUND_FETCH_CONFIG });
+    const { containerd, snapshotter, namespace } = started;
+    daemon = started.daemon;
     const mountpoint = path.join(await makeTmpRoot(`bench-${opts.kind}`, scope), 'rootfs');
     const ref = `${opts.pullHost}/${opts.repoTag}`;
     const counted = (): ReturnType<Registry['blobRequests']> =>
       opts.registry.blobRequests().filter((r) => opts.layerDigests === undefined || opts.layerDigests.includes(r.digest));
 
     opts.registry.resetCounters();
-    const pullStartNs = process.hrtime.bigint();
-    await containerd.ctrRemote(['images', 'rpull', '--plain-http', '--snapshotter', snapshotter, ref], { namespace, timeoutMs: STEP_TIMEOUT_MS });
-    const pullMs = msSince(pullStartNs);
+    const pullStart = process.hrtime.bigint();
+    await containerd.rpull(ref, { snapshotter, namespace, timeoutMs: STEP_TIMEOUT_MS });
+    const pullMs = msSince(pullStart);
+    await expectLazyMounts(opts.kind, daemon, opts.layers);
     const mountStart = process.hrtime.bigint();
     await containerd.mountImage(ref, mountpoint, { snapshotter, namespace, timeoutMs: STEP_TIMEOUT_MS });
     scope.after(() => containerd.unmountImage(mountpoint, { namespace }));
@@ -137,7 +198,6 @@ export async function startDaemonArm(opts: DaemonArmOptions): Promise<DaemonArm>
       kind: opts.kind,
       mountpoint,
       daemon,
-      pullStartNs,
       pullMs,
       mountMs,
       blobRequests: () => counted().length,
@@ -145,9 +205,9 @@ export async function startDaemonArm(opts: DaemonArmOptions): Promise<DaemonArm>
       cleanup: () => scope.run(),
     };
   } catch (err) {
-    const log = daemon ? await readTail(daemon.logFile) : '';
+    const failure = daemon ? await withDaemonLog(opts.kind, daemon, err) : err;
     await scope.run();
-    const message = err instanceof Error ? err.message : String(err);
-    throw new Error(`${opts.kind} daemon arm: ${message}${log ? `\n--- ${opts.kind} daemon log (tail) ---\n${log}` : ''}`);
+    const message = failure instanceof Error ? failure.message : String(failure);
+    throw new Error(`${opts.kind} daemon arm: ${message}`);
   }
 }

@@ -1,10 +1,15 @@
 /**
  * First-read latency of small files with and without prefetch (issue 5).
  *
- * The layer (built with src/estargz/writer.ts `prioritizedFiles`): `etc/app/f00..f19` (small config-like
- * files, 1-4 KiB) prioritized, i.e. before `.prefetch.landmark`, then a large file after it.
+ * Two layers (src/estargz/writer.ts) of the same tar: `etc/app/f00..f19` (small config-like files, 1-4 KiB)
+ * first, then `data/big.bin` (BENCH_BIG_MIB, incompressible). In blob order:
+ *  - prefetch layer (`prioritizedFiles` = the small files): small files, `.prefetch.landmark`, big.bin, TOC;
+ *  - no-prefetch layer (no prioritized files): `.no.prefetch.landmark`, small files, big.bin, TOC.
+ * In both the small files sit at the blob's start, big.bin between them and the TOC, so the TOC fetch from the
+ * blob's end does not bring them along. The "noPrefetch" / "no prefetch landmark" cases, in-process and daemon
+ * alike, use the no-prefetch layer; the prefetch cases the prefetch layer.
  * Three workloads: one small file (`cat etc/app/f00`), all 20 small files (`cat f00 ... f19`, one process),
- * and the big file after the landmark read from start to end (`sha256sum data/big.bin`: every chunk a cold
+ * and the big file read from start to end (`sha256sum data/big.bin`, no-prefetch layer only: every chunk a cold
  * fetch, so each costs a round trip unless it was fetched ahead of the reader). Output is checked.
  * Background fetch is off everywhere, so it neither helps nor competes.
  *
@@ -18,16 +23,19 @@
  * Reported: mount -> cat done (the whole critical path of a container's first read), and the `cat` alone.
  *
  * Daemon cases, the same for the stargaze daemon and for the peer (the reference `containerd-stargz-grpc`, from
- * STARGAZE_PEER_BIN; without it only stargaze runs and a note says how to get the peer): the layer pushed as a
- * one-layer OCI image to the harness's registry twice, as built above (prioritized files, `.prefetch.landmark`)
- * and without prioritized files (`.no.prefetch.landmark`: nothing to prefetch). Pulls go through link-proxy.js
- * (BENCH_RTT_MS round trip per request, plus one per new connection; no bandwidth cap) in front of the
- * registry's counting proxy. Each sample is a fresh containerd + fresh daemon (daemon-arm.ts; config
- * `no_background_fetch = true`, prefetch at its default): `ctr-remote images rpull`, the image's rootfs mounted
- * through containerd (the snapshot View checks the layer, which waits for prefetch in both daemons), then the
- * workload in a child process. Reported: rpull start -> read done, the read alone, the rpull and the mount, and
- * the layer-blob GETs the counting proxy saw. Samples alternate stargaze and peer; stargaze's rows carry the
- * peer's median time over its own (higher: stargaze faster), for the whole path and for the read alone.
+ * STARGAZE_PEER_BIN; without it only stargaze runs and a note says how to get the peer): each layer pushed as a
+ * one-layer OCI image to the harness's registry (the no-prefetch one has nothing to prefetch). Pulls go through
+ * link-proxy.js (BENCH_RTT_MS round trip per request, plus one per new connection; no bandwidth cap) in front of
+ * the registry's counting proxy. Each sample is a fresh containerd + fresh daemon (daemon-arm.ts; config
+ * `no_background_fetch = true`, prefetch at its default): `ctr-remote images rpull` (checked to leave the layer
+ * FUSE-mounted), the image's rootfs mounted through containerd (the snapshot View checks the layer, which waits
+ * for prefetch in both daemons), then the workload in a child process. Reported: pull -> read done (the rpull,
+ * the mount and the read: this includes the harness's `mountImage` look-ups of the image's chain ID, three `ctr`
+ * runs, a fixed cost the same for both daemons), the read alone, the rpull and the mount, and the layer-blob GETs
+ * the counting proxy saw, in all and during the read alone. A no-prefetch-landmark case fails unless its read made
+ * GETs of its own (else it measured nothing cold). Samples alternate which daemon goes first; stargaze's rows carry
+ * stargaze/peer, stargaze's median time over the peer's (below 1: stargaze faster), for pull -> read done and for
+ * the read alone.
  *
  * Knobs: BENCH_SAMPLES (default 5), BENCH_RTT_MS (default 20), BENCH_BIG_MIB (default 32), STARGAZE_PEER_BIN.
  */
@@ -48,7 +56,7 @@ import { BufferBlobSource, type BlobSource, type ByteRange } from '../../src/rem
 import { STARGZ_DIGEST, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../src/source/labels';
 import { CleanupStack, PEER_MISSING_NOTE, peerBinary, startRegistry } from '../../test/e2e/harness';
 import { pushEstargzImage, startDaemonArm, type DaemonKind, type EstargzLayer } from './daemon-arm';
-import { startLinkProxy } from './startup';
+import { median, startLinkProxy } from './startup';
 
 const MIB = 1024 * 1024;
 const SAMPLES = Number(process.env.BENCH_SAMPLES ?? 5);
@@ -61,8 +69,6 @@ const smallName = (i: number): string => `etc/app/f${String(i).padStart(2, '0')}
 
 interface FirstReadCommon {
   case: string;
-  /** Median ms from the start of mount() (in-process) or of the rpull (daemon) to the read completing. */
-  mountToReadMs: number;
   /** Median ms of the read (`cat` or `sha256sum`) alone. */
   catMs: number;
   /** Median number of requests made for the layer blob during the sample. */
@@ -72,18 +78,27 @@ interface FirstReadCommon {
 
 export interface InProcessFirstRead extends FirstReadCommon {
   arm: 'in-process';
+  /** Median ms from the start of mount() to the read completing. */
+  mountToReadMs: number;
   /** Median ms check() waited (prefetch). */
   checkMs: number;
 }
 
 export interface DaemonFirstRead extends FirstReadCommon {
   arm: DaemonKind;
+  /**
+   * Median ms of rpull + image mount + read, each sample the sum of the three timed steps (the harness's lazy-mount
+   * check between rpull and mount is left out). Includes the mount's fixed `ctr` look-ups, the same for both daemons.
+   */
+  pullToReadMs: number;
   /** Median ms of `ctr-remote images rpull`. */
   pullMs: number;
   /** Median ms of the image mount (`ctr` look-ups of the chain ID, the snapshot View, which waits for prefetch, mount). */
   mountMs: number;
-  /** Stargaze rows with a peer: the peer's median ms over stargaze's (higher: stargaze faster). */
-  vsPeer?: { total: number; read: number };
+  /** Median layer-blob GETs made during the read alone (`requests` counts from the rpull on). */
+  readRequests: number;
+  /** Stargaze rows with a peer: stargaze's median ms over the peer's (below 1: stargaze faster). */
+  stargazeOverPeer?: { pullToRead: number; read: number };
 }
 
 export type FirstReadResult = InProcessFirstRead | DaemonFirstRead;
@@ -141,9 +156,11 @@ async function buildTar(dir: string): Promise<string> {
   pack.entry({ name: 'etc/', type: 'directory', mode: 0o755 });
   pack.entry({ name: 'etc/app/', type: 'directory', mode: 0o755 });
   pack.entry({ name: 'data/', type: 'directory', mode: 0o755 });
-  // The big file first in the tar: prioritizedFiles moves the small ones ahead of it in the blob.
-  pack.entry({ name: 'data/big.bin', mode: 0o644 }, bigContent());
+  // The small files first, the big one after them: big.bin then lies between the small files and the TOC in
+  // both layers (prioritizedFiles keeps the small ones first), so fetching the TOC from the blob's end can't
+  // bring the small files along.
   for (let i = 0; i < SMALL_FILES; i++) pack.entry({ name: smallName(i), mode: 0o644 }, smallContent(i));
+  pack.entry({ name: 'data/big.bin', mode: 0o644 }, bigContent());
   pack.finalize();
   await written;
   return tarPath;
@@ -196,7 +213,6 @@ function checkOutput(w: Workload, out: string, who: string): void {
   if (got !== w.want) throw new Error(`${who}, ${w.label}: ${w.cmd} returned the wrong bytes`);
 }
 
-const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] as number;
 const msSince = (t0: bigint): number => Number(process.hrtime.bigint() - t0) / 1e6;
 
 export async function benchFirstRead(): Promise<{ results: FirstReadResult[]; notes: string[] }> {
@@ -210,19 +226,27 @@ export async function benchFirstRead(): Promise<{ results: FirstReadResult[]; no
   let mountN = 0;
   try {
     const tarPath = await buildTar(dir);
-    const layer = await buildLayer(dir, tarPath, true);
-    const { blob, tocDigest } = layer;
-    const digest = 'sha256:' + createHash('sha256').update(blob).digest('hex');
-    const inner = new BufferBlobSource(digest, blob);
-    const labels = {
-      [TARGET_SNAPSHOT_REF]: 'sha256:bench',
-      [STARGZ_REFERENCE]: 'bench.local/bench:1',
-      [STARGZ_DIGEST]: digest,
-      [TOC_DIGEST]: tocDigest,
+    const layers = { prefetch: await buildLayer(dir, tarPath, true), noPrefetch: await buildLayer(dir, tarPath, false) };
+    /** Per layer: the blob in memory and the labels a mount of it takes. */
+    const inMemory = (layer: EstargzLayer): { inner: BufferBlobSource; labels: Record<string, string> } => {
+      const digest = 'sha256:' + createHash('sha256').update(layer.blob).digest('hex');
+      return {
+        inner: new BufferBlobSource(digest, layer.blob),
+        labels: {
+          [TARGET_SNAPSHOT_REF]: 'sha256:bench',
+          [STARGZ_REFERENCE]: 'bench.local/bench:1',
+          [STARGZ_DIGEST]: digest,
+          [TOC_DIGEST]: layer.tocDigest,
+        },
+      };
     };
-    notes.push(`blob ${(blob.length / MIB).toFixed(1)} MiB; every blob request delayed ${RTT_MS} ms (in-process BlobSource wrapper, no bandwidth cap)`);
+    const blobs = { prefetch: inMemory(layers.prefetch), noPrefetch: inMemory(layers.noPrefetch) };
+    notes.push(
+      `blob ${(layers.prefetch.blob.length / MIB).toFixed(1)} MiB; every blob request delayed ${RTT_MS} ms (in-process BlobSource wrapper, no bandwidth cap)`,
+    );
 
     const sample = async (prefetch: boolean, cmd: string, files: string[]): Promise<{ total: number; cat: number; check: number; requests: number; out: string }> => {
+      const { inner, labels } = prefetch ? blobs.prefetch : blobs.noPrefetch;
       const source = new LatencyBlobSource(inner);
       fsys = new StargazeFileSystem({
         registry: { resolveBlob: async () => source },
@@ -267,12 +291,21 @@ export async function benchFirstRead(): Promise<{ results: FirstReadResult[]; no
         });
       }
     }
-    results.push(...(await daemonCases({ prefetch: layer, noPrefetch: await buildLayer(dir, tarPath, false) }, notes)));
+    results.push(...(await daemonCases(layers, notes)));
   } finally {
     await fsys?.close();
     await rm(dir, { recursive: true, force: true });
   }
   return { results, notes };
+}
+
+interface DaemonSample {
+  pullToRead: number;
+  read: number;
+  pull: number;
+  mount: number;
+  requests: number;
+  readRequests: number;
 }
 
 /** The daemon cases (see the header): stargaze and, with STARGAZE_PEER_BIN, the peer, samples interleaved. */
@@ -291,23 +324,37 @@ async function daemonCases(layers: { prefetch: EstargzLayer; noPrefetch: Estargz
     const pullHost = await startLinkProxy(registry.countingHost, { name: `${RTT_MS}ms`, rttMs: RTT_MS, bps: LINK_BPS }, scope);
     notes.push(
       `daemon cases: registry behind link-proxy.js, ${RTT_MS} ms per request (+${RTT_MS} ms per new connection), ` +
-        `no bandwidth cap; requests = layer-blob GETs from rpull to read done`,
+        'no bandwidth cap; requests = layer-blob GETs from rpull to read done, (read n) = those made by the read alone',
     );
     for (const w of workloads()) {
       for (const prefetch of w.modes) {
         const image = prefetch ? images.prefetch : images.noPrefetch;
-        const samples = new Map<DaemonKind, Array<{ total: number; read: number; pull: number; mount: number; requests: number }>>();
+        const samples = new Map<DaemonKind, DaemonSample[]>(kinds.map((k) => [k, []]));
         for (let i = 0; i < SAMPLES; i++) {
-          for (const kind of kinds) {
-            const arm = await startDaemonArm({ kind, registry, pullHost, repoTag: image.repoTag, layerDigests: [image.layerDigest] });
+          // alternate which daemon goes first, so drift in the machine's load hits both alike
+          for (const kind of i % 2 === 0 ? kinds : [...kinds].reverse()) {
+            const arm = await startDaemonArm({ kind, registry, pullHost, repoTag: image.repoTag, layers: 1, layerDigests: [image.layerDigest] });
             try {
+              const beforeRead = arm.blobRequests();
               const t1 = process.hrtime.bigint();
               const out = await run(w.cmd, w.files.map((f) => path.join(arm.mountpoint, f)));
               const read = msSince(t1);
-              const total = msSince(arm.pullStartNs);
               checkOutput(w, out, `${kind} daemon`);
-              const sample = { total, read, pull: arm.pullMs, mount: arm.mountMs, requests: arm.blobRequests() };
-              samples.set(kind, [...(samples.get(kind) ?? []), sample]);
+              const requests = arm.blobRequests();
+              if (!prefetch && requests === beforeRead) {
+                throw new Error(
+                  `${kind} daemon, ${w.label}, no prefetch landmark: the read made no blob GET (${beforeRead} during rpull + mount), ` +
+                    'so it read nothing cold: the rpull or the mount already fetched what it reads',
+                );
+              }
+              samples.get(kind)!.push({
+                pullToRead: arm.pullMs + arm.mountMs + read,
+                read,
+                pull: arm.pullMs,
+                mount: arm.mountMs,
+                requests,
+                readRequests: requests - beforeRead,
+              });
             } finally {
               await arm.cleanup();
             }
@@ -315,20 +362,21 @@ async function daemonCases(layers: { prefetch: EstargzLayer; noPrefetch: Estargz
         }
         const peer = samples.get('peer');
         for (const kind of kinds) {
-          const s = samples.get(kind) ?? [];
-          const total = median(s.map((x) => x.total));
+          const s = samples.get(kind)!;
+          const pullToRead = median(s.map((x) => x.pullToRead));
           const read = median(s.map((x) => x.read));
           rows.push({
             arm: kind,
             case: `${kind} daemon: ${w.label}, ${prefetch ? 'prefetch landmark' : 'no prefetch landmark'}`,
-            mountToReadMs: total,
+            pullToReadMs: pullToRead,
             catMs: read,
             pullMs: median(s.map((x) => x.pull)),
             mountMs: median(s.map((x) => x.mount)),
             requests: median(s.map((x) => x.requests)),
+            readRequests: median(s.map((x) => x.readRequests)),
             samples: SAMPLES,
             ...(kind === 'stargaze' && peer !== undefined
-              ? { vsPeer: { total: median(peer.map((x) => x.total)) / total, read: median(peer.map((x) => x.read)) / read } }
+              ? { stargazeOverPeer: { pullToRead: pullToRead / median(peer.map((x) => x.pullToRead)), read: read / median(peer.map((x) => x.read)) } }
               : {}),
           });
         }

@@ -10,18 +10,22 @@
  * registry; both arms pull it through the registry's counting proxy.
  *
  * Each sample of an arm gets a fresh daemon (`noprefetch`, `no_background_fetch`: nothing is fetched that the steps
- * below don't ask for) and a fresh containerd, and measures the daemon's processes at three points:
+ * below don't ask for) and a fresh containerd (daemon-arm.ts `startDaemonWithContainerd`), and measures the
+ * daemon's processes at three points:
  *   idle         started, nothing mounted;
  *   mounted      after `ctr-remote images rpull` of the image (the same client for both arms), checked to have
- *                left one FUSE mount per layer;
+ *                left one FUSE mount per layer (daemon-arm.ts `expectLazyMounts`);
  *   after reads  after a child process (`sh -c cat ...`) read one file of each layer through the image's rootfs
  *                (an overlay view of the top snapshot), and the view was unmounted and removed again.
- * Each point is taken 2 s after the step (SETTLE_MS) from /proc: VmRSS, threads and open fds summed over the
- * daemon's process groups (footprint.ts). containerd's and the bench's own processes are not counted. Per layer:
- * (mounted - idle) / layers and (after reads - mounted) / layers. With BENCH_SAMPLES > 1 the arms alternate order
- * from sample to sample, each number is the median over samples, and ratios are stargaze / peer of the medians.
+ * Each point is taken 2 s after the step (SETTLE_MS) from /proc: VmRSS, Pss (smaps_rollup), threads and open fds
+ * summed over the daemon's process groups (footprint.ts). RSS counts pages two processes share (the Node binary,
+ * shared libraries: stargaze runs two Node processes) once for each; PSS divides them among their users.
+ * containerd's and the bench's own processes are not counted. Per layer (RSS): (mounted - idle) / layers and
+ * (after reads - mounted) / layers, taken in each sample. The arms alternate order from sample to sample, each
+ * number is the median over samples (so a per-layer number is the median of the per-sample differences, not the
+ * difference of the medians shown), and ratios are stargaze / peer of the medians.
  *
- * Knobs: BENCH_LAYERS (default 50), BENCH_FILES_PER_LAYER (2000), BENCH_SAMPLES (1), STARGAZE_PEER_BIN.
+ * Knobs: BENCH_LAYERS (default 50), BENCH_FILES_PER_LAYER (2000), BENCH_SAMPLES (3), STARGAZE_PEER_BIN.
  */
 import { loadavg } from 'node:os';
 import path from 'node:path';
@@ -33,27 +37,20 @@ import {
   ANNOTATION_UNCOMPRESSED_SIZE,
   CleanupStack,
   PEER_MISSING_NOTE,
-  PEER_SNAPSHOTTER,
-  STARGZ_SNAPSHOTTER,
   makeTmpRoot,
   peerBinary,
   run,
-  startContainerd,
-  startDaemon,
-  startPeer,
   startRegistry,
-  type ContainerdOptions,
-  type MountInfo,
   type Registry,
 } from '../../test/e2e/harness';
-import { readTail } from '../../test/e2e/harness/exec';
 import { makeTar, pushRawImage, type RawLayer } from '../../test/e2e/harness/raw-image';
+import { expectLazyMounts, startDaemonWithContainerd, type DaemonKind, type DaemonWithContainerd } from './daemon-arm';
 import { footprintOfGroups, stargazeGroups, type Footprint } from './footprint';
 import { median } from './startup';
 
 const LAYERS = Number(process.env.BENCH_LAYERS ?? 50);
 const FILES = Number(process.env.BENCH_FILES_PER_LAYER ?? 2000);
-const SAMPLES = Math.max(1, Number(process.env.BENCH_SAMPLES ?? 1));
+const SAMPLES = Math.max(1, Number(process.env.BENCH_SAMPLES ?? 3));
 const DIRS_PER_LAYER = 50;
 /** Wait before each footprint, so startup, pull and read work has finished and transient garbage is collected. */
 const SETTLE_MS = 2_000;
@@ -62,23 +59,25 @@ const PULL_TIMEOUT_MS = 600_000;
 const DAEMON_CONFIG = 'noprefetch = true\nno_background_fetch = true\n';
 const MIB = 1024 * 1024;
 
-export type ArmName = 'stargaze' | 'peer';
-
-/** What the table shows, per arm; RSS in MiB, per-layer deltas in KiB. */
-export const METRICS = [
-  'idleRssMib',
-  'idleThreads',
-  'idleFds',
-  'mountedRssMib',
-  'perMountedLayerKib',
-  'mountedThreads',
-  'mountedFds',
-  'afterReadsRssMib',
-  'perReadLayerKib',
-  'afterReadsThreads',
-  'afterReadsFds',
-] as const;
-export type Metric = (typeof METRICS)[number];
+/** What the table shows, per arm, in this order, with its row label; RSS and PSS in MiB, per-layer deltas in KiB. */
+export const METRIC_LABELS = {
+  idleRssMib: 'idle RSS MiB',
+  idlePssMib: 'idle PSS MiB',
+  idleThreads: 'idle threads',
+  idleFds: 'idle fds',
+  mountedRssMib: 'mounted RSS MiB',
+  mountedPssMib: 'mounted PSS MiB',
+  perMountedLayerKib: 'per mounted layer KiB',
+  mountedThreads: 'mounted threads',
+  mountedFds: 'mounted fds',
+  afterReadsRssMib: 'after reads RSS MiB',
+  afterReadsPssMib: 'after reads PSS MiB',
+  perReadLayerKib: 'per read layer KiB',
+  afterReadsThreads: 'after reads threads',
+  afterReadsFds: 'after reads fds',
+} as const;
+export type Metric = keyof typeof METRIC_LABELS;
+export const METRICS = Object.keys(METRIC_LABELS) as Metric[];
 
 export interface ArmSample {
   idle: Footprint;
@@ -89,7 +88,7 @@ export interface ArmSample {
 }
 
 export interface ArmResult {
-  arm: ArmName;
+  arm: DaemonKind;
   /** Medians over the samples. */
   median: Record<Metric, number>;
   samples: ArmSample[];
@@ -131,82 +130,45 @@ async function buildLayer(index: number): Promise<RawLayer> {
   };
 }
 
-/** A started daemon as one arm sees it. */
-interface ArmDaemon {
-  snapshotter: string;
-  containerd: ContainerdOptions;
-  /** The process groups to measure. */
-  groups(): Promise<number[]>;
-  mounts(): Promise<MountInfo[]>;
-  logFile: string;
+/** The process groups to measure: stargaze's daemon and its FUSE server, the peer's one process. */
+async function groupsOf(d: DaemonWithContainerd): Promise<number[]> {
+  if (d.kind === 'peer') return [d.daemon.pid()];
+  const groups = await stargazeGroups(d.daemon.pid(), d.daemon.root);
+  // without the FUSE server's group the footprint would silently drop half of stargaze
+  if (groups.length !== 2) throw new Error(`stargaze: no FUSE server pid under ${d.daemon.root}`);
+  return groups;
 }
 
-async function startArm(arm: ArmName, scope: CleanupStack, pullHost: string): Promise<ArmDaemon> {
-  if (arm === 'stargaze') {
-    const d = await startDaemon({ scope, logLevel: 'info', plainHttpHosts: [pullHost], config: DAEMON_CONFIG });
-    return {
-      snapshotter: STARGZ_SNAPSHOTTER,
-      containerd: { stargazeAddress: d.address, stargazeRoot: d.root },
-      groups: async () => {
-        const groups = await stargazeGroups(d.pid(), d.root);
-        // without the FUSE server's group the footprint would silently drop half of stargaze
-        if (groups.length !== 2) throw new Error(`stargaze: no FUSE server pid under ${d.root}`);
-        return groups;
-      },
-      mounts: () => d.mounts(),
-      logFile: d.logFile,
-    };
-  }
-  // the reference reaches registries on loopback over plain HTTP without a hosts config
-  const p = await startPeer({ scope, config: DAEMON_CONFIG });
-  return {
-    snapshotter: PEER_SNAPSHOTTER,
-    containerd: { proxyPlugins: [{ name: PEER_SNAPSHOTTER, address: p.address, root: p.root }] },
-    groups: async () => [p.pid()],
-    mounts: () => p.mounts(),
-    logFile: p.logFile,
-  };
-}
-
-async function settledFootprint(daemon: ArmDaemon): Promise<Footprint> {
+async function settledFootprint(d: DaemonWithContainerd): Promise<Footprint> {
   await delay(SETTLE_MS);
-  const groups = await daemon.groups();
+  const groups = await groupsOf(d);
   const f = await footprintOfGroups(groups);
-  if (f.pids.length < groups.length) throw new Error(`a daemon process is gone (groups ${groups.join(', ')}; see ${daemon.logFile})`);
+  if (f.pids.length < groups.length) throw new Error(`a daemon process is gone (groups ${groups.join(', ')}; see ${d.daemon.logFile})`);
   return f;
 }
 
 /** One sample of one arm: fresh daemon and containerd, the three footprints, everything torn down. */
-async function sample(arm: ArmName, registry: Registry, ref: string): Promise<ArmSample> {
+async function sample(arm: DaemonKind, registry: Registry, ref: string): Promise<ArmSample> {
   const scope = new CleanupStack();
   try {
-    const daemon = await startArm(arm, scope, registry.countingHost);
-    const containerd = await startContainerd({ scope, ...daemon.containerd });
-    const namespace = containerd.newNamespace('bench');
-    const idle = await settledFootprint(daemon);
+    const d = await startDaemonWithContainerd({ kind: arm, scope, pullHost: registry.countingHost, config: DAEMON_CONFIG });
+    const { containerd, snapshotter, namespace } = d;
+    const idle = await settledFootprint(d);
 
     registry.resetCounters();
-    await containerd.ctrRemote(['images', 'rpull', '--plain-http', '--snapshotter', daemon.snapshotter, ref], {
-      namespace,
-      timeoutMs: PULL_TIMEOUT_MS,
-    });
-    // containerd falls back to a full download when a snapshotter can't mount a layer remotely: that would not
-    // measure mounted layers at all
-    const fuse = (await daemon.mounts()).filter((m) => m.fstype.startsWith('fuse')).length;
-    if (fuse !== LAYERS) {
-      throw new Error(`${arm}: ${fuse} FUSE mounts after rpull of ${LAYERS} layers\n--- ${daemon.logFile} ---\n${await readTail(daemon.logFile)}`);
-    }
-    const mounted = await settledFootprint(daemon);
+    await containerd.rpull(ref, { snapshotter, namespace, timeoutMs: PULL_TIMEOUT_MS });
+    await expectLazyMounts(arm, d.daemon, LAYERS);
+    const mounted = await settledFootprint(d);
 
     const rootfs = path.join(await makeTmpRoot('bench-rootfs', scope), 'rootfs');
-    await containerd.mountImage(ref, rootfs, { snapshotter: daemon.snapshotter, namespace });
+    await containerd.mountImage(ref, rootfs, { snapshotter, namespace });
     try {
       // a child reads, never this process (stargaze's rule; the daemons are separate processes anyway)
       await run('sh', ['-c', 'cat "$@" >/dev/null', 'sh', ...Array.from({ length: LAYERS }, (_, i) => path.join(rootfs, fileOf(i)))]);
     } finally {
       await containerd.unmountImage(rootfs, { namespace });
     }
-    const afterReads = await settledFootprint(daemon);
+    const afterReads = await settledFootprint(d);
     return { idle, mounted, afterReads, fetchedBytes: registry.bytesServed() };
   } finally {
     await scope.run();
@@ -216,13 +178,16 @@ async function sample(arm: ArmName, registry: Registry, ref: string): Promise<Ar
 function metricsOf(s: ArmSample): Record<Metric, number> {
   return {
     idleRssMib: s.idle.rssKib / 1024,
+    idlePssMib: s.idle.pssKib / 1024,
     idleThreads: s.idle.threads,
     idleFds: s.idle.fds,
     mountedRssMib: s.mounted.rssKib / 1024,
+    mountedPssMib: s.mounted.pssKib / 1024,
     perMountedLayerKib: (s.mounted.rssKib - s.idle.rssKib) / LAYERS,
     mountedThreads: s.mounted.threads,
     mountedFds: s.mounted.fds,
     afterReadsRssMib: s.afterReads.rssKib / 1024,
+    afterReadsPssMib: s.afterReads.pssKib / 1024,
     perReadLayerKib: (s.afterReads.rssKib - s.mounted.rssKib) / LAYERS,
     afterReadsThreads: s.afterReads.threads,
     afterReadsFds: s.afterReads.fds,
@@ -234,13 +199,13 @@ const eachMetric = <T>(f: (m: Metric) => T): Record<Metric, T> => Object.fromEnt
 const load = (): string => loadavg().map((l) => l.toFixed(2)).join(' ');
 
 export async function benchLayerMemory(): Promise<{ results: LayerMemoryResults; notes: string[] }> {
-  const arms: ArmName[] = peerBinary() === undefined ? ['stargaze'] : ['stargaze', 'peer'];
+  const arms: DaemonKind[] = peerBinary() === undefined ? ['stargaze'] : ['stargaze', 'peer'];
   const notes = [
     `daemon config (both): ${DAEMON_CONFIG.trim().replace('\n', ', ')}; sums over stargaze's daemon + FUSE server, the peer's one process`,
     `load average at start: ${load()}`,
   ];
   if (!arms.includes('peer')) notes.push(PEER_MISSING_NOTE);
-  const samples = new Map<ArmName, ArmSample[]>(arms.map((a) => [a, []]));
+  const samples = new Map<DaemonKind, ArmSample[]>(arms.map((a) => [a, []]));
   const cleanup = new CleanupStack();
   let imageBytes = 0;
   try {
@@ -258,7 +223,8 @@ export async function benchLayerMemory(): Promise<{ results: LayerMemoryResults;
         const m = metricsOf(r);
         process.stdout.write(
           `  #${s + 1} ${arm.padEnd(8)} RSS idle ${m.idleRssMib.toFixed(1)} / mounted ${m.mountedRssMib.toFixed(1)} / ` +
-            `after reads ${m.afterReadsRssMib.toFixed(1)} MiB, fetched ${(r.fetchedBytes / MIB).toFixed(1)} MiB, load ${load()}\n`,
+            `after reads ${m.afterReadsRssMib.toFixed(1)} MiB, PSS ${m.idlePssMib.toFixed(1)} / ${m.mountedPssMib.toFixed(1)} / ` +
+            `${m.afterReadsPssMib.toFixed(1)} MiB, fetched ${(r.fetchedBytes / MIB).toFixed(1)} MiB, load ${load()}\n`,
         );
       }
     }
@@ -270,6 +236,10 @@ export async function benchLayerMemory(): Promise<{ results: LayerMemoryResults;
     const all = samples.get(arm)!.map(metricsOf);
     return { arm, median: eachMetric((k) => median(all.map((m) => m[k]))), samples: samples.get(arm)! };
   });
+  notes.push(
+    'per mounted / per read layer KiB: the median over samples of each sample\'s (mounted - idle) RSS / layers and ' +
+      '(after reads - mounted) RSS / layers; not derivable from the medians of the RSS rows',
+  );
   if (results.some((a) => a.median.perMountedLayerKib < 0 || a.median.perReadLayerKib < 0)) {
     notes.push('a negative per-layer delta: the daemon freed more (garbage collection) than the step added; take BENCH_SAMPLES >= 3');
   }

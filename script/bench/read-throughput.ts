@@ -15,13 +15,15 @@
  * a one-layer OCI image to the harness's registry and pulled through its byte-counting proxy on loopback (no link
  * emulation). Each sample is a fresh containerd + fresh daemon (daemon-arm.ts; config `no_background_fetch =
  * true`, prefetch at its default: the layer has `.no.prefetch.landmark`, so nothing is prefetched), `ctr-remote
- * images rpull`, the image's rootfs mounted through containerd, then three `dd`s of the file:
+ * images rpull` (checked to leave the layer FUSE-mounted), the image's rootfs mounted through containerd, then
+ * three `dd`s of the file:
  *  - cold from registry: every chunk fetched from the registry (whose blob file is re-read beforehand, so the
  *    registry serves it from the page cache in every sample);
  *  - own cache, page cache dropped: what the daemon kept (its chunk caches, memory or disk, by its defaults);
  *  - page cache warm.
- * Samples alternate stargaze and peer; each row is the median, and stargaze's rows carry their ratio to the
- * peer's (higher: stargaze faster). A note gives the bytes and requests the registry served for the cold read.
+ * Samples alternate which daemon goes first; each row is the median, and stargaze's rows carry stargaze/peer,
+ * stargaze's MiB/s over the peer's (above 1: stargaze faster). A note gives the bytes and requests the registry
+ * served for the cold read.
  *
  * Knobs: BENCH_FILE_MIB (default 256), BENCH_SAMPLES (default 3), STARGAZE_PEER_BIN.
  */
@@ -43,6 +45,7 @@ import { BufferBlobSource } from '../../src/remote/blob-source';
 import { STARGZ_DIGEST, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../src/source/labels';
 import { CleanupStack, PEER_MISSING_NOTE, peerBinary, startRegistry } from '../../test/e2e/harness';
 import { pushEstargzImage, startDaemonArm, type DaemonKind, type EstargzLayer } from './daemon-arm';
+import { median } from './startup';
 
 const MIB = 1024 * 1024;
 const FILE_MIB = Number(process.env.BENCH_FILE_MIB ?? 256);
@@ -59,8 +62,8 @@ export interface ReadResult {
   case: string;
   mibPerSec: number;
   seconds: number;
-  /** Stargaze daemon rows: this MiB/s over the peer daemon's in the same case (higher: stargaze faster). */
-  vsPeer?: number;
+  /** Stargaze daemon rows: this MiB/s over the peer daemon's in the same case (above 1: stargaze faster). */
+  stargazeOverPeer?: number;
 }
 
 export function run(cmd: string, args: string[]): Promise<string> {
@@ -139,8 +142,7 @@ export async function measure(name: string, file: string, before: () => Promise<
     await before();
     times.push(await timedRead(file));
   }
-  times.sort((a, b) => a - b);
-  const seconds = times[Math.floor(times.length / 2)] ?? 0;
+  const seconds = median(times);
   return { case: name, seconds, mibPerSec: FILE_MIB / seconds };
 }
 
@@ -251,9 +253,10 @@ async function daemonCases(layer: EstargzLayer, notes: string[]): Promise<ReadRe
     const repo = 'bench/read-throughput';
     const image = await pushEstargzImage(registry.host, repo, 'v1', layer);
     for (let i = 0; i < SAMPLES; i++) {
-      for (const kind of kinds) {
+      // alternate which daemon goes first, so drift in the machine's load hits both alike
+      for (const kind of i % 2 === 0 ? kinds : [...kinds].reverse()) {
         await warmRegistry(registry.host, repo, image.layerDigest);
-        const arm = await startDaemonArm({ kind, registry, pullHost: registry.countingHost, repoTag: image.repoTag, layerDigests: [image.layerDigest] });
+        const arm = await startDaemonArm({ kind, registry, pullHost: registry.countingHost, repoTag: image.repoTag, layers: 1, layerDigests: [image.layerDigest] });
         try {
           const file = path.join(arm.mountpoint, FILE_NAME);
           record(kind, 'cold', await timedRead(file));
@@ -269,14 +272,14 @@ async function daemonCases(layer: EstargzLayer, notes: string[]): Promise<ReadRe
   } finally {
     await scope.run();
   }
-  const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? 0;
   const rows: ReadResult[] = [];
   for (const [step, label] of DAEMON_STEPS) {
     const peerSeconds = seconds.get(`peer ${step}`);
     for (const kind of kinds) {
       const s = median(seconds.get(`${kind} ${step}`) ?? []);
-      const vsPeer = kind === 'stargaze' && peerSeconds !== undefined ? median(peerSeconds) / s : undefined;
-      rows.push({ case: `${kind} daemon, ${label}`, seconds: s, mibPerSec: FILE_MIB / s, ...(vsPeer === undefined ? {} : { vsPeer }) });
+      // MiB/s over MiB/s: the peer's seconds over stargaze's
+      const stargazeOverPeer = kind === 'stargaze' && peerSeconds !== undefined ? median(peerSeconds) / s : undefined;
+      rows.push({ case: `${kind} daemon, ${label}`, seconds: s, mibPerSec: FILE_MIB / s, ...(stargazeOverPeer === undefined ? {} : { stargazeOverPeer }) });
     }
   }
   for (const [kind, xs] of served) {

@@ -7,7 +7,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { benchReadThroughput } from './read-throughput';
 import { benchRegistryFetch } from './registry-fetch';
-import { benchLayerMemory } from './layer-memory';
+import { METRICS, METRIC_LABELS, benchLayerMemory } from './layer-memory';
 import { benchStartup } from './startup';
 import { benchRpullDownload } from './rpull-download';
 import { benchReadDisk } from './read-disk';
@@ -74,12 +74,18 @@ async function runFirstRead(): Promise<Record<string, unknown>> {
     }
     if (!daemonHeader) {
       daemonHeader = true;
-      process.stdout.write('  daemons (fresh containerd + daemon per sample; vs peer: peer ms / stargaze ms, >1 = stargaze faster):\n');
+      process.stdout.write('  daemons (fresh containerd + daemon per sample; pull->read = rpull + mount + read):\n');
     }
-    const vs = r.vsPeer ? `  vs peer ${r.vsPeer.total.toFixed(2)}x (read ${r.vsPeer.read.toFixed(2)}x)` : '';
+    const ratio = r.stargazeOverPeer
+      ? `  stargaze/peer ${r.stargazeOverPeer.pullToRead.toFixed(2)}x (read ${r.stargazeOverPeer.read.toFixed(2)}x)`
+      : '';
     process.stdout.write(
-      `  ${r.case.padEnd(68)} pull->read ${ms(r.mountToReadMs, 7)}  read ${ms(r.catMs, 7)}  rpull ${ms(r.pullMs, 6)}  mount ${ms(r.mountMs, 6)}  requests ${String(r.requests).padStart(3)}${vs}\n`,
+      `  ${r.case.padEnd(68)} pull->read ${ms(r.pullToReadMs, 7)}  read ${ms(r.catMs, 7)}  rpull ${ms(r.pullMs, 6)}  mount ${ms(r.mountMs, 6)}  ` +
+        `requests ${String(r.requests).padStart(3)} (read ${String(r.readRequests).padStart(3)})${ratio}\n`,
     );
+  }
+  if (results.some((r) => r.arm === 'stargaze' && r.stargazeOverPeer)) {
+    process.stdout.write('  note: stargaze/peer = stargaze ms / peer ms (medians): below 1 = stargaze faster\n');
   }
   for (const note of notes) process.stdout.write(`  note: ${note}\n`);
   return { results, notes };
@@ -98,28 +104,15 @@ async function runLayerMemory(): Promise<Record<string, unknown>> {
   if (process.getuid?.() !== 0) throw new Error('the layer-memory benchmark runs containerd and the daemons (FUSE): run it as root');
   process.stdout.write('layer memory: whole daemons (stargaze: daemon + FUSE server; peer: containerd-stargz-grpc), idle, layers mounted, after reads\n');
   const { results, notes } = await benchLayerMemory(); // prints its samples as they come
-  const rows: Array<[keyof (typeof results.arms)[number]['median'], string]> = [
-    ['idleRssMib', 'idle RSS MiB'],
-    ['idleThreads', 'idle threads'],
-    ['idleFds', 'idle fds'],
-    ['mountedRssMib', 'mounted RSS MiB'],
-    ['perMountedLayerKib', 'per mounted layer KiB'],
-    ['mountedThreads', 'mounted threads'],
-    ['mountedFds', 'mounted fds'],
-    ['afterReadsRssMib', 'after reads RSS MiB'],
-    ['perReadLayerKib', 'per read layer KiB'],
-    ['afterReadsThreads', 'after reads threads'],
-    ['afterReadsFds', 'after reads fds'],
-  ];
   const ratio = results.ratio;
   const cell = (s: string): string => s.padStart(14);
   process.stdout.write(
     `\n  ${results.layers} layers x ${results.filesPerLayer} files (${results.imageMib.toFixed(1)} MiB), median of ${results.samples}\n` +
       `  ${''.padEnd(24)}${results.arms.map((a) => cell(a.arm)).join('')}${ratio ? cell('stargaze/peer') : ''}\n`,
   );
-  for (const [key, label] of rows) {
+  for (const key of METRICS) {
     process.stdout.write(
-      `  ${label.padEnd(24)}` +
+      `  ${METRIC_LABELS[key].padEnd(24)}` +
         results.arms.map((a) => cell(a.median[key].toFixed(1))).join('') +
         (ratio ? cell(ratio[key] === null ? 'n/a' : `${ratio[key].toFixed(2)}x`) : '') +
         '\n',
@@ -132,11 +125,14 @@ async function runLayerMemory(): Promise<Record<string, unknown>> {
 async function runReadThroughput(): Promise<Record<string, unknown>> {
   if (process.getuid?.() !== 0) throw new Error('the read-throughput benchmark mounts FUSE and overlayfs: run it as root');
   const fileMib = Number(process.env.BENCH_FILE_MIB ?? 256);
-  process.stdout.write(`read throughput: sequential dd of a ${fileMib} MiB file (median of ${process.env.BENCH_SAMPLES ?? 3}; vs peer: stargaze MiB/s / peer MiB/s)\n`);
+  process.stdout.write(`read throughput: sequential dd of a ${fileMib} MiB file (median of ${process.env.BENCH_SAMPLES ?? 3})\n`);
   const { results, notes } = await benchReadThroughput();
   for (const r of results) {
-    const vs = r.vsPeer === undefined ? '' : `  vs peer ${r.vsPeer.toFixed(2)}x`;
-    process.stdout.write(`  ${r.case.padEnd(50)} ${r.mibPerSec.toFixed(0).padStart(6)} MiB/s  (${r.seconds.toFixed(3)} s)${vs}\n`);
+    const ratio = r.stargazeOverPeer === undefined ? '' : `  stargaze/peer ${r.stargazeOverPeer.toFixed(2)}x`;
+    process.stdout.write(`  ${r.case.padEnd(50)} ${r.mibPerSec.toFixed(0).padStart(6)} MiB/s  (${r.seconds.toFixed(3)} s)${ratio}\n`);
+  }
+  if (results.some((r) => r.stargazeOverPeer !== undefined)) {
+    process.stdout.write('  note: stargaze/peer = stargaze MiB/s / peer MiB/s (medians): above 1 = stargaze faster\n');
   }
   for (const note of notes) process.stdout.write(`  note: ${note}\n`);
   return { fileMib, results, notes };

@@ -79,6 +79,7 @@ import {
   type Registry,
   type RunResult,
 } from '../../test/e2e/harness';
+import { expectLazyMounts } from './daemon-arm';
 import { buildImages, type CachedImage } from './startup-images';
 
 const MIB = 1024 * 1024;
@@ -320,6 +321,9 @@ async function sample(
     } else {
       pull = await containerd.ctr(['images', 'pull', '--plain-http', ref], { namespace: ns, timeoutMs: STEP_TIMEOUT_MS });
     }
+    // A layer either daemon refused would have been downloaded by containerd: the sample would not be lazy.
+    if (daemon) await expectLazyMounts('stargaze', daemon, published.layers.length);
+    if (peerDaemon) await expectLazyMounts('peer', peerDaemon, published.layers.length);
     const snap = stargaze ? ['--snapshotter', STARGZ_SNAPSHOTTER] : peer ? ['--snapshotter', PEER_SNAPSHOTTER] : [];
     // no command: the workload is the image's Cmd (ctr would take its flags, python3 -c, for its own)
     const create = await containerd.ctr(['containers', 'create', '--net-host', ...snap, ref, id], {
