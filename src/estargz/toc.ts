@@ -429,6 +429,9 @@ function extractTocJson(tar: Buffer, maxTocBytes: number): Buffer {
       throw new EstargzFormatError(`TOC JSON is ${size} bytes, more than the limit of ${maxTocBytes}`);
     }
     if (pos + size > tar.length) throw new EstargzFormatError(`TOC JSON truncated: ${tar.length - pos} of ${size} bytes`);
-    return tar.subarray(pos, pos + size);
+    const json = tar.subarray(pos, pos + size);
+    // The inflated tar is a view of zlib's output buffer (TOC_INFLATE_CHUNK_BYTES at least): a small TOC kept
+    // by a layer (pre-opened, cached) must not hold all of it.
+    return json.buffer.byteLength > 2 * json.length ? Buffer.from(json) : json;
   }
 }

@@ -409,6 +409,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
    * Layers whose TOC is in the local cache are left alone: their mount needs no registry.
    */
   private preOpen(source: LayerSourceInfo, layerLog: Logger): void {
+    const ttlMs = this.options.preOpenTtlMs ?? PRE_OPEN_TTL_MS;
     const mounted = new Set([...this.layers.values()].map((l) => l.source.digest));
     for (const digest of source.layers) {
       const key = preOpenKey(source.ref, digest);
@@ -429,8 +430,12 @@ export class StargazeFileSystem implements RemoteFileSystem {
       setTimeout(() => {
         if (this.preOpened.get(key) !== opened) return; // claimed by its mount
         this.preOpened.delete(key);
-        void opened.then((layer) => layer?.ready?.stop.abort());
-      }, this.options.preOpenTtlMs ?? PRE_OPEN_TTL_MS).unref();
+        void opened.then((layer) => {
+          if (layer?.ready === undefined) return;
+          layer.ready.stop.abort();
+          layerLog.debug({ neighbour: digest, preOpenTtlMs: ttlMs }, 'layer opened ahead was not mounted in time: its prefetch stopped');
+        });
+      }, ttlMs).unref();
     }
   }
 
@@ -643,7 +648,10 @@ export class StargazeFileSystem implements RemoteFileSystem {
         return true;
       },
       (err: unknown) => {
-        if (signal.aborted) layerLog.debug({ elapsedMs: Date.now() - started }, 'prefetch stopped: the layer was closed');
+        // Stopped by its layer (unmounted, refused, replaced, not claimed): not a failure, whatever the transport
+        // made of the abort. Bad content found before the stop still is.
+        const badContent = err instanceof VerificationError || err instanceof EstargzFormatError;
+        if (signal.aborted && !badContent) layerLog.debug({ elapsedMs: Date.now() - started }, 'prefetch stopped');
         else layerLog.warn({ err: errorMessage(err) }, 'prefetch failed');
         return false;
       },

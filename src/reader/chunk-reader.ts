@@ -258,7 +258,9 @@ export class LayerReader {
     const waiting: Array<() => void> = [];
     const inflate = async (c: ChunkInfo): Promise<Buffer> => {
       await head.through(c.compressedOffset, c.compressedEnd);
+      signal?.throwIfAborted(); // a closed layer's downloaded parts are not worth the CPU; joined readers fetch
       while (inflating >= PREFETCH_INFLATE_CONCURRENCY) await new Promise<void>((r) => waiting.push(r));
+      signal?.throwIfAborted();
       inflating++;
       try {
         return await this.decode(c, head.bytes.subarray(c.compressedOffset, c.compressedEnd));

@@ -9,6 +9,7 @@
  *
  * Credentials and tokens never appear in logs or error messages: messages name hosts and scopes only.
  */
+import { abortable } from '../abortable';
 import { RegistryAuthError, errorMessage } from '../errors';
 import type { Logger } from '../log';
 import type { CredentialProvider, RegistryCredentials } from './credentials';
@@ -117,6 +118,9 @@ export interface RegistryAuthorizerOptions {
   now?: () => number;
 }
 
+/** Bound on one shared answer to a challenge: credential lookup (helpers included) and the token request. */
+const CHALLENGE_TIMEOUT_MS = 120_000;
+
 interface CachedAuth {
   header: string;
   /** ms since epoch; Infinity for Basic. */
@@ -172,10 +176,14 @@ export class RegistryAuthorizer {
     const current = this.cached(host, scope);
     if (current !== undefined && current !== failed) return current;
     const running = this.inflight.get(key);
-    if (running !== undefined) return running;
-    const p = this.challenge(host, scope, wwwAuthenticate, failed, signal).finally(() => this.inflight.delete(key));
+    if (running !== undefined) return abortable(running, signal);
+    // Shared by every request that meets the same challenge, so it runs under its own bound, not under the
+    // signal of whichever request came first: a layer being closed must not fail the others' token refresh.
+    const p = this.challenge(host, scope, wwwAuthenticate, failed, AbortSignal.timeout(CHALLENGE_TIMEOUT_MS)).finally(() =>
+      this.inflight.delete(key),
+    );
     this.inflight.set(key, p);
-    return p;
+    return abortable(p, signal);
   }
 
   /** Forgets everything cached for a host (e.g. after its credentials were rejected). */

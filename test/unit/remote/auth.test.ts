@@ -114,6 +114,29 @@ describe('RegistryAuthorizer', () => {
     assert.equal(await a.authorize('r', 's', CHALLENGE, 'Bearer t1'), 'Bearer t2');
   });
 
+  it('a shared token fetch outlives the request that started it when that one is aborted', async () => {
+    let release!: () => void;
+    const released = new Promise<void>((r) => (release = r));
+    const calls: Parameters<TokenHttp>[1][] = [];
+    const http: TokenHttp = async (_url, init) => {
+      calls.push(init);
+      await released;
+      if (init.signal?.aborted) throw new Error('token request aborted');
+      return { status: 200, body: Buffer.from(JSON.stringify({ token: 'shared' })) };
+    };
+    const a = new RegistryAuthorizer({ credentials: async () => undefined, http });
+    const closing = new AbortController(); // say, the prefetch of a layer being unmounted
+    const first = a.authorize('r', 's', CHALLENGE, undefined, closing.signal);
+    const second = a.authorize('r', 's', CHALLENGE, undefined); // a container's read on another layer
+    await new Promise((r) => setImmediate(r));
+    closing.abort(new Error('layer closed'));
+    await assert.rejects(first, /layer closed/, 'the aborted caller stops waiting at once');
+    release();
+    assert.equal(await second, 'Bearer shared', 'the other caller still gets the token');
+    assert.equal(calls.length, 1);
+    assert.equal(calls[0]?.signal?.aborted, false, 'the token request did not run under the first caller\'s signal');
+  });
+
   it('basic challenges use the credentials and are remembered per host', async () => {
     const { http, calls } = fakeTokenServer(() => ({ status: 500, json: {} }));
     const a = new RegistryAuthorizer({ credentials: async () => ({ username: 'u', password: 'secret-pw' }), http });
