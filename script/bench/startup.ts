@@ -345,12 +345,12 @@ async function sample(
 const secs = (ms: number): string => (ms / 1000).toFixed(2);
 
 /**
- * One row per link, image and mode. `vs legacy`: total over legacy's total; `vs peer`: a stargaze mode's total,
+ * One row per link, image and mode. `vs legacy`: total over legacy's total; `stargaze/peer`: a stargaze mode's total,
  * blob GETs and bytes over those of its peer mode (lazy over peer, lazy-opt over peer-opt).
  */
 export function markdownTable(rows: StartupRow[]): string {
   const lines = [
-    '| link | image (gzip) | mode | pull s | create s | run s | total s | vs legacy | vs peer: total | blob GETs | fetched MiB | vs peer: GETs, bytes |',
+    '| link | image (gzip) | mode | pull s | create s | run s | total s | vs legacy | stargaze/peer: total | blob GETs | fetched MiB | stargaze/peer: GETs, bytes |',
     '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
   ];
   const ratio = (a: number, b: number): string => (b > 0 ? `${(a / b).toFixed(2)}x` : '');
