@@ -334,14 +334,18 @@ async function prioritizedLayer(seed: number): Promise<{ blob: Buffer; digest: s
 /** Bound from the issue: a closed layer's fetches stop within a second. */
 const STOP_WITHIN_MS = 1000;
 
-test("unmounting a layer stops its prefetch within a second", { skip: !canMount && 'needs root for FUSE' }, async () => {
+/** A layer with a stalled head mounted on a new file system of `config`; everything goes when the test ends. */
+async function mountStalled(
+  seed: number,
+  config: Partial<ReturnType<typeof defaultConfig>>,
+  log: typeof quiet,
+): Promise<{ fsys: StargazeFileSystem; source: StalledHeadBlob; mnt: string }> {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
-  const layer = await prioritizedLayer(1);
+  const layer = await prioritizedLayer(seed);
   const registry = new MemoryRegistry();
   const source = new StalledHeadBlob(layer.digest, layer.blob, layer.headBytes);
   registry.blobs.set(layer.digest, source);
-  const logs = capturingLog('debug');
-  const fsys = new StargazeFileSystem({ registry, config: { ...defaultConfig(), noBackgroundFetch: true, copyFetchedLayers: false }, log: logs.log });
+  const fsys = new StargazeFileSystem({ registry, config: { ...defaultConfig(), copyFetchedLayers: false, ...config }, log });
   after(async () => {
     await fsys.close();
     await rm(dir, { recursive: true, force: true });
@@ -349,6 +353,12 @@ test("unmounting a layer stops its prefetch within a second", { skip: !canMount 
   const mnt = path.join(dir, 'm');
   await mkdir(mnt);
   await fsys.mount(mnt, { [TARGET_SNAPSHOT_REF]: layer.diffId, [STARGZ_REFERENCE]: 'registry.test/img:1', [STARGZ_DIGEST]: layer.digest, [TOC_DIGEST]: layer.tocDigest });
+  return { fsys, source, mnt };
+}
+
+test("unmounting a layer stops its prefetch within a second", { skip: !canMount && 'needs root for FUSE' }, async () => {
+  const logs = capturingLog('debug');
+  const { fsys, source, mnt } = await mountStalled(1, { noBackgroundFetch: true }, logs.log);
   await until('prefetch to be reading the head', () => source.stalled.length > 0);
 
   const unmountedAt = Date.now();
@@ -402,28 +412,13 @@ test('a layer opened ahead of a mount that never comes stops its prefetch when i
 });
 
 test('unmounting a layer stops its background fetch within a second', { skip: !canMount && 'needs root for FUSE' }, async () => {
-  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
-  const layer = await prioritizedLayer(4);
-  const registry = new MemoryRegistry();
-  const source = new StalledHeadBlob(layer.digest, layer.blob, layer.headBytes);
-  registry.blobs.set(layer.digest, source);
-  const fsys = new StargazeFileSystem({
-    registry,
-    config: { ...defaultConfig(), noPrefetch: true, backgroundFetchQuietMs: 0, copyFetchedLayers: false },
-    log: quiet,
-  });
-  after(async () => {
-    await fsys.close();
-    await rm(dir, { recursive: true, force: true });
-  });
-  const mnt = path.join(dir, 'm');
-  await mkdir(mnt);
-  await fsys.mount(mnt, { [TARGET_SNAPSHOT_REF]: layer.diffId, [STARGZ_REFERENCE]: 'registry.test/img:1', [STARGZ_DIGEST]: layer.digest, [TOC_DIGEST]: layer.tocDigest });
+  const { fsys, source, mnt } = await mountStalled(4, { noPrefetch: true, backgroundFetchQuietMs: 0 }, quiet);
   await until('background fetch to be reading the blob', () => source.stalled.length > 0);
   const unmountedAt = Date.now();
   await fsys.unmount(mnt);
   await until('every background read to be aborted', () => source.stalled.every((r) => r.abortedAt !== undefined), STOP_WITHIN_MS);
   for (const r of source.stalled) assert.ok(r.abortedAt! - unmountedAt < STOP_WITHIN_MS);
+  assert.ok(source.startedAt.every((at) => at <= unmountedAt), 'no read of the blob started after the unmount');
 });
 
 test('a layer opened ahead and mounted in time keeps its prefetch past the pre-open time', { skip: !canMount && 'needs root for FUSE' }, async () => {
