@@ -3,7 +3,7 @@
 # removed afterwards (also on Ctrl-C). Sets the machine up first (script/setup.sh: packages,
 # /dev/fuse, npm ci, build), then runs script/demo.ts (compiled to dist/script/demo.js):
 # registry + counting proxy, stargaze daemon, containerd with the stargz proxy plugin, a busybox
-# eStargz image with a big unread file, `ctr-remote images rpull` and `ctr run --snapshotter stargz`,
+# eStargz image with a big unread file (`stargaze convert`), `stargaze rpull` and `ctr run --snapshotter stargz`,
 # and a report of pull time, run time and bytes fetched, next to a plain overlayfs pull.
 #
 #   bash script/demo.sh [--size-mib N] [--no-baseline] [--baseline-only] [--keep]

@@ -4,9 +4,9 @@
  *
  * 1. a private registry with a byte-counting proxy in front of it;
  * 2. the stargaze daemon and a private containerd that loads it as the `stargz` proxy snapshotter;
- * 3. a busybox image with a big file the workload never reads, converted to eStargz;
+ * 3. a busybox image with a big file the workload never reads, converted to eStargz by `stargaze convert`;
  * 4. baseline: `ctr images pull` + `ctr run` with containerd's overlayfs snapshotter;
- * 5. lazy: `ctr-remote images rpull` + `ctr run --snapshotter stargz`;
+ * 5. lazy: `stargaze rpull` + `ctr run --snapshotter stargz`;
  * then pull and run times and bytes fetched from the registry for both.
  *
  * Flags: --size-mib N (big file size, default 64), --no-baseline, --baseline-only (no stargaze),
@@ -18,7 +18,10 @@ import {
   STARGZ_SNAPSHOTTER,
   bigFileFixture,
   buildBusyboxImage,
-  convertToEstargz,
+  STARGAZE_COMMAND,
+  STARGAZE_COMMAND_ENV,
+  convertWithStargaze,
+  run,
   startContainerd,
   startDaemon,
   startRegistry,
@@ -90,10 +93,13 @@ async function measure(
   const namespace = containerd.newNamespace(lazy ? 'demo-lazy' : 'demo-legacy');
   const ref = withHost(image.ref, registry.countingHost);
   registry.resetCounters();
-  step(`${label}: ${lazy ? 'ctr-remote images rpull' : 'ctr images pull'} ${ref}`);
+  step(`${label}: ${lazy ? 'stargaze rpull' : 'ctr images pull'} ${ref}`);
   const t0 = Date.now();
-  if (lazy) await containerd.rpull(ref, { namespace });
-  else await containerd.pull(ref, { namespace });
+  if (lazy) {
+    await run(STARGAZE_COMMAND, ['rpull', '--address', containerd.address, '--namespace', namespace, '--plain-http', ref], { env: STARGAZE_COMMAND_ENV });
+  } else {
+    await containerd.pull(ref, { namespace });
+  }
   const pullMs = Date.now() - t0;
   step(`${label}: ctr run ${lazy ? `--snapshotter ${STARGZ_SNAPSHOTTER} ` : ''}${workload.join(' ')}`);
   const t1 = Date.now();
@@ -164,8 +170,8 @@ async function demo(opts: DemoOptions, cleanup: CleanupStack): Promise<void> {
     tag: 'v1',
     extraFiles: fixture.extraFiles,
   });
-  step('converting it to eStargz (ctr-remote images convert --estargz --oci) and pushing it');
-  const estargz = await convertToEstargz(containerd, original.ref, `${registry.host}/demo/busybox:v1-esgz`);
+  step('converting it to eStargz and pushing it (stargaze convert)');
+  const estargz = await convertWithStargaze(original.ref, `${registry.host}/demo/busybox:v1-esgz`);
 
   const results: Measurement[] = [];
   if (opts.baseline) {

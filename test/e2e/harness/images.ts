@@ -9,6 +9,7 @@ import { existsSync } from 'node:fs';
 import { copyFile, mkdir, open, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { Containerd } from './containerd';
+import { STARGAZE_COMMAND, STARGAZE_COMMAND_ENV } from './daemon';
 import { run } from './exec';
 import { DEFAULT_MTIME_SEC, materializeEntries, packLayer, type EntrySpec, type LayerBlob, type LayerSpec } from './rootfs';
 import type { CleanupScope } from './cleanup';
@@ -292,6 +293,17 @@ export async function convertToEstargz(
   } finally {
     await containerd.ctr(['images', 'rm', '--sync', src, dst], { namespace, allowFailure: true });
   }
+  return describeEstargz(dst);
+}
+
+/** `stargaze convert --plain-http SRC DST` (registry to registry), the command users run. */
+export async function convertWithStargaze(src: string, dst: string): Promise<EstargzImage> {
+  await run(STARGAZE_COMMAND, ['convert', '--plain-http', '--quiet', src, dst], { env: STARGAZE_COMMAND_ENV, timeoutMs: 300_000 });
+  return describeEstargz(dst);
+}
+
+/** The pushed eStargz image `host/repo:tag`, checked to carry a TOC digest on every layer. */
+async function describeEstargz(dst: string): Promise<EstargzImage> {
   const m = /^([^/]+)\/(.+):([^:/]+)$/.exec(dst);
   if (!m) throw new Error(`cannot parse image reference ${dst} (want host/repo:tag)`);
   const pushed = await describePushed(m[1]!, m[2]!, m[3]!);

@@ -51,6 +51,7 @@ export {
   buildEstargzImage,
   busyboxEntries,
   convertToEstargz,
+  convertWithStargaze,
   fetchManifest,
   mountSideBySide,
   publishTrickyImages,
