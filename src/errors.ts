@@ -17,6 +17,7 @@ export type ErrorCode =
   | 'ERR_USAGE'
   | 'ERR_LOCAL_COPY'
   | 'ERR_PROTOCOL'
+  | 'ERR_PULL'
   | 'ERR_INTERNAL';
 
 export class StargazeError extends Error {

@@ -18,6 +18,7 @@ import { RegistryClient } from '../remote/registry-client';
 import { registryOptionsFromConfig } from '../remote/registry-config';
 import { Snapshotter } from '../snapshot/snapshotter';
 import { startSnapshotServer } from '../service/snapshots-service';
+import { startPullServer, type PullServer } from '../service/pull-service';
 import { createCriImageProxy, startCriImageProxy, type CriImageProxy, type CriImageProxyServer } from '../service/cri-image-proxy';
 import { CRI_KEYCHAIN_DIR, openCriKeychain, openKeychains, type KeychainPaths } from '../remote/keychains';
 import { kubeconfigPath } from '../remote/kubeconfig-keychain';
@@ -28,6 +29,8 @@ export const DEFAULT_ADDRESS = '/run/stargaze/stargaze.sock';
 export const DEFAULT_ROOT = '/var/lib/stargaze';
 export const DEFAULT_CONFIG = '/etc/stargaze/config.toml';
 export const DEFAULT_HOSTS_DIR = '/etc/containerd/certs.d';
+/** The pull socket's name beside the snapshotter's socket: `stargaze rpull`'s default is the default daemon's. */
+const PULL_ADDRESS_FILE = 'pull.sock';
 const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'];
 
 const USAGE = `usage: stargaze daemon [options]
@@ -37,6 +40,8 @@ const USAGE = `usage: stargaze daemon [options]
   --config FILE      TOML config (default ${DEFAULT_CONFIG}; a missing default file means defaults)
   --hosts-dir DIR    containerd hosts.toml directory (default ${DEFAULT_HOSTS_DIR})
   --log-level LEVEL  trace, debug, info, warn, error (default info)
+  --pull-address SOCK  unix socket on which the daemon pulls for \`stargaze rpull\` (default: pull.sock
+                     beside --address, so ${PULL_ADDRESS_FILE} in ${path.dirname(DEFAULT_ADDRESS)} by default); '' = off
 `;
 
 export async function main(argv: string[]): Promise<number> {
@@ -50,6 +55,7 @@ export async function main(argv: string[]): Promise<number> {
         config: { type: 'string' },
         'hosts-dir': { type: 'string', default: DEFAULT_HOSTS_DIR },
         'log-level': { type: 'string', default: 'info' },
+        'pull-address': { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
       strict: true,
@@ -106,6 +112,8 @@ export async function main(argv: string[]): Promise<number> {
   }
   const server = await startSnapshotServer({ snapshotter, address, extraServices: criProxy ? [criProxy] : [] });
   log.info({ address, root }, 'serving containerd snapshots');
+  const pullAddress = values['pull-address'] ?? path.join(path.dirname(address), PULL_ADDRESS_FILE);
+  const pullServer = pullAddress === '' ? undefined : await servePulls(pullAddress);
   await notifySystemdReady(log);
 
   await new Promise<void>((resolve) => {
@@ -118,6 +126,7 @@ export async function main(argv: string[]): Promise<number> {
     process.on('SIGINT', stop);
     process.on('SIGTERM', stop);
   });
+  await pullServer?.close();
   await server.close();
   criProxy?.close();
   await criProxyServer?.close();
@@ -126,6 +135,20 @@ export async function main(argv: string[]): Promise<number> {
   await filesystem.close();
   log.info('stopped');
   return 0;
+}
+
+/**
+ * Pulls for `stargaze rpull` on their own socket. Optional to the daemon: when it cannot listen (another
+ * daemon holds the socket), rpull pulls in its own process, as it does without a daemon.
+ */
+async function servePulls(address: string): Promise<PullServer | undefined> {
+  const pullLog = log.child({ module: 'pull' });
+  try {
+    return await startPullServer({ address: path.resolve(address), log: pullLog });
+  } catch (err) {
+    pullLog.warn({ socket: address, err: errorMessage(err) }, 'not serving pulls for stargaze rpull: it pulls in its own process');
+    return undefined;
+  }
 }
 
 interface FileSystemSetup {

@@ -3,21 +3,20 @@
  * `stargz` proxy plugin) mounts its eStargz layers lazily; layers it cannot mount lazily are downloaded and
  * unpacked here. The steps are in src/containerd/pull.ts (reference: cmd/ctr-remote/commands/rpull.go).
  */
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
-import os from 'node:os';
+import { homedir } from 'node:os';
 import path from 'node:path';
-import { setTimeout as delay } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { StargazeError, UsageError, errorMessage } from '../errors';
-import type { ContainerdClient } from '../containerd/client';
 import type { LayerOutcome, PullEvent } from '../containerd/pull';
+import type { PullRequest, PullSummary } from '../containerd/pull-request';
 import { collapseKey, joinOrLead, type CollapsedPull } from '../containerd/pull-collapse';
 import { handOverToJoiners, takeLauncherJoin } from '../containerd/launcher-join';
 import { formatPlatform, hostPlatform, parsePlatform, type Platform } from '../containerd/platforms';
-import { parseReference, registryHostFor } from '../remote/reference';
-import { pathExists } from '../path-exists';
-// pino, the gRPC client, the pull and the registry client are loaded in pull() only: a pull that joins a
-// concurrent one of the same image never needs them, and loading them is most of a pull's CPU time.
+import { parseReference } from '../remote/reference';
+import { DEFAULT_PULL_ADDRESS, pullThroughDaemon } from './rpull-daemon';
+// pino, the gRPC client, the pull and the registry client are loaded only for a pull in this process: a pull
+// the daemon carries out, or one that joins a concurrent pull of the same image, never needs them, and
+// loading them is most of a pull's CPU time.
 
 export const DEFAULT_CONTAINERD_ADDRESS = '/run/containerd/containerd.sock';
 export const DEFAULT_NAMESPACE = 'default';
@@ -26,11 +25,6 @@ export const DEFAULT_SNAPSHOTTER = 'stargz';
 export const DEFAULT_HOSTS_DIR = '/etc/containerd/certs.d';
 /** ctr-remote rpull's prefetch size. */
 export const DEFAULT_PREFETCH_BYTES = 10 * 1024 * 1024;
-/**
- * What the manifest request gets to go out before the gRPC client loads (CPU work that blocks the event loop
- * for about 100 ms): reading hosts.toml and credentials and connecting take a few ms.
- */
-const IO_HEAD_START_MS = 5;
 /** How often a terminal progress line is redrawn at most. */
 const TTY_REDRAW_MS = 100;
 /** Characters of a digest shown per layer: `sha256:` and 12 hex digits. */
@@ -51,10 +45,14 @@ starts right away.
   --user USER:PASS        registry credentials (else docker's config.json)
   --platform OS/ARCH      platform to pick from a multi-platform image (default ${formatPlatform(hostPlatform())})
   --prefetch-bytes N      bytes of each layer the snapshotter prefetches (default ${DEFAULT_PREFETCH_BYTES})
+  --pull-address SOCK     the stargaze daemon's pull socket (default ${DEFAULT_PULL_ADDRESS}): the daemon, whose
+                          modules are loaded, pulls and this prints its progress; when no daemon answers
+                          there, rpull pulls in its own process; '' always pulls in its own process
   -h, --help              this help
 
 The snapshotter fetches lazily with its own registry configuration (the daemon's --hosts-dir and
-credentials); --plain-http and --user apply to what rpull itself downloads.
+credentials); --plain-http, --user, --hosts-dir and docker's config.json (\$DOCKER_CONFIG) apply to what
+the pull itself downloads, also when the daemon carries it out.
 `;
 
 export interface RpullArgs {
@@ -67,6 +65,8 @@ export interface RpullArgs {
   user: { username: string; password: string } | undefined;
   platform: string | undefined;
   prefetchBytes: number;
+  /** The daemon's pull socket; '' pulls in this process. */
+  pullAddress: string;
 }
 
 /** Parses argv; undefined means --help was asked for. */
@@ -84,6 +84,7 @@ export function parseRpullArgs(argv: string[]): RpullArgs | undefined {
         user: { type: 'string', short: 'u' },
         platform: { type: 'string' },
         'prefetch-bytes': { type: 'string', default: String(DEFAULT_PREFETCH_BYTES) },
+        'pull-address': { type: 'string', default: DEFAULT_PULL_ADDRESS },
         help: { type: 'boolean', short: 'h' },
       },
       strict: true,
@@ -114,22 +115,8 @@ export function parseRpullArgs(argv: string[]): RpullArgs | undefined {
     user,
     platform: values.platform,
     prefetchBytes: Number(prefetch),
+    pullAddress: values['pull-address'],
   };
-}
-
-/**
- * The hosts dir to use. With --plain-http and no hosts.toml for the registry (nor a _default one), a
- * throw-away hosts dir says `server = "http://<host>"`, which is what ctr's --plain-http means.
- */
-async function hostsDirFor(domain: string, hostsDir: string, plainHttp: boolean): Promise<{ dir: string; cleanup: () => Promise<void> }> {
-  const none = { dir: hostsDir, cleanup: async () => undefined };
-  if (!plainHttp) return none;
-  const { DEFAULT_HOST_DIR, HOSTS_FILE } = await import('../remote/hosts');
-  if ((await pathExists(path.join(hostsDir, domain, HOSTS_FILE))) || (await pathExists(path.join(hostsDir, DEFAULT_HOST_DIR, HOSTS_FILE)))) return none;
-  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-rpull-hosts-'));
-  await mkdir(path.join(dir, domain), { recursive: true });
-  await writeFile(path.join(dir, domain, HOSTS_FILE), `server = ${JSON.stringify(`http://${registryHostFor(domain)}`)}\n`);
-  return { dir, cleanup: () => rm(dir, { recursive: true, force: true }) };
 }
 
 function layers(n: number): string {
@@ -268,7 +255,7 @@ export async function main(argv: string[]): Promise<number> {
       return 0;
     }
     try {
-      const result = await pull(args, reference.domain, platform, abort.signal, progress);
+      const result = await pull(args, platform, abort.signal, progress);
       // The launcher's joiners started about when this process did: how long they waited is its age.
       await Promise.all([collapse.publish(result), handOver(result, Math.round(performance.now()))]);
     } catch (err) {
@@ -302,50 +289,40 @@ export function joinedOutput(r: CollapsedPull, ms: number): string {
   return text;
 }
 
-async function pull(args: RpullArgs, domain: string, platform: Platform, signal: AbortSignal, progress: ProgressPrinter): Promise<CollapsedPull> {
-  const [{ default: pino }, { RegistryClient }, { resolveManifest }] = await Promise.all([
-    import('pino'),
-    import('../remote/registry-client'),
-    import('../containerd/resolve'),
-  ]);
-  // Logs go to stderr (stdout is the progress); quiet unless STARGAZE_LOG_LEVEL says otherwise.
-  const log = pino({ level: process.env.STARGAZE_LOG_LEVEL ?? 'warn', base: undefined }, pino.destination(2));
+/** The pull as the daemon or this process carries it out: every path absolute, the caller's docker config. */
+export function pullRequestOf(args: RpullArgs, platform: Platform, env: NodeJS.ProcessEnv = process.env): PullRequest {
+  const dockerConfig = env.DOCKER_CONFIG;
+  return {
+    ref: args.ref,
+    address: path.resolve(args.address),
+    namespace: args.namespace,
+    snapshotter: args.snapshotter,
+    platform,
+    prefetchBytes: args.prefetchBytes,
+    hostsDir: path.resolve(args.hostsDir),
+    plainHttp: args.plainHttp,
+    user: args.user,
+    dockerConfigDir: path.resolve(dockerConfig !== undefined && dockerConfig !== '' ? dockerConfig : path.join(homedir(), '.docker')),
+  };
+}
 
-  const hosts = await hostsDirFor(domain, args.hostsDir, args.plainHttp);
-  const user = args.user;
-  const registry = new RegistryClient({
-    hostsDir: hosts.dir,
-    credentials: user !== undefined ? () => user : undefined,
-    log: log.child({ module: 'remote' }),
-  });
-  let client: ContainerdClient | undefined;
-  try {
-    // The registry round trips for the manifest go on while the gRPC client loads and connects (loading it
-    // is CPU work of about 100 ms). containerd's errors still come first: the pull awaits this after them.
-    const resolved = resolveManifest(registry, args.ref, platform, signal);
-    resolved.catch(() => undefined);
-    // Loading them blocks the event loop: the manifest request must be on the wire first, or it only leaves
-    // once the load is done and the round trips no longer overlap it.
-    await Promise.race([resolved.then(() => undefined, () => undefined), delay(IO_HEAD_START_MS)]);
-    const [{ ContainerdClient }, { pullImage }] = await Promise.all([import('../containerd/client'), import('../containerd/pull')]);
-    client = await ContainerdClient.connect({ address: args.address, namespace: args.namespace });
-    const result = await pullImage({
-      client,
-      registry,
-      ref: args.ref,
-      snapshotter: args.snapshotter,
-      platform,
-      prefetchBytes: args.prefetchBytes,
-      log: log.child({ module: 'rpull' }),
-      signal,
-      resolved,
-      onEvent: (e) => progress.event(e),
-    });
-    progress.done(result.name, result.layers, result.ms);
-    return { name: result.name, manifestDigest: result.manifest.digest, platform: result.platform, layers: result.layers.map((l) => l.digest) };
-  } finally {
-    client?.close();
-    await registry.close();
-    await hosts.cleanup();
+async function pull(args: RpullArgs, platform: Platform, signal: AbortSignal, progress: ProgressPrinter): Promise<CollapsedPull> {
+  const request = pullRequestOf(args, platform);
+  const onEvent = (e: PullEvent): void => progress.event(e);
+  let summary: PullSummary | undefined;
+  let notHandedOver: string | undefined;
+  if (args.pullAddress !== '') {
+    const outcome = await pullThroughDaemon(args.pullAddress, request, onEvent, signal);
+    if (outcome.kind === 'pulled') summary = outcome.summary;
+    else notHandedOver = outcome.reason;
   }
+  if (summary === undefined) {
+    const [{ default: pino }, { runPull }] = await Promise.all([import('pino'), import('../containerd/pull-request')]);
+    // Logs go to stderr (stdout is the progress); quiet unless STARGAZE_LOG_LEVEL says otherwise.
+    const log = pino({ level: process.env.STARGAZE_LOG_LEVEL ?? 'warn', base: undefined }, pino.destination(2));
+    if (notHandedOver !== undefined) log.debug({ reason: notHandedOver }, 'no daemon pulls for us: pulling in this process');
+    summary = await runPull(request, log, signal, onEvent);
+  }
+  progress.done(summary.name, summary.layers, summary.ms);
+  return { name: summary.name, manifestDigest: summary.manifestDigest, platform: summary.platform, layers: summary.layers.map((l) => l.digest) };
 }

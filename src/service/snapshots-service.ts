@@ -273,7 +273,7 @@ function socketIsLive(address: string): Promise<boolean> {
  * Removes a leftover socket from an earlier run. Refuses to touch anything that is not a socket, and a
  * socket another server still answers on.
  */
-async function removeStaleSocket(address: string, options: { probe: boolean }): Promise<void> {
+export async function removeStaleSocket(address: string, options: { probe: boolean }): Promise<void> {
   let st: fs.Stats;
   try {
     st = await fsp.lstat(address);

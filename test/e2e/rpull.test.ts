@@ -172,6 +172,43 @@ describe('stargaze rpull', { skip: notRoot && 'e2e tests need root' }, () => {
     assert.deepEqual(await snapshots(ns, 'stargz'), snapsBefore, 'no new snapshot');
   }
 
+  test('the daemon pulls for rpull on its pull socket: the same lines, every layer lazy; no daemon there: rpull pulls itself', async () => {
+    const d = needDaemon();
+    const pullSocket = path.join(path.dirname(d.address), 'pull.sock');
+    const ns = containerd.newNamespace('bydaemon');
+    const ref = withHost(esgz.ref, registry.countingHost);
+    const pulledBefore = d.logs().filter((e) => e.msg === 'pulled for rpull').length;
+
+    const r = await rpull(['--pull-address', pullSocket, '--namespace', ns, ref]);
+    assert.equal(r.code, 0, `rpull failed:\n${r.stderr}\n${r.stdout}`);
+    assert.deepEqual(
+      layerLines(r.stdout),
+      esgz.layers.map((l) => ({ digest: short(l.digest), outcome: 'lazy', bytes: 0 })),
+      r.stdout,
+    );
+    assert.match(r.stdout, /^done: .* 2 layers \(2 lazy, 0 fetched, 0 already present\)/m);
+    const pulled = d.logs().filter((e) => e.msg === 'pulled for rpull');
+    assert.equal(pulled.length, pulledBefore + 1, 'the daemon carried the pull out');
+    assert.equal(pulled.at(-1)?.image, ref);
+    const out = await containerd.runContainer(ref, ['/bin/cat', '/upper.txt'], { namespace: ns, snapshotter: 'stargz' });
+    assert.equal(out.stdout, 'hello from the upper layer\n');
+
+    // A pull socket nobody listens on: rpull pulls in its own process, with the same result.
+    const ns2 = containerd.newNamespace('nodaemon');
+    const alone = await rpull(['--pull-address', path.join(path.dirname(d.address), 'nobody-here.sock'), '--namespace', ns2, ref]);
+    assert.equal(alone.code, 0, `rpull failed:\n${alone.stderr}\n${alone.stdout}`);
+    assert.deepEqual(layerLines(alone.stdout), layerLines(r.stdout).map((l) => ({ ...l })), alone.stdout);
+    assert.equal(d.logs().filter((e) => e.msg === 'pulled for rpull').length, pulledBefore + 1, 'the daemon was not asked');
+
+    // A failed pull reports the daemon's error as a pull in this process would, and the daemon serves on.
+    const missing = await rpull(['--pull-address', pullSocket, '--namespace', ns2, `${registry.host}/rpull/absent:v1`]);
+    assert.notEqual(missing.code, 0);
+    assert.match(missing.stderr, /^stargaze: .*absent/m);
+    const again = await rpull(['--pull-address', pullSocket, '--namespace', ns2, ref]);
+    assert.equal(again.code, 0, again.stderr);
+    assert.deepEqual(layerLines(again.stdout).map((l) => l.outcome), esgz.layers.map(() => 'present'), again.stdout);
+  });
+
   test('plain image on the stargz snapshotter: layers fetched by rpull, then it runs', async () => {
     needDaemon();
     const img = await buildBusyboxImage({

@@ -1,6 +1,8 @@
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
-import { ProgressPrinter, joinedOutput, printJoined } from '../../../src/cmd/rpull';
+import os from 'node:os';
+import path from 'node:path';
+import { describe, it, test } from 'node:test';
+import { ProgressPrinter, joinedOutput, parseRpullArgs, printJoined, pullRequestOf, type RpullArgs } from '../../../src/cmd/rpull';
 import type { CollapsedPull } from '../../../src/containerd/pull-collapse';
 import type { PullEvent } from '../../../src/containerd/pull';
 
@@ -46,4 +48,40 @@ test("what the launcher's joiners print is a joined pull's lines, as one string"
   assert.ok(text.endsWith('\n'));
   assert.deepEqual(text.split('\n').slice(0, -1), j.lines());
   assert.equal(text.split('\n').length, 2 + LAYERS.length + 2);
+});
+
+describe('pullRequestOf', () => {
+  const args = (over: Partial<RpullArgs> = {}): RpullArgs => ({
+    ref: 'example.com/app:v1',
+    address: 'run/containerd.sock',
+    namespace: 'ns',
+    snapshotter: 'stargz',
+    plainHttp: true,
+    hostsDir: 'certs.d',
+    user: undefined,
+    platform: undefined,
+    prefetchBytes: 5,
+    pullAddress: '/run/stargaze/pull.sock',
+    ...over,
+  });
+
+  it("makes every path absolute (the daemon's working directory is not ours) and names our docker config", () => {
+    const req = pullRequestOf(args(), { os: 'linux', architecture: 'arm64', variant: 'v8' }, { DOCKER_CONFIG: 'dockercfg' });
+    assert.equal(req.address, path.resolve('run/containerd.sock'));
+    assert.equal(req.hostsDir, path.resolve('certs.d'));
+    assert.equal(req.dockerConfigDir, path.resolve('dockercfg'));
+    assert.deepEqual(req.platform, { os: 'linux', architecture: 'arm64', variant: 'v8' });
+    assert.equal(req.plainHttp, true);
+    assert.equal(req.prefetchBytes, 5);
+  });
+
+  it('without DOCKER_CONFIG names ~/.docker, as the docker CLI does', () => {
+    assert.equal(pullRequestOf(args(), { os: 'linux', architecture: 'amd64' }, {}).dockerConfigDir, path.join(os.homedir(), '.docker'));
+    assert.equal(pullRequestOf(args(), { os: 'linux', architecture: 'amd64' }, { DOCKER_CONFIG: '' }).dockerConfigDir, path.join(os.homedir(), '.docker'));
+  });
+
+  it("takes --pull-address, '' meaning pull in this process", () => {
+    assert.equal(parseRpullArgs(['--pull-address', '', 'example.com/app:v1'])?.pullAddress, '');
+    assert.equal(parseRpullArgs(['example.com/app:v1'])?.pullAddress, '/run/stargaze/pull.sock');
+  });
 });
