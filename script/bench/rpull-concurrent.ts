@@ -94,7 +94,7 @@ export async function benchRpullConcurrent(): Promise<RpullConcurrentResult> {
         const started = Date.now();
         const results: RunResult[] = await Promise.all(
           Array.from({ length: n }, () =>
-            run(STARGAZE_COMMAND, ['rpull', '--address', containerd.address, '--namespace', ns, '--plain-http', ref], {
+            run(STARGAZE_COMMAND, ['rpull', '--pull-address', daemon.pullAddress, '--address', containerd.address, '--namespace', ns, '--plain-http', ref], {
               env: STARGAZE_COMMAND_ENV,
               timeoutMs: RPULL_TIMEOUT_MS,
               allowFailure: true,

@@ -99,7 +99,7 @@ export async function benchRpullDownload(): Promise<{ results: RpullDownloadResu
         const daemon = await startDaemon({ scope: local, logLevel: 'warn', plainHttpHosts: [registry.host, throttle.host], config: 'no_background_fetch = true\n' });
         const containerd = await startContainerd({ scope: local, stargazeAddress: daemon.address, stargazeRoot: daemon.root });
         const ns = containerd.newNamespace('bench-rpull');
-        const args = ['rpull', '--address', containerd.address, '--namespace', ns, '--plain-http', ref];
+        const args = ['rpull', '--pull-address', daemon.pullAddress, '--address', containerd.address, '--namespace', ns, '--plain-http', ref];
         const t0 = performance.now();
         const r = await run(STARGAZE_COMMAND, args, { allowFailure: true, timeoutMs: PULL_TIMEOUT_MS, env: { ...STARGAZE_COMMAND_ENV, ...RPULL_ENV } });
         const s = (performance.now() - t0) / 1000;

@@ -311,8 +311,8 @@ async function sample(
     const id = containerd.uniqueId('bench');
     registry.resetCounters();
     let pull: RunResult;
-    if (stargaze) {
-      pull = await run(STARGAZE_COMMAND, ['rpull', '--address', containerd.address, '--namespace', ns, '--plain-http', ref], {
+    if (daemon !== undefined) {
+      pull = await run(STARGAZE_COMMAND, ['rpull', '--pull-address', daemon.pullAddress, '--address', containerd.address, '--namespace', ns, '--plain-http', ref], {
         env: STARGAZE_COMMAND_ENV,
         timeoutMs: STEP_TIMEOUT_MS,
       });

@@ -174,7 +174,7 @@ describe('stargaze rpull', { skip: notRoot && 'e2e tests need root' }, () => {
 
   test('the daemon pulls for rpull on its pull socket: the same lines, every layer lazy; no daemon there: rpull pulls itself', async () => {
     const d = needDaemon();
-    const pullSocket = path.join(path.dirname(d.address), 'pull.sock');
+    const pullSocket = d.pullAddress;
     const ns = containerd.newNamespace('bydaemon');
     const ref = withHost(esgz.ref, registry.countingHost);
     const pulledBefore = d.logs().filter((e) => e.msg === 'pulled for rpull').length;

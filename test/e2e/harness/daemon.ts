@@ -50,6 +50,8 @@ export interface StargazeDaemon {
   readonly dir: string;
   /** The snapshots gRPC socket (containerd's proxy plugin address). */
   readonly address: string;
+  /** The socket the daemon pulls on for `stargaze rpull --pull-address` (its default, beside `address`). */
+  readonly pullAddress: string;
   /** `--root`. */
   readonly root: string;
   readonly hostsDir: string;
@@ -236,6 +238,7 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<StargazeDae
   return {
     dir,
     address,
+    pullAddress: path.join(dir, 'pull.sock'),
     root,
     hostsDir,
     configPath,
