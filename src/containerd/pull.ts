@@ -21,6 +21,7 @@
  * layer being applied, as containerd's unpacker does once it meets the first layer it must fetch.
  */
 import { randomBytes } from 'node:crypto';
+import { setMaxListeners } from 'node:events';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { RegistryError, StargazeError, errorMessage } from '../errors';
 import type { Logger } from '../log';
@@ -63,6 +64,7 @@ import { UnsupportedImageError, resolveManifest, type Fetched, type ResolvedMani
 import type { Platform } from './platforms';
 import type { Descriptor, Mount } from './types';
 import { abortable } from '../abortable';
+import { Limiter } from '../task/limiter';
 
 export { ImageAuthError, ImageNotFoundError, UnsupportedImageError, resolveManifest, type ResolvedManifest } from './resolve';
 
@@ -204,25 +206,6 @@ async function readAll(body: AsyncIterable<Buffer>, limit: number, what: string)
   return chunks.length === 1 ? (chunks[0] as Buffer) : Buffer.concat(chunks, total);
 }
 
-/** Runs at most `limit` tasks at once, first come first served. */
-class Semaphore {
-  private active = 0;
-  /** Tasks waiting for a slot. */
-  private readonly waiting: Array<() => void> = [];
-  constructor(private readonly limit: number) {}
-
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    if (this.active >= this.limit) await new Promise<void>((resolve) => this.waiting.push(resolve));
-    this.active++;
-    try {
-      return await fn();
-    } finally {
-      this.active--;
-      this.waiting.shift()?.();
-    }
-  }
-}
-
 export async function pullImage(opts: PullOptions): Promise<PullResult> {
   const started = Date.now();
   const reference = parseReference(opts.ref);
@@ -232,6 +215,7 @@ export async function pullImage(opts: PullOptions): Promise<PullResult> {
 
   // Cancels background layer downloads when the pull fails, and fetch-aheads nobody needed when it is done.
   const abort = new AbortController();
+  setMaxListeners(0, abort.signal); // a listener per download waiting for a slot: an image may have more than ten
   const onCallerAbort = (): void => abort.abort(opts.signal?.reason);
   opts.signal?.addEventListener('abort', onCallerAbort, { once: true });
   const leaseId = `stargaze-rpull-${uniquePart()}`;
@@ -280,7 +264,8 @@ interface ResolvedImage extends ResolvedManifest {
 /** One pull's state; see the file comment for the steps. */
 class Pull {
   private readonly emit: (e: PullEvent) => void;
-  private readonly downloads = new Semaphore(MAX_CONCURRENT_DOWNLOADS);
+  /** Layer downloads, MAX_CONCURRENT_DOWNLOADS at once, first come first served. */
+  private readonly downloads = new Limiter(MAX_CONCURRENT_DOWNLOADS);
   /** Layer index -> download into the content store (bytes downloaded), started at most once. */
   private readonly fetches = new Map<number, Promise<number>>();
   private layers: readonly Descriptor[] = [];
@@ -418,7 +403,8 @@ class Pull {
   private fetchLayer(i: number): Promise<number> {
     let p = this.fetches.get(i);
     if (p === undefined) {
-      p = this.downloads.run(() => this.downloadLayer(i));
+      // A download still waiting for a slot gives up when the pull fails (or is done).
+      p = this.downloads.run(() => this.downloadLayer(i), { signal: this.signal });
       p.catch(() => undefined); // awaited (and reported) by whoever needs the layer
       this.fetches.set(i, p);
     }

@@ -12,6 +12,7 @@
  * Then the config (new diff_ids, OCI media type), child manifests by digest, and the top-level manifest or
  * index under the destination tag last: if anything fails before, DST's tag is untouched.
  */
+import { setMaxListeners } from 'node:events';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { createWriteStream } from 'node:fs';
 import { createHash } from 'node:crypto';
@@ -49,6 +50,7 @@ import { QuietProgress, type ConvertProgress } from './progress';
 import { MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, type ImageSink, type ImageSource } from './store';
 import { TarEntryError, TarGuard } from './tar-guard';
 import { DEFAULT_ZSTD_COMPRESSION_LEVEL, transcodeToZstdChunked, type ZstdChunkedResult } from './zstd-chunked';
+import { Limiter } from '../task/limiter';
 
 const TMP_PREFIX = 'stargaze-convert-';
 
@@ -121,16 +123,14 @@ export async function convertImage(src: ImageSource, dst: ImageSink, opts: Conve
 
 class Conversion {
   private readonly progress: ConvertProgress;
-  private readonly concurrency: number;
   /** Aborted on the first layer failure, so the others stop reading. */
   private readonly abort = new AbortController();
   private readonly signal: AbortSignal;
   private tmp = '';
   /** Source layer digest -> its conversion, shared by every manifest that has it. */
   private readonly layers = new Map<string, Promise<ConvertedLayer>>();
-  /** Waiters for a conversion slot. */
-  private readonly queue: Array<() => void> = [];
-  private running = 0;
+  /** Layers converting, `concurrency` at once, first come first served. */
+  private readonly slots: Limiter;
   private pushed = 0;
   private skipped = 0;
 
@@ -140,8 +140,10 @@ class Conversion {
     private readonly opts: ConvertOptions,
   ) {
     this.progress = opts.progress ?? new QuietProgress();
-    this.concurrency = Math.max(1, opts.concurrency ?? availableParallelism());
+    // Rounded up: a fractional `concurrency` always let that many layers start (`running < concurrency`).
+    this.slots = new Limiter(Math.max(1, Math.ceil(opts.concurrency ?? availableParallelism())));
     this.signal = opts.signal === undefined ? this.abort.signal : AbortSignal.any([opts.signal, this.abort.signal]);
+    setMaxListeners(0, this.signal); // a listener per layer waiting for a slot: an image may have more than ten
   }
 
   async init(): Promise<void> {
@@ -245,7 +247,14 @@ class Conversion {
   private layer(desc: Descriptor, diffId: string, label: string): Promise<ConvertedLayer> {
     let p = this.layers.get(desc.digest);
     if (p === undefined) {
-      p = this.slot(() => this.convertLayer(desc, diffId, label));
+      // An aborted conversion starts no more layers: a waiting one gives up, one handed a slot checks first.
+      p = this.slots.run(
+        () => {
+          this.signal.throwIfAborted();
+          return this.convertLayer(desc, diffId, label);
+        },
+        { signal: this.signal },
+      );
       p.catch(() => this.abort.abort(new Error('another layer failed')));
       this.layers.set(desc.digest, p);
     }
@@ -353,19 +362,6 @@ class Conversion {
   private count(outcome: 'pushed' | 'exists'): void {
     if (outcome === 'pushed') this.pushed++;
     else this.skipped++;
-  }
-
-  /** Runs `fn` when fewer than `concurrency` layers are converting. */
-  private async slot<T>(fn: () => Promise<T>): Promise<T> {
-    if (this.running >= this.concurrency) await new Promise<void>((resolve) => this.queue.push(resolve));
-    this.running++;
-    try {
-      if (this.signal.aborted) throw this.signal.reason;
-      return await fn();
-    } finally {
-      this.running--;
-      this.queue.shift()?.();
-    }
   }
 
   /** Promise.all that waits for every promise to settle, then throws the first real failure. */

@@ -30,6 +30,7 @@ import { MetadataStore, WALK_PAGE_ROWS, type ChainEntry, type MetadataStoreOptio
 import { mountsUnder } from '../fs/mount-table';
 import { hasLocalCopy, localCopyPath } from '../layer/local-copy';
 import { inUserNamespace } from '../user-namespace';
+import { forEachBounded } from '../task/bounded';
 import { snapshotFieldAdaptor, type Mount, type SnapshotInfo, type SnapshotKind, type SnapshotUsage } from './snapshot-info';
 
 /** Log field counted by the e2e scripts, as the reference's `remote-snapshot-prepared`. */
@@ -42,7 +43,7 @@ const ROOT_DIR_MODE = 0o700;
 const UPPER_DIR_MODE = 0o755;
 const WORK_DIR_MODE = 0o711;
 /** Remote layers re-mounted at once on restart; each may wait on a registry. */
-const RESTORE_CONCURRENCY = 4;
+export const RESTORE_CONCURRENCY = 4;
 
 export interface SnapshotterOptions {
   /** State directory (absolute or relative to cwd). */
@@ -303,10 +304,10 @@ export class Snapshotter {
       }
       after = page[page.length - 1]!.id;
     }
-    let next = 0;
-    const worker = async (): Promise<void> => {
-      while (next < remote.length) {
-        const { id, info } = remote[next++]!;
+    // Each remount catches its own failure: one snapshot failing stops none of the others.
+    await forEachBounded(
+      remote,
+      async ({ id, info }) => {
         try {
           await this.remountRemote(id, info);
           result.restored.push(info.name);
@@ -314,9 +315,9 @@ export class Snapshotter {
           result.failed.push({ name: info.name, reason: errorMessage(err) });
           this.log.error({ name: info.name, id, err: errorMessage(err) }, 'failed to restore remote snapshot; left unmounted');
         }
-      }
-    };
-    await Promise.all(Array.from({ length: Math.min(RESTORE_CONCURRENCY, remote.length) }, worker));
+      },
+      { concurrency: RESTORE_CONCURRENCY },
+    );
     if (remote.length > 0) {
       this.log.info({ restored: result.restored.length, failed: result.failed.length }, 'restored remote snapshots');
     }

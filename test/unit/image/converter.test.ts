@@ -20,6 +20,7 @@ import {
 } from '../../../src/image/media-types';
 import { OciLayout } from '../../../src/image/oci-layout';
 import { hostPlatform } from '../../../src/image/platform';
+import type { ConvertProgress } from '../../../src/image/progress';
 import { OciLayoutSink, OciLayoutSource } from '../../../src/image/store';
 import { layoutImage, layoutIndex, makeTar, rawHeader, rawTar, sha256, tmpDir } from './helpers';
 
@@ -119,6 +120,52 @@ describe('convertImage (OCI layout to OCI layout)', () => {
       convertLayouts(path.join(dir, 'src'), 'multi', path.join(dir, 'dst3'), { platforms: [{ os: 'linux', architecture: 'mips', variant: undefined }] }),
       /no manifest for platform linux\/mips \(it has: linux\/other-arch, /,
     );
+  });
+
+  /** Progress that records which layers started, and how many were converting at most at once. */
+  const countingProgress = (onStart: (id: string) => void = () => undefined) => {
+    const started: string[] = [];
+    let active = 0;
+    let peak = 0;
+    const progress: ConvertProgress = {
+      layerStart: (id) => {
+        started.push(id);
+        peak = Math.max(peak, ++active);
+        onStart(id);
+      },
+      layerRead: () => undefined,
+      layerWrite: () => undefined,
+      layerUpload: () => undefined,
+      layerDone: () => void active--,
+      note: () => undefined,
+      close: () => undefined,
+    };
+    return { progress, started, peak: () => peak };
+  };
+
+  test('never converts more than `concurrency` layers at once, starting them in order', async () => {
+    const dir = await scratch('conv-limit');
+    const tars = await Promise.all(Array.from({ length: 5 }, (_, i) => makeTar([{ name: `f${i}`, content: `${i}`.repeat(100_000) }])));
+    const img = await layoutImage(path.join(dir, 'src'), tars);
+    const count = countingProgress();
+    const result = await convertLayouts(path.join(dir, 'src'), 'v1', path.join(dir, 'dst'), { concurrency: 2, progress: count.progress });
+    assert.equal(result.layers.length, 5);
+    assert.deepEqual(count.started, img.layers.map((l) => l.digest));
+    assert.equal(count.peak(), 2);
+  });
+
+  test('an aborted conversion starts no more layers', async () => {
+    const dir = await scratch('conv-abort');
+    const tars = await Promise.all(Array.from({ length: 3 }, (_, i) => makeTar([{ name: `f${i}`, content: `${i}` }])));
+    const img = await layoutImage(path.join(dir, 'src'), tars);
+    const abort = new AbortController();
+    const reason = new Error('interrupted');
+    const count = countingProgress(() => abort.abort(reason));
+    await assert.rejects(
+      convertLayouts(path.join(dir, 'src'), 'v1', path.join(dir, 'dst'), { concurrency: 1, progress: count.progress, signal: abort.signal }),
+      (err: unknown) => err === reason,
+    );
+    assert.deepEqual(count.started, [img.layers[0]?.digest], 'the layers waiting for a slot never started');
   });
 
   const hostile: Array<[string, () => Promise<Buffer>, RegExp]> = [

@@ -23,7 +23,7 @@ import {
   UnavailableError,
 } from '../../../src/errors';
 import type { RemoteFileSystem } from '../../../src/snapshot/filesystem';
-import { Snapshotter } from '../../../src/snapshot/snapshotter';
+import { RESTORE_CONCURRENCY, Snapshotter } from '../../../src/snapshot/snapshotter';
 import {
   REMOTE_SNAPSHOT,
   REMOTE_SNAPSHOT_VALUE,
@@ -472,6 +472,37 @@ describe('Snapshotter remote snapshots', () => {
     assert.equal((await sn.stat(CHAIN)).kind, 'committed', 'metadata survives a failed restore');
     const local = await sn.view('check', 'local');
     assert.equal(fs.readFileSync(path.join(local[0]!.source, 'keep'), 'utf8'), 'me');
+  });
+
+  it(`restore re-mounts at most RESTORE_CONCURRENCY (${RESTORE_CONCURRENCY}) at once, and one failing stops none of the others`, async () => {
+    const chains = Array.from({ length: 9 }, (_, i) => `sha256:${String(i + 1).repeat(64)}`);
+    for (const chain of chains) await assert.rejects(sn.prepare(`k-${chain}`, '', remoteLabels(chain)), AlreadyExistsError);
+    await sn.close();
+
+    const failing = chains[1]!;
+    let active = 0;
+    let peak = 0;
+    let done = 0;
+    remote = new (class extends FakeRemoteFileSystem {
+      override async mount(mountpoint: string, labels: Record<string, string>): Promise<void> {
+        peak = Math.max(peak, ++active);
+        try {
+          // In flight until as many are as may be, and a little longer so that more would show.
+          await until('remounts in flight', () => active >= Math.min(RESTORE_CONCURRENCY, chains.length - done));
+          await new Promise((r) => setTimeout(r, 20));
+          if (labels[TARGET_SNAPSHOT_REF] === failing) throw new Error('offline');
+          await super.mount(mountpoint, labels);
+        } finally {
+          active--;
+          done++;
+        }
+      }
+    })();
+    sn = await openSnapshotter();
+    const result = await sn.restore();
+    assert.equal(peak, RESTORE_CONCURRENCY);
+    assert.deepEqual(result.failed, [{ name: failing, reason: 'offline' }]);
+    assert.deepEqual([...result.restored].sort(), chains.filter((c) => c !== failing).sort());
   });
 
   it('restore re-creates the directory of an interrupted create', async () => {
