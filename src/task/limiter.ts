@@ -13,7 +13,11 @@ const ORDER: readonly Priority[] = ['read', 'prefetch', 'background'];
 export interface RunOptions {
   /** Default `prefetch`: waits for a slot, ahead of background work. */
   priority?: Priority;
-  /** Gives up waiting (rejects with the signal's reason); a task already started is the task's to stop. */
+  /**
+   * Gives up waiting (rejects with the signal's reason); a task already started is the task's to stop. Each
+   * waiting task listens on it: a caller queuing more than ten tasks on one signal raises its listener limit
+   * (events.setMaxListeners), as forEachBounded does.
+   */
   signal?: AbortSignal;
 }
 
