@@ -45,7 +45,8 @@ import { MAX_TOKEN_RESPONSE_BYTES, RegistryAuthorizer, pullScope, type TokenHttp
 import type { BlobSource, ByteRange } from './blob-source';
 import { ClientCertChoice, certVerdictOfError, certVerdictOfStatus } from './client-certs';
 import { DockerConfigKeychain, chainCredentials, type CredentialProvider, type RegistryCredentials } from './credentials';
-import { resolveHosts, type ConfigMirror, type HostCapability, type RegistryEndpoint } from './hosts';
+import type { ConfigMirror } from '../config/config';
+import { resolveHosts, type HostCapability, type RegistryEndpoint } from './hosts';
 import { boundaryOf, ByteRangesParser } from './multipart-byteranges';
 import { parallelOptions, parallelRangeStream, type ParallelFetchOptions } from './parallel-fetch';
 import { planRanges, RangeFiller, resultsOf, type MergedRange } from './range-plan';
