@@ -164,13 +164,8 @@ export class RegistryBlobSource implements BlobSource {
           }
           const location = this.location;
           const host = location.url.host;
-          return await this.ctx.transport.exchange(requestTo(location, this.reference, { method: 'GET', headers, signal: deadline.signal, what }), async (res) => {
-            if (!refreshed && isExpired(location, res.statusCode)) {
-              await discard(res);
-              throw new ExpiredUrlError(`${what}: ${host} answered HTTP ${res.statusCode} (expired URL)`, res.statusCode);
-            }
-            return read(res, host);
-          });
+          const answer = (res: Dispatcher.ResponseData): Promise<T> => (!refreshed && isExpired(location, res.statusCode) ? expired(res, what, host) : read(res, host));
+          return await this.ctx.transport.exchange(requestTo(location, this.reference, { method: 'GET', headers, signal: deadline.signal, what }), answer);
         } catch (err) {
           if (isAborted(deadline.signal)) throw err;
           if (err instanceof ExpiredUrlError) {
@@ -303,6 +298,11 @@ export class RegistryBlobSource implements BlobSource {
 function isExpired(location: BlobLocation, status: number): boolean {
   const expired = status === 403 || (status === 401 && location.foreign);
   return expired && (location.foreign || location.url.href !== location.blobUrl.href);
+}
+
+async function expired(res: Dispatcher.ResponseData, what: string, host: string): Promise<never> {
+  await discard(res);
+  throw new ExpiredUrlError(`${what}: ${host} answered HTTP ${res.statusCode} (expired URL)`, res.statusCode);
 }
 
 function unexpectedAnswer(what: string, host: string, status: number): RegistryError {
