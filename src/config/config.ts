@@ -10,8 +10,7 @@
 import { readFile } from 'node:fs/promises';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { ConfigError, errorCode } from '../errors';
-import type { ConfigMirror } from '../remote/hosts';
-import { parseHeaderTable } from '../remote/header-table';
+import { parseHeaderTable } from './header-table';
 import { MIRROR_KEYS, TABLE_KEYS, TOP_LEVEL_KEYS, type KeySpec, type KeyType } from './keys';
 
 export const DEFAULT_PREFETCH_TIMEOUT_SEC = 10;
@@ -59,6 +58,21 @@ export interface CacheConfig {
    * caches (least recently used evicted), files being written, metadata db and logs (cache/disk-budget.ts).
    */
   readonly diskMaxBytes: number;
+}
+
+/**
+ * A mirror from `[[resolver.host."<registry>".mirrors]]` (the reference's way to set mirrors). remote/ turns it
+ * into a registry endpoint, used for a registry only when no hosts.toml applies to it.
+ */
+export interface ConfigMirror {
+  /** `host[:port]`, no scheme. */
+  readonly host: string;
+  /** Plain http (loopback hosts get it anyway). */
+  readonly insecure: boolean;
+  /** `request_timeout_sec`: bound of each request to this mirror; 0 means `[resolver] request_timeout_sec`, negative none. */
+  readonly requestTimeoutSec: number;
+  /** `header`: extra request headers, lower-case names (header-table.ts). */
+  readonly headers: Readonly<Record<string, readonly string[]>>;
 }
 
 export interface ResolverConfig {

@@ -19,7 +19,8 @@ import { isAbsolute, join, resolve as resolvePath } from 'node:path';
 import { isIP } from 'node:net';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { ConfigError, errorCode } from '../errors';
-import { parseHeaderTable } from './header-table';
+import type { ConfigMirror } from '../config/config';
+import { parseHeaderTable } from '../config/header-table';
 import { registryHostFor } from './reference';
 
 /** File name containerd reads inside each host directory. */
@@ -49,21 +50,6 @@ export interface RegistryEndpoint {
   readonly clientCerts: readonly { readonly certFile: string; readonly keyFile: string | undefined }[];
   /** Per-host request bound from a config mirror's request_timeout_sec (0 or absent: the client's own). */
   readonly requestTimeoutSec?: number;
-}
-
-/**
- * A mirror from the daemon config's `[[resolver.host."<registry>".mirrors]]` (the reference's way to set
- * mirrors), as config/config.ts loads it. Used for a registry only when no hosts.toml applies to it.
- */
-export interface ConfigMirror {
-  /** `host[:port]`, no scheme. */
-  readonly host: string;
-  /** Plain http (loopback hosts get it anyway). */
-  readonly insecure: boolean;
-  /** `request_timeout_sec`: bound of each request to this mirror; 0 means `[resolver] request_timeout_sec`, negative none. */
-  readonly requestTimeoutSec: number;
-  /** `header`: extra request headers, lower-case names (header-table.ts). */
-  readonly headers: Readonly<Record<string, readonly string[]>>;
 }
 
 /**

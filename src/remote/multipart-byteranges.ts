@@ -9,6 +9,7 @@
  * closing delimiter (the caller checks that every wanted byte arrived).
  */
 import { RegistryError } from '../errors';
+import { TransientRegistryError } from './registry-errors';
 
 /** Bound on one part's delimiter + header block, and on a preamble. */
 export const MAX_PART_HEADER_BYTES = 16 * 1024;
@@ -77,10 +78,10 @@ export class ByteRangesParser {
     }
   }
 
-  /** Call when the body ended; throws unless the body ended between parts. */
+  /** Call when the body ended; throws unless the body ended between parts. A body cut short is worth reading again. */
   end(): void {
-    if (this.state === 'body' || this.state === 'headers') this.fail(`body ended inside part ${this.parts + 1}`);
-    if (this.parts === 0) this.fail('body held no part');
+    if (this.state === 'body' || this.state === 'headers') this.cutShort(`body ended inside part ${this.parts + 1}`);
+    if (this.parts === 0) this.cutShort('body held no part');
   }
 
   /** In `pending`, finds the next delimiter line; returns the bytes after it, or undefined to wait for more. */
@@ -149,6 +150,10 @@ export class ByteRangesParser {
 
   private fail(why: string): never {
     throw new RegistryError(`${this.what}: bad multipart/byteranges answer: ${why}`, 206);
+  }
+
+  private cutShort(why: string): never {
+    throw new TransientRegistryError(`${this.what}: bad multipart/byteranges answer: ${why}`, 206);
   }
 }
 

@@ -1,23 +1,15 @@
 /**
- * The RegistryClient options that come from the daemon's config file. Structural types, so remote/ does not
- * depend on config/: pass the loaded Config.
+ * The RegistryClient options that come from the daemon's config file:
  *
  *   new RegistryClient({ hostsDir, log, ...registryOptionsFromConfig(config) })
  */
-import type { ConfigMirror } from './hosts';
+import type { BlobConfig, ResolverConfig } from '../config/config';
 import type { RegistryClientOptions } from './registry-client';
 
+/** The parts of Config that concern registry access. */
 export interface RegistryConfigSubset {
-  readonly resolver: { readonly requestTimeoutSec: number; readonly mirrors?: Readonly<Record<string, readonly ConfigMirror[]>> };
-  readonly blob: {
-    readonly fetchingTimeoutSec: number;
-    readonly maxRetries: number;
-    readonly minWaitMs: number;
-    readonly maxWaitMs: number;
-    readonly forceSingleRangeMode: boolean;
-    readonly parallelFetchConcurrency: number;
-    readonly parallelFetchChunkBytes: number;
-  };
+  readonly resolver: ResolverConfig;
+  readonly blob: BlobConfig;
 }
 
 export function registryOptionsFromConfig(config: RegistryConfigSubset): Pick<

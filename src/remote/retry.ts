@@ -1,10 +1,23 @@
 /**
- * Retry policy for registry requests (reference: the hashicorp retryable client each registry host gets,
- * research notes §3.2): retry on transport errors and on HTTP 429 and 5xx except 501; wait
- * min·2^attempt capped at max (or what Retry-After asks, also capped), then add jitter so the total lies
- * in [d, 2d). Retries are bounded per request by `maxRetries`; the caller's deadline bounds them in time.
+ * The retry policy of every registry request (reference: the hashicorp retryable client each registry host
+ * gets, research notes §3.2), and the one loop that applies it (retrying()).
+ *
+ * What is retried: errors that are TransientRegistryError (registry-errors.ts): transport failures, 429 and
+ * 5xx except 501, a body cut short. The wait is min·2^retry capped at max (or what Retry-After asks, also
+ * capped), plus jitter so it lies in [d, 2d).
+ *
+ * The bound: one request (a range read, a probe, a manifest, a token, a whole-blob GET) makes at most
+ * maxAttempts(policy) = 1 + max_retries attempts at one URL (6 at the defaults), whatever mix of failures it
+ * meets. An attempt is one HTTP request, except for steps that are not retries and are bounded on their own:
+ * a 401 from the registry authenticates and sends again once (transport-auth.ts); of several hosts.toml client
+ * certificates, each may be tried once until the origin accepts one (transport-certs.ts); a manifest or whole
+ * blob follows up to MAX_REDIRECTS redirects. Only retrying() retries: nothing nests another loop around it.
+ * A range read may in addition refresh an expired redirect once and move to another host once, each time
+ * starting a new request (registry-blob-source.ts). The caller's deadline bounds all of it in time.
+ * Proven by test/unit/remote/retry-bound.test.ts.
  */
-import { errorCode } from '../errors';
+import { RegistryError } from '../errors';
+import { isRetryable, type TransientRegistryError } from './registry-errors';
 
 /** [blob] max_retries default. */
 export const DEFAULT_MAX_RETRIES = 5;
@@ -31,46 +44,6 @@ export const DEFAULT_RETRY_POLICY: RetryPolicy = {
 /** 429 and 5xx except 501 (Not Implemented will not change by asking again). */
 export function isRetryableStatus(status: number): boolean {
   return status === 429 || (status >= 500 && status <= 599 && status !== 501);
-}
-
-/** Transport-level failure codes worth another try (node net errors and undici's). */
-const TRANSIENT_CODES = new Set([
-  'ECONNRESET',
-  'ECONNREFUSED',
-  'ECONNABORTED',
-  'EPIPE',
-  'ETIMEDOUT',
-  'EHOSTUNREACH',
-  'ENETUNREACH',
-  'ENETDOWN',
-  'EAI_AGAIN',
-  'UND_ERR_SOCKET',
-  'UND_ERR_HEADERS_TIMEOUT',
-  'UND_ERR_BODY_TIMEOUT',
-  'UND_ERR_CONNECT_TIMEOUT',
-  'UND_ERR_REQ_CONTENT_LENGTH_MISMATCH',
-  'UND_ERR_RES_CONTENT_LENGTH_MISMATCH',
-]);
-
-/** Errors we made ourselves for transient conditions (a body cut short): retried like network errors. */
-const transient = new WeakSet<object>();
-
-/** Marks `err` as worth another try; returns it. */
-export function markTransient<T extends object>(err: T): T {
-  transient.add(err);
-  return err;
-}
-
-/** True for errors of the network rather than of the request (walks `cause` chains). */
-export function isTransientNetworkError(err: unknown): boolean {
-  for (let e: unknown = err, depth = 0; e !== undefined && e !== null && depth < 5; depth++) {
-    if (typeof e === 'object' && transient.has(e)) return true;
-    const code = errorCode(e);
-    if (code !== undefined && TRANSIENT_CODES.has(code)) return true;
-    if (e instanceof Error && /other side closed|socket hang up|terminated/i.test(e.message)) return true;
-    e = e instanceof Error ? e.cause : undefined;
-  }
-  return false;
 }
 
 /**
@@ -111,6 +84,37 @@ export function sleep(ms: number, signal: AbortSignal | undefined): Promise<void
     }, Math.min(ms, 2 ** 31 - 1));
     signal?.addEventListener('abort', onAbort, { once: true });
   });
+}
+
+/** Attempts one request may make: the first and `maxRetries` retries. */
+export function maxAttempts(policy: RetryPolicy): number {
+  return 1 + policy.maxRetries;
+}
+
+/**
+ * The one retry loop: runs `attempt` until it succeeds, throws an error that is not retryable, `signal`
+ * aborts, or maxAttempts(policy) attempts are spent. `attempt` is told when it is the last, so it can hand a
+ * retryable answer (a 503) to its caller then rather than throw it. When the retries run out, the error says
+ * how many there were and is no longer retryable.
+ */
+export async function retrying<T>(
+  policy: RetryPolicy,
+  signal: AbortSignal | undefined,
+  attempt: (last: boolean) => Promise<T>,
+  onRetry?: (err: TransientRegistryError, retry: number, waitMs: number) => void,
+): Promise<T> {
+  const last = maxAttempts(policy) - 1;
+  for (let n = 0; ; n++) {
+    try {
+      return await attempt(n === last);
+    } catch (err) {
+      if (!isRetryable(err) || signal?.aborted === true) throw err;
+      if (n >= last) throw n === 0 ? err : new RegistryError(`${err.message} (after ${n} retries)`, err.status);
+      const waitMs = backoffMs(policy, n, err.retryAfterMs);
+      onRetry?.(err, n + 1, waitMs);
+      await sleep(waitMs, signal);
+    }
+  }
 }
 
 /** Builds a policy from config values where 0/undefined means the default (the reference's rule). */

@@ -13,7 +13,7 @@ import { inspect } from 'node:util';
 import { after, before, describe, it } from 'node:test';
 import pino from 'pino';
 import { RegistryAuthError, RegistryError, errorMessage } from '../../../src/errors';
-import type { ConfigMirror } from '../../../src/remote/hosts';
+import type { ConfigMirror } from '../../../src/config/config';
 import { RegistryClient } from '../../../src/remote/registry-client';
 import {
   bcryptLine,
