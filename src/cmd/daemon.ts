@@ -10,7 +10,7 @@ import { loadConfig, type Config } from '../config/config';
 import { FuseServerClient } from '../fs/fuse-server-client';
 import { serveMetrics } from '../metrics/fs-metrics';
 import { openDiskCaches } from '../cache/disk-caches';
-import type { RemoteFileSystem } from '../snapshot/filesystem';
+import type { RemoteFileSystem } from '../fs/remote-file-system';
 import { errorMessage, UsageError } from '../errors';
 import { log, setLogLevel } from '../log';
 import { StargazeFileSystem } from '../fs/stargz-fs';

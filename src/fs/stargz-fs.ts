@@ -18,7 +18,7 @@ import { LayerBlob, RESOLVE_TAIL_BYTES, withTail, type BlobTail } from './layer-
 import { buildLayerTree, type LayerNode } from '../metadata/layer-tree';
 import { LayerReader } from '../reader/chunk-reader';
 import type { BlobSource } from '../remote/blob-source';
-import type { RemoteFileSystem } from '../snapshot/filesystem';
+import type { RemoteFileSystem } from './remote-file-system';
 import { layerSourceFromLabels, type LayerSourceInfo } from '../source/labels';
 import { FsMetrics, type LayerMetricsSnapshot } from '../metrics/fs-metrics';
 import type { DiskChunkCache } from '../cache/disk-chunk-cache';
