@@ -26,6 +26,7 @@ import { DiskChunkCache } from '../../src/cache/disk-chunk-cache';
 import { copyLayerToLocal, localCopyPath } from '../../src/layer/local-copy';
 import { defaultConfig } from '../../src/config/config';
 import { StargazeFileSystem } from '../../src/fs/stargz-fs';
+import { Scheduler, schedulerLimits } from '../../src/task/scheduler';
 import { log } from '../../src/log';
 import { BufferBlobSource, type BlobSource } from '../../src/remote/blob-source';
 import { STARGZ_DIGEST, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../src/source/labels';
@@ -125,6 +126,7 @@ export async function benchReadDisk(): Promise<{ results: ReadResult[]; notes: s
     return new StargazeFileSystem({
       registry: { resolveBlob: async () => source ?? Promise.reject(new Error('no blob')) },
       config,
+      scheduler: new Scheduler(schedulerLimits(config)),
       diskCache,
       log: quiet,
     });

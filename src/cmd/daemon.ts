@@ -23,6 +23,7 @@ import { CRI_KEYCHAIN_DIR, openCriKeychain, openKeychains, type KeychainPaths } 
 import { kubeconfigPath } from '../remote/kubeconfig-keychain';
 import { notifySystemdReady } from './sd-notify';
 import { opaqueXattrHere } from '../user-namespace';
+import { Scheduler, schedulerLimits } from '../task/scheduler';
 
 export const DEFAULT_ADDRESS = '/run/stargaze/stargaze.sock';
 export const DEFAULT_ROOT = '/var/lib/stargaze';
@@ -158,7 +159,8 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
     });
     const { diskCache, tocCache } = caches;
     const opaqueXattr = await opaqueXattrHere();
-    const filesystem = new StargazeFileSystem({ registry, config, diskCache, tocCache, opaqueXattr, log: log.child({ module: 'fs' }) });
+    const scheduler = new Scheduler(schedulerLimits(config));
+    const filesystem = new StargazeFileSystem({ registry, config, scheduler, diskCache, tocCache, opaqueXattr, log: log.child({ module: 'fs' }) });
     const metricsServer = config.metricsAddress
       ? await serveMetrics(filesystem.metrics, config.metricsAddress, log.child({ module: 'metrics' }))
       : undefined;

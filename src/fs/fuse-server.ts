@@ -26,6 +26,7 @@ import { StargazeFileSystem } from './stargz-fs';
 import { serveMetrics } from '../metrics/fs-metrics';
 import { openDiskCaches } from '../cache/disk-caches';
 import { opaqueXattrHere } from '../user-namespace';
+import { Scheduler, schedulerLimits } from '../task/scheduler';
 
 /** How long the server stays up with no daemon connected and nothing mounted. */
 const IDLE_EXIT_MS = 30_000;
@@ -77,7 +78,8 @@ export async function runFuseServer(options: FuseServerOptions): Promise<void> {
   const { diskCache, tocCache } = caches;
   // The snapshotter mounts overlayfs with `userxattr` in a user namespace: opaque dirs must say so in user.*.
   const opaqueXattr = await opaqueXattrHere();
-  const filesystem = new StargazeFileSystem({ registry, config: options.config, diskCache, tocCache, opaqueXattr, log: log.child({ module: 'fs' }) });
+  const scheduler = new Scheduler(schedulerLimits(options.config));
+  const filesystem = new StargazeFileSystem({ registry, config: options.config, scheduler, diskCache, tocCache, opaqueXattr, log: log.child({ module: 'fs' }) });
   // The layers' metrics live where the layers are served, and so survive daemon restarts too.
   const metricsServer = options.config.metricsAddress
     ? await serveMetrics(filesystem.metrics, options.config.metricsAddress, log.child({ module: 'metrics' }))

@@ -26,6 +26,7 @@ import { backgroundFetch, checkChainId } from '../layer/background-fetch';
 import { hashGzipHead, type DiffResume } from '../layer/diff-hash';
 import { copyLayerToLocal, hasLocalCopy } from '../layer/local-copy';
 import type { LayerTree } from '../metadata/layer-tree';
+import type { Scheduler } from '../task/scheduler';
 
 /** The chainID at the end of a snapshot name. */
 const CHAIN_ID_SUFFIX = /sha256:[0-9a-f]{64}$/;
@@ -83,6 +84,8 @@ export interface BlobResolver {
 export interface StargazeFsOptions {
   registry: BlobResolver;
   config: Config;
+  /** The process's one scheduler: prefetch, background fetch and their inflates take its slots. */
+  scheduler: Scheduler;
   /** Verified chunks on disk, shared by every layer (identical chunks are stored once). */
   diskCache?: DiskChunkCache;
   /** TOCs of mounted layers, so they mount again without the registry. */
@@ -152,9 +155,6 @@ export class StargazeFileSystem implements RemoteFileSystem {
 
   /** When a mount last started or ended (performance.now()): background fetch waits for quiet after it. */
   private lastMountActivityAt = -Infinity;
-  /** Background fetches waiting for a slot, and how many run (at most `max_concurrency`). */
-  private readonly backgroundQueue: (() => Promise<void>)[] = [];
-  private backgroundRunning = 0;
   /** Local copies being made, by mountpoint: an unmount waits for its copy to stop. */
   private readonly copies = new Map<string, Promise<void>>();
   /** TOC cache writes not finished yet. */
@@ -244,9 +244,10 @@ export class StargazeFileSystem implements RemoteFileSystem {
       void prefetched.then(async () => {
         // A layer copied to local disk was fetched and checked before; its copy serves new containers.
         if (await hasLocalCopy(mountpoint).catch(() => false)) return layerLog.info('layer has a local copy: no background fetch');
-        this.enqueueBackground(() =>
-          this.fetchInBackground({ source, parent, blob, tree, reader, mount, log: layerLog, signal: stop.signal, resume: ready.takeHeadHash() }),
-        );
+        // At most `max_concurrency` layers at once; a layer closed while it waits leaves the queue.
+        const resume = ready.takeHeadHash();
+        const job = (): Promise<void> => this.fetchInBackground({ source, parent, blob, tree, reader, mount, log: layerLog, signal: stop.signal, resume });
+        void this.options.scheduler.backgroundLayers.run(job, { priority: 'background', signal: stop.signal }).catch(() => undefined);
       });
     }
     // Its TOC stays on disk while it is mounted: a restarted FUSE server mounts it again from there.
@@ -439,23 +440,6 @@ export class StargazeFileSystem implements RemoteFileSystem {
     }
   }
 
-  /** Runs `job` when fewer than `max_concurrency` background fetches run. */
-  private enqueueBackground(job: () => Promise<void>): void {
-    this.backgroundQueue.push(job);
-    this.pumpBackground();
-  }
-
-  private pumpBackground(): void {
-    while (this.backgroundRunning < Math.max(1, this.options.config.maxConcurrency) && this.backgroundQueue.length > 0) {
-      const job = this.backgroundQueue.shift()!;
-      this.backgroundRunning++;
-      void job().finally(() => {
-        this.backgroundRunning--;
-        this.pumpBackground();
-      });
-    }
-  }
-
   /**
    * Whether background fetch must wait: while reads are loading chunks, and until no read nor prefetch has
    * read the blob and no layer has mounted for background_fetch_quiet_msec, so a container that is starting
@@ -494,9 +478,12 @@ export class StargazeFileSystem implements RemoteFileSystem {
     if (job.signal.aborted) return;
     const started = Date.now();
     try {
+      const { blob } = job;
+      const fetches = this.options.scheduler.fetches;
       const result = await backgroundFetch({
         resume: await job.resume,
-        blob: job.blob,
+        // Each window takes a slot in the request lane behind reads and prefetch.
+        blob: { digest: blob.digest, size: blob.size, readRange: (o, n, sig) => fetches.run(() => blob.readRange(o, n, sig), { priority: 'background', signal: sig }) },
         chunks: job.tree.chunksInBlobOrder(),
         compression: reader.compression,
         onMember: (c, member) => reader.warm(c, member),
@@ -597,8 +584,10 @@ export class StargazeFileSystem implements RemoteFileSystem {
       chunkBytes: this.options.config.blob.parallelFetchChunkBytes,
       concurrency: this.options.config.blob.parallelFetchConcurrency,
       tail: opened.tail,
+      scheduler: this.options.scheduler,
     });
     const reader = new LayerReader(blob, tree, {
+      scheduler: this.options.scheduler,
       memoryCacheBytes: this.memoryCache ? undefined : 0,
       sharedMemoryCache: this.memoryCache,
       verify,

@@ -24,6 +24,10 @@ import { BufferBlobSource, type BlobSource } from '../../../src/remote/blob-sour
 import { STARGZ_DIGEST, STARGZ_LAYERS, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../../src/source/labels';
 import { makeTar, sha256, toEstargz } from '../estargz/fixture';
 import { until } from '../until';
+import { Scheduler, schedulerLimits } from '../../../src/task/scheduler';
+
+/** The process's one scheduler, as the composition root makes it. */
+const scheduler = new Scheduler(schedulerLimits(defaultConfig()));
 
 const run = promisify(execFile);
 /** How long after its mount the quiet-period test's container reads (see there). */
@@ -65,7 +69,7 @@ test('serves an eStargz layer through FUSE', { skip: !canMount && 'needs root fo
   const { blob, digest, tocDigest, diffId, big } = await layerFixture();
   const registry = new MemoryRegistry();
   registry.blobs.set(digest, new BufferBlobSource(digest, blob));
-  const served = new StargazeFileSystem({ registry, config: defaultConfig(), log: quiet });
+  const served = new StargazeFileSystem({ registry, scheduler, config: defaultConfig(), log: quiet });
   // Unmount before removing: rm must never walk into a mount this process serves.
   after(async () => {
     await served.close();
@@ -154,7 +158,7 @@ test('refuses a layer whose TOC does not match the toc.digest label', { skip: !c
   const { blob, digest } = await layerFixture();
   const registry = new MemoryRegistry();
   registry.blobs.set(digest, new BufferBlobSource(digest, blob));
-  const served = new StargazeFileSystem({ registry, config: defaultConfig(), log: quiet });
+  const served = new StargazeFileSystem({ registry, scheduler, config: defaultConfig(), log: quiet });
   after(async () => {
     await served.close();
     await rm(dir, { recursive: true, force: true });
@@ -191,8 +195,8 @@ test('a fully fetched layer is copied beside its mount once its chainID check pa
   registry.blobs.set(digest, new BufferBlobSource(digest, blob));
   const checked = capturingLog();
   const unchecked = capturingLog();
-  const withCheck = new StargazeFileSystem({ registry, config: defaultConfig(), log: checked.log });
-  const withoutCheck = new StargazeFileSystem({ registry, config: { ...defaultConfig(), disableVerification: true }, log: unchecked.log });
+  const withCheck = new StargazeFileSystem({ registry, scheduler, config: defaultConfig(), log: checked.log });
+  const withoutCheck = new StargazeFileSystem({ registry, scheduler, config: { ...defaultConfig(), disableVerification: true }, log: unchecked.log });
   after(async () => {
     await withCheck.close();
     await withoutCheck.close();
@@ -250,7 +254,7 @@ test('background fetch waits until the layers have been quiet for background_fet
     const registry = new MemoryRegistry();
     registry.blobs.set(digest, new WatchedBlob(name));
     const logs = capturingLog();
-    return { fs: new StargazeFileSystem({ registry, config: { ...config, backgroundFetchQuietMs }, log: logs.log }), fetched: () => logs.sawMessage('layer fully fetched') };
+    return { fs: new StargazeFileSystem({ registry, scheduler, config: { ...config, backgroundFetchQuietMs }, log: logs.log }), fetched: () => logs.sawMessage('layer fully fetched') };
   };
   const eager = serve('eager', 0);
   const waiting = serve('quiet', quietMs);
@@ -345,7 +349,7 @@ async function mountStalled(
   const registry = new MemoryRegistry();
   const source = new StalledHeadBlob(layer.digest, layer.blob, layer.headBytes);
   registry.blobs.set(layer.digest, source);
-  const fsys = new StargazeFileSystem({ registry, config: { ...defaultConfig(), copyFetchedLayers: false, ...config }, log });
+  const fsys = new StargazeFileSystem({ registry, scheduler, config: { ...defaultConfig(), copyFetchedLayers: false, ...config }, log });
   after(async () => {
     await fsys.close();
     await rm(dir, { recursive: true, force: true });
@@ -382,6 +386,7 @@ test('a layer opened ahead of a mount that never comes stops its prefetch when i
   const logs = capturingLog('debug');
   const fsys = new StargazeFileSystem({
     registry,
+    scheduler,
     config: { ...defaultConfig(), noBackgroundFetch: true, copyFetchedLayers: false },
     log: logs.log,
     preOpenTtlMs,
@@ -431,7 +436,7 @@ test('a layer opened ahead and mounted in time keeps its prefetch past the pre-o
   registry.blobs.set(next.digest, nextSource);
   const preOpenTtlMs = 300;
   const logs = capturingLog('debug');
-  const fsys = new StargazeFileSystem({ registry, config: { ...defaultConfig(), noBackgroundFetch: true, copyFetchedLayers: false }, log: logs.log, preOpenTtlMs });
+  const fsys = new StargazeFileSystem({ registry, scheduler, config: { ...defaultConfig(), noBackgroundFetch: true, copyFetchedLayers: false }, log: logs.log, preOpenTtlMs });
   after(async () => {
     await fsys.close();
     await rm(dir, { recursive: true, force: true });
