@@ -13,7 +13,7 @@ import { openDiskCaches } from '../cache/disk-caches';
 import type { RemoteFileSystem } from '../fs/remote-file-system';
 import { errorMessage, UsageError } from '../errors';
 import { log, setLogLevel } from '../log';
-import { StargazeFileSystem } from '../fs/stargz-fs';
+import { fileSystemOptionsFromConfig, StargazeFileSystem } from '../fs/stargz-fs';
 import { RegistryClient } from '../remote/registry-client';
 import { registryOptionsFromConfig } from '../remote/registry-config';
 import { Snapshotter } from '../snapshot/snapshotter';
@@ -160,7 +160,7 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
     const { diskCache, tocCache } = caches;
     const opaqueXattr = await opaqueXattrHere();
     const scheduler = new Scheduler(schedulerLimits(config));
-    const filesystem = new StargazeFileSystem({ registry, config, scheduler, diskCache, tocCache, opaqueXattr, log: log.child({ module: 'fs' }) });
+    const filesystem = new StargazeFileSystem({ registry, ...fileSystemOptionsFromConfig(config), scheduler, diskCache, tocCache, opaqueXattr, log: log.child({ module: 'fs' }) });
     const metricsServer = config.metricsAddress
       ? await serveMetrics(filesystem.metrics, config.metricsAddress, log.child({ module: 'metrics' }))
       : undefined;

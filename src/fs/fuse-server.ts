@@ -22,7 +22,7 @@ import type { CredentialProvider } from '../remote/credentials';
 import { registryOptionsFromConfig } from '../remote/registry-config';
 import { onJsonLines, parseRequest, requestId, writeJsonLine, type FuseServerRequest, type FuseServerResponse } from './fuse-server-protocol';
 import { mountsUnder } from './mount-table';
-import { StargazeFileSystem } from './stargz-fs';
+import { fileSystemOptionsFromConfig, StargazeFileSystem } from './stargz-fs';
 import { serveMetrics } from '../metrics/fs-metrics';
 import { openDiskCaches } from '../cache/disk-caches';
 import { opaqueXattrHere } from '../user-namespace';
@@ -79,7 +79,7 @@ export async function runFuseServer(options: FuseServerOptions): Promise<void> {
   // The snapshotter mounts overlayfs with `userxattr` in a user namespace: opaque dirs must say so in user.*.
   const opaqueXattr = await opaqueXattrHere();
   const scheduler = new Scheduler(schedulerLimits(options.config));
-  const filesystem = new StargazeFileSystem({ registry, config: options.config, scheduler, diskCache, tocCache, opaqueXattr, log: log.child({ module: 'fs' }) });
+  const filesystem = new StargazeFileSystem({ registry, ...fileSystemOptionsFromConfig(options.config), scheduler, diskCache, tocCache, opaqueXattr, log: log.child({ module: 'fs' }) });
   // The layers' metrics live where the layers are served, and so survive daemon restarts too.
   const metricsServer = options.config.metricsAddress
     ? await serveMetrics(filesystem.metrics, options.config.metricsAddress, log.child({ module: 'metrics' }))

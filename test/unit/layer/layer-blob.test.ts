@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import type { BlobSource } from '../../../src/remote/blob-source';
-import { LayerBlob, tailBytesFor, withTail } from '../../../src/fs/layer-blob';
+import { LayerBlob, tailBytesFor, withTail } from '../../../src/layer/layer-blob';
 import { splitChunkBytes } from '../../../src/remote/parallel-fetch';
 import { Scheduler, schedulerLimits } from '../../../src/task/scheduler';
 import { defaultConfig } from '../../../src/config/config';
