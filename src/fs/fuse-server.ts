@@ -16,7 +16,7 @@ import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { Writable } from 'node:stream';
-import { errorCode, errorMessage, ProtocolError, StargazeError } from '../errors';
+import { errorCode, errorMessage, FailedPreconditionError, ProtocolError, StargazeError } from '../errors';
 import type { Logger } from '../log';
 import { onJsonLines, parseRequest, requestId, writeJsonLine, type FuseServerRequest, type FuseServerResponse } from './fuse-server-protocol';
 import { mountsUnder } from './mount-table';
@@ -155,7 +155,7 @@ async function dropVanishedMounts(filesystem: ServedFileSystem, log: Logger): Pr
 async function removeStaleSocket(socketPath: string): Promise<void> {
   const st = await stat(socketPath).catch(() => undefined);
   if (!st) return;
-  if (!st.isSocket()) throw new Error(`${socketPath} exists and is not a socket`);
+  if (!st.isSocket()) throw new FailedPreconditionError(`${socketPath} exists and is not a socket`);
   const alive = await new Promise<boolean>((resolve) => {
     const probe = net.connect(socketPath);
     probe.once('connect', () => {
@@ -164,6 +164,6 @@ async function removeStaleSocket(socketPath: string): Promise<void> {
     });
     probe.once('error', () => resolve(false));
   });
-  if (alive) throw new Error(`another fuse server is serving ${socketPath}`);
+  if (alive) throw new FailedPreconditionError(`another fuse server is serving ${socketPath}`);
   await rm(socketPath, { force: true });
 }

@@ -9,7 +9,7 @@
 import type { LRUCache } from 'lru-cache';
 import type { DiskChunkCache } from '../cache/disk-chunk-cache';
 import type { TocCache } from '../cache/toc-cache';
-import { errorMessage, EstargzFormatError, VerificationError } from '../errors';
+import { errorMessage, EstargzFormatError, FailedPreconditionError, StargazeError, VerificationError } from '../errors';
 import type { Logger } from '../log';
 import { buildLayerTree, type LayerTree } from '../metadata/layer-tree';
 import type { FsMetrics } from '../metrics/fs-metrics';
@@ -179,7 +179,7 @@ export class VerifiedLayer {
     readonly source: LayerSourceInfo,
     log: Logger,
   ) {
-    if (token !== VERIFIED) throw new TypeError('a VerifiedLayer comes from Layer.verify()');
+    if (token !== VERIFIED) throw new StargazeError('ERR_INTERNAL', 'a VerifiedLayer comes from Layer.verify()');
     this.parts = parts;
     this.log = log;
     this.run = parts.prefetch();
@@ -208,7 +208,7 @@ export class VerifiedLayer {
 
   /** The layer is mounted at `target`: background fetch starts after prefetch, then its checks and copy. */
   serve(target: ServeTarget): void {
-    if (this.serving || this.closed) throw new Error(`layer ${this.digest} is already served or closed`);
+    if (this.serving || this.closed) throw new FailedPreconditionError(`layer ${this.digest} is already served or closed`);
     this.serving = true;
     const { ctx } = this.parts;
     ctx.served.add(this);
