@@ -50,7 +50,8 @@ import tarStream from 'tar-stream';
 
 import { defaultConfig } from '../../src/config/config';
 import { writeEstargz } from '../../src/estargz/writer';
-import { StargazeFileSystem } from '../../src/fs/stargz-fs';
+import { fileSystemOptionsFromConfig, StargazeFileSystem } from '../../src/fs/stargz-fs';
+import { Scheduler, schedulerLimits } from '../../src/task/scheduler';
 import { log } from '../../src/log';
 import { BufferBlobSource, type BlobSource, type ByteRange } from '../../src/remote/blob-source';
 import { STARGZ_DIGEST, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../src/source/labels';
@@ -250,7 +251,8 @@ export async function benchFirstRead(): Promise<{ results: FirstReadResult[]; no
       const source = new LatencyBlobSource(inner);
       fsys = new StargazeFileSystem({
         registry: { resolveBlob: async () => source },
-        config: { ...defaults, noPrefetch: !prefetch, noBackgroundFetch: true },
+        ...fileSystemOptionsFromConfig({ ...defaults, noPrefetch: !prefetch, noBackgroundFetch: true }),
+        scheduler: new Scheduler(schedulerLimits(defaults)),
         log: quiet,
       });
       const mnt = path.join(dir, `mnt${mountN++}`);

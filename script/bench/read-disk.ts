@@ -25,7 +25,8 @@ import path from 'node:path';
 import { DiskChunkCache } from '../../src/cache/disk-chunk-cache';
 import { copyLayerToLocal, localCopyPath } from '../../src/layer/local-copy';
 import { defaultConfig } from '../../src/config/config';
-import { StargazeFileSystem } from '../../src/fs/stargz-fs';
+import { fileSystemOptionsFromConfig, StargazeFileSystem } from '../../src/fs/stargz-fs';
+import { Scheduler, schedulerLimits } from '../../src/task/scheduler';
 import { log } from '../../src/log';
 import { BufferBlobSource, type BlobSource } from '../../src/remote/blob-source';
 import { STARGZ_DIGEST, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../src/source/labels';
@@ -124,7 +125,8 @@ export async function benchReadDisk(): Promise<{ results: ReadResult[]; notes: s
     diskCache = await DiskChunkCache.open({ dir: cacheDir, maxBytes: (FILE_MIB + 256) * MIB, log: quiet });
     return new StargazeFileSystem({
       registry: { resolveBlob: async () => source ?? Promise.reject(new Error('no blob')) },
-      config,
+      ...fileSystemOptionsFromConfig(config),
+      scheduler: new Scheduler(schedulerLimits(config)),
       diskCache,
       log: quiet,
     });

@@ -39,7 +39,8 @@ import tarStream from 'tar-stream';
 
 import { defaultConfig } from '../../src/config/config';
 import { writeEstargz } from '../../src/estargz/writer';
-import { StargazeFileSystem } from '../../src/fs/stargz-fs';
+import { fileSystemOptionsFromConfig, StargazeFileSystem } from '../../src/fs/stargz-fs';
+import { Scheduler, schedulerLimits } from '../../src/task/scheduler';
 import { log } from '../../src/log';
 import { BufferBlobSource } from '../../src/remote/blob-source';
 import { STARGZ_DIGEST, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../src/source/labels';
@@ -164,7 +165,8 @@ export async function benchReadThroughput(): Promise<{ results: ReadResult[]; no
   const newFileSystem = (): StargazeFileSystem =>
     new StargazeFileSystem({
       registry: { resolveBlob: async (_ref, digest) => blobs.get(digest) ?? Promise.reject(new Error('no blob')) },
-      config,
+      ...fileSystemOptionsFromConfig(config),
+      scheduler: new Scheduler(schedulerLimits(config)),
       log: quiet,
     });
   let fsys = newFileSystem();

@@ -8,14 +8,9 @@ import path from 'node:path';
 import { mkdir } from 'node:fs/promises';
 import { loadConfig, type Config } from '../config/config';
 import { FuseServerClient } from '../fs/fuse-server-client';
-import { serveMetrics } from '../metrics/fs-metrics';
-import { openDiskCaches } from '../cache/disk-caches';
-import type { RemoteFileSystem } from '../snapshot/filesystem';
+import type { RemoteFileSystem } from '../fs/remote-file-system';
 import { errorMessage, UsageError } from '../errors';
 import { log, setLogLevel } from '../log';
-import { StargazeFileSystem } from '../fs/stargz-fs';
-import { RegistryClient } from '../remote/registry-client';
-import { registryOptionsFromConfig } from '../remote/registry-config';
 import { Snapshotter } from '../snapshot/snapshotter';
 import { startSnapshotServer } from '../service/snapshots-service';
 import { startPullServer, type PullServer } from '../service/pull-service';
@@ -23,7 +18,7 @@ import { createCriImageProxy, startCriImageProxy, type CriImageProxy, type CriIm
 import { CRI_KEYCHAIN_DIR, openCriKeychain, openKeychains, type KeychainPaths } from '../remote/keychains';
 import { kubeconfigPath } from '../remote/kubeconfig-keychain';
 import { notifySystemdReady } from './sd-notify';
-import { opaqueXattrHere } from '../user-namespace';
+import { openLayerService } from './wiring';
 
 export const DEFAULT_ADDRESS = '/run/stargaze/stargaze.sock';
 export const DEFAULT_ROOT = '/var/lib/stargaze';
@@ -167,33 +162,22 @@ interface FileSystemSetup {
 async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<RemoteFileSystem & { close(): Promise<void> }> {
   if (!config.fuseManager.enable) {
     const keychains = await openKeychains(setup.keychains, log);
-    const registry = new RegistryClient({
+    const service = await openLayerService({
+      config,
       hostsDir: setup.hostsDir,
-      ...registryOptionsFromConfig(config),
-      credentialsAfterDockerConfig: keychains.provider,
-      log: log.child({ module: 'remote' }),
-    });
-    const caches = await openDiskCaches({
       cacheDir: path.join(setup.root, 'cache', 'chunks'),
       root: setup.root,
-      maxBytes: config.cache.diskMaxBytes,
-      log: log.child({ module: 'cache' }),
+      credentials: keychains.provider,
+      log,
     });
-    const { diskCache, tocCache } = caches;
-    const opaqueXattr = await opaqueXattrHere();
-    const filesystem = new StargazeFileSystem({ registry, config, diskCache, tocCache, opaqueXattr, log: log.child({ module: 'fs' }) });
-    const metricsServer = config.metricsAddress
-      ? await serveMetrics(filesystem.metrics, config.metricsAddress, log.child({ module: 'metrics' }))
-      : undefined;
+    const { filesystem } = service;
     return {
       mount: (mountpoint, labels, parent) => filesystem.mount(mountpoint, labels, parent),
       check: (mountpoint) => filesystem.check(mountpoint),
       unmount: (mountpoint) => filesystem.unmount(mountpoint),
       close: async () => {
-        metricsServer?.close();
+        await service.close();
         keychains.close();
-        await filesystem.close();
-        caches.close();
       },
     };
   }

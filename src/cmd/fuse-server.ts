@@ -1,15 +1,17 @@
 /**
- * `stargaze fuse-server`: the process that owns the FUSE mounts (src/fs/fuse-server.ts). The daemon starts
- * it in its own session and talks to it over a unix socket; it is not meant to be run by hand.
+ * `stargaze fuse-server`: the process that owns the FUSE mounts, and its composition root: it builds the
+ * layer file system (wiring.ts) and serves it on the socket (src/fs/fuse-server.ts). The daemon starts it in
+ * its own session and talks to it over a unix socket; it is not meant to be run by hand.
  */
 import { stat } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
 import { loadConfig } from '../config/config';
 import { errorMessage, UsageError } from '../errors';
 import { BoundedLogFile, createMultiLogger } from '../log';
-import { LogTap, runFuseServer } from '../fs/fuse-server';
+import { LogTap, serveFuseServer } from '../fs/fuse-server';
 import { openKeychains } from '../remote/keychains';
 import { warmDefaultTrust } from '../remote/trust';
+import { openLayerService } from './wiring';
 
 const USAGE = `usage: stargaze fuse-server --socket SOCK --pid-file FILE --hosts-dir DIR --cache-dir DIR [--root DIR] [--config FILE [--config-optional]] [--log-level LEVEL] [--log-file FILE]
        [--cri-keychain-dir DIR] [--kubeconfig FILE]
@@ -74,7 +76,8 @@ export async function main(argv: string[]): Promise<number> {
   // Its first registry connection is a mount or a read: the CA certificates the launcher deferred are parsed now.
   warmDefaultTrust();
   try {
-    await runFuseServer({ socketPath: socket, pidFile, config, hostsDir, cacheDir, root: values.root, log, logTap, credentials: keychains.provider });
+    const service = await openLayerService({ config, hostsDir, cacheDir, root: values.root, credentials: keychains.provider, log });
+    await serveFuseServer(service.filesystem, { socketPath: socket, pidFile, log, logTap }, service.close);
   } finally {
     keychains.close();
   }

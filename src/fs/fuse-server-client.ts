@@ -8,7 +8,7 @@ import { open } from 'node:fs/promises';
 import net from 'node:net';
 import { StargazeError, UnavailableError, type ErrorCode } from '../errors';
 import type { Logger } from '../log';
-import type { RemoteFileSystem } from '../snapshot/filesystem';
+import type { RemoteFileSystem } from './remote-file-system';
 import { onJsonLines, parseServerMessage, writeJsonLine, type FuseServerLogEvent, type FuseServerRequest, type FuseServerResponse } from './fuse-server-protocol';
 
 /** How long a started server may take to listen. */

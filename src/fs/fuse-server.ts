@@ -9,23 +9,18 @@
  *
  * The server exits by itself when no daemon has been connected and it serves no mount for
  * IDLE_EXIT_MS, so it never lingers after the snapshotter is gone.
+ *
+ * This is its socket side; the process, which builds the file system it serves, is cmd/fuse-server.ts.
  */
 import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { Writable } from 'node:stream';
-import type { Config } from '../config/config';
-import { errorCode, errorMessage, ProtocolError, StargazeError } from '../errors';
+import { errorCode, errorMessage, FailedPreconditionError, ProtocolError, StargazeError } from '../errors';
 import type { Logger } from '../log';
-import { RegistryClient } from '../remote/registry-client';
-import type { CredentialProvider } from '../remote/credentials';
-import { registryOptionsFromConfig } from '../remote/registry-config';
 import { onJsonLines, parseRequest, requestId, writeJsonLine, type FuseServerRequest, type FuseServerResponse } from './fuse-server-protocol';
 import { mountsUnder } from './mount-table';
-import { StargazeFileSystem } from './stargz-fs';
-import { serveMetrics } from '../metrics/fs-metrics';
-import { openDiskCaches } from '../cache/disk-caches';
-import { opaqueXattrHere } from '../user-namespace';
+import type { StargazeFileSystem } from './stargz-fs';
 
 /** How long the server stays up with no daemon connected and nothing mounted. */
 const IDLE_EXIT_MS = 30_000;
@@ -35,17 +30,9 @@ const SWEEP_INTERVAL_MS = 10_000;
 export interface FuseServerOptions {
   socketPath: string;
   pidFile: string;
-  config: Config;
-  hostsDir: string;
-  /** The disk chunk cache's directory. */
-  cacheDir: string;
-  /** The daemon root, whose files count toward `disk_max_bytes` with the caches' (absent: the caches only). */
-  root?: string;
   log: Logger;
   /** Receives every log line, so it can be forwarded to connected daemons. */
   logTap: LogTap;
-  /** Registry credentials tried after docker's config.json: the CRI and kubeconfig keychains. */
-  credentials?: CredentialProvider;
 }
 
 /** A Writable for pino that copies each log line to the connected daemons. */
@@ -60,29 +47,12 @@ export class LogTap extends Writable {
   }
 }
 
-export async function runFuseServer(options: FuseServerOptions): Promise<void> {
+/**
+ * Serves `filesystem` to daemons on the socket until a signal, or until it has been idle for IDLE_EXIT_MS;
+ * then stops listening and calls `close` (which unmounts every layer: cmd/fuse-server.ts built them).
+ */
+export async function serveFuseServer(filesystem: ServedFileSystem, options: FuseServerOptions, close: () => Promise<void>): Promise<void> {
   const { socketPath, log } = options;
-  const registry = new RegistryClient({
-    hostsDir: options.hostsDir,
-    ...registryOptionsFromConfig(options.config),
-    credentialsAfterDockerConfig: options.credentials,
-    log: log.child({ module: 'remote' }),
-  });
-  const caches = await openDiskCaches({
-    cacheDir: options.cacheDir,
-    root: options.root,
-    maxBytes: options.config.cache.diskMaxBytes,
-    log: log.child({ module: 'cache' }),
-  });
-  const { diskCache, tocCache } = caches;
-  // The snapshotter mounts overlayfs with `userxattr` in a user namespace: opaque dirs must say so in user.*.
-  const opaqueXattr = await opaqueXattrHere();
-  const filesystem = new StargazeFileSystem({ registry, config: options.config, diskCache, tocCache, opaqueXattr, log: log.child({ module: 'fs' }) });
-  // The layers' metrics live where the layers are served, and so survive daemon restarts too.
-  const metricsServer = options.config.metricsAddress
-    ? await serveMetrics(filesystem.metrics, options.config.metricsAddress, log.child({ module: 'metrics' }))
-    : undefined;
-
   await mkdir(path.dirname(socketPath), { recursive: true, mode: 0o700 });
   await removeStaleSocket(socketPath);
   const server = net.createServer((socket) => serveConnection(socket, filesystem, options));
@@ -120,11 +90,8 @@ export async function runFuseServer(options: FuseServerOptions): Promise<void> {
     process.on('SIGTERM', onSignal);
   });
   server.close();
-  metricsServer?.close();
   for (const socket of options.logTap.sockets) socket.destroy();
-  await filesystem.close();
-  caches.close();
-  await registry.close();
+  await close();
   await rm(options.pidFile, { force: true });
   await rm(socketPath, { force: true });
 }
@@ -176,7 +143,7 @@ async function handle(filesystem: ServedFileSystem, request: FuseServerRequest):
 }
 
 /** Forgets layers whose mount was removed from outside (umount -l): their FUSE session is over. */
-async function dropVanishedMounts(filesystem: StargazeFileSystem, log: Logger): Promise<void> {
+async function dropVanishedMounts(filesystem: ServedFileSystem, log: Logger): Promise<void> {
   for (const { mountpoint } of filesystem.list()) {
     if (!(await mountsUnder(mountpoint)).includes(mountpoint)) {
       log.info({ mountpoint }, 'mount removed from outside; forgetting it');
@@ -188,7 +155,7 @@ async function dropVanishedMounts(filesystem: StargazeFileSystem, log: Logger): 
 async function removeStaleSocket(socketPath: string): Promise<void> {
   const st = await stat(socketPath).catch(() => undefined);
   if (!st) return;
-  if (!st.isSocket()) throw new Error(`${socketPath} exists and is not a socket`);
+  if (!st.isSocket()) throw new FailedPreconditionError(`${socketPath} exists and is not a socket`);
   const alive = await new Promise<boolean>((resolve) => {
     const probe = net.connect(socketPath);
     probe.once('connect', () => {
@@ -197,6 +164,6 @@ async function removeStaleSocket(socketPath: string): Promise<void> {
     });
     probe.once('error', () => resolve(false));
   });
-  if (alive) throw new Error(`another fuse server is serving ${socketPath}`);
+  if (alive) throw new FailedPreconditionError(`another fuse server is serving ${socketPath}`);
   await rm(socketPath, { force: true });
 }

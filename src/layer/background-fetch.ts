@@ -34,7 +34,7 @@ export interface BackgroundFetchOptions {
   onMember(chunk: ChunkInfo, member: Buffer): Promise<void>;
   isCached(chunk: ChunkInfo): boolean;
   /**
-   * True while the fetch must wait: while on-demand reads run, and (stargz-fs.ts) until they have been quiet
+   * True while the fetch must wait: while on-demand reads run, and (quiet-link.ts) until they have been quiet
    * for a while, so it does not compete with a container's reads. Asked before each window.
    */
   isBusy(): boolean;

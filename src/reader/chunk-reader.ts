@@ -1,5 +1,4 @@
 import { webcrypto } from 'node:crypto';
-import { setMaxListeners } from 'node:events';
 
 import { LRUCache } from 'lru-cache';
 
@@ -11,6 +10,9 @@ import { parallelOptions, splitChunkBytes } from '../remote/parallel-fetch';
 import { inflateRange } from './inflate-range';
 import { zstdPool } from './zstd-pool';
 import { abortable } from '../abortable';
+import { forEachBounded } from '../task/bounded';
+import type { Priority } from '../task/limiter';
+import type { Scheduler } from '../task/scheduler';
 
 /**
  * Reads regular-file bytes of one layer. Reads are widened to whole chunks; each chunk is fetched as
@@ -31,8 +33,6 @@ export const MAX_CHUNK_BYTES = 256 * 1024 * 1024;
  * overlap with serving this one instead of stalling the reader once per chunk.
  */
 export const DISK_READAHEAD_BYTES = 8 * 1024 * 1024;
-/** Prefetch inflates this many members at once (the zlib thread pool has 4 threads by default). */
-const PREFETCH_INFLATE_CONCURRENCY = 4;
 
 /** A second cache level below memory, keyed by chunk digest (DiskChunkCache). */
 export interface ChunkStore {
@@ -44,6 +44,12 @@ export interface ChunkStore {
 }
 
 export interface LayerReaderOptions {
+  /**
+   * The process's one scheduler: prefetch's requests take `fetches` slots and its inflates `inflates` slots,
+   * behind the reads of every layer. A read's own fetch and inflate go through neither: a container never waits
+   * for a slot.
+   */
+  scheduler: Scheduler;
   /** One memory cache for every layer, so `[cache] memory_max_bytes` bounds them all (memoryCacheBytes is then unused). */
   sharedMemoryCache?: LRUCache<string, Buffer>;
   /**
@@ -122,12 +128,14 @@ export class LayerReader {
   readonly compression: 'gzip' | 'zstd';
   private readonly zstd: boolean;
   private readonly prefetchParallel: { concurrency: number; chunkBytes: number };
+  private readonly scheduler: Scheduler;
 
   constructor(
     private readonly blob: BlobSource,
     private readonly tree: LayerTree,
-    opts: LayerReaderOptions = {},
+    opts: LayerReaderOptions,
   ) {
+    this.scheduler = opts.scheduler;
     const cacheBytes = opts.memoryCacheBytes ?? DEFAULT_MEMORY_CACHE_BYTES;
     this.cache =
       opts.sharedMemoryCache ??
@@ -247,27 +255,18 @@ export class LayerReader {
       .filter((c) => c.compressedEnd <= limit && !this.has(this.key(c)) && !this.isLocal(c));
     if (wanted.length === 0) return;
     const fetchEnd = wanted.reduce((max, c) => Math.max(max, c.compressedEnd), 0);
-    const head = this.downloadInParts(fetchEnd, signal);
+    const head = this.downloadInParts(fetchEnd, 'prefetch', signal);
     head.all.catch(() => undefined); // awaited below; each chunk sees its own part's failure
 
     // Every wanted chunk is in flight from now on: a container reading one of them while the prefetch
     // range downloads joins it instead of fetching the same bytes again. A chunk is inflated as soon as
     // its part has arrived, so inflating overlaps the download and such a reader waits for its part only,
-    // not for the whole range. Inflating is bounded.
-    let inflating = 0;
-    const waiting: Array<() => void> = [];
+    // not for the whole range. Inflating takes the scheduler's inflate slots, behind reads.
     const inflate = async (c: ChunkInfo): Promise<Buffer> => {
       await head.through(c.compressedOffset, c.compressedEnd);
       signal?.throwIfAborted(); // a closed layer's downloaded parts are not worth the CPU; joined readers fetch
-      while (inflating >= PREFETCH_INFLATE_CONCURRENCY) await new Promise<void>((r) => waiting.push(r));
-      signal?.throwIfAborted();
-      inflating++;
-      try {
-        return await this.decode(c, head.bytes.subarray(c.compressedOffset, c.compressedEnd));
-      } finally {
-        inflating--;
-        waiting.shift()?.();
-      }
+      const member = head.bytes.subarray(c.compressedOffset, c.compressedEnd);
+      return this.scheduler.inflates.run(() => this.decode(c, member), { priority: 'prefetch', signal });
     };
     const jobs = wanted.map((c) => {
       const key = this.key(c);
@@ -297,8 +296,9 @@ export class LayerReader {
    * flight, in order. `through(from, to)` settles once every part holding bytes [from, to) has arrived;
    * `all` once all have. The first failure stops the parts not yet asked for, and every waiter sees it.
    * With a concurrency of 1 (`[blob] parallel_fetch_concurrency = 1`: no parallel requests) it is one part.
+   * `priority` is the parts' place in the scheduler's request lane.
    */
-  private downloadInParts(end: number, signal?: AbortSignal): { bytes: Buffer; all: Promise<void>; through(from: number, to: number): Promise<void> } {
+  private downloadInParts(end: number, priority: Priority, signal?: AbortSignal): { bytes: Buffer; all: Promise<void>; through(from: number, to: number): Promise<void> } {
     const { concurrency, chunkBytes } = this.prefetchParallel;
     const starts = [0];
     if (concurrency > 1) {
@@ -325,35 +325,22 @@ export class LayerReader {
       promise.catch(() => undefined); // whoever waits on it sees the failure
       return { promise, ...settle };
     });
-    const failed = new AbortController();
-    const sig = signal !== undefined ? AbortSignal.any([signal, failed.signal]) : failed.signal;
-    setMaxListeners(0, sig); // a listener per request in flight: `concurrency` may be more than ten
-    let next = 0;
-    const worker = async (): Promise<void> => {
-      while (next < starts.length) {
-        sig.throwIfAborted(); // a source that ignores the signal must not be read on after a failure
-        const i = next++;
-        const from = starts[i] as number;
+    // The parts take slots in the scheduler's request lane, behind every layer's reads. The first failure stops
+    // the parts not yet asked for (forEachBounded aborts the signal the others got), and every waiter sees it.
+    const all = forEachBounded(
+      starts,
+      async (from, i, sig) => {
         const to = i + 1 < starts.length ? (starts[i + 1] as number) : end;
         const part = await this.fromBlob(this.blob.readRange(from, to - from, sig));
         this.stats.fetchedBytes += part.length;
         part.copy(bytes, from);
         arrived[i]!.resolve();
-      }
-    };
-    const workers = Array.from({ length: Math.min(concurrency, starts.length) }, () =>
-      worker().catch((err: unknown) => {
-        failed.abort(err); // at once: the other workers ask for no further part
-        throw err;
-      }),
-    );
-    const all = Promise.all(workers).then(
-      () => undefined,
-      (err: unknown) => {
-        for (const a of arrived) a.reject(err); // settles only those still pending
-        throw err;
       },
-    );
+      { concurrency, signal, shared: { limiter: this.scheduler.fetches, priority } },
+    ).catch((err: unknown) => {
+      for (const a of arrived) a.reject(err); // settles only those still pending
+      throw err;
+    });
     /** Index of the part holding byte `offset`. */
     const partOf = (offset: number): number => {
       let lo = 0;

@@ -24,7 +24,7 @@ import {
 import { log as rootLog, type Logger } from '../log';
 import { layerSourceFromLabels, REMOTE_SNAPSHOT, REMOTE_SNAPSHOT_VALUE, TARGET_SNAPSHOT_REF } from '../source/labels';
 import { diskUsage } from './disk-usage';
-import type { RemoteFileSystem } from './filesystem';
+import type { RemoteFileSystem } from '../fs/remote-file-system';
 import { parseFilters } from './filters';
 import { MetadataStore, WALK_PAGE_ROWS, type ChainEntry, type MetadataStoreOptions } from './metadata-store';
 import { mountsUnder } from '../fs/mount-table';

@@ -12,6 +12,11 @@ import { buildLayerTree, type LayerNode } from '../../../src/metadata/layer-tree
 import { LayerReader } from '../../../src/reader/chunk-reader';
 import { BufferBlobSource } from '../../../src/remote/blob-source';
 import { makeTar, sha256, toEstargz, type TarEntrySpec } from './fixture';
+import { Scheduler, schedulerLimits } from '../../../src/task/scheduler';
+import { defaultConfig } from '../../../src/config/config';
+
+/** The process's one scheduler, as the composition root makes it. */
+const scheduler = new Scheduler(schedulerLimits(defaultConfig()));
 
 const CHUNK = 4096;
 const BIG = randomBytes(10_000); // three chunks of 4 KiB
@@ -67,7 +72,7 @@ async function roundTrip(opts: { prioritizedFiles?: string[] } = {}) {
   const source = new BufferBlobSource(result.blobDigest, blob);
   const { toc, tocOffset, tocJson } = await readToc(source);
   const tree = buildLayerTree(toc, { blobSize: blob.length, tocOffset });
-  const reader = new LayerReader(source, tree);
+  const reader = new LayerReader(source, tree, { scheduler });
   return { tar, blob, result, toc, tocJson, tree, reader };
 }
 

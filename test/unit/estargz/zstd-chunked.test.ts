@@ -16,6 +16,11 @@ import { LayerReader } from '../../../src/reader/chunk-reader';
 import { scanZstdFrame, ZstdDiffHasher, zstdDecompressAll, zstdRange, zstdReady } from '../../../src/reader/zstd-range';
 import { BufferBlobSource } from '../../../src/remote/blob-source';
 import { makeTar, sha256, toEstargz } from './fixture';
+import { Scheduler, schedulerLimits } from '../../../src/task/scheduler';
+import { defaultConfig } from '../../../src/config/config';
+
+/** The process's one scheduler, as the composition root makes it. */
+const scheduler = new Scheduler(schedulerLimits(defaultConfig()));
 
 const files = new Map<string, Buffer>([
   ['a.txt', Buffer.from('alpha\n')],
@@ -61,7 +66,7 @@ test('readToc detects zstd:chunked, verifies the TOC digest, and files read back
   const [pos] = written.manifestPosition.split(':');
   assert.equal(r.tocOffset, Number(pos) - 8, 'payload ends where the TOC skippable frame starts');
   const tree = buildLayerTree(r.toc, { blobSize: blob.length, tocOffset: r.tocOffset });
-  const reader = new LayerReader(source, tree, { compression: 'zstd' });
+  const reader = new LayerReader(source, tree, { scheduler, compression: 'zstd' });
   assert.equal(reader.compression, 'zstd');
   for (const [name, content] of files) {
     const node = find(tree.root, name);
@@ -80,14 +85,14 @@ test('a gzip reader on a zstd layer fails loudly (the kind matters)', async () =
   const source = new BufferBlobSource(written.blobDigest, blob);
   const { toc, tocOffset } = await readToc(source);
   const tree = buildLayerTree(toc, { blobSize: blob.length, tocOffset });
-  await assert.rejects(new LayerReader(source, tree).read(find(tree.root, 'a.txt'), 0, 6), EstargzFormatError);
+  await assert.rejects(new LayerReader(source, tree, { scheduler }).read(find(tree.root, 'a.txt'), 0, 6), EstargzFormatError);
 });
 
 test('background fetch computes the zstd diff_id (skippable frames decode to nothing) and hands over members', async () => {
   const source = new BufferBlobSource(written.blobDigest, blob);
   const { toc, tocOffset } = await readToc(source);
   const tree = buildLayerTree(toc, { blobSize: blob.length, tocOffset });
-  const reader = new LayerReader(source, tree, { compression: 'zstd', memoryCacheBytes: 0 });
+  const reader = new LayerReader(source, tree, { scheduler, compression: 'zstd', memoryCacheBytes: 0 });
   let members = 0;
   const result = await backgroundFetch({
     blob: source,

@@ -14,8 +14,8 @@ import { Writable } from 'node:stream';
 import { promisify } from 'node:util';
 import pino from 'pino';
 
-import { defaultConfig } from '../../../src/config/config';
-import { StargazeFileSystem, type BlobResolver } from '../../../src/fs/stargz-fs';
+import { defaultConfig, type Config } from '../../../src/config/config';
+import { fileSystemOptionsFromConfig, StargazeFileSystem, type BlobResolver } from '../../../src/fs/stargz-fs';
 import { hasLocalCopy, localCopyPath } from '../../../src/layer/local-copy';
 import { log } from '../../../src/log';
 import { serveMetrics } from '../../../src/metrics/fs-metrics';
@@ -24,6 +24,10 @@ import { BufferBlobSource, type BlobSource } from '../../../src/remote/blob-sour
 import { STARGZ_DIGEST, STARGZ_LAYERS, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../../src/source/labels';
 import { makeTar, sha256, toEstargz } from '../estargz/fixture';
 import { until } from '../until';
+import { Scheduler, schedulerLimits } from '../../../src/task/scheduler';
+
+/** The process's one scheduler, as the composition root makes it. */
+const scheduler = new Scheduler(schedulerLimits(defaultConfig()));
 
 const run = promisify(execFile);
 /** How long after its mount the quiet-period test's container reads (see there). */
@@ -37,6 +41,12 @@ class MemoryRegistry implements BlobResolver {
     if (!blob) throw new Error(`no blob ${digest}`);
     return blob;
   }
+}
+
+/** The file system's options from `config`, as the composition root makes them; `preOpenTtlMs` shortens the pre-open's wait. */
+function fsOptions(config: Config, preOpenTtlMs?: number): ReturnType<typeof fileSystemOptionsFromConfig> {
+  const options = fileSystemOptionsFromConfig(config);
+  return preOpenTtlMs === undefined ? options : { ...options, layer: { ...options.layer, preOpenTtlMs } };
 }
 
 const quiet = log.child({ test: 'stargz-fs' });
@@ -65,7 +75,7 @@ test('serves an eStargz layer through FUSE', { skip: !canMount && 'needs root fo
   const { blob, digest, tocDigest, diffId, big } = await layerFixture();
   const registry = new MemoryRegistry();
   registry.blobs.set(digest, new BufferBlobSource(digest, blob));
-  const served = new StargazeFileSystem({ registry, config: defaultConfig(), log: quiet });
+  const served = new StargazeFileSystem({ registry, scheduler, ...fsOptions(defaultConfig()), log: quiet });
   // Unmount before removing: rm must never walk into a mount this process serves.
   after(async () => {
     await served.close();
@@ -154,7 +164,7 @@ test('refuses a layer whose TOC does not match the toc.digest label', { skip: !c
   const { blob, digest } = await layerFixture();
   const registry = new MemoryRegistry();
   registry.blobs.set(digest, new BufferBlobSource(digest, blob));
-  const served = new StargazeFileSystem({ registry, config: defaultConfig(), log: quiet });
+  const served = new StargazeFileSystem({ registry, scheduler, ...fsOptions(defaultConfig()), log: quiet });
   after(async () => {
     await served.close();
     await rm(dir, { recursive: true, force: true });
@@ -191,8 +201,8 @@ test('a fully fetched layer is copied beside its mount once its chainID check pa
   registry.blobs.set(digest, new BufferBlobSource(digest, blob));
   const checked = capturingLog();
   const unchecked = capturingLog();
-  const withCheck = new StargazeFileSystem({ registry, config: defaultConfig(), log: checked.log });
-  const withoutCheck = new StargazeFileSystem({ registry, config: { ...defaultConfig(), disableVerification: true }, log: unchecked.log });
+  const withCheck = new StargazeFileSystem({ registry, scheduler, ...fsOptions(defaultConfig()), log: checked.log });
+  const withoutCheck = new StargazeFileSystem({ registry, scheduler, ...fsOptions({ ...defaultConfig(), disableVerification: true }), log: unchecked.log });
   after(async () => {
     await withCheck.close();
     await withoutCheck.close();
@@ -250,7 +260,7 @@ test('background fetch waits until the layers have been quiet for background_fet
     const registry = new MemoryRegistry();
     registry.blobs.set(digest, new WatchedBlob(name));
     const logs = capturingLog();
-    return { fs: new StargazeFileSystem({ registry, config: { ...config, backgroundFetchQuietMs }, log: logs.log }), fetched: () => logs.sawMessage('layer fully fetched') };
+    return { fs: new StargazeFileSystem({ registry, scheduler, ...fsOptions({ ...config, backgroundFetchQuietMs }), log: logs.log }), fetched: () => logs.sawMessage('layer fully fetched') };
   };
   const eager = serve('eager', 0);
   const waiting = serve('quiet', quietMs);
@@ -345,7 +355,7 @@ async function mountStalled(
   const registry = new MemoryRegistry();
   const source = new StalledHeadBlob(layer.digest, layer.blob, layer.headBytes);
   registry.blobs.set(layer.digest, source);
-  const fsys = new StargazeFileSystem({ registry, config: { ...defaultConfig(), copyFetchedLayers: false, ...config }, log });
+  const fsys = new StargazeFileSystem({ registry, scheduler, ...fsOptions({ ...defaultConfig(), copyFetchedLayers: false, ...config }), log });
   after(async () => {
     await fsys.close();
     await rm(dir, { recursive: true, force: true });
@@ -382,9 +392,9 @@ test('a layer opened ahead of a mount that never comes stops its prefetch when i
   const logs = capturingLog('debug');
   const fsys = new StargazeFileSystem({
     registry,
-    config: { ...defaultConfig(), noBackgroundFetch: true, copyFetchedLayers: false },
+    scheduler,
+    ...fsOptions({ ...defaultConfig(), noBackgroundFetch: true, copyFetchedLayers: false }, preOpenTtlMs),
     log: logs.log,
-    preOpenTtlMs,
   });
   after(async () => {
     await fsys.close();
@@ -431,7 +441,7 @@ test('a layer opened ahead and mounted in time keeps its prefetch past the pre-o
   registry.blobs.set(next.digest, nextSource);
   const preOpenTtlMs = 300;
   const logs = capturingLog('debug');
-  const fsys = new StargazeFileSystem({ registry, config: { ...defaultConfig(), noBackgroundFetch: true, copyFetchedLayers: false }, log: logs.log, preOpenTtlMs });
+  const fsys = new StargazeFileSystem({ registry, scheduler, ...fsOptions({ ...defaultConfig(), noBackgroundFetch: true, copyFetchedLayers: false }, preOpenTtlMs), log: logs.log });
   after(async () => {
     await fsys.close();
     await rm(dir, { recursive: true, force: true });

@@ -9,6 +9,11 @@ import { buildLayerTree } from '../../../src/metadata/layer-tree';
 import { inflateRange } from '../../../src/reader/inflate-range';
 import { BufferBlobSource } from '../../../src/remote/blob-source';
 import { CountingBlobSource, makeTar, sha256, toEstargz } from '../estargz/fixture';
+import { Scheduler, schedulerLimits } from '../../../src/task/scheduler';
+import { defaultConfig } from '../../../src/config/config';
+
+/** The process's one scheduler, as the composition root makes it. */
+const scheduler = new Scheduler(schedulerLimits(defaultConfig()));
 
 async function layer(): Promise<{ blob: BufferBlobSource; diffId: string; files: Map<string, Buffer> }> {
   const files = new Map<string, Buffer>([
@@ -154,7 +159,7 @@ test('prefetch hands its head to background fetch: the blob is fetched exactly o
   const { toc, tocOffset } = await readToc(blob);
   const tree = buildLayerTree(toc, { blobSize: blob.size, tocOffset });
   const chunks = tree.chunksInBlobOrder();
-  const reader = new LayerReader(counting, tree);
+  const reader = new LayerReader(counting, tree, { scheduler });
   let head: Buffer | undefined;
   await reader.prefetch(chunks[3]!.compressedEnd + 1, undefined, (h) => (head = h));
   assert.ok(head !== undefined && head.length === chunks[3]!.compressedEnd, 'the head ends at the last prefetched member');

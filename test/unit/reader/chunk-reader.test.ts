@@ -8,6 +8,11 @@ import { buildLayerTree, type LayerNode, type LayerTree } from '../../../src/met
 import { LRUCache } from 'lru-cache';
 import { LayerReader, type ChunkStore, type LayerReaderOptions } from '../../../src/reader/chunk-reader';
 import { CountingBlobSource, makeTar, toEstargz } from '../estargz/fixture';
+import { Scheduler, schedulerLimits } from '../../../src/task/scheduler';
+import { defaultConfig } from '../../../src/config/config';
+
+/** The process's one scheduler, as the composition root makes it. */
+const scheduler = new Scheduler(schedulerLimits(defaultConfig()));
 
 const CHUNK = 1024;
 const FILE = randomBytes(5 * CHUNK + 100); // six chunks
@@ -31,10 +36,10 @@ async function layer(prioritizedFiles: string[] = []): Promise<Layer> {
   return { blob, toc, tocOffset };
 }
 
-function open(l: Layer, opts: LayerReaderOptions = {}, delayMs = 0, toc = l.toc) {
+function open(l: Layer, opts: Partial<LayerReaderOptions> = {}, delayMs = 0, toc = l.toc) {
   const source = new CountingBlobSource(l.blob, undefined, delayMs);
   const tree: LayerTree = buildLayerTree(toc, { blobSize: l.blob.length, tocOffset: l.tocOffset });
-  const reader = new LayerReader(source, tree, opts);
+  const reader = new LayerReader(source, tree, { scheduler, ...opts });
   const node = (p: string): LayerNode => {
     const n = tree.resolvePath(p);
     assert.ok(n);
@@ -214,7 +219,7 @@ test('layers sharing one memory cache never see each other\'s chunks, even unver
     const tree = buildLayerTree(toc, { blobSize: source.size, tocOffset });
     // As in a legacy stargz layer: no chunk digests, so nothing but the blob tells the chunks apart.
     for (const c of tree.chunksInBlobOrder()) c.digest = undefined;
-    return { reader: new LayerReader(source, tree, { sharedMemoryCache: shared, verify: false }), node: tree.resolvePath('f.txt')! };
+    return { reader: new LayerReader(source, tree, { scheduler, sharedMemoryCache: shared, verify: false }), node: tree.resolvePath('f.txt')! };
   };
   const a = await open('a');
   const b = await open('b');
@@ -266,7 +271,7 @@ test('prefetch downloads a long range in parts cut at member ends, and a chunk i
     if (offset > 0) await gate;
     return read(offset, length);
   };
-  const reader = new LayerReader(source, tree0, { prefetchParallel: { concurrency: 2, chunkBytes: 2 * CHUNK } });
+  const reader = new LayerReader(source, tree0, { scheduler, prefetchParallel: { concurrency: 2, chunkBytes: 2 * CHUNK } });
   const ends = new Set(tree0.chunksInBlobOrder().map((c) => c.compressedEnd));
   let head: Buffer | undefined;
   const prefetch = reader.prefetch(landmark, undefined, (h) => (head = h));
@@ -296,7 +301,7 @@ test('prefetch parts are no longer than the part size: a member longer than a pa
   const tree0 = buildLayerTree(l.toc, { blobSize: l.blob.length, tocOffset: l.tocOffset });
   const source = new CountingBlobSource(l.blob);
   // A chunk of 1 KiB of random bytes is a member of more than 1 KiB: parts of 512 bytes cut through each.
-  const reader = new LayerReader(source, tree0, { prefetchParallel: { concurrency: 3, chunkBytes: 512 } });
+  const reader = new LayerReader(source, tree0, { scheduler, prefetchParallel: { concurrency: 3, chunkBytes: 512 } });
   let head: Buffer | undefined;
   await reader.prefetch(tree0.prefetchLandmarkOffset!, undefined, (h) => (head = h));
   assert.ok(source.reads.every((r) => r.length <= 512), `parts: ${source.reads.map((r) => r.length).join(' ')}`);
@@ -326,7 +331,7 @@ test('a part that fails fails the prefetch, hands on no head, and no further par
     }
     return read(offset, length);
   };
-  const reader = new LayerReader(source, tree0, { prefetchParallel: { concurrency: 2, chunkBytes: 2 * CHUNK } });
+  const reader = new LayerReader(source, tree0, { scheduler, prefetchParallel: { concurrency: 2, chunkBytes: 2 * CHUNK } });
   let head: Buffer | undefined;
   await assert.rejects(reader.prefetch(tree0.prefetchLandmarkOffset!, undefined, (h) => (head = h)), /hiccup/);
   assert.equal(head, undefined);
@@ -474,7 +479,7 @@ test('idleMs counts reads of the blob (reads, batches, prefetch), not chunks ser
   }
   const source = new BatchingSource(l.blob, undefined, 40);
   const tree = buildLayerTree(l.toc, { blobSize: l.blob.length, tocOffset: l.tocOffset });
-  const reader = new LayerReader(source, tree, { diskCache: disk });
+  const reader = new LayerReader(source, tree, { scheduler, diskCache: disk });
   const node = (p: string): LayerNode => tree.resolvePath(p) as LayerNode;
   const duringThenAfter = async (work: Promise<unknown>, what: string): Promise<void> => {
     await new Promise((r) => setTimeout(r, 10));

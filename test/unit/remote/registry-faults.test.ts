@@ -18,6 +18,11 @@ import { RegistryClient, type RegistryBlobSource } from '../../../src/remote/reg
 import { makeTar, toEstargz } from '../estargz/fixture';
 import { startFaultProxy, type FaultProxy } from './fault-proxy';
 import { freePort, pushBlob, startRegistry, type RunningRegistry } from './registry-harness';
+import { Scheduler, schedulerLimits } from '../../../src/task/scheduler';
+import { defaultConfig } from '../../../src/config/config';
+
+/** The process's one scheduler, as the composition root makes it. */
+const scheduler = new Scheduler(schedulerLimits(defaultConfig()));
 
 const REPO = 'stargaze/faults';
 const BLOB_BYTES = 3 * 1024 * 1024 + 12_345;
@@ -254,7 +259,7 @@ describe('registry client through faults', () => {
     const src = await c.resolveBlob(ref(), layerDigest);
     const { toc, tocOffset } = await readToc(src);
     const tree = buildLayerTree(toc, { blobSize: src.size, tocOffset });
-    const reader = new LayerReader(src, tree);
+    const reader = new LayerReader(src, tree, { scheduler });
     const a = tree.resolvePath('a');
     assert.ok(a);
     for (const f of [{ kind: 'stall' }, { kind: 'reset' }, { kind: 'status', status: 503 }] as const) {

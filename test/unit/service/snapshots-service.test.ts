@@ -14,7 +14,7 @@ import pino from 'pino';
 import { FailedPreconditionError, NotFoundError, UnavailableError, UsageError } from '../../../src/errors';
 import { grpcStatusOf } from '../../../src/service/grpc-status';
 import { LIST_BATCH_SIZE, loadSnapshotsService, startSnapshotServer, type SnapshotServer } from '../../../src/service/snapshots-service';
-import type { RemoteFileSystem } from '../../../src/snapshot/filesystem';
+import type { RemoteFileSystem } from '../../../src/fs/remote-file-system';
 import { Snapshotter } from '../../../src/snapshot/snapshotter';
 import { STARGZ_DIGEST, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF } from '../../../src/source/labels';
 

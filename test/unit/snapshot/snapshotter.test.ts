@@ -22,7 +22,7 @@ import {
   NotFoundError,
   UnavailableError,
 } from '../../../src/errors';
-import type { RemoteFileSystem } from '../../../src/snapshot/filesystem';
+import type { RemoteFileSystem } from '../../../src/fs/remote-file-system';
 import { RESTORE_CONCURRENCY, Snapshotter } from '../../../src/snapshot/snapshotter';
 import {
   REMOTE_SNAPSHOT,

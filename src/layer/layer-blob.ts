@@ -11,6 +11,8 @@
 import type { RangeReadable } from '../estargz/toc';
 import { readRangesOf, type BlobSource, type ByteRange } from '../remote/blob-source';
 import { splitChunkBytes } from '../remote/parallel-fetch';
+import { forEachBounded } from '../task/bounded';
+import type { Scheduler } from '../task/scheduler';
 
 /**
  * Tail read with the footer: blob size / 128, within [64 KiB, 512 KiB]. TOCs grow with the file count, not the
@@ -78,6 +80,8 @@ export interface LayerBlobOptions {
   chunkBytes: number;
   /** Parallel requests of one split range. */
   concurrency: number;
+  /** The process's scheduler: the requests of a split range take slots in its request lane. */
+  scheduler: Scheduler;
   /** The blob's tail as read with the TOC: reads inside it are served from memory. */
   tail?: BlobTail;
 }
@@ -115,25 +119,19 @@ export class LayerBlob implements BlobSource {
     // Cut as a whole-blob fetch is: the last round of requests should not leave most connections idle.
     const chunkBytes = splitChunkBytes(length, concurrency, this.opts.chunkBytes);
     const out = Buffer.allocUnsafe(length);
-    // The first failure stops the other requests: the caller gets nothing from a partial range anyway.
-    const failed = new AbortController();
-    const sig = signal !== undefined ? AbortSignal.any([signal, failed.signal]) : failed.signal;
-    let next = 0;
-    const worker = async (): Promise<void> => {
-      while (next < length) {
-        const from = next;
-        const n = Math.min(chunkBytes, length - from);
-        next += n;
-        (await this.blob.readRange(offset + from, n, sig)).copy(out, from);
-      }
-    };
-    const workers = Array.from({ length: Math.min(concurrency, Math.ceil(length / chunkBytes)) }, () =>
-      worker().catch((err: unknown) => {
-        failed.abort(err);
-        throw err;
-      }),
+    const parts: number[] = [];
+    for (let from = 0; from < length; from += chunkBytes) parts.push(from);
+    // At read priority, which never waits: the range is a read's (prefetch cuts its parts no longer than
+    // chunkBytes), or a background window that holds a slot of the lane already and must not wait for another.
+    // The parts still count in the lane, so prefetch and background work wait behind them. The first failure
+    // stops the other requests: the caller gets nothing from a partial range anyway.
+    await forEachBounded(
+      parts,
+      async (from, _i, sig) => {
+        (await this.blob.readRange(offset + from, Math.min(chunkBytes, length - from), sig)).copy(out, from);
+      },
+      { concurrency, signal, shared: { limiter: this.opts.scheduler.fetches, priority: 'read' } },
     );
-    await Promise.all(workers);
     return out;
   }
 }

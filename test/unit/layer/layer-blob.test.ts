@@ -2,8 +2,13 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import type { BlobSource } from '../../../src/remote/blob-source';
-import { LayerBlob, tailBytesFor, withTail } from '../../../src/fs/layer-blob';
+import { LayerBlob, tailBytesFor, withTail } from '../../../src/layer/layer-blob';
 import { splitChunkBytes } from '../../../src/remote/parallel-fetch';
+import { Scheduler, schedulerLimits } from '../../../src/task/scheduler';
+import { defaultConfig } from '../../../src/config/config';
+
+/** The process's one scheduler, as the composition root makes it. */
+const scheduler = new Scheduler(schedulerLimits(defaultConfig()));
 
 /** A blob in memory that records the ranges asked for. */
 function memoryBlob(size: number): BlobSource & { data: Buffer; reads: Array<[number, number]> } {
@@ -67,7 +72,7 @@ test('withTail: a blob smaller than the tail is read whole', async () => {
 
 test('LayerBlob: a long range is read as parallel chunks, in order', async () => {
   const blob = memoryBlob(100_000);
-  const lb = new LayerBlob(blob, { chunkBytes: 10_000, concurrency: 3 });
+  const lb = new LayerBlob(blob, { chunkBytes: 10_000, concurrency: 3, scheduler });
   assert.deepEqual(await lb.readRange(5, 45_000), blob.data.subarray(5, 45_005));
   assert.equal(blob.reads.length, 5);
   assert.deepEqual(await lb.readRange(5, 15_000), blob.data.subarray(5, 15_005));
@@ -77,7 +82,7 @@ test('LayerBlob: a long range is read as parallel chunks, in order', async () =>
 test('LayerBlob: a long range is cut as a whole-blob fetch is, several requests a connection', async () => {
   const MiB = 1024 * 1024;
   const blob = memoryBlob(20 * MiB);
-  const lb = new LayerBlob(blob, { chunkBytes: 8 * MiB, concurrency: 4 });
+  const lb = new LayerBlob(blob, { chunkBytes: 8 * MiB, concurrency: 4, scheduler });
   assert.deepEqual(await lb.readRange(0, 20 * MiB), blob.data);
   // Two 8 MiB and a 4 MiB request would leave three of the four connections idle; splitChunkBytes says 16 x 1.25 MiB.
   const sizes = blob.reads.map(([, n]) => n);
@@ -91,7 +96,7 @@ test('LayerBlob: reads inside the tail read with the TOC come from memory', asyn
   await t.readRange(100_000 - 51, 51);
   const tail = await t.tail();
   assert.deepEqual(tail?.offset, 90_000);
-  const lb = new LayerBlob(blob, { chunkBytes: 0, concurrency: 1, tail });
+  const lb = new LayerBlob(blob, { chunkBytes: 0, concurrency: 1, tail, scheduler });
   blob.reads.length = 0;
   assert.deepEqual(await lb.readRange(92_000, 8_000), blob.data.subarray(92_000));
   assert.deepEqual(blob.reads, [], 'inside the tail: no request');

@@ -1,5 +1,6 @@
 /**
- * The seam between snapshot semantics (snapshot/) and lazily mounted layers (fs/).
+ * The seam between snapshot semantics (snapshot/) and lazily mounted layers (fs/): it lives in fs/, so
+ * snapshot/ imports fs/ and fs/ needs nothing from snapshot/.
  * Kept to three verbs, as the reference's FileSystem is.
  */
 export interface RemoteFileSystem {

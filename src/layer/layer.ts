@@ -1,0 +1,351 @@
+/**
+ * A layer's life, under one AbortController: resolve → read TOC (layer-toc.ts) → prefetch → verify against
+ * the mount's labels → serve → background fetch → chainID check → local copy → close. Closing a layer (its
+ * unmount, a failed check, a layer opened ahead whose mount never came) stops everything it started.
+ *
+ * The TOC check is a state the types enforce: a Layer, made from a blob and TOC as read, prefetches but hands
+ * out nothing FUSE could serve; only verify() gives a VerifiedLayer, which exposes the tree and reader.
+ */
+import type { LRUCache } from 'lru-cache';
+import type { DiskChunkCache } from '../cache/disk-chunk-cache';
+import type { TocCache } from '../cache/toc-cache';
+import { errorMessage, EstargzFormatError, FailedPreconditionError, StargazeError, VerificationError } from '../errors';
+import type { Logger } from '../log';
+import { buildLayerTree, type LayerTree } from '../metadata/layer-tree';
+import type { FsMetrics } from '../metrics/fs-metrics';
+import { LayerReader } from '../reader/chunk-reader';
+import type { BlobSource } from '../remote/blob-source';
+import type { LayerSourceInfo } from '../source/labels';
+import type { Scheduler } from '../task/scheduler';
+import { backgroundFetch, checkChainId } from './background-fetch';
+import { hashGzipHead, type DiffResume } from './diff-hash';
+import { LayerBlob } from './layer-blob';
+import { copyFetchedLayer } from './layer-copy';
+import type { LayerOptions } from './layer-options';
+import { checkTocDigest, type LayerToc } from './layer-toc';
+import { hasLocalCopy } from './local-copy';
+import type { QuietLink } from './quiet-link';
+
+/** The chainID at the end of a snapshot name. */
+const CHAIN_ID_SUFFIX = /sha256:[0-9a-f]{64}$/;
+
+/** What every layer of the process shares (layers.ts makes it). */
+export interface LayerContext {
+  readonly options: LayerOptions;
+  readonly scheduler: Scheduler;
+  readonly metrics: FsMetrics;
+  /** The read-first gate of background fetch. */
+  readonly quiet: QuietLink;
+  /** The layers being served, which the gate watches. */
+  readonly served: Set<VerifiedLayer>;
+  /** Decompressed chunks of every layer: `[cache] memory_max_bytes` bounds them all together. */
+  readonly memoryCache: LRUCache<string, Buffer> | undefined;
+  /** Verified chunks on disk, shared by every layer (identical chunks are stored once). */
+  readonly diskCache?: DiskChunkCache;
+  /** TOCs of served layers, kept from eviction while they are served. */
+  readonly tocCache?: TocCache;
+  /** The xattr opaque directories carry (layer-tree.ts). */
+  readonly opaqueXattr?: string;
+}
+
+/** How a mount wants its layer set up; a layer opened ahead of its mount was set up by a guess of it. */
+export interface LayerSetup {
+  /** The mount's prefetch size label, if any. */
+  labelPrefetchBytes: number | undefined;
+  /** Check chunks against their TOC digests (verifiesChunks). */
+  verifyChunks: boolean;
+}
+
+/** What a mount does with a VerifiedLayer it serves. */
+export interface ServeTarget {
+  mountpoint: string;
+  /** The parent snapshot's name: the chainID check needs the parent's chainID. */
+  parent: string | undefined;
+  /** Stops serving file contents (the layer failed its chainID check). */
+  fail(reason: string): void;
+}
+
+/** A layer's parts, made when it opens; the VerifiedLayer gets them once its TOC passed. */
+interface LayerParts {
+  readonly digest: string;
+  readonly ctx: LayerContext;
+  readonly log: Logger;
+  readonly stop: AbortController;
+  readonly tree: LayerTree;
+  readonly blob: LayerBlob;
+  readonly reader: LayerReader;
+  readonly prefetchBytes: number;
+  /** Starts the prefetch, once: later calls return the same run. */
+  prefetch(): PrefetchRun;
+}
+
+interface PrefetchRun {
+  /** Settles when prefetch ends: true when it completed. */
+  readonly prefetched: Promise<boolean>;
+  /** The diff hash of the prefetched head, once (a running hash continues one pass); undefined: a full pass. */
+  takeHeadHash(): Promise<DiffResume | undefined>;
+}
+
+/** Only verify() makes a VerifiedLayer: nothing outside this module holds this. */
+const VERIFIED = Symbol('verified');
+
+/** How much to prefetch: up to the landmark, else the label's or config's size; none when told so. */
+function prefetchSize(options: LayerOptions, labelBytes: number | undefined, tree: LayerTree, blobSize: number): number {
+  if (options.noPrefetch || tree.noPrefetch) return 0;
+  return Math.max(0, tree.prefetchLandmarkOffset ?? Math.min(labelBytes ?? options.prefetchSizeBytes, blobSize));
+}
+
+/** A layer whose blob and TOC are read, its prefetch maybe started, not yet checked against a mount's labels. */
+export class Layer {
+  private readonly parts: LayerParts;
+  private readonly verifyChunks: boolean;
+
+  /** Builds the tree and reader; nothing is fetched until prefetch() or verify(). */
+  constructor(
+    readonly digest: string,
+    readonly toc: LayerToc,
+    setup: LayerSetup,
+    ctx: LayerContext,
+    log: Logger,
+  ) {
+    const { options, scheduler } = ctx;
+    const tree = buildLayerTree(toc.toc, { blobSize: toc.blob.size, tocOffset: toc.tocOffset, opaqueXattr: ctx.opaqueXattr });
+    const prefetchBytes = prefetchSize(options, setup.labelPrefetchBytes, tree, toc.blob.size);
+    const blob = new LayerBlob(toc.blob, { ...options.parallelFetch, tail: toc.tail, scheduler });
+    const reader = new LayerReader(blob, tree, {
+      scheduler,
+      memoryCacheBytes: ctx.memoryCache ? undefined : 0,
+      sharedMemoryCache: ctx.memoryCache,
+      verify: setup.verifyChunks,
+      diskCache: ctx.diskCache,
+      compression: toc.compression,
+      prefetchParallel: options.parallelFetch,
+    });
+    const stop = new AbortController();
+    let run: PrefetchRun | undefined;
+    const prefetch = (): PrefetchRun => (run ??= startPrefetch(digest, prefetchBytes, reader, ctx, log, stop.signal));
+    this.verifyChunks = setup.verifyChunks;
+    this.parts = { digest, ctx, log, stop, tree, blob, reader, prefetchBytes, prefetch };
+  }
+
+  /**
+   * Starts the prefetch before the TOC is checked: a layer opened ahead of its mount does, since its mount
+   * comes later and chunks are verified against this TOC's digests either way.
+   */
+  prefetch(): void {
+    this.parts.prefetch();
+  }
+
+  /** Whether it was set up as `setup` wants (a layer opened ahead was set up before its mount's labels were known). */
+  suits(setup: LayerSetup): boolean {
+    const { ctx, tree, blob } = this.parts;
+    return this.verifyChunks === setup.verifyChunks && this.parts.prefetchBytes === prefetchSize(ctx.options, setup.labelPrefetchBytes, tree, blob.size);
+  }
+
+  /**
+   * Checks the TOC against the mount's labels (checkTocDigest) and starts the prefetch if it has not started.
+   * A layer that fails is closed: a prefetch it started read a layer the mount refuses.
+   */
+  verify(source: LayerSourceInfo, log: Logger): VerifiedLayer {
+    try {
+      checkTocDigest(source, this.toc.tocDigest, this.parts.ctx.options, log);
+    } catch (err) {
+      this.close();
+      throw err;
+    }
+    return new VerifiedLayer(VERIFIED, this.parts, source, log);
+  }
+
+  /** Stops its prefetch. */
+  close(): void {
+    this.parts.stop.abort();
+  }
+}
+
+/** A layer that passed its TOC check: what a mount serves. */
+export class VerifiedLayer {
+  private readonly parts: LayerParts;
+  /** The local copy being made: close() waits for it to stop. */
+  private copying: Promise<void> | undefined;
+  private readonly run: PrefetchRun;
+  private serving = false;
+  private closed = false;
+  /** The mount's logger (a layer opened ahead logged its prefetch without the mountpoint). */
+  readonly log: Logger;
+
+  constructor(
+    token: typeof VERIFIED,
+    parts: LayerParts,
+    readonly source: LayerSourceInfo,
+    log: Logger,
+  ) {
+    if (token !== VERIFIED) throw new StargazeError('ERR_INTERNAL', 'a VerifiedLayer comes from Layer.verify()');
+    this.parts = parts;
+    this.log = log;
+    this.run = parts.prefetch();
+  }
+
+  get digest(): string {
+    return this.parts.digest;
+  }
+  get tree(): LayerTree {
+    return this.parts.tree;
+  }
+  get reader(): LayerReader {
+    return this.parts.reader;
+  }
+  get blobSize(): number {
+    return this.parts.blob.size;
+  }
+  /** Bytes prefetched at mount (0: none). */
+  get prefetchBytes(): number {
+    return this.parts.prefetchBytes;
+  }
+  /** Settles when prefetch ends: true when it completed. */
+  get prefetched(): Promise<boolean> {
+    return this.run.prefetched;
+  }
+
+  /** The layer is mounted at `target`: background fetch starts after prefetch, then its checks and copy. */
+  serve(target: ServeTarget): void {
+    if (this.serving || this.closed) throw new FailedPreconditionError(`layer ${this.digest} is already served or closed`);
+    this.serving = true;
+    const { ctx } = this.parts;
+    ctx.served.add(this);
+    ctx.quiet.stamp();
+    // Its TOC stays on disk while it is served: a restarted FUSE server mounts it again from there.
+    ctx.tocCache?.pin(this.digest);
+    // After prefetch, so what the image marked as needed first is never queued behind the rest.
+    if (!ctx.options.noBackgroundFetch) void this.run.prefetched.then(() => this.queueBackgroundFetch(target));
+  }
+
+  /** Stops everything the layer started, and waits for its local copy to stop. */
+  async close(): Promise<void> {
+    const { ctx, stop } = this.parts;
+    if (this.serving && !this.closed) {
+      ctx.served.delete(this);
+      ctx.tocCache?.unpin(this.digest);
+    }
+    this.closed = true;
+    stop.abort();
+    await this.copying;
+  }
+
+  private async queueBackgroundFetch(target: ServeTarget): Promise<void> {
+    const { ctx, stop } = this.parts;
+    const { log } = this;
+    // A layer copied to local disk was fetched and checked before; its copy serves new containers.
+    if (await hasLocalCopy(target.mountpoint).catch(() => false)) return log.info('layer has a local copy: no background fetch');
+    // At most `max_concurrency` layers at once; a layer closed while it waits leaves the queue.
+    const resume = this.run.takeHeadHash();
+    await ctx.scheduler.backgroundLayers.run(() => this.fetchInBackground(target, resume), { priority: 'background', signal: stop.signal }).catch(() => undefined);
+  }
+
+  /**
+   * Fetches the rest of the layer into the disk cache and checks the whole layer against the chainID it
+   * was committed under. A mismatch stops the layer from being served: it is not what containerd thinks.
+   */
+  private async fetchInBackground(target: ServeTarget, resume: Promise<DiffResume | undefined>): Promise<void> {
+    const { ctx, stop, blob, reader, tree } = this.parts;
+    const { log } = this;
+    const { signal } = stop;
+    const { source } = this;
+    if (signal.aborted) return;
+    const started = Date.now();
+    const fetches = ctx.scheduler.fetches;
+    try {
+      const result = await backgroundFetch({
+        resume: await resume,
+        // Each window takes a slot in the request lane behind reads and prefetch.
+        blob: { digest: blob.digest, size: blob.size, readRange: (o, n, sig) => fetches.run(() => blob.readRange(o, n, sig), { priority: 'background', signal: sig }) } satisfies BlobSource,
+        chunks: tree.chunksInBlobOrder(),
+        compression: reader.compression,
+        onMember: (c, member) => reader.warm(c, member),
+        isCached: (c) => reader.isLocal(c),
+        isBusy: () => ctx.quiet.mustWait(),
+        signal,
+      });
+      const elapsedMs = Date.now() - started;
+      ctx.metrics.observe('background_fetch_total', source.digest, elapsedMs);
+      log.info({ metrics: 'latency', operation: 'background_fetch_total', elapsedMs, diffId: result.diffId, fetchedBytes: result.fetchedBytes, startOffset: result.startOffset }, 'layer fully fetched');
+      // Only a layer checked against its chainID is copied: the copy is trusted from then on, unchecked.
+      if (ctx.options.disableVerification) {
+        if (ctx.options.copyFetchedLayers) log.info('not copied to local disk: not checked against its chainID (verification is disabled)');
+        return;
+      }
+      // containerd names a snapshot it committed itself `<namespace>/<n>/<chainID>`; ours carry the bare chainID.
+      const parentChainId = target.parent === undefined ? undefined : CHAIN_ID_SUFFIX.exec(target.parent)?.[0];
+      if (target.parent !== undefined && parentChainId === undefined) {
+        log.warn({ parent: target.parent }, 'parent snapshot name holds no chainID; layer content not checked against its chainID');
+        return;
+      }
+      try {
+        checkChainId(source.chainId, parentChainId, result.diffId);
+      } catch (err) {
+        ctx.metrics.integrityFailure(source.digest);
+        target.fail(errorMessage(err));
+        log.error({ chainId: source.chainId, parent: target.parent, diffId: result.diffId, err: errorMessage(err) }, 'layer does not match its chainID: no longer served');
+        stop.abort(); // a failed check closes the layer: nothing of it goes on
+        return;
+      }
+      if (!ctx.options.copyFetchedLayers || signal.aborted) return;
+      // Set before anything is awaited, so a close that comes meanwhile waits for it.
+      this.copying = copyFetchedLayer({ digest: this.digest, mountpoint: target.mountpoint, tree, reader, metrics: ctx.metrics, signal, log });
+      await this.copying;
+    } catch (err) {
+      if (signal.aborted) return;
+      log.warn({ err: errorMessage(err) }, 'background fetch failed; the layer stays lazy');
+    }
+  }
+}
+
+/**
+ * Prefetch what the image marks as needed first, in the background: mount does not wait for it; check()
+ * does. The prefetched head (gzip members only: a zstd:chunked pass starts at 0) is hashed when prefetch
+ * ends, and background fetch continues from that hash rather than downloading the head again.
+ */
+function startPrefetch(digest: string, size: number, reader: LayerReader, ctx: LayerContext, log: Logger, signal: AbortSignal): PrefetchRun {
+  if (size <= 0) return { prefetched: Promise.resolve(false), takeHeadHash: () => Promise.resolve(undefined) };
+  let head: Buffer | undefined;
+  const keepHead = !ctx.options.noBackgroundFetch && reader.compression === 'gzip';
+  const started = Date.now();
+  const prefetched = reader.prefetch(size, signal, keepHead ? (h) => (head = h) : undefined).then(
+    () => {
+      const elapsedMs = Date.now() - started;
+      ctx.metrics.observe('prefetch_total', digest, elapsedMs);
+      log.info({ metrics: 'latency', operation: 'prefetch_total', prefetchBytes: size, elapsedMs }, 'prefetch done');
+      return true;
+    },
+    (err: unknown) => {
+      // Stopped by its layer (unmounted, refused, replaced, not claimed): not a failure, whatever the transport
+      // made of the abort. Bad content found before the stop still is.
+      const badContent = err instanceof VerificationError || err instanceof EstargzFormatError;
+      if (signal.aborted && !badContent) log.debug({ elapsedMs: Date.now() - started }, 'prefetch stopped');
+      else log.warn({ err: errorMessage(err) }, 'prefetch failed');
+      return false;
+    },
+  );
+  // Hashed as soon as prefetch ends, so only the hash state waits for the mount and the background queue,
+  // not the head itself (tens of MiB for a layer opened ahead of its mount).
+  let headHash: Promise<DiffResume | undefined> | undefined = prefetched.then((ok) => {
+    const h = head;
+    head = undefined;
+    return ok && h !== undefined ? hashHead(h, log) : undefined;
+  });
+  return {
+    prefetched,
+    takeHeadHash: () => {
+      const taken = headHash ?? Promise.resolve(undefined);
+      headHash = undefined;
+      return taken;
+    },
+  };
+}
+
+/** The diff hash of the prefetched head; undefined (a full background pass) when it cannot be had. */
+function hashHead(head: Buffer, log: Logger): Promise<DiffResume | undefined> {
+  return hashGzipHead(head).catch((err: unknown) => {
+    log.debug({ err: errorMessage(err), headBytes: head.length }, 'prefetched head not usable for the diff_id; background fetch starts at 0');
+    return undefined;
+  });
+}

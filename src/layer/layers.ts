@@ -1,0 +1,136 @@
+/**
+ * The process's layers: Layers.open() takes a mount's labels to a VerifiedLayer, from a layer opened ahead
+ * (pre-open.ts), the TOC cache, or the registry, and opens the image's following layers meanwhile. What every
+ * layer shares (memory cache, scheduler, the quiet-link gate) is made here once.
+ */
+import { LRUCache } from 'lru-cache';
+import type { DiskChunkCache } from '../cache/disk-chunk-cache';
+import type { TocCache } from '../cache/toc-cache';
+import { parseToc } from '../estargz/toc';
+import type { Logger } from '../log';
+import type { FsMetrics } from '../metrics/fs-metrics';
+import { DeferredBlobSource } from '../remote/deferred-blob-source';
+import type { LayerSourceInfo } from '../source/labels';
+import type { Scheduler } from '../task/scheduler';
+import { Layer, type LayerContext, type LayerSetup, type VerifiedLayer } from './layer';
+import type { LayerOptions } from './layer-options';
+import { readLayerToc, verifiesChunks, type BlobResolver, type LayerToc } from './layer-toc';
+import { PreOpener } from './pre-open';
+import { QuietLink } from './quiet-link';
+
+/** The reference waits this long for a layer to resolve before giving up (and falling back). */
+const OPEN_TIMEOUT_MS = 30_000;
+
+export interface LayersOptions {
+  registry: BlobResolver;
+  scheduler: Scheduler;
+  options: LayerOptions;
+  metrics: FsMetrics;
+  diskCache?: DiskChunkCache;
+  /** TOCs of mounted layers, so they mount again without the registry. */
+  tocCache?: TocCache;
+  /** The xattr opaque directories carry (layer-tree.ts): trusted.overlay.opaque unless overlayfs uses `userxattr`. */
+  opaqueXattr?: string;
+  log: Logger;
+}
+
+export class Layers {
+  /** The layers being served. */
+  readonly served = new Set<VerifiedLayer>();
+  private readonly ctx: LayerContext;
+  private readonly preOpener: PreOpener;
+  /** TOC cache writes not finished yet. */
+  private readonly tocSaves = new Set<Promise<void>>();
+
+  constructor(private readonly deps: LayersOptions) {
+    const { options } = deps;
+    const memoryBytes = options.memoryCacheBytes;
+    this.ctx = {
+      options,
+      scheduler: deps.scheduler,
+      metrics: deps.metrics,
+      quiet: new QuietLink(options.backgroundFetchQuietMs, this.served),
+      served: this.served,
+      memoryCache: memoryBytes > 0 ? new LRUCache<string, Buffer>({ maxSize: memoryBytes, sizeCalculation: (b) => Math.max(1, b.length) }) : undefined,
+      diskCache: deps.diskCache,
+      tocCache: deps.tocCache,
+      opaqueXattr: deps.opaqueXattr,
+    };
+    this.preOpener = new PreOpener(options.preOpenTtlMs, (ref, digest) => this.openAhead(ref, digest));
+  }
+
+  /**
+   * The layer a mount of `source` serves, its TOC checked against the labels. A TOC cached by an earlier mount
+   * that matches the toc.digest label needs no registry: the blob is then found only when a read misses every
+   * cache.
+   */
+  async open(source: LayerSourceInfo, log: Logger): Promise<VerifiedLayer> {
+    this.ctx.quiet.stamp();
+    const servedDigests = new Set([...this.served].map((l) => l.digest));
+    this.preOpener.openNeighbours(source, (digest) => servedDigests.has(digest), log);
+    const setup: LayerSetup = { labelPrefetchBytes: source.prefetchBytes, verifyChunks: verifiesChunks(source, this.ctx.options) };
+    // A layer opened ahead had no cached TOC then: no need to look (file reads wait for the libuv threads,
+    // which a running prefetch keeps busy inflating).
+    const early = await this.preOpener.claim(source.ref, source.digest);
+    let layer: Layer;
+    if (early !== undefined) {
+      log.debug('blob and TOC were read ahead of the mount');
+      // Its prefetch runs already; it is used when it was set up as this mount wants.
+      layer = early.suits(setup) ? early : this.reopen(early, setup, log);
+    } else {
+      const toc = (await this.cachedToc(source, log)) ?? (await readLayerToc(this.deps.registry, source.ref, source.digest, AbortSignal.timeout(OPEN_TIMEOUT_MS), this.deps.log));
+      layer = new Layer(source.digest, toc, setup, this.ctx, log);
+    }
+    const verified = layer.verify(source, log);
+    const { toc } = layer;
+    if (toc.compression === 'zstd') log.debug('zstd:chunked layer');
+    this.saveToc(source, toc);
+    return verified;
+  }
+
+  /** Stops the layers opened ahead and waits for TOC cache writes; served layers are their mounts' to close. */
+  async close(): Promise<void> {
+    this.preOpener.close();
+    await Promise.allSettled(this.tocSaves);
+  }
+
+  private reopen(early: Layer, setup: LayerSetup, log: Logger): Layer {
+    early.close();
+    return new Layer(early.digest, early.toc, setup, this.ctx, log);
+  }
+
+  /** A neighbour layer, its prefetch started as a mount with no prefetch label would. */
+  private async openAhead(ref: string, digest: string): Promise<Layer | undefined> {
+    if (await this.deps.tocCache?.has(digest)) return undefined;
+    const toc = await readLayerToc(this.deps.registry, ref, digest, AbortSignal.timeout(OPEN_TIMEOUT_MS), this.deps.log);
+    const setup: LayerSetup = { labelPrefetchBytes: undefined, verifyChunks: !this.ctx.options.disableVerification };
+    const layer = new Layer(digest, toc, setup, this.ctx, this.deps.log.child({ layer: digest }));
+    layer.prefetch();
+    return layer;
+  }
+
+  private async cachedToc(source: LayerSourceInfo, log: Logger): Promise<LayerToc | undefined> {
+    const { tocCache, registry } = this.deps;
+    if (source.tocDigest === undefined || tocCache === undefined) return undefined;
+    const cached = await tocCache.load(source.digest, source.tocDigest);
+    if (cached === undefined) return undefined;
+    const toc = parseToc(cached.tocJson, { blobSize: cached.blobSize, tocOffset: cached.tocOffset });
+    log.debug('TOC from the local cache');
+    const resolve = (signal?: AbortSignal): ReturnType<BlobResolver['resolveBlob']> => registry.resolveBlob(source.ref, source.digest, signal);
+    // Only eStargz TOCs are cached (saveToc), so a cached one means gzip members. load() checked its digest.
+    return { blob: new DeferredBlobSource(source.digest, cached.blobSize, resolve), toc, tocDigest: source.tocDigest, tocOffset: cached.tocOffset, compression: 'gzip', tail: undefined };
+  }
+
+  /**
+   * The cache records no compression: zstd:chunked TOCs are not cached (their layers always read the TOC).
+   * The mount does not wait for the write (it only spares a later mount the registry); close() does.
+   */
+  private saveToc(source: LayerSourceInfo, toc: LayerToc): void {
+    const { tocCache } = this.deps;
+    if (tocCache === undefined || toc.tocJson === undefined || source.tocDigest !== toc.tocDigest || toc.compression !== 'gzip') return;
+    // save() logs its own failures; a rejection here must not become an unhandled one.
+    const saving = tocCache.save(source.digest, { blobSize: toc.blob.size, tocOffset: toc.tocOffset, tocJson: toc.tocJson }).catch(() => undefined);
+    this.tocSaves.add(saving);
+    void saving.finally(() => this.tocSaves.delete(saving));
+  }
+}
