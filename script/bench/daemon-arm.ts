@@ -208,6 +208,6 @@ export async function startDaemonArm(opts: DaemonArmOptions): Promise<DaemonArm>
     const failure = daemon ? await withDaemonLog(opts.kind, daemon, err) : err;
     await scope.run();
     const message = failure instanceof Error ? failure.message : String(failure);
-    throw new Error(`${opts.kind} daemon arm: ${message}`);
+    throw new Error(`${opts.kind} daemon arm: ${message}`, { cause: err });
   }
 }

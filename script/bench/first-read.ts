@@ -250,7 +250,7 @@ export async function benchFirstRead(): Promise<{ results: FirstReadResult[]; no
       const { inner, labels } = prefetch ? blobs.prefetch : blobs.noPrefetch;
       const source = new LatencyBlobSource(inner);
       fsys = new StargazeFileSystem({
-        registry: { resolveBlob: async () => source },
+        registry: { resolveBlob: () => Promise.resolve(source) },
         ...fileSystemOptionsFromConfig({ ...defaults, noPrefetch: !prefetch, noBackgroundFetch: true }),
         scheduler: new Scheduler(schedulerLimits(defaults)),
         log: quiet,

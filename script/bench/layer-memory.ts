@@ -207,7 +207,7 @@ export async function benchLayerMemory(): Promise<{ results: LayerMemoryResults;
   if (!arms.includes('peer')) notes.push(PEER_MISSING_NOTE);
   const samples = new Map<DaemonKind, ArmSample[]>(arms.map((a) => [a, []]));
   const cleanup = new CleanupStack();
-  let imageBytes = 0;
+  let imageBytes: number;
   try {
     const registry = await startRegistry({ scope: cleanup });
     const layers: RawLayer[] = [];

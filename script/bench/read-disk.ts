@@ -96,7 +96,7 @@ process.stdout.write(String(Number(process.hrtime.bigint()-t)/1e9));`;
   return Number(out.trim()) / passes;
 }
 
-async function waitUntil(what: string, pred: () => boolean, timeoutMs: number, refresh: () => Promise<void>): Promise<void> {
+async function waitUntil(what: string, pred: () => boolean, timeoutMs: number, refresh: () => void | Promise<void>): Promise<void> {
   const until = Date.now() + timeoutMs;
   for (await refresh(); !pred(); await refresh()) {
     if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
@@ -136,7 +136,7 @@ export async function benchReadDisk(): Promise<{ results: ReadResult[]; notes: s
   let overlayMounted = false;
   const copyOverlay = path.join(dir, 'copy-overlay');
   let copyOverlayMounted = false;
-  let blobBytesReadFromDiskCases = 0;
+  let blobBytesReadFromDiskCases: number;
   try {
     const { blob, tocDigest, tarPath } = await buildLayer(dir);
     const digest = 'sha256:' + createHash('sha256').update(blob).digest('hex');
@@ -174,7 +174,7 @@ export async function benchReadDisk(): Promise<{ results: ReadResult[]; notes: s
     // renamed) all of them. Never DiskChunkCache.open() the directory meanwhile: open() removes the temp files
     // of writes in flight, as leftovers of a crash.
     let onDisk = 0;
-    await waitUntil('the disk cache to hold the file', () => onDisk >= FILE_MIB * MIB, 120_000, async () => {
+    await waitUntil('the disk cache to hold the file', () => onDisk >= FILE_MIB * MIB, 120_000, () => {
       onDisk = diskCache?.usedBytes ?? 0;
     });
     if ((diskCache?.stats.writeErrors ?? 0) > 0) throw new Error(`${diskCache?.stats.writeErrors} disk cache writes failed`);
@@ -223,7 +223,7 @@ export async function benchReadDisk(): Promise<{ results: ReadResult[]; notes: s
       await measure(
         'stargaze, page cache warm',
         lazyFile,
-        async () => {
+        () => {
           const now = fuseCounters(fsys, lazy).reads;
           perSample.push(now - last);
           last = now;
@@ -235,7 +235,7 @@ export async function benchReadDisk(): Promise<{ results: ReadResult[]; notes: s
     perSample.shift(); // the first delta is before the first sample
     notes.push(`FUSE reads that reached this process: warm-up read ${warmUpReads}; each warm sample [${perSample.join(', ')}]`);
     await timedRead(overlayFile);
-    results.push(await measure('overlayfs, page cache warm', overlayFile, async () => undefined, WARM_SAMPLES));
+    results.push(await measure('overlayfs, page cache warm', overlayFile, () => undefined, WARM_SAMPLES));
 
     // The fully fetched layer, copied to local disk and mounted as the snapshotter mounts it for new containers.
     const copyStarted = Date.now();

@@ -137,7 +137,7 @@ export async function timedRead(file: string): Promise<number> {
   return Number(process.hrtime.bigint() - started) / 1e9;
 }
 
-export async function measure(name: string, file: string, before: () => Promise<unknown>, samples = SAMPLES): Promise<ReadResult> {
+export async function measure(name: string, file: string, before: () => unknown, samples = SAMPLES): Promise<ReadResult> {
   const times: number[] = [];
   for (let i = 0; i < samples; i++) {
     await before();
@@ -210,10 +210,10 @@ export async function benchReadThroughput(): Promise<{ results: ReadResult[]; no
     results.push(first);
     await timedRead(lazyFile);
     results.push(await measure('stargaze, chunk cache warm, page cache dropped', lazyFile, dropPageCache));
-    results.push(await measure('stargaze, page cache warm', lazyFile, async () => undefined));
+    results.push(await measure('stargaze, page cache warm', lazyFile, () => undefined));
     const overlayFile = path.join(overlay, FILE_NAME);
     results.push(await measure('overlayfs, page cache dropped', overlayFile, dropPageCache));
-    results.push(await measure('overlayfs, page cache warm', overlayFile, async () => undefined));
+    results.push(await measure('overlayfs, page cache warm', overlayFile, () => undefined));
   } finally {
     await fsys.close();
     await run('umount', [overlay]).catch(() => undefined);

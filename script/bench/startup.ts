@@ -178,7 +178,7 @@ export async function startLinkProxy(target: string, link: Link, scope: CleanupS
   );
   const port = await new Promise<number>((resolve, reject) => {
     let out = '';
-    child.stdout!.on('data', (b: Buffer) => {
+    child.stdout.on('data', (b: Buffer) => {
       out += b.toString();
       const m = /ready (\d+)/.exec(out);
       if (m) resolve(Number(m[1]));

@@ -90,7 +90,7 @@ class WriteSession {
   /** Callers waiting for their response, oldest first. */
   private readonly waiting: Array<{ resolve: (r: WireWriteResponse) => void; reject: (e: unknown) => void }> = [];
   /** Set once the stream failed or ended; every later request fails with it. */
-  private failure: unknown;
+  private failure: Error | undefined;
 
   constructor(
     private readonly call: ClientDuplexStream<object, unknown>,
@@ -101,7 +101,7 @@ class WriteSession {
     call.on('end', () => this.fail(new ContentWriteError(`${what}: containerd closed the write stream`)));
   }
 
-  private fail(err: unknown): void {
+  private fail(err: Error): void {
     this.failure ??= err;
     for (const w of this.waiting.splice(0)) w.reject(this.failure);
   }

@@ -81,10 +81,10 @@ export function isUnavailable(err: unknown): boolean {
 /** A gRPC ServiceError (or anything thrown by grpc-js) as a ContainerdError about `what`. */
 export function fromGrpc(err: unknown, what: string): ContainerdError {
   if (err instanceof ContainerdError) return err;
-  if (typeof err === 'object' && err !== null && 'code' in err && typeof (err as { code: unknown }).code === 'number') {
+  if (typeof err === 'object' && err !== null && 'code' in err && typeof err.code === 'number') {
     const e = err as { code: number; details?: unknown };
     const details = typeof e.details === 'string' && e.details !== '' ? e.details : errorMessage(err);
-    return new ContainerdError(e.code as GrpcStatus, what, details);
+    return new ContainerdError(e.code, what, details);
   }
   return new ContainerdError(GrpcStatus.UNKNOWN, what, errorMessage(err));
 }

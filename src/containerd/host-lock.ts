@@ -255,7 +255,7 @@ let defaultDir: Promise<string | undefined> | undefined;
  */
 export async function acquireHostLock(name: string, opts: HostLockOptions = {}): Promise<ReleaseHostLock | undefined> {
   const dir = opts.dir !== undefined ? await privateRpullDir(opts.dir) : await (defaultDir ??= privateRpullDir());
-  if (dir === undefined) return async () => undefined;
+  if (dir === undefined) return () => Promise.resolve();
   let waited = false;
   for (;;) {
     if (opts.signal?.aborted === true) throw opts.signal.reason;

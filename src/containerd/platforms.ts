@@ -93,7 +93,7 @@ export function hostPlatform(): Platform {
   let variant: string | undefined;
   if (architecture === 'arm') {
     const v = (process.config.variables as unknown as Record<string, unknown>).arm_version;
-    variant = v !== undefined ? `v${String(v)}` : undefined;
+    variant = typeof v === 'number' || typeof v === 'string' ? `v${v}` : undefined;
   }
   return normalizePlatform({ os: process.platform === 'linux' ? 'linux' : process.platform, architecture, variant });
 }

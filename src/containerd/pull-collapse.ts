@@ -105,7 +105,7 @@ export interface JoinOptions {
  * outcome may also mean "pull on your own": then its functions do nothing.
  */
 export async function joinOrLead(key: string, opts: JoinOptions = {}): Promise<CollapseOutcome> {
-  const noop: CollapseOutcome = { kind: 'lead', publish: async () => undefined, fail: async () => undefined, release: async () => undefined };
+  const noop: CollapseOutcome = { kind: 'lead', publish: () => Promise.resolve(), fail: () => Promise.resolve(), release: () => Promise.resolve() };
   const dir = await privateRpullDir(opts.resultDir);
   if (dir === undefined) return noop;
   const file = path.join(dir, `${key}.json`);

@@ -54,7 +54,7 @@ const IO_HEAD_START_MS = 5;
  * throw-away hosts dir says `server = "http://<host>"`, which is what ctr's --plain-http means.
  */
 export async function hostsDirFor(domain: string, hostsDir: string, plainHttp: boolean): Promise<{ dir: string; cleanup: () => Promise<void> }> {
-  const none = { dir: hostsDir, cleanup: async () => undefined };
+  const none = { dir: hostsDir, cleanup: () => Promise.resolve() };
   if (!plainHttp) return none;
   const { DEFAULT_HOST_DIR, HOSTS_FILE } = await import('../remote/hosts');
   if ((await pathExists(path.join(hostsDir, domain, HOSTS_FILE))) || (await pathExists(path.join(hostsDir, DEFAULT_HOST_DIR, HOSTS_FILE)))) return none;

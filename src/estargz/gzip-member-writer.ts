@@ -22,15 +22,16 @@ export class GzipMemberWriter {
   /** True while the open member is paused waiting for the output to drain. */
   private waitingForDrain = false;
   /** First error the output reported; fails every later call. */
-  private outputError: unknown;
+  private outputError: Error | undefined;
 
   constructor(
     private readonly out: Writable,
     private readonly level: number,
   ) {
     out.on('error', (err: unknown) => {
-      this.outputError ??= err;
-      this.gz?.destroy(err instanceof Error ? err : new Error(String(err)));
+      const e = err instanceof Error ? err : new Error(String(err));
+      this.outputError ??= e;
+      this.gz?.destroy(e);
     });
   }
 

@@ -115,7 +115,7 @@ export class FsMetrics {
         this.reset();
         const c = cache();
         if (!c) return;
-        for (const [stat, value] of Object.entries(c)) this.set({ stat }, value);
+        for (const [stat, value] of Object.entries(c) as [string, number][]) this.set({ stat }, value);
       },
     });
   }

@@ -96,7 +96,7 @@ function rebuildError(e: ZstdReply['error']): Error {
 function ownCopy(bytes: Buffer): ArrayBuffer {
   const own = Buffer.allocUnsafeSlow(bytes.length);
   bytes.copy(own);
-  return own.buffer as ArrayBuffer;
+  return own.buffer;
 }
 
 export class ZstdPool {

@@ -52,7 +52,7 @@ export function createCriImageProxy(opts: CriImageProxyOptions): CriImageProxy {
   const upstream = loaded[CRI_IMAGE_SERVICE] as protoLoader.ServiceDefinition | undefined;
   if (!upstream) throw new Error(`${CRI_IMAGE_SERVICE} not found in our protos`);
   const decode = (method: 'PullImage' | 'RemoveImage', buf: Buffer): WireImageRequest =>
-    upstream[method]!.requestDeserialize(buf) as WireImageRequest;
+    upstream[method]!.requestDeserialize(buf);
 
   const client = new grpc.Client(`unix://${path.resolve(opts.imageServicePath)}`, grpc.credentials.createInsecure());
   const definition: Record<string, grpc.MethodDefinition<Buffer, Buffer>> = {};
@@ -105,7 +105,7 @@ export function createCriImageProxy(opts: CriImageProxyOptions): CriImageProxy {
         .catch(() => undefined);
     };
   }
-  return { definition: definition as grpc.ServiceDefinition, handlers, close: () => client.close() };
+  return { definition, handlers, close: () => client.close() };
 }
 
 export interface CriImageProxyServer {

@@ -138,7 +138,7 @@ export function loadSnapshotsService(): grpc.ServiceDefinition {
   const service = definition[SERVICE_NAME];
   // A service definition is a map of method definitions; a message type would carry `format`.
   if (service === undefined || 'format' in service) throw new Error(`${SERVICE_NAME} not found in our protos`);
-  return service as grpc.ServiceDefinition;
+  return service;
 }
 
 /** Runs `fn` and answers the unary call with its result or its error's status. */

@@ -324,7 +324,7 @@ export function unquote(s: string): string {
       i += 2;
       const simple: Record<number, number> = { 0x61: 7, 0x62: 8, 0x66: 12, 0x6e: 10, 0x72: 13, 0x74: 9, 0x76: 11 };
       if (simple[e] !== undefined) {
-        out.push(simple[e]!);
+        out.push(simple[e]);
       } else if (e === 0x78 || e === 0x75 || e === 0x55) {
         const digits = e === 0x78 ? 2 : e === 0x75 ? 4 : 8;
         if (i + digits > body.length) throw new Error('quote syntax error');

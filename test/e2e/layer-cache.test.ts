@@ -449,7 +449,7 @@ describe('layer cache: background fetch after prefetch', { skip: notRoot && 'e2e
     const twice = coverage.reduce((n, c) => n + (c > 1 ? 1 : 0), 0);
     const missing = coverage.reduce((n, c) => n + (c === 0 ? 1 : 0), 0);
     const tail = layer.size - tocOffset; // the TOC and footer: read at mount, and again by the pass (the diff_id covers them)
-    console.log(`handoff: blob ${layer.size}, TOC at ${tocOffset}, pass from ${done.startOffset}, fetched ${total} in ${requests.length} requests`);
+    console.log(`handoff: blob ${layer.size}, TOC at ${tocOffset}, pass from ${String(done.startOffset)}, fetched ${total} in ${requests.length} requests`);
 
     assert.equal(twice, 0, 'no byte before the TOC was fetched twice');
     assert.equal(missing, 0, 'every byte before the TOC was fetched');
@@ -458,7 +458,7 @@ describe('layer cache: background fetch after prefetch', { skip: notRoot && 'e2e
     // The daemon's own account agrees: the pass started at the end of the prefetched head.
     const startOffset = done.startOffset as number;
     assert.ok(startOffset > first.length / 2, `background fetch started after the prefetched head (at ${startOffset})`);
-    assert.ok(startOffset <= (prefetch.prefetchBytes as number), `and not past the prefetch region (${prefetch.prefetchBytes})`);
+    assert.ok(startOffset <= (prefetch.prefetchBytes as number), `and not past the prefetch region (${String(prefetch.prefetchBytes)})`);
   });
 });
 

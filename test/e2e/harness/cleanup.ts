@@ -54,7 +54,9 @@ export class CleanupStack implements CleanupScope {
  *   });
  */
 export function suiteScope(): CleanupStack {
-  // required lazily so scripts that use the harness outside node:test never load the test runner
+  // required lazily so scripts that use the harness outside node:test never load the test runner (a dynamic
+  // import() would be async, and after() has to be registered while the suite is being defined)
+  // eslint-disable-next-line @typescript-eslint/no-require-imports -- see above
   const { after } = require('node:test') as typeof import('node:test');
   const stack = new CleanupStack();
   after(() => stack.run());

@@ -369,7 +369,7 @@ export async function startContainerd(opts: ContainerdOptions = {}): Promise<Con
   } catch (err) {
     const log = await readTail(logFile);
     if (!opts.scope) await stop();
-    throw new Error(`${err instanceof Error ? err.message : String(err)}\n--- containerd log ---\n${log}`);
+    throw new Error(`${err instanceof Error ? err.message : String(err)}\n--- containerd log ---\n${log}`, { cause: err });
   }
 
   return {

@@ -199,6 +199,7 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<StargazeDae
       throw new Error(
         `${err instanceof Error ? err.message : String(err)}\n` +
           `command: ${p.command}\n--- daemon stderr ---\n${stderr}\n--- daemon log (last lines) ---\n${stdout}`,
+        { cause: err },
       );
     }
   };

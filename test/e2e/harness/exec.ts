@@ -171,7 +171,7 @@ export function spawnGroup(cmd: string, args: readonly string[], opts: SpawnGrou
   const unguard = addExitGuard(() => signalGroup(pid, 'SIGKILL'));
   let running = true;
   let pending = '';
-  child.stdout!.on('data', (b: Buffer) => {
+  child.stdout.on('data', (b: Buffer) => {
     stdoutStream?.write(b);
     if (!opts.onStdoutLine) return;
     pending += b.toString('utf8');
@@ -182,7 +182,7 @@ export function spawnGroup(cmd: string, args: readonly string[], opts: SpawnGrou
       opts.onStdoutLine(line);
     }
   });
-  child.stderr!.on('data', (b: Buffer) => stderrStream?.write(b));
+  child.stderr.on('data', (b: Buffer) => stderrStream?.write(b));
   const exited = new Promise<ExitStatus>((resolve) => {
     child.on('error', () => {
       /* reported through 'close' */

@@ -157,7 +157,7 @@ export async function fetchManifest(
     signal: AbortSignal.timeout(30_000),
   });
   const body = Buffer.from(await res.arrayBuffer());
-  if (res.status !== 200) throw new Error(`GET manifest ${host}/${repo}:${reference}: HTTP ${res.status}: ${body}`);
+  if (res.status !== 200) throw new Error(`GET manifest ${host}/${repo}:${reference}: HTTP ${res.status}: ${body.toString('utf8')}`);
   const manifest = JSON.parse(body.toString('utf8')) as { config: ImageLayerInfo; layers: ImageLayerInfo[] };
   return { digest: sha256(body), mediaType: res.headers.get('content-type') ?? '', manifest };
 }

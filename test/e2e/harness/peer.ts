@@ -104,7 +104,7 @@ export async function startPeer(opts: PeerOptions = {}): Promise<PeerDaemon> {
   } catch (err) {
     const log = await readTail(logFile).catch(() => '');
     if (!opts.scope) await cleanup();
-    throw new Error(`${err instanceof Error ? err.message : String(err)}\n--- peer log ---\n${log}`);
+    throw new Error(`${err instanceof Error ? err.message : String(err)}\n--- peer log ---\n${log}`, { cause: err });
   }
   return {
     dir,
@@ -112,7 +112,7 @@ export async function startPeer(opts: PeerOptions = {}): Promise<PeerDaemon> {
     root,
     configPath,
     logFile,
-    pid: () => proc!.pid,
+    pid: () => proc.pid,
     isRunning: () => proc?.isRunning() ?? false,
     mounts: () => mountsUnder(root),
     cleanup,

@@ -113,7 +113,7 @@ async function estargzFromStream(input: Readable): Promise<EstargzBlob> {
 export async function tocOf(blob: Buffer): Promise<{ json: Buffer; tocOffset: number }> {
   const { tocJson, tocOffset } = await readToc({
     size: blob.length,
-    readRange: async (offset, length) => blob.subarray(offset, offset + length),
+    readRange: (offset, length) => Promise.resolve(blob.subarray(offset, offset + length)),
   });
   return { json: Buffer.from(tocJson), tocOffset };
 }

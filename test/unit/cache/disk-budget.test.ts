@@ -37,7 +37,7 @@ async function tmpDir(t: { after: (fn: () => Promise<void>) => void }): Promise<
 }
 
 /** Eviction unlinks files asynchronously: polls until `done` holds (or 5 s pass, and the assertions after it tell). */
-async function settled(done: () => Promise<boolean>): Promise<void> {
+async function settled(done: () => boolean | Promise<boolean>): Promise<void> {
   for (let waited = 0; !(await done()) && waited < 5_000; waited += 20) await new Promise((r) => setTimeout(r, 20));
 }
 
@@ -259,7 +259,7 @@ test('with a root, untracked files (the metadata db) take their share and the ca
   t.after(() => caches.close());
   assert.equal(caches.diskCache.usedBytes, 8 * 4 * BLOCK_BYTES, 'the chunk index is there when open returns');
   await caches.counted;
-  await settled(async () => caches.diskCache.usedBytes < 8 * 4 * BLOCK_BYTES); // the first walk of the root runs in the background
+  await settled(() => caches.diskCache.usedBytes < 8 * 4 * BLOCK_BYTES); // the first walk of the root runs in the background
   assert.ok(caches.budget.usedBytes <= cap, `within the cap (${caches.budget.usedBytes})`);
   assert.ok(caches.diskCache.usedBytes < 8 * 4 * BLOCK_BYTES, `chunks were evicted for the db (${caches.diskCache.usedBytes})`);
   assert.ok(caches.diskCache.usedBytes >= 4 * 4 * BLOCK_BYTES, `but not more than needed (${caches.diskCache.usedBytes})`);

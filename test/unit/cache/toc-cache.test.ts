@@ -32,10 +32,9 @@ test('a deferred blob resolves on first read, forgets failures, and checks the s
   const bytes = Buffer.from('0123456789');
   let calls = 0;
   let failing = true;
-  const deferred = new DeferredBlobSource(sha(bytes), bytes.length, async (): Promise<BlobSource> => {
+  const deferred = new DeferredBlobSource(sha(bytes), bytes.length, (): Promise<BlobSource> => {
     calls++;
-    if (failing) throw new Error('registry unreachable');
-    return new BufferBlobSource(sha(bytes), bytes);
+    return failing ? Promise.reject(new Error('registry unreachable')) : Promise.resolve(new BufferBlobSource(sha(bytes), bytes));
   });
   assert.equal(calls, 0, 'nothing resolved before a read');
   await assert.rejects(deferred.readRange(0, 4), /unreachable/);
@@ -44,6 +43,6 @@ test('a deferred blob resolves on first read, forgets failures, and checks the s
   assert.deepEqual((await deferred.readRanges([{ offset: 0, length: 1 }, { offset: 9, length: 1 }])).map(String), ['0', '9']);
   assert.equal(calls, 2, 'resolved once after the failure');
 
-  const wrongSize = new DeferredBlobSource(sha(bytes), 99, async () => new BufferBlobSource(sha(bytes), bytes));
+  const wrongSize = new DeferredBlobSource(sha(bytes), 99, () => Promise.resolve(new BufferBlobSource(sha(bytes), bytes)));
   await assert.rejects(wrongSize.readRange(0, 1), /not 99/);
 });

@@ -45,7 +45,7 @@ describe('content writer', () => {
     const { state, open } = fakeStream();
     const progress: number[] = [];
     const desc = { mediaType: 'application/octet-stream', digest: 'sha256:x', size: bytes.length };
-    const res = await writeContent(open, async () => undefined, 'ref', desc, () => [bytes.subarray(0, 3), bytes.subarray(3)], { onProgress: (n) => progress.push(n) });
+    const res = await writeContent(open, () => Promise.resolve(), 'ref', desc, () => [bytes.subarray(0, 3), bytes.subarray(3)], { onProgress: (n) => progress.push(n) });
     assert.deepEqual(res, { existed: false, written: bytes.length });
     assert.deepEqual(Buffer.concat(state.received), bytes);
     assert.ok(state.maxUnanswered > 1 && state.maxUnanswered <= WRITES_IN_FLIGHT, `unanswered at most ${state.maxUnanswered}`);
@@ -57,6 +57,6 @@ describe('content writer', () => {
     const bytes = randomBytes(12 * WRITE_CHUNK_BYTES);
     const { open } = fakeStream({ lie: 3 });
     const desc = { mediaType: 'application/octet-stream', digest: 'sha256:x', size: bytes.length };
-    await assert.rejects(writeContent(open, async () => undefined, 'ref', desc, () => [bytes], {}), /short write at offset 2097152/);
+    await assert.rejects(writeContent(open, () => Promise.resolve(), 'ref', desc, () => [bytes], {}), /short write at offset 2097152/);
   });
 });

@@ -202,8 +202,8 @@ test('TOC JSON is tab-indented like the reference and omits empty fields', async
   assert.match(text, /^\{\n\t"version": 1,\n\t"entries": \[\n\t\t\{\n\t\t\t"name": "\.no\.prefetch\.landmark",/);
   assert.ok(!text.endsWith('\n'));
   assert.doesNotMatch(text, /"uid": 0|"offset": 0|"linkName": ""/);
-  const landmark = JSON.parse(text).entries[0];
-  assert.deepEqual(Object.keys(landmark), ['name', 'type', 'size', 'offset', 'digest', 'chunkDigest']);
+  const { entries } = JSON.parse(text) as { entries: object[] };
+  assert.deepEqual(Object.keys(entries[0] ?? {}), ['name', 'type', 'size', 'offset', 'digest', 'chunkDigest']);
 });
 
 test('prioritized files come first, then .prefetch.landmark; prefetch covers them', async () => {

@@ -12,7 +12,7 @@ const OPTIONS = { longs: String, enums: String, defaults: true, oneofs: true };
 function service(def: protoLoader.PackageDefinition, name: string): protoLoader.ServiceDefinition {
   const entry = def[name];
   assert.ok(entry !== undefined && !('format' in entry), `${name} is a service`);
-  return entry as protoLoader.ServiceDefinition;
+  return entry;
 }
 
 describe('proto sets', () => {

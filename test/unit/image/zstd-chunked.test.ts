@@ -89,9 +89,11 @@ describe('zstd:chunked layers', () => {
     assert.ok(chunks.filter((e) => e.name === 'd/big').length >= 3, 'the big file is chunked');
     const offsets = [...new Set(toc.entries.map((e) => e.offset).filter((o): o is number => o !== undefined))].sort((a, b) => a - b);
     for (const c of chunks) {
-      assert.deepEqual(blob.subarray(c.offset!, c.offset! + 4), ZSTD_FRAME_MAGIC, `${c.name}@${c.chunkOffset ?? 0}`);
-      const next = offsets.find((o) => o > c.offset!) ?? tocOffset - 8;
-      const frame = Buffer.from(decompress(blob.subarray(c.offset!, next)));
+      const offset = c.offset;
+      assert.ok(offset !== undefined, `${c.name}@${c.chunkOffset ?? 0} has an offset`);
+      assert.deepEqual(blob.subarray(offset, offset + 4), ZSTD_FRAME_MAGIC, `${c.name}@${c.chunkOffset ?? 0}`);
+      const next = offsets.find((o) => o > offset) ?? tocOffset - 8;
+      const frame = Buffer.from(decompress(blob.subarray(offset, next)));
       const size = c.chunkSize ?? (toc.entries.find((e) => e.name === c.name && e.type === 'reg')?.size ?? 0) - (c.chunkOffset ?? 0);
       assert.equal(sha256(frame.subarray(0, size)), c.chunkDigest, `chunk ${c.name}@${c.chunkOffset ?? 0}`);
     }

@@ -17,7 +17,10 @@ after(() => pool.close());
 function content(size: number): Buffer {
   const out = Buffer.alloc(size);
   const block = randomBytes(4096);
-  for (let i = 0; i < size; i += 4096) block.copy(out, i, 0, Math.min(4096, size - i)), (block[i % 4096] ^= 0x5a);
+  for (let i = 0; i < size; i += 4096) {
+    block.copy(out, i, 0, Math.min(4096, size - i));
+    block[i % 4096] ^= 0x5a;
+  }
   return out;
 }
 

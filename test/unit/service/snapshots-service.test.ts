@@ -41,8 +41,8 @@ class FakeRemoteFileSystem implements RemoteFileSystem {
   async mount(mountpoint: string): Promise<void> {
     await fs.promises.writeFile(path.join(mountpoint, 'marker'), 'remote');
   }
-  async check(): Promise<void> {
-    if (this.checkError !== undefined) throw this.checkError;
+  check(): Promise<void> {
+    return this.checkError !== undefined ? Promise.reject(this.checkError) : Promise.resolve();
   }
   async unmount(): Promise<void> {}
 }
