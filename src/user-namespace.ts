@@ -5,7 +5,8 @@
  * layer filesystem marks opaque directories with the xattr that overlayfs will read.
  */
 import { readFile } from 'node:fs/promises';
-import { OPAQUE_XATTR, USER_OPAQUE_XATTR } from './metadata/layer-tree';
+
+import { OPAQUE_XATTR, USER_OPAQUE_XATTR } from './overlay-xattr';
 
 /** The kernel's full identity uid map: not inside a user namespace. */
 const INIT_USERNS_UID_MAP = /^\s*0\s+0\s+4294967295\s*$/;

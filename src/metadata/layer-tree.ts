@@ -2,6 +2,7 @@ import { EstargzFormatError } from '../errors';
 import { baseName, parentName } from '../estargz/entry-name';
 import { modtimeMs } from '../estargz/modtime';
 import { NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, type Toc, type TocEntry } from '../estargz/toc';
+import { OPAQUE_XATTR } from '../overlay-xattr';
 import { modeOf, makedev, S_IFCHR } from './file-mode';
 
 /**
@@ -20,10 +21,6 @@ const WHITEOUT_PREFIX = '.wh.';
 const WHITEOUT_META_PREFIX = '.wh..wh.';
 /** `.wh..wh..opq` makes its directory opaque. */
 const OPAQUE_WHITEOUT = '.wh..wh..opq';
-/** The xattr overlayfs reads to treat a directory as opaque. */
-export const OPAQUE_XATTR = 'trusted.overlay.opaque';
-/** The same, for overlayfs mounted with `userxattr` (inside a user namespace). */
-export const USER_OPAQUE_XATTR = 'user.overlay.opaque';
 const OPAQUE_XATTR_VALUE = Buffer.from('y');
 
 export type NodeType = 'dir' | 'reg' | 'symlink' | 'char' | 'block' | 'fifo' | 'whiteout';

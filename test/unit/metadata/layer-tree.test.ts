@@ -4,7 +4,8 @@ import { test } from 'node:test';
 import { EstargzFormatError } from '../../../src/errors';
 import { parseToc } from '../../../src/estargz/toc';
 import { makedev } from '../../../src/metadata/file-mode';
-import { OPAQUE_XATTR, ROOT_INO, USER_OPAQUE_XATTR, buildLayerTree, type LayerTree } from '../../../src/metadata/layer-tree';
+import { ROOT_INO, buildLayerTree, type LayerTree } from '../../../src/metadata/layer-tree';
+import { OPAQUE_XATTR, USER_OPAQUE_XATTR } from '../../../src/overlay-xattr';
 
 const D = 'sha256:' + 'a'.repeat(64);
 
