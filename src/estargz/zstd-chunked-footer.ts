@@ -5,7 +5,7 @@
  * type (1, the eStargz TOC schema) and the magic `GnUlInUx`. The TOC is the raw eStargz JSON, zstd-compressed.
  */
 import { EstargzFormatError, errorMessage } from '../errors';
-import { zstdDecompressAll } from '../reader/zstd-range';
+import { zstdDecompressAll } from './zstd-range';
 
 /** Payload of the footer's skippable frame. */
 export const ZSTD_CHUNKED_FOOTER_PAYLOAD_BYTES = 40;

@@ -17,7 +17,7 @@ import { gunzipSync } from 'node:zlib';
 import { compress } from '@bokuweb/zstd-wasm';
 import { EstargzFormatError } from '../errors';
 import { readToc } from '../estargz/toc';
-import { zstdReady } from '../reader/zstd-range';
+import { zstdReady } from '../estargz/zstd-range';
 
 /** The reference's default zstd level for zstd:chunked. */
 export const DEFAULT_ZSTD_COMPRESSION_LEVEL = 3;

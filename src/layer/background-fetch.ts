@@ -18,7 +18,7 @@ import { VerificationError } from '../errors';
 import type { ChunkInfo } from '../metadata/layer-tree';
 import type { BlobSource } from '../remote/blob-source';
 import { zstdPool } from '../reader/zstd-pool';
-import { ZstdDiffHasher } from '../reader/zstd-range';
+import { ZstdDiffHasher } from '../estargz/zstd-range';
 import { gzipDiff, type DiffHasher, type DiffResume } from './diff-hash';
 
 /** Compressed bytes per range request. */

@@ -13,7 +13,7 @@ import path from 'node:path';
 import { Worker } from 'node:worker_threads';
 
 import { EstargzFormatError, StargazeError, VerificationError } from '../errors';
-import { DEFAULT_MAX_FRAME_OUTPUT_BYTES, zstdDecompressAll, zstdRange } from './zstd-range';
+import { DEFAULT_MAX_FRAME_OUTPUT_BYTES, zstdDecompressAll, zstdRange } from '../estargz/zstd-range';
 
 /** Members decoding to at most this many bytes are decoded inline: under a millisecond, less than a post. */
 export const INLINE_MAX_BYTES = 128 * 1024;

@@ -5,7 +5,7 @@
 import { parentPort } from 'node:worker_threads';
 
 import { errorCode, errorMessage } from '../errors';
-import { zstdDecompressAll, zstdRange } from './zstd-range';
+import { zstdDecompressAll, zstdRange } from '../estargz/zstd-range';
 import type { ZstdJob, ZstdReply } from './zstd-pool';
 
 const port = parentPort;

@@ -13,7 +13,7 @@ import { encodeZstdChunkedFooter, transcodeToZstdChunked, type ZstdChunkedResult
 import { backgroundFetch } from '../../../src/layer/background-fetch';
 import { buildLayerTree, type LayerNode } from '../../../src/metadata/layer-tree';
 import { LayerReader } from '../../../src/reader/chunk-reader';
-import { scanZstdFrame, ZstdDiffHasher, zstdDecompressAll, zstdRange, zstdReady } from '../../../src/reader/zstd-range';
+import { scanZstdFrame, ZstdDiffHasher, zstdDecompressAll, zstdRange, zstdReady } from '../../../src/estargz/zstd-range';
 import { BufferBlobSource } from '../../../src/remote/blob-source';
 import { makeTar, sha256, toEstargz } from './fixture';
 import { Scheduler, schedulerLimits } from '../../../src/task/scheduler';

@@ -16,7 +16,7 @@ import {
 import { OciLayout } from '../../../src/image/oci-layout';
 import { OciLayoutSink, OciLayoutSource } from '../../../src/image/store';
 import { ZSTD_CHUNKED_MAGIC } from '../../../src/image/zstd-chunked';
-import { zstdReady } from '../../../src/reader/zstd-range';
+import { zstdReady } from '../../../src/estargz/zstd-range';
 import { layoutImage, makeTar, sha256, tmpDir } from './helpers';
 
 const ZSTD_FRAME_MAGIC = Buffer.from([0x28, 0xb5, 0x2f, 0xfd]);

@@ -6,7 +6,7 @@ import { compress } from '@bokuweb/zstd-wasm';
 
 import { EstargzFormatError } from '../../../src/errors';
 import { INLINE_MAX_BYTES, ZstdPool } from '../../../src/reader/zstd-pool';
-import { ZstdDiffHasher, zstdRange, zstdReady } from '../../../src/reader/zstd-range';
+import { ZstdDiffHasher, zstdRange, zstdReady } from '../../../src/estargz/zstd-range';
 import { createHash } from 'node:crypto';
 
 const MIB = 1024 * 1024;
