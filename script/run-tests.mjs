@@ -1,9 +1,11 @@
 #!/usr/bin/env node
 // Test runner: finds the compiled tests and runs them with `node --test`, one file at a time.
 //
-//   node script/run-tests.mjs [unit|e2e] [extra node --test flags, e.g. --test-name-pattern=foo]
+//   node script/run-tests.mjs [unit|e2e] [--coverage] [extra node --test flags, e.g. --test-name-pattern=foo]
 //
 // unit: dist/test/unit/**/*.test.js; e2e: dist/test/e2e/**/*.test.js; no argument: unit, then e2e.
+// --coverage: the unit suite runs under c8, which reports on src/**/*.ts (through the source maps) and fails
+// the run when lines, branches or functions fall below the floor; both are set in package.json's "c8".
 // Node 20 does not expand globs, so the files are listed here. A compiled test whose .ts source is
 // gone (stale dist/) is skipped. e2e tests need root (containerd, mounts, FUSE): without root they
 // are skipped with a message; with root they always run, and fail loudly if something is missing.
@@ -15,6 +17,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const C8_BIN = path.join(REPO_ROOT, 'node_modules', 'c8', 'bin', 'c8.js');
 const SUITES = {
   unit: { dir: 'test/unit', timeoutMs: Number(process.env.STARGAZE_UNIT_TIMEOUT_MS ?? 120_000) },
   e2e: { dir: 'test/e2e', timeoutMs: Number(process.env.STARGAZE_E2E_TIMEOUT_MS ?? 900_000) },
@@ -45,9 +48,11 @@ function findTests(relDir) {
   });
 }
 
-function runNodeTest(files, timeoutMs, extraFlags) {
+function runNodeTest(files, timeoutMs, extraFlags, coverage) {
   const args = ['--test', '--test-concurrency=1', `--test-timeout=${timeoutMs}`, ...extraFlags, ...files];
   if (!extraFlags.some((f) => f.startsWith('--test-reporter'))) args.splice(1, 0, '--test-reporter=spec');
+  // c8 runs node --test as its child (it passes signals on) and collects the coverage of every process below it
+  if (coverage) args.unshift(C8_BIN, process.execPath);
   return new Promise((resolve) => {
     const child = spawn(process.execPath, args, { cwd: REPO_ROOT, stdio: 'inherit' });
     // Ctrl-C reaches the whole foreground group already; other signals are passed on so the
@@ -69,9 +74,15 @@ function runNodeTest(files, timeoutMs, extraFlags) {
 async function main() {
   const argv = process.argv.slice(2);
   const which = argv[0] && !argv[0].startsWith('-') ? argv.shift() : undefined;
-  if (which !== undefined && !(which in SUITES)) {
-    process.stderr.write(`usage: node script/run-tests.mjs [unit|e2e] [node --test flags]\n`);
+  const coverage = argv.includes('--coverage');
+  if (coverage) argv.splice(argv.indexOf('--coverage'), 1);
+  if ((which !== undefined && !(which in SUITES)) || (coverage && which === 'e2e')) {
+    process.stderr.write(`usage: node script/run-tests.mjs [unit|e2e] [--coverage (unit only)] [node --test flags]\n`);
     return 2;
+  }
+  if (coverage && !existsSync(C8_BIN)) {
+    process.stderr.write('run-tests: --coverage needs c8 (a devDependency): run `npm ci`\n');
+    return 1;
   }
   if (!existsSync(path.join(REPO_ROOT, 'dist'))) {
     process.stderr.write('run-tests: dist/ is missing; run `npm run build` first (npm test does)\n');
@@ -89,8 +100,9 @@ async function main() {
       process.stdout.write(`run-tests: no ${name} tests found under dist/${suite.dir}\n`);
       continue;
     }
-    process.stdout.write(`run-tests: ${name}: ${files.length} file(s), per-test timeout ${suite.timeoutMs} ms\n`);
-    const code = await runNodeTest(files, suite.timeoutMs, argv);
+    const covered = coverage && name === 'unit';
+    process.stdout.write(`run-tests: ${name}: ${files.length} file(s), per-test timeout ${suite.timeoutMs} ms${covered ? ', under coverage (c8)' : ''}\n`);
+    const code = await runNodeTest(files, suite.timeoutMs, argv, covered);
     if (code !== 0) exitCode = code;
   }
   return exitCode;
