@@ -2,6 +2,7 @@
 // no-floating-promises and no-misused-promises) over src/, test/ and script/. `npm run lint` runs it, and
 // `npm test` runs it before the unit tests. Each rule tuned below says why; none is switched off wholesale.
 import js from '@eslint/js';
+import globals from 'globals';
 import tseslint from 'typescript-eslint';
 
 const ROOT = import.meta.dirname;
@@ -40,4 +41,12 @@ export default tseslint.config(
       '@typescript-eslint/prefer-promise-reject-errors': ['error', { allowThrowingAny: true, allowThrowingUnknown: true }],
     },
   },
+  {
+    // The plain-JS scripts (the test runner, the KinD node's containerd configurator): ESLint's recommended rules.
+    files: ['script/**/*.js', 'script/**/*.mjs', 'script/**/*.cjs'],
+    extends: [js.configs.recommended],
+    languageOptions: { globals: globals.node },
+    linterOptions: { reportUnusedDisableDirectives: 'error' },
+  },
+  { files: ['script/**/*.js', 'script/**/*.cjs'], languageOptions: { sourceType: 'commonjs' } },
 );
