@@ -13,7 +13,8 @@
  * one level needs another part of that level, the level is split into ordered sub-levels (0a < 0b < 0c): still
  * one way, still no cycles.
  *   - 0: errors and the other leaf helpers import nothing from src/ (0a); the root logger may use them (0b); the
- *     rest of level 0 may use both (0c: metrics imports log's Logger type, user-namespace the overlayfs xattrs).
+ *     rest of level 0 may use both (0c: metrics imports log's Logger type, user-namespace the overlayfs xattrs,
+ *     json-lines the error classes).
  *   - 2: reader reads metadata's tree types, and task (the scheduler) stays below reader so reads can be
  *     scheduled by it: metadata and task (2a) < reader (2b).
  *   - 8: cli.ts dispatches to cmd/ (8a < 8b).
@@ -21,7 +22,7 @@
 const LEVELS = [
   { level: '0a', parts: ['errors.ts', 'abortable.ts', 'path-exists.ts', 'overlay-xattr.ts'], what: 'error classes with codes; leaf helpers' },
   { level: '0b', parts: ['log.ts'], what: 'the pino root logger' },
-  { level: '0c', parts: ['config', 'source', 'metrics', 'grpc', 'user-namespace.ts'], what: 'config, snapshot labels, metrics, proto loading, user namespace detection' },
+  { level: '0c', parts: ['config', 'source', 'metrics', 'grpc', 'user-namespace.ts', 'json-lines.ts'], what: 'config, snapshot labels, metrics, proto loading, user namespace detection, JSON-lines framing' },
   { level: '1', parts: ['estargz', 'remote', 'cache'], what: 'the format (zstd framing included), registry access, caches' },
   { level: '2a', parts: ['metadata', 'task'], what: 'TOC -> inode tree; the work scheduler' },
   { level: '2b', parts: ['reader'], what: 'verifying chunk reader' },
