@@ -51,7 +51,7 @@ starts right away.
   -h, --help              this help
 
 The snapshotter fetches lazily with its own registry configuration (the daemon's --hosts-dir and
-credentials); --plain-http, --user, --hosts-dir and docker's config.json (\$DOCKER_CONFIG) apply to what
+credentials); --plain-http, --user, --hosts-dir and docker's config.json ($DOCKER_CONFIG) apply to what
 the pull itself downloads, also when the daemon carries it out.
 `;
 

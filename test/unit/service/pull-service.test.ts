@@ -111,10 +111,10 @@ describe('pull service', () => {
 
   it('hands the request over, streams the events, and ends with the summary', async () => {
     let seen: PullRequest | undefined;
-    pull = async (req, _signal, onEvent) => {
+    pull = (req, _signal, onEvent) => {
       seen = req;
       onEvent(resolvedEvent);
-      return summary;
+      return Promise.resolve(summary);
     };
     const events: PullEvent[] = [];
     const outcome = await pullThroughDaemon(address, request, (e) => events.push(e), new AbortController().signal);
@@ -130,7 +130,7 @@ describe('pull service', () => {
       assert.equal(err.message, 'registry.example/app:v1: not found');
       return true;
     });
-    pull = async () => summary;
+    pull = () => Promise.resolve(summary);
     assert.equal((await pullThroughDaemon(address, request, () => undefined, new AbortController().signal)).kind, 'pulled');
   });
 
@@ -153,7 +153,7 @@ describe('pull service', () => {
   });
 
   it('answers bad requests with an error and keeps serving', async () => {
-    pull = async () => summary;
+    pull = () => Promise.resolve(summary);
     const notJson = await exchange(address, 'this is not json\n');
     assert.deepEqual(notJson, [], 'a line that is not JSON costs the connection');
     const [oldVersion] = await exchange(address, `${JSON.stringify({ v: 99, pull: request })}\n`);
