@@ -77,7 +77,7 @@ export async function main(argv: string[]): Promise<number> {
   warmDefaultTrust();
   try {
     const service = await openLayerService({ config, hostsDir, cacheDir, root: values.root, credentials: keychains.provider, log });
-    await serveFuseServer(service.filesystem, { socketPath: socket, pidFile, log, logTap }, service.close);
+    await serveFuseServer(service.filesystem, { socketPath: socket, pidFile, log, logTap }, () => service.close());
   } finally {
     keychains.close();
   }
