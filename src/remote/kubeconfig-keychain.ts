@@ -61,7 +61,7 @@ export function parseKubeconfig(text: string, file: string): unknown {
     return doc.toJS();
   } catch (err) {
     // Aliases past maxAliasCount (a "billion laughs" file): the library's message says so, without the source.
-    throw new Error(`${file}: ${err instanceof Error ? err.message : String(err)}`);
+    throw new Error(`${file}: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
   }
 }
 

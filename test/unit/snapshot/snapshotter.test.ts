@@ -353,7 +353,7 @@ describe('Snapshotter remote snapshots', () => {
     const results = await all;
     for (const r of results) {
       assert.equal(r.status, 'rejected');
-      assert.ok((r as PromiseRejectedResult).reason instanceof AlreadyExistsError);
+      assert.ok(r.reason instanceof AlreadyExistsError);
     }
     assert.equal(remote.mounts.length, 1);
     assert.equal(sink.waitingForInflight().length, 2);
