@@ -42,6 +42,14 @@ export default tseslint.config(
     },
   },
   {
+    // The registry client loads undici's Pool, Agent and request API from undici's private lib/ paths with
+    // require(), skipping the index (fetch, WebSocket, ...) to save start time; its test requires the same paths,
+    // and the module itself, at run time so a moved path fails with what to do. undici is pinned to an exact
+    // version. These two files only: everywhere else a require() is still an error.
+    files: ['src/remote/undici-dispatchers.ts', 'test/unit/remote/undici-dispatchers.test.ts'],
+    rules: { '@typescript-eslint/no-require-imports': 'off' },
+  },
+  {
     // The plain-JS scripts (the test runner, the KinD node's containerd configurator): ESLint's recommended rules.
     files: ['script/**/*.js', 'script/**/*.mjs', 'script/**/*.cjs'],
     extends: [js.configs.recommended],

@@ -7,6 +7,7 @@
 /** An HTTP token (RFC 9110 field-name); anything else is not a header name. */
 const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 /** CR, LF and the other controls (tab aside) would split or corrupt the request's header block. */
+// eslint-disable-next-line no-control-regex -- matching control characters is this regex's whole job: values holding them are refused
 const CONTROL_CHAR = /[\u0000-\u0008\u000a-\u001f\u007f]/;
 
 /**

@@ -523,7 +523,7 @@ class Pull {
     if (mounts === undefined) throw new StargazeError('ERR_INTERNAL', `could not prepare a snapshot for layer ${desc.digest} (chainID ${chainId}) after ${PREPARE_ATTEMPTS} attempts`);
 
     // A normal snapshot: download, apply, commit.
-    let bytes = 0;
+    let bytes: number;
     try {
       const download = this.fetchLayer(i);
       this.fetchAhead(i);

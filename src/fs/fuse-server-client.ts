@@ -57,10 +57,11 @@ export class FuseServerClient implements RemoteFileSystem {
   }
 
   /** Disconnects; the server and its mounts stay up for running containers. */
-  async close(): Promise<void> {
+  close(): Promise<void> {
     this.closed = true;
     this.socket?.end();
     this.socket = undefined;
+    return Promise.resolve();
   }
 
   private async request(body: RequestBody): Promise<FuseServerResponse> {

@@ -116,7 +116,7 @@ export async function backgroundFetch(options: BackgroundFetchOptions): Promise<
 function zstdDiff(): DiffHasher {
   // Frames decode in the worker pool: a 4 MiB frame decoded here would stall every FUSE callback ~18 ms.
   const hasher = new ZstdDiffHasher(undefined, (frame, maxOutput) => zstdPool.all(frame, maxOutput));
-  return { write: (window) => hasher.write(window), end: async () => hasher.digest() };
+  return { write: (window) => hasher.write(window), end: () => Promise.resolve().then(() => hasher.digest()) };
 }
 
 /** chainID of a layer: its diff_id for a base layer, else sha256 of "<parent chainID> <diff_id>". */

@@ -51,7 +51,11 @@ export async function hashGzipHead(head: Buffer): Promise<DiffResume> {
   return { offset: head.length, hash };
 }
 
-function gunzipInto(hash: Hash): { write(data: Buffer): Promise<void>; finish(): Promise<void> } {
+/**
+ * A streaming gunzip into `hash`. Its two functions are closures, not methods, so callers can take them apart
+ * (`const { write, finish } = ...`).
+ */
+function gunzipInto(hash: Hash): { write: (data: Buffer) => Promise<void>; finish: () => Promise<void> } {
   const gunzip = createGunzip();
   gunzip.on('data', (d: Buffer) => hash.update(d));
   let written = 0;
@@ -68,12 +72,12 @@ function gunzipInto(hash: Hash): { write(data: Buffer): Promise<void>; finish():
   });
   endedEarly.catch(() => undefined);
   return {
-    async write(data) {
+    write: async (data) => {
       written += data.length;
       // Never wait for a 'drain' that cannot come once the stream has ended or failed.
       if (!gunzip.write(data)) await Promise.race([new Promise((r) => gunzip.once('drain', r)), endedEarly]);
     },
-    async finish() {
+    finish: async () => {
       finishing = true;
       gunzip.end();
       await inflated;

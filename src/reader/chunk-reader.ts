@@ -288,7 +288,7 @@ export class LayerReader {
     const failed = (await Promise.allSettled(jobs)).find((r) => r.status === 'rejected');
     await head.all; // the download's own failure first, when there was one
     onHead?.(head.bytes);
-    if (failed !== undefined) throw (failed as PromiseRejectedResult).reason;
+    if (failed !== undefined) throw failed.reason;
   }
 
   /**

@@ -42,11 +42,11 @@ export class BufferBlobSource implements BlobSource {
     this.size = bytes.length;
   }
 
-  async readRange(offset: number, length: number): Promise<Buffer> {
+  readRange(offset: number, length: number): Promise<Buffer> {
     if (offset < 0 || length < 0 || offset + length > this.size) {
-      throw new RangeError(`range ${offset}+${length} outside blob of ${this.size} bytes`);
+      return Promise.reject(new RangeError(`range ${offset}+${length} outside blob of ${this.size} bytes`));
     }
-    return this.bytes.subarray(offset, offset + length);
+    return Promise.resolve(this.bytes.subarray(offset, offset + length));
   }
 
   async readRanges(ranges: readonly ByteRange[]): Promise<Buffer[]> {

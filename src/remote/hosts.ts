@@ -281,7 +281,7 @@ function parseClient(v: unknown, fail: () => Error, baseDir: string): RegistryEn
   return v.map((item: unknown) => {
     if (typeof item === 'string') return { certFile: cert(item), keyFile: undefined };
     if (Array.isArray(item) && item.length >= 1 && item.length <= 2 && item.every((x): x is string => typeof x === 'string')) {
-      const [certFile, key] = item as string[];
+      const [certFile, key] = item;
       return { certFile: cert(certFile as string), keyFile: key === undefined || key === '' ? undefined : absolute(key, baseDir) };
     }
     throw fail();

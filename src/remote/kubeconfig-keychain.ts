@@ -61,7 +61,7 @@ export function parseKubeconfig(text: string, file: string): unknown {
     return doc.toJS();
   } catch (err) {
     // Aliases past maxAliasCount (a "billion laughs" file): the library's message says so, without the source.
-    throw new Error(`${file}: ${err instanceof Error ? err.message : String(err)}`);
+    throw new Error(`${file}: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
   }
 }
 
@@ -235,12 +235,15 @@ export class KubeconfigKeychain {
     void this.refresh();
   }
 
-  readonly provider: CredentialProvider = async (host) => {
+  readonly provider: CredentialProvider = (host) => Promise.resolve(this.credentialsFor(host));
+
+  /** From the secrets of the last successful list; nothing is fetched per lookup. */
+  private credentialsFor(host: string): RegistryCredentials | undefined {
     const direct = this.byHost.get(host);
     if (direct) return direct;
     if (isDockerHub(host)) return this.byHost.get('docker.io');
     return undefined;
-  };
+  }
 
   close(): void {
     this.closed = true;

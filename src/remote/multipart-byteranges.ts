@@ -65,7 +65,6 @@ export class ByteRangesParser {
       }
       // delimiter or headers: accumulate, bounded
       this.pending = this.pending.length === 0 ? buf : Buffer.concat([this.pending, buf]);
-      buf = Buffer.alloc(0);
       const rest = this.state === 'delimiter' ? this.takeDelimiter() : this.takeHeaders();
       if (rest === undefined) {
         if (this.pending.length > MAX_PART_HEADER_BYTES) this.fail(`more than ${MAX_PART_HEADER_BYTES} bytes without a complete part header`);

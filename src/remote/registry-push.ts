@@ -296,11 +296,17 @@ async function errorBody(res: Dispatcher.ResponseData): Promise<string> {
   try {
     const doc = JSON.parse(text) as { errors?: Array<{ code?: unknown; message?: unknown }> };
     const e = doc.errors?.[0];
-    if (e !== undefined) return `${String(e.code ?? '')}: ${String(e.message ?? '')}`;
+    if (e !== undefined) return `${errorField(e.code)}: ${errorField(e.message)}`;
   } catch {
     // not JSON
   }
   return text.slice(0, 200).replace(/\s+/g, ' ').trim();
+}
+
+/** One field of a registry error as text: the spec says string, but a registry may send an object or nothing. */
+function errorField(v: unknown): string {
+  if (v === undefined || v === null) return '';
+  return typeof v === 'string' ? v : JSON.stringify(v);
 }
 
 function statusError(what: string, host: string, status: number, detail: string): RegistryError {

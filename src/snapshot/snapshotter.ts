@@ -75,6 +75,18 @@ function requireName(what: string, value: string): void {
   if (value === '') throw new InvalidArgumentError(`${what} must not be empty`);
 }
 
+/**
+ * Runs `fn` now and hands back its result as a promise, its throw as a rejection: the verbs that do their work
+ * synchronously still fail the way the others do (callers `.catch` them; none expects a synchronous throw).
+ */
+function settled<T>(fn: () => T): Promise<T> {
+  try {
+    return Promise.resolve(fn());
+  } catch (err) {
+    return Promise.reject(err);
+  }
+}
+
 async function pathExists(p: string): Promise<boolean> {
   try {
     await fsp.lstat(p);
@@ -146,15 +158,19 @@ export class Snapshotter {
   // containerd Snapshotter verbs
 
   /** Info of a snapshot by key or name. */
-  async stat(key: string): Promise<SnapshotInfo> {
-    this.assertOpen();
-    return this.store.getInfo(key).info;
+  stat(key: string): Promise<SnapshotInfo> {
+    return settled(() => {
+      this.assertOpen();
+      return this.store.getInfo(key).info;
+    });
   }
 
   /** Updates labels (the only mutable field); see MetadataStore.updateInfo for field paths. */
-  async update(info: { name: string; labels?: Record<string, string> }, fieldPaths: readonly string[] = []): Promise<SnapshotInfo> {
-    this.assertOpen();
-    return this.store.updateInfo(info, fieldPaths);
+  update(info: { name: string; labels?: Record<string, string> }, fieldPaths: readonly string[] = []): Promise<SnapshotInfo> {
+    return settled(() => {
+      this.assertOpen();
+      return this.store.updateInfo(info, fieldPaths);
+    });
   }
 
   /** Active: disk usage of the upper dir, measured now. Committed: the value stored at commit. */
@@ -208,9 +224,11 @@ export class Snapshotter {
   }
 
   /** Deletes the metadata of `key`; its directory goes at the next Cleanup. */
-  async remove(key: string): Promise<void> {
-    this.assertOpen();
-    this.store.remove(key);
+  remove(key: string): Promise<void> {
+    return settled(() => {
+      this.assertOpen();
+      this.store.remove(key);
+    });
   }
 
   /**

@@ -9,7 +9,7 @@ import { setTimeout as delay } from 'node:timers/promises';
 import pino from 'pino';
 import type { ContainerdClient } from '../../../src/containerd/client';
 import { ContainerdError } from '../../../src/containerd/errors';
-import { chainIds, type ImageIndex, type ImageManifest } from '../../../src/containerd/image';
+import { chainIds, type ImageConfig, type ImageIndex, type ImageManifest } from '../../../src/containerd/image';
 import { hostPlatform } from '../../../src/containerd/platforms';
 import { MAX_CONCURRENT_DOWNLOADS, pullImage, type ResolvedManifest } from '../../../src/containerd/pull';
 import type { Descriptor } from '../../../src/containerd/types';
@@ -39,10 +39,13 @@ function image(platform: string): ResolvedManifest & { configBody: Buffer } {
 /** A containerd that has every blob and snapshot already, recording the calls; `failNamespaces` fails the first one. */
 function fakeContainerd(configBody: Buffer, opts: { failNamespaces?: boolean } = {}): { client: ContainerdClient; calls: string[] } {
   const calls: string[] = [];
-  const chain = new Set(chainIds([JSON.parse(configBody.toString()).rootfs.diff_ids[0] as string]));
+  const chain = new Set(chainIds([(JSON.parse(configBody.toString()) as ImageConfig).rootfs.diff_ids[0] as string]));
   const snapshots = {
     snapshotter: 'stargz',
-    stat: async (key: string) => (calls.push(`snapshots.stat ${key}`), chain.has(key) ? { name: key, parent: '', kind: 'committed', labels: {} } : undefined),
+    stat: (key: string) => {
+      calls.push(`snapshots.stat ${key}`);
+      return Promise.resolve(chain.has(key) ? { name: key, parent: '', kind: 'committed', labels: {} } : undefined);
+    },
   };
   const client = {
     address: '/fake/containerd.sock',
@@ -50,19 +53,42 @@ function fakeContainerd(configBody: Buffer, opts: { failNamespaces?: boolean } =
     withLease: () => client,
     snapshots: () => snapshots,
     namespaces: {
-      get: async () => {
+      get: () => {
         calls.push('namespaces.get');
-        if (opts.failNamespaces === true) throw new ContainerdError(14, 'namespaces get', 'connection refused');
-        return {};
+        if (opts.failNamespaces === true) return Promise.reject(new ContainerdError(14, 'namespaces get', 'connection refused'));
+        return Promise.resolve({});
       },
     },
-    leases: { create: async (id: string) => (calls.push('leases.create'), { id, labels: {} }), delete: async () => void calls.push('leases.delete') },
-    content: {
-      info: async (digest: string) => (calls.push(`content.info ${digest}`), { digest, size: 0, labels: {} }),
-      read: async (digest: string) => (calls.push(`content.read ${digest}`), configBody),
-      updateLabels: async (digest: string) => void calls.push(`content.updateLabels ${digest}`),
+    leases: {
+      create: (id: string) => {
+        calls.push('leases.create');
+        return Promise.resolve({ id, labels: {} });
+      },
+      delete: () => {
+        calls.push('leases.delete');
+        return Promise.resolve();
+      },
     },
-    images: { create: async (record: unknown) => (calls.push('images.create'), record) },
+    content: {
+      info: (digest: string) => {
+        calls.push(`content.info ${digest}`);
+        return Promise.resolve({ digest, size: 0, labels: {} });
+      },
+      read: (digest: string) => {
+        calls.push(`content.read ${digest}`);
+        return Promise.resolve(configBody);
+      },
+      updateLabels: (digest: string) => {
+        calls.push(`content.updateLabels ${digest}`);
+        return Promise.resolve();
+      },
+    },
+    images: {
+      create: (record: unknown) => {
+        calls.push('images.create');
+        return Promise.resolve(record);
+      },
+    },
   };
   return { client: client as unknown as ContainerdClient, calls };
 }
@@ -129,31 +155,34 @@ function unpackingContainerd(img: ReturnType<typeof plainImage>): ContainerdClie
   const layerDigests = new Set(img.manifest.doc.layers.map((l) => l.digest));
   const snapshots = {
     snapshotter: 'overlayfs',
-    stat: async (key: string) => (committed.has(key) ? { name: key, parent: '', kind: 'committed', labels: {} } : undefined),
-    prepare: async () => [{ type: 'bind', source: '/fake/extract', options: ['rw', 'rbind'] }],
-    commit: async (name: string) => void committed.add(name),
-    remove: async () => undefined,
+    stat: (key: string) => Promise.resolve(committed.has(key) ? { name: key, parent: '', kind: 'committed', labels: {} } : undefined),
+    prepare: () => Promise.resolve([{ type: 'bind', source: '/fake/extract', options: ['rw', 'rbind'] }]),
+    commit: (name: string) => {
+      committed.add(name);
+      return Promise.resolve();
+    },
+    remove: () => Promise.resolve(),
   };
   const client = {
     address: '/fake/containerd.sock',
     namespace: 'default',
     withLease: () => client,
     snapshots: () => snapshots,
-    namespaces: { get: async () => ({}) },
-    leases: { create: async (id: string) => ({ id, labels: {} }), delete: async () => undefined },
+    namespaces: { get: () => Promise.resolve({}) },
+    leases: { create: (id: string) => Promise.resolve({ id, labels: {} }), delete: () => Promise.resolve() },
     content: {
-      info: async (digest: string) => (layerDigests.has(digest) && !stored.has(digest) ? undefined : { digest, size: 0, labels: {} }),
-      read: async () => img.configBody,
+      info: (digest: string) => Promise.resolve(layerDigests.has(digest) && !stored.has(digest) ? undefined : { digest, size: 0, labels: {} }),
+      read: () => Promise.resolve(img.configBody),
       write: async (_ref: string, desc: Descriptor, open: () => Promise<AsyncIterable<Buffer>>) => {
         let written = 0;
         for await (const chunk of await open()) written += chunk.length;
         stored.add(desc.digest);
         return { existed: false, written };
       },
-      updateLabels: async () => undefined,
+      updateLabels: () => Promise.resolve(),
     },
-    diff: { apply: async (desc: Descriptor) => ({ mediaType: 'application/vnd.oci.image.layer.v1.tar', digest: img.diffIdOf.get(desc.digest), size: 0 }) },
-    images: { create: async (record: unknown) => record },
+    diff: { apply: (desc: Descriptor) => Promise.resolve({ mediaType: 'application/vnd.oci.image.layer.v1.tar', digest: img.diffIdOf.get(desc.digest), size: 0 }) },
+    images: { create: (record: unknown) => Promise.resolve(record) },
   };
   return client as unknown as ContainerdClient;
 }
@@ -164,7 +193,7 @@ function countingRegistry(hold: (signal: AbortSignal) => Promise<void>): { regis
   let active = 0;
   let peak = 0;
   const registry = {
-    fetchBlobParallel: async (_ref: string, digest: string, opts: { signal: AbortSignal }) => {
+    fetchBlobParallel: (_ref: string, digest: string, opts: { signal: AbortSignal }) => {
       calls.push(digest);
       active++;
       peak = Math.max(peak, active);
@@ -176,7 +205,7 @@ function countingRegistry(hold: (signal: AbortSignal) => Promise<void>): { regis
           active--;
         }
       })();
-      return { digest, size: 5, body };
+      return Promise.resolve({ digest, size: 5, body });
     },
   };
   return { registry: registry as unknown as RegistryClient, calls, inFlight: () => active, peak: () => peak };

@@ -16,15 +16,18 @@ import { LogTap, serveConnection, type ServedFileSystem } from '../../../src/fs/
 
 class FakeFileSystem implements ServedFileSystem {
   calls: unknown[][] = [];
-  async mount(mountpoint: string, labels: Record<string, string>, parent?: string): Promise<void> {
+  mount(mountpoint: string, labels: Record<string, string>, parent?: string): Promise<void> {
     this.calls.push(['mount', mountpoint, labels, parent]);
-    if (mountpoint === '/missing') throw new NotFoundError('no such layer');
+    if (mountpoint === '/missing') return Promise.reject(new NotFoundError('no such layer'));
+    return Promise.resolve();
   }
-  async check(mountpoint: string): Promise<void> {
+  check(mountpoint: string): Promise<void> {
     this.calls.push(['check', mountpoint]);
+    return Promise.resolve();
   }
-  async unmount(mountpoint: string): Promise<void> {
+  unmount(mountpoint: string): Promise<void> {
     this.calls.push(['unmount', mountpoint]);
+    return Promise.resolve();
   }
   list(): { mountpoint: string; digest: string }[] {
     return [{ mountpoint: '/m', digest: 'sha256:1' }];

@@ -36,10 +36,10 @@ const canMount = process.getuid?.() === 0;
 
 class MemoryRegistry implements BlobResolver {
   readonly blobs = new Map<string, BlobSource>();
-  async resolveBlob(_ref: string, digest: string): Promise<BlobSource> {
+  resolveBlob(_ref: string, digest: string): Promise<BlobSource> {
     const blob = this.blobs.get(digest);
-    if (!blob) throw new Error(`no blob ${digest}`);
-    return blob;
+    if (!blob) return Promise.reject(new Error(`no blob ${digest}`));
+    return Promise.resolve(blob);
   }
 }
 

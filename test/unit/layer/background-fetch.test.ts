@@ -64,8 +64,9 @@ test('skips cached chunks and waits while on-demand reads are busy', async () =>
     chunks,
     isCached: (c) => c.compressedOffset === chunks[0]!.compressedOffset,
     isBusy: () => busyPolls++ < 3,
-    async onMember() {
+    onMember() {
       handed++;
+      return Promise.resolve();
     },
   });
   assert.ok(busyPolls >= 3, 'polled while busy');
@@ -90,7 +91,7 @@ test('aborts when asked', async () => {
   const controller = new AbortController();
   controller.abort();
   await assert.rejects(
-    backgroundFetch({ blob, chunks, isCached: () => false, isBusy: () => false, onMember: async () => undefined, signal: controller.signal }),
+    backgroundFetch({ blob, chunks, isCached: () => false, isBusy: () => false, onMember: () => Promise.resolve(), signal: controller.signal }),
     /abort/i,
   );
 });
@@ -111,8 +112,9 @@ test('resumes from the hash of a head that ends on a member boundary: same diff_
     windowBytes: 10_000,
     isCached: (c) => c.compressedOffset < cut, // prefetch stored the head's chunks
     isBusy: () => false,
-    async onMember(c) {
+    onMember(c) {
       handed.push(c.compressedOffset);
+      return Promise.resolve();
     },
   });
   assert.equal(result.diffId, diffId, 'the diff_id (and so the chainID check) is exact');
@@ -135,8 +137,9 @@ test('a head whose chunks are no longer all local is fetched again, so the layer
     resume: await hashGzipHead(await blob.readRange(0, cut)),
     isCached: (c) => c.compressedOffset < cut && c !== lost,
     isBusy: () => false,
-    async onMember(c) {
+    onMember(c) {
       handed.push(c.compressedOffset);
+      return Promise.resolve();
     },
   });
   assert.equal(result.diffId, diffId);

@@ -19,10 +19,13 @@ function memoryBlob(size: number): BlobSource & { data: Buffer; reads: Array<[nu
     size,
     data,
     reads,
-    async readRange(offset: number, length: number) {
+    readRange(offset: number, length: number) {
       reads.push([offset, length]);
-      assert.ok(offset >= 0 && offset + length <= size, `range ${offset}+${length} outside the blob`);
-      return Buffer.from(data.subarray(offset, offset + length));
+      // Checked inside the promise: a range outside the blob rejects the read, as it would from a real blob.
+      return Promise.resolve().then(() => {
+        assert.ok(offset >= 0 && offset + length <= size, `range ${offset}+${length} outside the blob`);
+        return Buffer.from(data.subarray(offset, offset + length));
+      });
     },
   };
 }

@@ -416,12 +416,13 @@ class MemoryChunkStore implements ChunkStore {
   has(digest: string): boolean {
     return this.data.has(digest);
   }
-  async get(digest: string): Promise<Buffer | undefined> {
+  get(digest: string): Promise<Buffer | undefined> {
     this.gets++;
-    return this.data.get(digest);
+    return Promise.resolve(this.data.get(digest));
   }
-  async put(digest: string, data: Buffer): Promise<void> {
+  put(digest: string, data: Buffer): Promise<void> {
     this.data.set(digest, data);
+    return Promise.resolve();
   }
 }
 

@@ -50,7 +50,7 @@ describe('RegistryAuthorizer', () => {
     let now = 1_000_000;
     const { http, calls } = fakeTokenServer(() => ({ status: 200, json: { token: `t${calls.length}`, expires_in: 120 } }));
     const creds: RegistryCredentials = { username: 'u', password: 'p' };
-    const a = new RegistryAuthorizer({ credentials: async () => creds, http, now: () => now });
+    const a = new RegistryAuthorizer({ credentials: () => Promise.resolve(creds), http, now: () => now });
     const scope = pullScope('a/b');
     assert.equal(a.cached('reg.io', scope), undefined);
     const h = await a.authorize('reg.io', scope, CHALLENGE, undefined);
@@ -73,7 +73,7 @@ describe('RegistryAuthorizer', () => {
   it('defaults expires_in to 60 s and accepts access_token', async () => {
     let now = 0;
     const { http } = fakeTokenServer(() => ({ status: 200, json: { access_token: 'at' } }));
-    const a = new RegistryAuthorizer({ credentials: async () => undefined, http, now: () => now });
+    const a = new RegistryAuthorizer({ credentials: () => Promise.resolve(undefined), http, now: () => now });
     assert.equal(await a.authorize('r', 's', CHALLENGE, undefined), 'Bearer at');
     now = 54_000;
     assert.equal(a.cached('r', 's'), 'Bearer at');
@@ -83,7 +83,7 @@ describe('RegistryAuthorizer', () => {
 
   it('anonymous token requests carry no Authorization; the challenge scope is added when different', async () => {
     const { http, calls } = fakeTokenServer(() => ({ status: 200, json: { token: 'x' } }));
-    const a = new RegistryAuthorizer({ credentials: async () => undefined, http });
+    const a = new RegistryAuthorizer({ credentials: () => Promise.resolve(undefined), http });
     await a.authorize('r', 'repository:mine:pull', CHALLENGE, undefined);
     assert.equal(calls[0]?.init.headers.authorization, undefined);
     assert.deepEqual(calls[0]?.url.searchParams.getAll('scope'), ['repository:mine:pull', 'repository:a/b:pull']);
@@ -91,7 +91,7 @@ describe('RegistryAuthorizer', () => {
 
   it('identity tokens use the OAuth refresh-token grant', async () => {
     const { http, calls } = fakeTokenServer(() => ({ status: 200, json: { access_token: 'oauth' } }));
-    const a = new RegistryAuthorizer({ credentials: async () => ({ username: '', password: 'rt', identityToken: 'rt' }), http });
+    const a = new RegistryAuthorizer({ credentials: () => Promise.resolve({ username: '', password: 'rt', identityToken: 'rt' }), http });
     assert.equal(await a.authorize('r', 'repository:a/b:pull', CHALLENGE, undefined), 'Bearer oauth');
     assert.equal(calls[0]?.init.method, 'POST');
     const form = new URLSearchParams(calls[0]?.init.body ?? '');
@@ -103,7 +103,7 @@ describe('RegistryAuthorizer', () => {
 
   it('concurrent 401s share one token fetch; a newer token is returned without fetching', async () => {
     const { http, calls } = fakeTokenServer(() => ({ status: 200, json: { token: `t${calls.length}` } }));
-    const a = new RegistryAuthorizer({ credentials: async () => undefined, http });
+    const a = new RegistryAuthorizer({ credentials: () => Promise.resolve(undefined), http });
     const hs = await Promise.all([1, 2, 3].map(() => a.authorize('r', 's', CHALLENGE, undefined)));
     assert.deepEqual(hs, ['Bearer t1', 'Bearer t1', 'Bearer t1']);
     assert.equal(calls.length, 1);
@@ -124,7 +124,7 @@ describe('RegistryAuthorizer', () => {
       if (init.signal?.aborted) throw new Error('token request aborted');
       return { status: 200, body: Buffer.from(JSON.stringify({ token: 'shared' })) };
     };
-    const a = new RegistryAuthorizer({ credentials: async () => undefined, http });
+    const a = new RegistryAuthorizer({ credentials: () => Promise.resolve(undefined), http });
     const closing = new AbortController(); // say, the prefetch of a layer being unmounted
     const first = a.authorize('r', 's', CHALLENGE, undefined, closing.signal);
     const second = a.authorize('r', 's', CHALLENGE, undefined); // a container's read on another layer
@@ -139,7 +139,7 @@ describe('RegistryAuthorizer', () => {
 
   it('basic challenges use the credentials and are remembered per host', async () => {
     const { http, calls } = fakeTokenServer(() => ({ status: 500, json: {} }));
-    const a = new RegistryAuthorizer({ credentials: async () => ({ username: 'u', password: 'secret-pw' }), http });
+    const a = new RegistryAuthorizer({ credentials: () => Promise.resolve({ username: 'u', password: 'secret-pw' }), http });
     const h = await a.authorize('r', 's1', 'Basic realm="x"', undefined);
     assert.equal(h, `Basic ${Buffer.from('u:secret-pw').toString('base64')}`);
     assert.equal(a.cached('r', 'another-scope'), h);
@@ -150,7 +150,7 @@ describe('RegistryAuthorizer', () => {
       assert.ok(!errorMessage(err).includes('secret-pw'));
       return true;
     });
-    const anon = new RegistryAuthorizer({ credentials: async () => undefined, http });
+    const anon = new RegistryAuthorizer({ credentials: () => Promise.resolve(undefined), http });
     await assert.rejects(anon.authorize('r', 's', 'Basic realm="x"', undefined), /requires credentials/);
   });
 
@@ -162,7 +162,7 @@ describe('RegistryAuthorizer', () => {
     ];
     for (const [answer, re] of cases) {
       const { http } = fakeTokenServer(() => answer);
-      const a = new RegistryAuthorizer({ credentials: async () => ({ username: 'u', password: 'hunter2' }), http });
+      const a = new RegistryAuthorizer({ credentials: () => Promise.resolve({ username: 'u', password: 'hunter2' }), http });
       await assert.rejects(a.authorize('reg.io', 'repository:a/b:pull', CHALLENGE, undefined), (err: unknown) => {
         assert.ok(err instanceof RegistryAuthError);
         assert.match(err.message, re);
@@ -171,7 +171,7 @@ describe('RegistryAuthorizer', () => {
         return true;
       });
     }
-    const a = new RegistryAuthorizer({ credentials: async () => undefined, http: fakeTokenServer(() => ({ status: 200, json: {} })).http });
+    const a = new RegistryAuthorizer({ credentials: () => Promise.resolve(undefined), http: fakeTokenServer(() => ({ status: 200, json: {} })).http });
     await assert.rejects(a.authorize('r', 's', 'Negotiate x', undefined), /without a usable WWW-Authenticate/);
     await assert.rejects(a.authorize('r', 's', 'Bearer realm="file:///etc/passwd"', undefined), /unsupported scheme/);
   });

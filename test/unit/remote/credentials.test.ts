@@ -103,9 +103,9 @@ describe('docker config keychain', () => {
 
   it('chainCredentials takes the first provider that knows the host', async () => {
     const chain = chainCredentials(
-      async (h) => (h === 'a' ? { username: 'x', password: '1' } : undefined),
+      (h) => Promise.resolve(h === 'a' ? { username: 'x', password: '1' } : undefined),
       undefined,
-      async () => ({ username: 'y', password: '2' }),
+      () => Promise.resolve({ username: 'y', password: '2' }),
     );
     assert.deepEqual(await chain('a'), { username: 'x', password: '1' });
     assert.deepEqual(await chain('b'), { username: 'y', password: '2' });

@@ -129,9 +129,9 @@ describe('keychains: docker config.json, then CRI, then kubeconfig pull secrets'
     let asked = 0;
     const client = new RegistryClient({
       dockerConfigDir: dockerDir,
-      credentialsAfterDockerConfig: async () => {
+      credentialsAfterDockerConfig: () => {
         asked++;
-        return { username: USER, password: 'wrong' };
+        return Promise.resolve({ username: USER, password: 'wrong' });
       },
       log: quiet,
     });

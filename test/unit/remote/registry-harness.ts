@@ -134,7 +134,7 @@ export async function startRegistry(opts: StartRegistryOptions = {}): Promise<Ru
         await res.body.dump();
         break;
       } catch (err) {
-        if (Date.now() > deadline) throw new Error(`docker-registry did not come up: ${String(err)}: ${output}`);
+        if (Date.now() > deadline) throw new Error(`docker-registry did not come up: ${String(err)}: ${output}`, { cause: err });
         await new Promise((r) => setTimeout(r, READY_POLL_MS));
       }
     }

@@ -61,15 +61,17 @@ class FakeRemoteFileSystem implements RemoteFileSystem {
     this.served.add(mountpoint);
   }
 
-  async check(mountpoint: string): Promise<void> {
+  check(mountpoint: string): Promise<void> {
     this.checks.push(mountpoint);
-    if (this.checkError !== undefined) throw this.checkError;
-    if (!this.served.has(mountpoint)) throw new UnavailableError(`${mountpoint} is not mounted`);
+    if (this.checkError !== undefined) return Promise.reject(this.checkError);
+    if (!this.served.has(mountpoint)) return Promise.reject(new UnavailableError(`${mountpoint} is not mounted`));
+    return Promise.resolve();
   }
 
-  async unmount(mountpoint: string): Promise<void> {
+  unmount(mountpoint: string): Promise<void> {
     this.unmounts.push(mountpoint);
     this.served.delete(mountpoint);
+    return Promise.resolve();
   }
 }
 
@@ -351,7 +353,7 @@ describe('Snapshotter remote snapshots', () => {
     const results = await all;
     for (const r of results) {
       assert.equal(r.status, 'rejected');
-      assert.ok((r as PromiseRejectedResult).reason instanceof AlreadyExistsError);
+      assert.ok(r.reason instanceof AlreadyExistsError);
     }
     assert.equal(remote.mounts.length, 1);
     assert.equal(sink.waitingForInflight().length, 2);

@@ -54,7 +54,11 @@ describe('forEachBounded', () => {
     const abort = new AbortController();
     abort.abort(new Error('unmounted'));
     let calls = 0;
-    await assert.rejects(forEachBounded([1, 2], async () => void calls++, { concurrency: 2, signal: abort.signal }), /unmounted/);
+    const count = (): Promise<void> => {
+      calls++;
+      return Promise.resolve();
+    };
+    await assert.rejects(forEachBounded([1, 2], count, { concurrency: 2, signal: abort.signal }), /unmounted/);
     assert.equal(calls, 0);
   });
 
