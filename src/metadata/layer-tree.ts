@@ -22,6 +22,13 @@ const WHITEOUT_META_PREFIX = '.wh..wh.';
 /** `.wh..wh..opq` makes its directory opaque. */
 const OPAQUE_WHITEOUT = '.wh..wh..opq';
 const OPAQUE_XATTR_VALUE = Buffer.from('y');
+/**
+ * What the many nodes without xattrs or chunks share: a TOC of thousands of entries otherwise allocates a Map
+ * and an array per node, which a fresh process (the FUSE server's first mount) pays for in young-generation
+ * collections that copy the whole tree being built.
+ */
+const NO_XATTRS: ReadonlyMap<string, Buffer> = new Map();
+const NO_CHUNKS: readonly ChunkInfo[] = Object.freeze([]);
 
 export type NodeType = 'dir' | 'reg' | 'symlink' | 'char' | 'block' | 'fifo' | 'whiteout';
 
@@ -55,11 +62,12 @@ export interface LayerNode {
   /** Linux dev_t of a char/block device (0 otherwise). */
   rdev: number;
   linkName?: string;
-  xattrs: Map<string, Buffer>;
+  /** Most nodes have none and share one empty map: replaced, never changed in place. */
+  xattrs: ReadonlyMap<string, Buffer>;
   /** Directories only: children by name, sorted. */
   children?: Map<string, LayerNode>;
   /** Regular files only: chunks sorted by fileOffset, tiling [0, size). */
-  chunks: ChunkInfo[];
+  chunks: readonly ChunkInfo[];
   /** `sha256:<hex>` of the whole regular file, when the TOC has one. */
   digest?: string;
   /** Inode of the directory holding this node's first name (root: itself). */
@@ -118,11 +126,12 @@ class TreeBuilder {
   build(): LayerTree {
     const entries = this.toc.entries;
     const nextBoundary = memberEnds(entries, this.dataEnd);
-    let lastFile: LayerNode | undefined;
+    /** The regular file the next chunk entries continue, and its chunk list. */
+    let lastFile: { node: LayerNode; chunks: ChunkInfo[] } | undefined;
     for (let i = 0; i < entries.length; i++) {
       const e = entries[i];
       if (e.type === 'chunk') {
-        if (lastFile !== undefined) lastFile.chunks.push(chunkOf(e, lastFile.size, nextBoundary[i]));
+        if (lastFile !== undefined) lastFile.chunks.push(chunkOf(e, lastFile.node.size, nextBoundary[i]));
         continue;
       }
       if (e.type === 'hardlink') continue; // second pass: targets may come later
@@ -135,8 +144,9 @@ class TreeBuilder {
       if (this.takeLandmark(e)) continue;
       const node = this.place(e);
       if (e.type === 'reg' && (e.size ?? 0) > 0) {
-        node.chunks.push(chunkOf(e, node.size, nextBoundary[i]));
-        lastFile = node;
+        const chunks = [chunkOf(e, node.size, nextBoundary[i])];
+        node.chunks = chunks;
+        lastFile = { node, chunks };
       }
     }
     this.linkAll(entries.filter((e) => e.type === 'hardlink'));
@@ -243,7 +253,7 @@ class TreeBuilder {
       children.delete(name);
       if (hidden !== undefined && hidden.type !== 'dir' && hidden.nlink > 1) hidden.nlink--;
       if (name === OPAQUE_WHITEOUT) {
-        dir.xattrs.set(this.opaqueXattr, OPAQUE_XATTR_VALUE);
+        dir.xattrs = new Map([...dir.xattrs, [this.opaqueXattr, OPAQUE_XATTR_VALUE]]);
         continue;
       }
       if (name.startsWith(WHITEOUT_META_PREFIX)) continue;
@@ -294,9 +304,9 @@ function newDir(): LayerNode {
     mtimeMs: 0,
     nlink: 2,
     rdev: 0,
-    xattrs: new Map(),
+    xattrs: NO_XATTRS,
     children: new Map(),
-    chunks: [],
+    chunks: NO_CHUNKS,
     parentIno: 0,
   };
 }
@@ -313,8 +323,8 @@ function newNode(e: TocEntry): LayerNode {
     mtimeMs: 0,
     nlink: 1,
     rdev: 0,
-    xattrs: new Map(),
-    chunks: [],
+    xattrs: NO_XATTRS,
+    chunks: NO_CHUNKS,
     parentIno: 0,
   };
   fillFromEntry(node, e);
@@ -337,9 +347,8 @@ function fillFromEntry(node: LayerNode, e: TocEntry): void {
   node.gid = e.gid ?? 0;
   // parseToc checked the string through the same cache, so this is a lookup rather than a second Date.parse.
   node.mtimeMs = e.modtime === undefined ? 0 : modtimeMs(e.modtime);
-  // A node is filled once, right after it was made with an empty map: most entries have no xattrs and keep it.
   if (e.xattrs === undefined) {
-    if (node.xattrs.size > 0) node.xattrs = new Map();
+    node.xattrs = NO_XATTRS;
     return;
   }
   const xattrs = new Map<string, Buffer>();
@@ -359,8 +368,8 @@ function newWhiteout(): LayerNode {
     mtimeMs: 0,
     nlink: 1,
     rdev: 0,
-    xattrs: new Map(),
-    chunks: [],
+    xattrs: NO_XATTRS,
+    chunks: NO_CHUNKS,
     parentIno: 0,
   };
 }
