@@ -42,6 +42,8 @@ export const DEFAULT_MAX_WAIT_MS = 300_000;
 /** Ours: range requests in flight when a whole blob is fetched, and bytes per request. */
 export const DEFAULT_PARALLEL_FETCH_CONCURRENCY = 8;
 export const DEFAULT_PARALLEL_FETCH_CHUNK_BYTES = 8 * 1024 * 1024;
+/** The reference's `[blob] chunk_size`: blob reads for a missed file are whole blocks of this many bytes. */
+export const DEFAULT_BLOB_CHUNK_BYTES = 50_000;
 
 export interface FuseConfig {
   /** Kernel attribute cache lifetime (`[fuse] attr_timeout`). */
@@ -93,6 +95,11 @@ export interface BlobConfig {
   readonly maxWaitMs: number;
   /** Never send multi-range requests (`[blob] force_single_range_mode`). */
   readonly forceSingleRangeMode: boolean;
+  /**
+   * `[blob] chunk_size`: a chunk a read misses is fetched as the whole blocks of this size its compressed
+   * member touches, and the members beside it come from those blocks if read soon after; 0 means the default.
+   */
+  readonly chunkSizeBytes: number;
   /** Range requests in flight for a whole-blob fetch (`[blob] parallel_fetch_concurrency`, ours). */
   readonly parallelFetchConcurrency: number;
   /** Bytes per range request of a whole-blob fetch (`[blob] parallel_fetch_chunk_size`, ours). */
@@ -189,6 +196,7 @@ export function defaultConfig(): Config {
       minWaitMs: DEFAULT_MIN_WAIT_MS,
       maxWaitMs: DEFAULT_MAX_WAIT_MS,
       forceSingleRangeMode: false,
+      chunkSizeBytes: DEFAULT_BLOB_CHUNK_BYTES,
       parallelFetchConcurrency: DEFAULT_PARALLEL_FETCH_CONCURRENCY,
       parallelFetchChunkBytes: DEFAULT_PARALLEL_FETCH_CHUNK_BYTES,
     },
@@ -319,6 +327,7 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
       minWaitMs: nonNegative('blob.min_wait_msec', d.blob.minWaitMs),
       maxWaitMs: nonNegative('blob.max_wait_msec', d.blob.maxWaitMs),
       forceSingleRangeMode: get<boolean>('blob.force_single_range_mode') ?? d.blob.forceSingleRangeMode,
+      chunkSizeBytes: nonNegative('blob.chunk_size', d.blob.chunkSizeBytes) || DEFAULT_BLOB_CHUNK_BYTES,
       parallelFetchConcurrency: nonNegative('blob.parallel_fetch_concurrency', d.blob.parallelFetchConcurrency),
       parallelFetchChunkBytes: nonNegative('blob.parallel_fetch_chunk_size', d.blob.parallelFetchChunkBytes),
     },

@@ -65,7 +65,7 @@ export const TABLE_KEYS: Readonly<Record<string, Readonly<Record<string, KeySpec
     fetching_timeout_sec: on('integer'),
     valid_interval: off('integer'),
     check_always: off('boolean'),
-    chunk_size: off('integer'),
+    chunk_size: on('integer'),
     force_single_range_mode: on('boolean'),
     prefetch_chunk_size: off('integer'),
     max_retries: on('integer'),

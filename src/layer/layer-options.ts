@@ -28,6 +28,8 @@ export interface LayerOptions {
   readonly allowNoVerification: boolean;
   /** `[blob] parallel_fetch_concurrency` and `parallel_fetch_chunk_size`: how a long range is split. */
   readonly parallelFetch: { readonly concurrency: number; readonly chunkBytes: number };
+  /** `[blob] chunk_size`: a missed chunk is fetched as the whole blocks of this size its member touches. */
+  readonly blockBytes: number;
   /** `[cache] memory_max_bytes`: decompressed chunks kept in memory, all layers together; 0: none. */
   readonly memoryCacheBytes: number;
   /** How long a layer opened ahead of its mount waits for it (PRE_OPEN_TTL_MS). */
@@ -44,6 +46,7 @@ export function layerOptionsFromConfig(config: Config): LayerOptions {
     disableVerification: config.disableVerification,
     allowNoVerification: config.allowNoVerification,
     parallelFetch: { concurrency: config.blob.parallelFetchConcurrency, chunkBytes: config.blob.parallelFetchChunkBytes },
+    blockBytes: config.blob.chunkSizeBytes,
     memoryCacheBytes: config.cache.memoryMaxBytes,
     preOpenTtlMs: PRE_OPEN_TTL_MS,
   };

@@ -120,6 +120,7 @@ export class Layer {
       diskCache: ctx.diskCache,
       compression: toc.compression,
       prefetchParallel: options.parallelFetch,
+      blockBytes: options.blockBytes,
     });
     const stop = new AbortController();
     let run: PrefetchRun | undefined;

@@ -33,6 +33,17 @@ export const MAX_CHUNK_BYTES = 256 * 1024 * 1024;
  * overlap with serving this one instead of stalling the reader once per chunk.
  */
 export const DISK_READAHEAD_BYTES = 8 * 1024 * 1024;
+/** The reference's `[blob] chunk_size`: a missed member is fetched as the whole blocks of this size it touches. */
+export const DEFAULT_BLOCK_BYTES = 50_000;
+/**
+ * Compressed blocks kept per layer after a miss brought them, and for how long: a container opening one small
+ * file often opens its neighbours next (a package's modules, a directory's libraries), whose members then come
+ * from here. Short-lived and small, as every mounted layer has its own.
+ */
+const BLOCK_CACHE_BYTES = 1024 * 1024;
+const BLOCK_CACHE_TTL_MS = 30_000;
+/** A block fetched for a member that spans several starts that many blocks before the member it may serve. */
+const BLOCK_LOOKBACK = 4;
 
 /** A second cache level below memory, keyed by chunk digest (DiskChunkCache). */
 export interface ChunkStore {
@@ -73,6 +84,12 @@ export interface LayerReaderOptions {
    * DEFAULT_PARALLEL_FETCH_CHUNK_BYTES.
    */
   prefetchParallel?: { concurrency: number; chunkBytes: number };
+  /**
+   * A chunk a read misses is fetched as the whole `blockBytes`-aligned blocks of the blob its member touches
+   * (`[blob] chunk_size`, as the reference reads), and the blocks are kept a while, so the members next to it
+   * cost no request of their own when they are read next. 0: exactly the member. Default DEFAULT_BLOCK_BYTES.
+   */
+  blockBytes?: number;
 }
 
 export interface LayerReaderStats {
@@ -92,6 +109,8 @@ export interface LayerReaderStats {
   readAheadChunks: number;
   /** Chunks fetched from the registry one ahead of a reader streaming a file. */
   fetchedAheadChunks: number;
+  /** Missed chunks whose member came with the blocks an earlier miss fetched. */
+  blockHits: number;
 }
 
 /** What read() needs of a node. */
@@ -107,6 +126,7 @@ export class LayerReader {
     diskHits: 0,
     readAheadChunks: 0,
     fetchedAheadChunks: 0,
+    blockHits: 0,
   };
   /** Per file, the index of the last chunk a read touched: tells sequential reads (disk read-ahead) apart. */
   private readonly lastChunk = new WeakMap<ReadableNode, number>();
@@ -129,6 +149,11 @@ export class LayerReader {
   private readonly zstd: boolean;
   private readonly prefetchParallel: { concurrency: number; chunkBytes: number };
   private readonly scheduler: Scheduler;
+  private readonly blockBytes: number;
+  /** Blob bytes that misses fetched, by start offset (a multiple of blockBytes): see blockBytes. */
+  private readonly blocks: LRUCache<number, Buffer> | undefined;
+  /** Block fetches in flight by start offset, with where they end: a miss inside one waits for it. */
+  private readonly blockFetches = new Map<number, { end: number; bytes: Promise<Buffer> }>();
 
   constructor(
     private readonly blob: BlobSource,
@@ -147,6 +172,8 @@ export class LayerReader {
     this.compression = opts.compression ?? 'gzip';
     this.zstd = this.compression === 'zstd';
     this.prefetchParallel = parallelOptions(opts.prefetchParallel);
+    this.blockBytes = Math.max(0, opts.blockBytes ?? DEFAULT_BLOCK_BYTES);
+    this.blocks = this.blockBytes > 0 ? new LRUCache<number, Buffer>({ maxSize: BLOCK_CACHE_BYTES, sizeCalculation: (b) => Math.max(1, b.length), ttl: BLOCK_CACHE_TTL_MS, ttlAutopurge: true }) : undefined;
   }
 
   /**
@@ -433,9 +460,45 @@ export class LayerReader {
         return local;
       }
     }
-    const compressed = await this.fromBlob(this.blob.readRange(c.compressedOffset, c.compressedEnd - c.compressedOffset));
-    this.stats.fetchedBytes += compressed.length;
-    return this.decode(c, compressed);
+    return this.decode(c, await this.member(c));
+  }
+
+  /** The compressed member of a missed chunk: from blocks an earlier miss fetched, else with its whole blocks. */
+  private async member(c: ChunkInfo): Promise<Buffer> {
+    const { compressedOffset: from, compressedEnd: to } = c;
+    if (this.blocks === undefined) {
+      const compressed = await this.fromBlob(this.blob.readRange(from, to - from));
+      this.stats.fetchedBytes += compressed.length;
+      return compressed;
+    }
+    const size = this.blockBytes;
+    const first = Math.floor(from / size);
+    for (let k = first; k >= Math.max(0, first - BLOCK_LOOKBACK); k--) {
+      const start = k * size;
+      const held = this.blocks.get(start);
+      if (held !== undefined && start + held.length >= to) {
+        this.stats.blockHits++;
+        return held.subarray(from - start, to - start);
+      }
+      const pending = this.blockFetches.get(start);
+      if (pending !== undefined && pending.end >= to) {
+        this.stats.blockHits++;
+        return (await pending.bytes).subarray(from - start, to - start);
+      }
+    }
+    const start = first * size;
+    const end = Math.max(to, Math.min(this.blob.size, Math.ceil(to / size) * size));
+    const bytes = this.fromBlob(this.blob.readRange(start, end - start));
+    const pending = { end, bytes };
+    this.blockFetches.set(start, pending);
+    try {
+      const fetched = await bytes;
+      this.stats.fetchedBytes += fetched.length;
+      this.blocks.set(start, fetched);
+      return fetched.subarray(from - start, to - start);
+    } finally {
+      if (this.blockFetches.get(start) === pending) this.blockFetches.delete(start);
+    }
   }
 
   private key(c: ChunkInfo): string {

@@ -42,6 +42,7 @@ describe('config defaults', () => {
         minWaitMs: 30,
         maxWaitMs: 300000,
         forceSingleRangeMode: false,
+        chunkSizeBytes: 50_000,
         parallelFetchConcurrency: 8,
         parallelFetchChunkBytes: 8388608,
       },
@@ -121,7 +122,6 @@ max_concurrency = 4
 debug = true
 metadata_store = "db"
 [blob]
-chunk_size = 100000
 check_always = true
 [directory_cache]
 direct = false
@@ -166,7 +166,6 @@ host = "127.0.0.1:5000"
         /resolve_result_entry_ttl_sec/,
         /debug/,
         /metadata_store/,
-        /blob\.chunk_size/,
         /blob\.check_always/,
         /directory_cache\.direct/,
         /snapshotter\.allow_invalid_mounts_on_restart/,
@@ -197,7 +196,8 @@ describe('parseConfig: bad configs', () => {
     ['float for int', 'prefetch_size = 1.5', /prefetch_size must be an integer, got a float/],
     ['bool for int in table', '[blob]\nfetching_timeout_sec = true', /blob\.fetching_timeout_sec must be an integer, got a boolean/],
     ['int for string', 'metrics_address = 8080', /metrics_address must be a string, got an integer/],
-    ['wrong type for ignored key', '[blob]\nchunk_size = "big"', /blob\.chunk_size must be an integer/],
+    ['wrong type for ignored key', '[blob]\ncheck_always = "yes"', /blob\.check_always must be a boolean/],
+    ['wrong type for chunk_size', '[blob]\nchunk_size = "big"', /blob\.chunk_size must be an integer/],
     ['table as value', 'fuse = 3', /fuse must be a table/],
     ['negative size', 'prefetch_size = -1', /prefetch_size must not be negative/],
     ['negative timeout', '[fuse]\nentry_timeout = -5', /fuse\.entry_timeout must not be negative/],

@@ -13,6 +13,11 @@ import { defaultConfig } from '../../../src/config/config';
 
 /** The process's one scheduler, as the composition root makes it. */
 const scheduler = new Scheduler(schedulerLimits(defaultConfig()));
+/**
+ * Most tests here count member fetches: their readers fetch exactly the member a read misses (blockBytes 0).
+ * The tests of block reads say otherwise.
+ */
+const MEMBER_READS = { blockBytes: 0 } as const;
 
 const CHUNK = 1024;
 const FILE = randomBytes(5 * CHUNK + 100); // six chunks
@@ -39,7 +44,7 @@ async function layer(prioritizedFiles: string[] = []): Promise<Layer> {
 function open(l: Layer, opts: Partial<LayerReaderOptions> = {}, delayMs = 0, toc = l.toc) {
   const source = new CountingBlobSource(l.blob, undefined, delayMs);
   const tree: LayerTree = buildLayerTree(toc, { blobSize: l.blob.length, tocOffset: l.tocOffset });
-  const reader = new LayerReader(source, tree, { scheduler, ...opts });
+  const reader = new LayerReader(source, tree, { scheduler, ...MEMBER_READS, ...opts });
   const node = (p: string): LayerNode => {
     const n = tree.resolvePath(p);
     assert.ok(n);
@@ -219,7 +224,7 @@ test('layers sharing one memory cache never see each other\'s chunks, even unver
     const tree = buildLayerTree(toc, { blobSize: source.size, tocOffset });
     // As in a legacy stargz layer: no chunk digests, so nothing but the blob tells the chunks apart.
     for (const c of tree.chunksInBlobOrder()) c.digest = undefined;
-    return { reader: new LayerReader(source, tree, { scheduler, sharedMemoryCache: shared, verify: false }), node: tree.resolvePath('f.txt')! };
+    return { reader: new LayerReader(source, tree, { scheduler, ...MEMBER_READS, sharedMemoryCache: shared, verify: false }), node: tree.resolvePath('f.txt')! };
   };
   const a = await open('a');
   const b = await open('b');
@@ -271,7 +276,7 @@ test('prefetch downloads a long range in parts cut at member ends, and a chunk i
     if (offset > 0) await gate;
     return read(offset, length);
   };
-  const reader = new LayerReader(source, tree0, { scheduler, prefetchParallel: { concurrency: 2, chunkBytes: 2 * CHUNK } });
+  const reader = new LayerReader(source, tree0, { scheduler, ...MEMBER_READS, prefetchParallel: { concurrency: 2, chunkBytes: 2 * CHUNK } });
   const ends = new Set(tree0.chunksInBlobOrder().map((c) => c.compressedEnd));
   let head: Buffer | undefined;
   const prefetch = reader.prefetch(landmark, undefined, (h) => (head = h));
@@ -301,7 +306,7 @@ test('prefetch parts are no longer than the part size: a member longer than a pa
   const tree0 = buildLayerTree(l.toc, { blobSize: l.blob.length, tocOffset: l.tocOffset });
   const source = new CountingBlobSource(l.blob);
   // A chunk of 1 KiB of random bytes is a member of more than 1 KiB: parts of 512 bytes cut through each.
-  const reader = new LayerReader(source, tree0, { scheduler, prefetchParallel: { concurrency: 3, chunkBytes: 512 } });
+  const reader = new LayerReader(source, tree0, { scheduler, ...MEMBER_READS, prefetchParallel: { concurrency: 3, chunkBytes: 512 } });
   let head: Buffer | undefined;
   await reader.prefetch(tree0.prefetchLandmarkOffset!, undefined, (h) => (head = h));
   assert.ok(source.reads.every((r) => r.length <= 512), `parts: ${source.reads.map((r) => r.length).join(' ')}`);
@@ -331,7 +336,7 @@ test('a part that fails fails the prefetch, hands on no head, and no further par
     }
     return read(offset, length);
   };
-  const reader = new LayerReader(source, tree0, { scheduler, prefetchParallel: { concurrency: 2, chunkBytes: 2 * CHUNK } });
+  const reader = new LayerReader(source, tree0, { scheduler, ...MEMBER_READS, prefetchParallel: { concurrency: 2, chunkBytes: 2 * CHUNK } });
   let head: Buffer | undefined;
   await assert.rejects(reader.prefetch(tree0.prefetchLandmarkOffset!, undefined, (h) => (head = h)), /hiccup/);
   assert.equal(head, undefined);
@@ -480,7 +485,7 @@ test('idleMs counts reads of the blob (reads, batches, prefetch), not chunks ser
   }
   const source = new BatchingSource(l.blob, undefined, 40);
   const tree = buildLayerTree(l.toc, { blobSize: l.blob.length, tocOffset: l.tocOffset });
-  const reader = new LayerReader(source, tree, { scheduler, diskCache: disk });
+  const reader = new LayerReader(source, tree, { scheduler, ...MEMBER_READS, diskCache: disk });
   const node = (p: string): LayerNode => tree.resolvePath(p) as LayerNode;
   const duringThenAfter = async (work: Promise<unknown>, what: string): Promise<void> => {
     await new Promise((r) => setTimeout(r, 10));
@@ -501,4 +506,55 @@ test('idleMs counts reads of the blob (reads, batches, prefetch), not chunks ser
   assert.deepEqual(await fromDisk.reader.read(fromDisk.node('file'), 0, FILE.length), FILE);
   assert.equal(fromDisk.source.reads.length, 0);
   assert.equal(fromDisk.reader.idleMs(), Infinity);
+});
+
+test('a missed member is fetched as the whole blocks it touches', async () => {
+  const l = await layer();
+  const { source, reader, node } = open(l, { blockBytes: 4096 });
+  const c = node('small').chunks[0]!;
+  assert.deepEqual(await reader.read(node('small'), 0, 100), SMALL);
+  assert.deepEqual(source.reads, [
+    { offset: Math.floor(c.compressedOffset / 4096) * 4096, length: Math.min(l.blob.length, Math.ceil(c.compressedEnd / 4096) * 4096) - Math.floor(c.compressedOffset / 4096) * 4096 },
+  ]);
+});
+
+test('members next to a missed one come from its blocks, without a request of their own', async () => {
+  const l = await layer();
+  const { source, reader, node } = open(l, { blockBytes: 1 << 20 }); // the whole test blob is one block
+  assert.deepEqual(await reader.read(node('small'), 0, 100), SMALL);
+  assert.deepEqual(await reader.read(node('other'), 0, OTHER.length), OTHER);
+  assert.deepEqual(await reader.read(node('file'), 0, FILE.length), FILE);
+  assert.equal(source.reads.length, 1);
+  assert.equal(reader.stats.blockHits, node('other').chunks.length + node('file').chunks.length);
+  assert.equal(reader.stats.fetchedBytes, source.reads[0]!.length, 'bytes are counted once, when fetched');
+});
+
+test('concurrent misses in one block share its request', async () => {
+  const l = await layer();
+  const { source, reader, node } = open(l, { blockBytes: 1 << 20 }, 20);
+  const [a, b] = await Promise.all([reader.read(node('small'), 0, 100), reader.read(node('other'), 0, OTHER.length)]);
+  assert.deepEqual(a, SMALL);
+  assert.deepEqual(b, OTHER);
+  assert.equal(source.reads.length, 1, 'one request for the block both members lie in');
+  assert.equal(reader.stats.blockHits, node('other').chunks.length);
+});
+
+test('a block fetch that fails fails the reads waiting on it, and the next read fetches again', async () => {
+  const l = await layer();
+  const tree = buildLayerTree(l.toc, { blobSize: l.blob.length, tocOffset: l.tocOffset });
+  const inner = new CountingBlobSource(l.blob);
+  let failures = 1;
+  const flaky = {
+    size: inner.size,
+    digest: inner.digest,
+    readRange: (offset: number, length: number): Promise<Buffer> =>
+      failures-- > 0 ? Promise.reject(new Error('connection reset')) : inner.readRange(offset, length),
+  };
+  const reader = new LayerReader(flaky, tree, { scheduler, blockBytes: 1 << 20 });
+  const small = tree.resolvePath('small')!;
+  const other = tree.resolvePath('other')!;
+  const results = await Promise.allSettled([reader.read(small, 0, 100), reader.read(other, 0, 10)]);
+  assert.deepEqual(results.map((r) => r.status), ['rejected', 'rejected'], 'the read that joined the block fetch sees its failure');
+  assert.deepEqual(await reader.read(small, 0, 100), SMALL);
+  assert.equal(inner.reads.length, 1);
 });
