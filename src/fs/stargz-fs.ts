@@ -80,7 +80,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
   constructor(private readonly options: StargazeFsOptions) {
     const disk = options.diskCache;
     this.metrics = new FsMetrics(
-      () => this.metricsSnapshot(),
+      () => this.layerStats(),
       () => (disk ? { ...disk.stats, usedBytes: disk.usedBytes } : undefined),
     );
     this.layers = new Layers({
@@ -95,7 +95,8 @@ export class StargazeFileSystem implements RemoteFileSystem {
     });
   }
 
-  private metricsSnapshot(): LayerMetricsSnapshot[] {
+  /** Per mounted layer, what the metrics endpoint reports: its fetched bytes, FUSE reads and cache hits. */
+  layerStats(): LayerMetricsSnapshot[] {
     return [...this.mounted].map(([mountpoint, { layer, mount }]) => ({
       digest: layer.digest,
       mountpoint,

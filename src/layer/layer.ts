@@ -6,6 +6,8 @@
  * The TOC check is a state the types enforce: a Layer, made from a blob and TOC as read, prefetches but hands
  * out nothing FUSE could serve; only verify() gives a VerifiedLayer, which exposes the tree and reader.
  */
+import { setMaxListeners } from 'node:events';
+
 import type { LRUCache } from 'lru-cache';
 import type { DiskChunkCache } from '../cache/disk-chunk-cache';
 import type { TocCache } from '../cache/toc-cache';
@@ -123,6 +125,9 @@ export class Layer {
       blockBytes: options.blockBytes,
     });
     const stop = new AbortController();
+    // Everything the layer starts listens on it: each chunk of a prefetch waiting for an inflate slot, each
+    // request in flight. Far more than ten listeners is normal here, not a leak.
+    setMaxListeners(0, stop.signal);
     let run: PrefetchRun | undefined;
     const prefetch = (): PrefetchRun => (run ??= startPrefetch(digest, prefetchBytes, reader, ctx, log, stop.signal));
     this.verifyChunks = setup.verifyChunks;
