@@ -87,6 +87,11 @@ type DuplexMethod = (md: grpc.Metadata, opts: grpc.CallOptions) => grpc.ClientDu
 
 let loaded: grpc.GrpcObject | undefined;
 
+/** Loads the protobuf definitions now rather than on the first connect (a long-lived process's idle time). */
+export function preloadProtos(): void {
+  loadProtos();
+}
+
 function loadProtos(): grpc.GrpcObject {
   loaded ??= grpc.loadPackageDefinition(
     loadProtoSet('containerd', {

@@ -64,6 +64,15 @@ export async function hostsDirFor(domain: string, hostsDir: string, plainHttp: b
   return { dir, cleanup: () => rm(dir, { recursive: true, force: true }) };
 }
 
+/**
+ * Loads what runPull loads on first use: the daemon calls it once it is serving, so the first `stargaze rpull`
+ * it carries out does not wait for module loading and protobuf parsing (most of a pull's own CPU time).
+ */
+export async function preloadPull(): Promise<void> {
+  const [{ preloadProtos }] = await Promise.all([import('./client'), import('./pull'), import('./resolve'), import('../remote/registry-client'), import('../remote/reference'), import('../remote/hosts')]);
+  preloadProtos();
+}
+
 /** Pulls `req` into containerd; `onEvent` sees each step as it happens. */
 export async function runPull(req: PullRequest, log: Logger, signal: AbortSignal, onEvent: (e: PullEvent) => void): Promise<PullSummary> {
   const [{ RegistryClient }, { resolveManifest }, { parseReference }] = await Promise.all([

@@ -102,6 +102,14 @@ export async function startPullServer(options: PullServerOptions): Promise<PullS
   await fsp.chmod(address, SOCKET_MODE);
   server.on('error', (err) => log.error({ err: errorMessage(err) }, 'pull socket failed'));
   log.info({ socket: address }, 'serving pulls for stargaze rpull');
+  if (options.run === undefined) {
+    // In the background, once serving: a pull that comes first loads what it needs itself.
+    setImmediate(() => {
+      import('../containerd/pull-request')
+        .then((m) => m.preloadPull())
+        .catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'could not preload the pull'));
+    });
+  }
 
   let closing: Promise<void> | undefined;
   return {

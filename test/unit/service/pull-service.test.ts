@@ -9,7 +9,7 @@ import pino from 'pino';
 
 import { DaemonPullError, pullThroughDaemon } from '../../../src/cmd/rpull-daemon';
 import type { PullEvent } from '../../../src/containerd/pull';
-import type { PullRequest, PullSummary, runPull } from '../../../src/containerd/pull-request';
+import { preloadPull, type PullRequest, type PullSummary, type runPull } from '../../../src/containerd/pull-request';
 import { parsePullCall, parsePullReply } from '../../../src/service/pull-protocol';
 import { startPullServer, type PullServer } from '../../../src/service/pull-service';
 
@@ -177,5 +177,13 @@ describe('pull service', () => {
     } finally {
       older.close();
     }
+  });
+});
+
+describe('preloadPull', () => {
+  it('loads the modules and protobuf definitions a pull needs', async () => {
+    await preloadPull();
+    const { ContainerdClient } = await import('../../../src/containerd/client');
+    assert.equal(typeof ContainerdClient.connect, 'function');
   });
 });
