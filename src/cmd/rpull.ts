@@ -314,7 +314,10 @@ async function pull(args: RpullArgs, platform: Platform, signal: AbortSignal, pr
   if (args.pullAddress !== '') {
     const outcome = await pullThroughDaemon(args.pullAddress, request, onEvent, signal);
     if (outcome.kind === 'pulled') summary = outcome.summary;
-    else notHandedOver = outcome.reason;
+    else {
+      notHandedOver = outcome.reason;
+      if (outcome.midway) progress.line(`the daemon's pull stopped midway (${outcome.reason}): pulling in this process`);
+    }
   }
   if (summary === undefined) {
     const [{ default: pino }, { runPull }] = await Promise.all([import('pino'), import('../containerd/pull-request')]);

@@ -59,9 +59,15 @@ export async function hostsDirFor(domain: string, hostsDir: string, plainHttp: b
   const { DEFAULT_HOST_DIR, HOSTS_FILE } = await import('../remote/hosts');
   if ((await pathExists(path.join(hostsDir, domain, HOSTS_FILE))) || (await pathExists(path.join(hostsDir, DEFAULT_HOST_DIR, HOSTS_FILE)))) return none;
   const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-rpull-hosts-'));
-  await mkdir(path.join(dir, domain), { recursive: true });
-  await writeFile(path.join(dir, domain, HOSTS_FILE), `server = ${JSON.stringify(`http://${registryHostFor(domain)}`)}\n`);
-  return { dir, cleanup: () => rm(dir, { recursive: true, force: true }) };
+  const cleanup = (): Promise<void> => rm(dir, { recursive: true, force: true });
+  try {
+    await mkdir(path.join(dir, domain), { recursive: true });
+    await writeFile(path.join(dir, domain, HOSTS_FILE), `server = ${JSON.stringify(`http://${registryHostFor(domain)}`)}\n`);
+  } catch (err) {
+    await cleanup(); // the daemon runs for months: a failed pull must not leave its directory behind
+    throw err;
+  }
+  return { dir, cleanup };
 }
 
 /**
@@ -81,15 +87,16 @@ export async function runPull(req: PullRequest, log: Logger, signal: AbortSignal
     import('../remote/reference'),
   ]);
   const hosts = await hostsDirFor(parseReference(req.ref).domain, req.hostsDir, req.plainHttp);
-  const user = req.user;
-  const registry = new RegistryClient({
-    hostsDir: hosts.dir,
-    credentials: user !== undefined ? () => user : undefined,
-    dockerConfigDir: req.dockerConfigDir,
-    log: log.child({ module: 'remote' }),
-  });
+  let registry: InstanceType<typeof RegistryClient> | undefined;
   let client: ContainerdClient | undefined;
   try {
+    const user = req.user;
+    registry = new RegistryClient({
+      hostsDir: hosts.dir,
+      credentials: user !== undefined ? () => user : undefined,
+      dockerConfigDir: req.dockerConfigDir,
+      log: log.child({ module: 'remote' }),
+    });
     // The registry round trips for the manifest go on while the gRPC client loads and connects. containerd's
     // errors still come first: the pull awaits this after them.
     const resolved = resolveManifest(registry, req.ref, req.platform, signal);
@@ -120,7 +127,7 @@ export async function runPull(req: PullRequest, log: Logger, signal: AbortSignal
     };
   } finally {
     client?.close();
-    await registry.close();
+    await registry?.close();
     await hosts.cleanup();
   }
 }

@@ -1,7 +1,8 @@
 /**
  * The wire between `stargaze rpull` and the daemon that pulls for it (pull-service.ts): JSON lines over a
- * root-only unix socket. The client sends one request; the daemon answers with the pull's events as they
- * happen, then one `done` or `error` line. Closing the connection cancels the pull. Both ends check what they
+ * root-only unix socket. The client sends one request; the daemon says it took it (`accepted`), answers with
+ * the pull's events as they happen, then one `done` or `error` line. An error marked `unsupported` means the
+ * daemon cannot carry the pull out (a version it does not speak, or it is stopping): the client pulls itself. Closing the connection cancels the pull. Both ends check what they
  * read rather than cast it: a line the daemon cannot act on costs that connection an error, never the daemon.
  */
 import { ProtocolError } from '../errors';
@@ -21,7 +22,11 @@ export interface PullCall {
   pull: PullRequest;
 }
 
-export type PullReply = { event: PullEvent } | { done: PullSummary } | { error: { code: string | undefined; message: string; unsupported?: boolean } };
+export type PullReply =
+  | { accepted: true }
+  | { event: PullEvent }
+  | { done: PullSummary }
+  | { error: { code: string | undefined; message: string; unsupported?: boolean } };
 
 function bad(message: string): ProtocolError {
   return new ProtocolError(`${PULL_PROTOCOL}: ${message}`);
@@ -78,6 +83,7 @@ const OUTCOMES = new Set(['lazy', 'fetched', 'present']);
 /** What the daemon sent: checked enough that printing it cannot throw. */
 export function parsePullReply(message: unknown): PullReply {
   if (!isRecord(message)) throw bad('a reply must be an object');
+  if (message.accepted === true) return { accepted: true };
   if (isRecord(message.event)) {
     const e = message.event;
     if (typeof e.type !== 'string' || !EVENT_TYPES.has(e.type)) throw bad('an event needs a known type');
@@ -99,5 +105,5 @@ export function parsePullReply(message: unknown): PullReply {
     if (typeof text !== 'string' || (code !== undefined && typeof code !== 'string')) throw bad('an error needs a message');
     return { error: { code, message: text, ...(unsupported === true ? { unsupported: true } : {}) } };
   }
-  throw bad('a reply is an event, done or error');
+  throw bad('a reply is accepted, an event, done or error');
 }

@@ -43,6 +43,7 @@ export async function startPullServer(options: PullServerOptions): Promise<PullS
   const pulls = new Set<Promise<void>>();
   const aborts = new Set<AbortController>();
 
+  let closing: Promise<void> | undefined;
   const sockets = new Set<net.Socket>();
   const serve = (socket: net.Socket): void => {
     sockets.add(socket);
@@ -67,6 +68,11 @@ export async function startPullServer(options: PullServerOptions): Promise<PullS
         reply({ error: { code: errorCode(err), message: errorMessage(err) } });
         return void socket.end();
       }
+      if (closing !== undefined) {
+        reply({ error: { code: 'ERR_SNAP_UNAVAILABLE', message: 'the daemon is stopping', unsupported: true } });
+        return void socket.end();
+      }
+      reply({ accepted: true });
       const abort = new AbortController();
       // The client went away (Ctrl-C, killed): nobody waits for the pull, so it stops.
       socket.once('close', () => abort.abort(new Error('the rpull client closed the connection')));
@@ -80,7 +86,9 @@ export async function startPullServer(options: PullServerOptions): Promise<PullS
       })()
         .catch((err: unknown) => {
           if (!abort.signal.aborted) pullLog.warn({ err: errorMessage(err) }, 'pull for rpull failed');
-          reply({ error: { code: errorCode(err), message: errorMessage(err) } });
+          // Cut short because the daemon stops: the client can still pull by itself.
+          const stopping = closing !== undefined && abort.signal.aborted;
+          reply({ error: { code: errorCode(err), message: stopping ? 'the daemon is stopping' : errorMessage(err), ...(stopping ? { unsupported: true } : {}) } });
         })
         .finally(() => {
           socket.end();
@@ -111,7 +119,6 @@ export async function startPullServer(options: PullServerOptions): Promise<PullS
     });
   }
 
-  let closing: Promise<void> | undefined;
   return {
     address,
     close(): Promise<void> {

@@ -164,6 +164,43 @@ describe('pull service', () => {
     assert.equal((await pullThroughDaemon(address, request, () => undefined, new AbortController().signal)).kind, 'pulled');
   });
 
+  it('says it took the pull before anything else', async () => {
+    pull = () => Promise.resolve(summary);
+    const replies = await exchange(address, `${JSON.stringify({ v: 1, pull: request })}\n`);
+    assert.deepEqual(replies[0], { accepted: true });
+    assert.deepEqual(replies.at(-1), { done: summary });
+  });
+
+  it('a daemon that goes away mid-pull: unavailable, marked midway, so rpull says so and pulls itself', async () => {
+    const midway = net.createServer((s) => {
+      s.write(`${JSON.stringify({ accepted: true })}\n${JSON.stringify({ event: resolvedEvent })}\n`);
+      setImmediate(() => s.destroy());
+    });
+    const midwayAddress = path.join(dir, 'midway.sock');
+    await new Promise<void>((r) => midway.listen(midwayAddress, r));
+    try {
+      const events: PullEvent[] = [];
+      const outcome = await pullThroughDaemon(midwayAddress, request, (e) => events.push(e), new AbortController().signal);
+      assert.equal(outcome.kind, 'unavailable');
+      assert.equal(outcome.kind === 'unavailable' && outcome.midway, true);
+      assert.deepEqual(events, [resolvedEvent]);
+    } finally {
+      midway.close();
+    }
+  });
+
+  it('a daemon that accepts the connection but never answers: unavailable after the bound, not a hang', async () => {
+    const silent = net.createServer(() => undefined);
+    const silentAddress = path.join(dir, 'silent.sock');
+    await new Promise<void>((r) => silent.listen(silentAddress, r));
+    try {
+      const outcome = await pullThroughDaemon(silentAddress, request, () => undefined, new AbortController().signal, 100);
+      assert.deepEqual(outcome, { kind: 'unavailable', reason: `${silentAddress}: no answer within 100 ms`, midway: false });
+    } finally {
+      silent.close();
+    }
+  });
+
   it('says unavailable, not failed, where nobody listens or speaks the version', async () => {
     const none = await pullThroughDaemon(path.join(dir, 'absent.sock'), request, () => undefined, new AbortController().signal);
     assert.equal(none.kind, 'unavailable');
@@ -185,5 +222,28 @@ describe('preloadPull', () => {
     await preloadPull();
     const { ContainerdClient } = await import('../../../src/containerd/client');
     assert.equal(typeof ContainerdClient.connect, 'function');
+  });
+});
+
+describe('pull service: a daemon that stops', () => {
+  it('cuts its pulls short with an answer that lets rpull pull by itself', async () => {
+    const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-pull-stop-'));
+    try {
+      let started!: () => void;
+      const running = new Promise<void>((r) => (started = r));
+      const run: typeof runPull = (_req, _log, signal) => {
+        started();
+        return new Promise((_resolve, reject) => signal.addEventListener('abort', () => reject(signal.reason as Error), { once: true }));
+      };
+      const server = await startPullServer({ address: path.join(dir, 'pull.sock'), log: pino({ level: 'silent' }), run });
+      const outcome = pullThroughDaemon(path.join(dir, 'pull.sock'), request, () => undefined, new AbortController().signal);
+      await running;
+      await server.close();
+      const o = await outcome;
+      assert.equal(o.kind, 'unavailable');
+      assert.match(o.kind === 'unavailable' ? o.reason : '', /the daemon is stopping/);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
