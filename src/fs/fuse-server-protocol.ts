@@ -10,10 +10,10 @@
  */
 import type { Socket } from 'node:net';
 import { ProtocolError } from '../errors';
+import { isRecord, onJsonLines as onJsonLinesOf, writeJsonLine } from '../json-lines';
 
 /** Bound on one protocol line, newline excluded: requests carry snapshot labels (at most 4 KiB each in containerd). */
 export const MAX_LINE_BYTES = 4 * 1024 * 1024;
-const NEWLINE = 0x0a;
 
 export type FuseServerRequest =
   | { id: number; op: 'mount'; mountpoint: string; labels: Record<string, string>; parent?: string }
@@ -31,52 +31,14 @@ export interface FuseServerLogEvent {
 }
 
 /**
- * Splits a socket's byte stream into JSON lines and hands each parsed value to `handle`. Lines are cut on
- * bytes and decoded whole, so a character split between two reads arrives intact. Empty lines are skipped.
- * A line that is not JSON, or longer than MAX_LINE_BYTES (counted in bytes, whether it arrives in one
- * read or many), ends the connection with a ProtocolError.
+ * Hands each JSON line of `socket` to `handle` (src/json-lines.ts). A line that is not JSON, or longer than
+ * MAX_LINE_BYTES, ends the connection with a ProtocolError.
  */
 export function onJsonLines(socket: Socket, handle: (message: unknown) => void): void {
-  /** The start of a line whose newline has not arrived yet, and its length in bytes. */
-  let partial: Buffer[] = [];
-  let partialBytes = 0;
-  const fail = (message: string): void => void socket.destroy(new ProtocolError(`fuse server protocol: ${message}`));
-  socket.on('data', (chunk: Buffer | string) => {
-    const bytes = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
-    let start = 0;
-    for (let newline = bytes.indexOf(NEWLINE); newline >= 0; newline = bytes.indexOf(NEWLINE, start)) {
-      const tail = bytes.subarray(start, newline);
-      start = newline + 1;
-      if (partialBytes + tail.length > MAX_LINE_BYTES) return fail('line too long');
-      const line = partial.length === 0 ? tail : Buffer.concat([...partial, tail], partialBytes + tail.length);
-      partial = [];
-      partialBytes = 0;
-      if (line.length === 0) continue;
-      let message: unknown;
-      try {
-        message = JSON.parse(line.toString('utf8'));
-      } catch {
-        return fail('a line is not JSON');
-      }
-      handle(message);
-      // The handler may have given up on the connection; what followed on it is not for anyone.
-      if (socket.destroyed) return;
-    }
-    if (start < bytes.length) {
-      partialBytes += bytes.length - start;
-      if (partialBytes > MAX_LINE_BYTES) return fail('line too long');
-      partial.push(bytes.subarray(start));
-    }
-  });
+  onJsonLinesOf(socket, 'fuse server protocol', MAX_LINE_BYTES, handle);
 }
 
-export function writeJsonLine(socket: Socket, message: unknown): void {
-  if (!socket.destroyed) socket.write(JSON.stringify(message) + '\n');
-}
-
-function isRecord(x: unknown): x is Record<string, unknown> {
-  return typeof x === 'object' && x !== null && !Array.isArray(x);
-}
+export { writeJsonLine };
 
 function isStringMap(x: unknown): x is Record<string, string> {
   return isRecord(x) && Object.values(x).every((v) => typeof v === 'string');
