@@ -29,7 +29,13 @@ import { Scheduler, schedulerLimits } from '../../../src/task/scheduler';
 /** The process's one scheduler, as the composition root makes it. */
 const scheduler = new Scheduler(schedulerLimits(defaultConfig()));
 
-const run = promisify(execFile);
+const execFileAsync = promisify(execFile);
+/**
+ * Commands here read this process's own FUSE mounts: one the mount never answers fails its test after a bound
+ * (and is killed, as a FUSE wait allows) instead of hanging the whole file.
+ */
+const run = (command: string, args: string[], opts: { maxBuffer?: number } = {}): Promise<{ stdout: string; stderr: string }> =>
+  execFileAsync(command, args, { encoding: 'utf8', timeout: 30_000, killSignal: 'SIGKILL', ...opts });
 /** How long after its mount the quiet-period test's container reads (see there). */
 const READ_AFTER_MOUNT_MS = 300;
 const canMount = process.getuid?.() === 0;
