@@ -141,6 +141,8 @@ export class LayerReader {
   private blobReadsChangedAt = -Infinity;
   /** Keys of `inflight` that belong to a prefetch (see chunk()). */
   private readonly prefetching = new Set<string>();
+  /** Keys of `prefetching` a read has joined: their inflate goes at read priority. */
+  private readonly joinedByRead = new Set<string>();
   private readonly verify: boolean;
   private readonly keyPrefix: string;
   private readonly disk: ChunkStore | undefined;
@@ -293,7 +295,9 @@ export class LayerReader {
       await head.through(c.compressedOffset, c.compressedEnd);
       signal?.throwIfAborted(); // a closed layer's downloaded parts are not worth the CPU; joined readers fetch
       const member = head.bytes.subarray(c.compressedOffset, c.compressedEnd);
-      return this.scheduler.inflates.run(() => this.decode(c, member), { priority: 'prefetch', signal });
+      // A container already waits for this chunk: its inflate is a read's, not queued behind other layers' prefetch.
+      const priority = this.joinedByRead.has(this.key(c)) ? 'read' : 'prefetch';
+      return this.scheduler.inflates.run(() => this.decode(c, member), { priority, signal });
     };
     const jobs = wanted.map((c) => {
       const key = this.key(c);
@@ -306,6 +310,7 @@ export class LayerReader {
         .finally(() => {
           this.inflight.delete(key);
           this.prefetching.delete(key);
+          this.joinedByRead.delete(key);
         });
       p.catch(() => undefined); // reported below, and readers that joined fetch on their own
       this.inflight.set(key, p);
@@ -437,8 +442,10 @@ export class LayerReader {
     const running = this.inflight.get(key);
     if (running !== undefined) {
       this.stats.sharedFetches++;
+      if (!this.prefetching.has(key)) return running;
+      this.joinedByRead.add(key);
       // A failed prefetch must not fail the reads that joined it: they fetch the chunk themselves.
-      return this.prefetching.has(key) ? running.catch(() => this.chunk(c)) : running;
+      return running.catch(() => this.chunk(c));
     }
     this.stats.cacheMisses++;
     const p = this.fetch(c)

@@ -558,3 +558,22 @@ test('a block fetch that fails fails the reads waiting on it, and the next read 
   assert.deepEqual(await reader.read(small, 0, 100), SMALL);
   assert.equal(inner.reads.length, 1);
 });
+
+test("a read that joins a prefetch's chunk is not queued behind other layers' prefetch inflates", async () => {
+  const l = await layer(['small', 'file']);
+  // One inflate slot, held by "another layer's" prefetch until the read below has its bytes.
+  const busy = new Scheduler({ fetches: 16, inflates: 1, backgroundLayers: 1 });
+  let release!: () => void;
+  const holder = busy.inflates.run(() => new Promise<void>((r) => (release = r)), { priority: 'prefetch' });
+  const { reader, node, tree } = open(l, { scheduler: busy }, 20);
+  const prefetch = reader.prefetch(tree.prefetchLandmarkOffset!);
+  prefetch.catch(() => undefined);
+  // The read joins the prefetch's chunk while its part is still downloading.
+  const read = reader.read(node('small'), 0, 100);
+  const outcome = await Promise.race([read.then(() => 'read'), new Promise((r) => setTimeout(() => r('waited'), 2000))]);
+  assert.equal(outcome, 'read', "the joined chunk's inflate did not wait for the busy slot");
+  assert.deepEqual(await read, SMALL);
+  release();
+  await holder;
+  await prefetch;
+});
