@@ -103,3 +103,25 @@ export class CountingBlobSource implements BlobSource {
     return this.bytes.subarray(offset, offset + length);
   }
 }
+
+/** A layer whose 4 MiB `app/first.bin` is prioritized (before the landmark): a mount prefetches those bytes. */
+export interface PrioritizedLayer {
+  blob: Buffer;
+  digest: string;
+  tocDigest: string;
+  diffId: string;
+  /** Blob bytes that hold only the prefetched head: the tail read (footer and TOC) lies well past them. */
+  headBytes: number;
+}
+
+export async function prioritizedLayer(seed: number): Promise<PrioritizedLayer> {
+  const first = Buffer.alloc(4 * 1024 * 1024);
+  for (let i = 0; i < first.length; i += 4) first.writeUInt32LE(((i + seed) * 2654435761) >>> 0, i);
+  const tar = await makeTar([
+    { name: 'app/', type: 'directory', mode: 0o755 },
+    { name: 'app/first.bin', mode: 0o644, content: first },
+    { name: 'app/later.txt', mode: 0o644, content: `layer ${seed}\n` },
+  ]);
+  const { blob, result } = await toEstargz(tar, { chunkSizeBytes: 1024 * 1024, prioritizedFiles: ['app/first.bin'] });
+  return { blob, digest: sha256(blob), tocDigest: result.tocDigest, diffId: result.diffId, headBytes: 3 * 1024 * 1024 };
+}

@@ -22,7 +22,7 @@ import { serveMetrics } from '../../../src/metrics/fs-metrics';
 import type { AddressInfo } from 'node:net';
 import { BufferBlobSource, type BlobSource } from '../../../src/remote/blob-source';
 import { STARGZ_DIGEST, STARGZ_LAYERS, STARGZ_REFERENCE, TARGET_SNAPSHOT_REF, TOC_DIGEST } from '../../../src/source/labels';
-import { makeTar, sha256, toEstargz } from '../estargz/fixture';
+import { makeTar, prioritizedLayer, sha256, toEstargz } from '../estargz/fixture';
 import { until } from '../until';
 import { Scheduler, schedulerLimits } from '../../../src/task/scheduler';
 
@@ -331,20 +331,6 @@ class StalledHeadBlob extends BufferBlobSource {
       else signal?.addEventListener('abort', abort, { once: true });
     });
   }
-}
-
-/** A layer with a prioritized 4 MiB file before its landmark: its mount prefetches those bytes. */
-async function prioritizedLayer(seed: number): Promise<{ blob: Buffer; digest: string; tocDigest: string; diffId: string; headBytes: number }> {
-  const first = Buffer.alloc(4 * 1024 * 1024);
-  for (let i = 0; i < first.length; i += 4) first.writeUInt32LE(((i + seed) * 2654435761) >>> 0, i);
-  const tar = await makeTar([
-    { name: 'app/', type: 'directory', mode: 0o755 },
-    { name: 'app/first.bin', mode: 0o644, content: first },
-    { name: 'app/later.txt', mode: 0o644, content: `layer ${seed}\n` },
-  ]);
-  const { blob, result } = await toEstargz(tar, { chunkSizeBytes: 1024 * 1024, prioritizedFiles: ['app/first.bin'] });
-  // the tail read (footer and TOC) stays well past the compressed 4 MiB head
-  return { blob, digest: sha256(blob), tocDigest: result.tocDigest, diffId: result.diffId, headBytes: 3 * 1024 * 1024 };
 }
 
 /** Bound from the issue: a closed layer's fetches stop within a second. */

@@ -17,7 +17,7 @@ import { FsMetrics } from '../../../src/metrics/fs-metrics';
 import { BufferBlobSource, type BlobSource } from '../../../src/remote/blob-source';
 import type { LayerSourceInfo } from '../../../src/source/labels';
 import { Scheduler, schedulerLimits } from '../../../src/task/scheduler';
-import { makeTar, sha256, toEstargz } from '../estargz/fixture';
+import { prioritizedLayer, sha256 } from '../estargz/fixture';
 import { until } from '../until';
 
 const quiet = log.child({ test: 'layer' });
@@ -42,18 +42,6 @@ class StalledHeadBlob extends BufferBlobSource {
       else signal?.addEventListener('abort', abort, { once: true });
     });
   }
-}
-
-async function prioritizedLayer(seed: number): Promise<{ blob: Buffer; digest: string; tocDigest: string }> {
-  const first = Buffer.alloc(4 * 1024 * 1024);
-  for (let i = 0; i < first.length; i += 4) first.writeUInt32LE(((i + seed) * 2654435761) >>> 0, i);
-  const tar = await makeTar([
-    { name: 'app/', type: 'directory', mode: 0o755 },
-    { name: 'app/first.bin', mode: 0o644, content: first },
-    { name: 'app/later.txt', mode: 0o644, content: `layer ${seed}\n` },
-  ]);
-  const { blob, result } = await toEstargz(tar, { chunkSizeBytes: 1024 * 1024, prioritizedFiles: ['app/first.bin'] });
-  return { blob, digest: sha256(blob), tocDigest: result.tocDigest };
 }
 
 function layersOver(blobs: Map<string, BlobSource>): Layers {
