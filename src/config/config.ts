@@ -44,6 +44,8 @@ export const DEFAULT_PARALLEL_FETCH_CONCURRENCY = 8;
 export const DEFAULT_PARALLEL_FETCH_CHUNK_BYTES = 8 * 1024 * 1024;
 /** The reference's `[blob] chunk_size`: blob reads for a missed file are whole blocks of this many bytes. */
 export const DEFAULT_BLOB_CHUNK_BYTES = 50_000;
+/** Above this, every missed small file would cost a download of that size: a typo, refused rather than obeyed. */
+export const MAX_BLOB_CHUNK_BYTES = 16 * 1024 * 1024;
 
 export interface FuseConfig {
   /** Kernel attribute cache lifetime (`[fuse] attr_timeout`). */
@@ -295,6 +297,10 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
     if (v < 0) throw new ConfigError(`${source}: ${path} must not be negative, got ${v}`);
     return v;
   };
+  const atMost = (path: string, v: number, max: number): number => {
+    if (v > max) throw new ConfigError(`${source}: ${path} must be at most ${max}, got ${v}`);
+    return v;
+  };
   const d = defaultConfig();
   const requestTimeout = get<number>('resolver.request_timeout_sec');
   const config: Config = {
@@ -327,7 +333,7 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
       minWaitMs: nonNegative('blob.min_wait_msec', d.blob.minWaitMs),
       maxWaitMs: nonNegative('blob.max_wait_msec', d.blob.maxWaitMs),
       forceSingleRangeMode: get<boolean>('blob.force_single_range_mode') ?? d.blob.forceSingleRangeMode,
-      chunkSizeBytes: nonNegative('blob.chunk_size', d.blob.chunkSizeBytes) || DEFAULT_BLOB_CHUNK_BYTES,
+      chunkSizeBytes: atMost('blob.chunk_size', nonNegative('blob.chunk_size', d.blob.chunkSizeBytes), MAX_BLOB_CHUNK_BYTES),
       parallelFetchConcurrency: nonNegative('blob.parallel_fetch_concurrency', d.blob.parallelFetchConcurrency),
       parallelFetchChunkBytes: nonNegative('blob.parallel_fetch_chunk_size', d.blob.parallelFetchChunkBytes),
     },

@@ -33,6 +33,7 @@ describe('[blob] retry and fetch keys', () => {
     });
     assert.equal(parseConfig('[blob]\nmax_retries = 0\n').config.blob.maxRetries, 5);
     assert.equal(parseConfig('[blob]\nchunk_size = 0\n').config.blob.chunkSizeBytes, 50_000, 'as the reference: 0 is its default');
+    assert.throws(() => parseConfig('[blob]\nchunk_size = 1073741824\n'), /blob\.chunk_size must be at most 16777216/);
     assert.throws(() => parseConfig('[blob]\nmax_retries = -1\n'), /must not be negative/);
     assert.throws(() => parseConfig('[blob]\nforce_single_range_mode = 1\n'), /must be a boolean/);
 
