@@ -9,14 +9,15 @@ import { parseArgs } from 'node:util';
 import { StargazeError, UsageError, errorMessage } from '../errors';
 import type { LayerOutcome, PullEvent } from '../containerd/pull';
 import type { PullRequest, PullSummary } from '../containerd/pull-request';
-import { collapseKey, joinOrLead, type CollapsedPull } from '../containerd/pull-collapse';
+import type { CollapsedPull } from '../containerd/pull-collapse';
 import { handOverToJoiners, takeLauncherJoin } from '../containerd/launcher-join';
 import { formatPlatform, hostPlatform, parsePlatform, type Platform } from '../containerd/platforms';
 import { parseReference } from '../remote/reference';
 import { DEFAULT_PULL_ADDRESS, pullThroughDaemon } from './rpull-daemon';
 // pino, the gRPC client, the pull and the registry client are loaded only for a pull in this process: a pull
 // the daemon carries out, or one that joins a concurrent pull of the same image, never needs them, and
-// loading them is most of a pull's CPU time.
+// loading them is most of a pull's CPU time. The collapse of concurrent pulls (pull-collapse.ts) is loaded
+// only when no daemon takes the pull: the daemon shares identical pulls itself (service/shared-pulls.ts).
 
 export const DEFAULT_CONTAINERD_ADDRESS = '/run/containerd/containerd.sock';
 export const DEFAULT_NAMESPACE = 'default';
@@ -237,6 +238,19 @@ export async function main(argv: string[]): Promise<number> {
   process.once('SIGTERM', onSignal);
   try {
     const progress = new ProgressPrinter(process.stdout, process.stdout.isTTY === true);
+    const request = pullRequestOf(args, platform);
+    let notHandedOver: string | undefined;
+    if (args.pullAddress !== '') {
+      const outcome = await pullThroughDaemon(args.pullAddress, request, (e) => progress.event(e), abort.signal);
+      if (outcome.kind === 'pulled') {
+        // The launcher's joiners started about when this process did: how long they waited is its age.
+        await handOver(printDone(progress, outcome.summary), Math.round(performance.now()));
+        return 0;
+      }
+      notHandedOver = outcome.reason;
+      if (outcome.midway) progress.line(`the daemon's pull stopped midway (${outcome.reason}): pulling in this process`);
+    }
+    const { collapseKey, joinOrLead } = await import('../containerd/pull-collapse');
     const key = collapseKey({
       address: path.resolve(args.address),
       namespace: args.namespace,
@@ -255,8 +269,7 @@ export async function main(argv: string[]): Promise<number> {
       return 0;
     }
     try {
-      const result = await pull(args, platform, abort.signal, progress);
-      // The launcher's joiners started about when this process did: how long they waited is its age.
+      const result = printDone(progress, await pullHere(request, notHandedOver, abort.signal, progress));
       await Promise.all([collapse.publish(result), handOver(result, Math.round(performance.now()))]);
     } catch (err) {
       // A failure may be the waiters' too: they each try at once (pull-collapse.ts). An interrupted pull's
@@ -306,26 +319,17 @@ export function pullRequestOf(args: RpullArgs, platform: Platform, env: NodeJS.P
   };
 }
 
-async function pull(args: RpullArgs, platform: Platform, signal: AbortSignal, progress: ProgressPrinter): Promise<CollapsedPull> {
-  const request = pullRequestOf(args, platform);
-  const onEvent = (e: PullEvent): void => progress.event(e);
-  let summary: PullSummary | undefined;
-  let notHandedOver: string | undefined;
-  if (args.pullAddress !== '') {
-    const outcome = await pullThroughDaemon(args.pullAddress, request, onEvent, signal);
-    if (outcome.kind === 'pulled') summary = outcome.summary;
-    else {
-      notHandedOver = outcome.reason;
-      if (outcome.midway) progress.line(`the daemon's pull stopped midway (${outcome.reason}): pulling in this process`);
-    }
-  }
-  if (summary === undefined) {
-    const [{ default: pino }, { runPull }] = await Promise.all([import('pino'), import('../containerd/pull-request')]);
-    // Logs go to stderr (stdout is the progress); quiet unless STARGAZE_LOG_LEVEL says otherwise.
-    const log = pino({ level: process.env.STARGAZE_LOG_LEVEL ?? 'warn', base: undefined }, pino.destination(2));
-    if (notHandedOver !== undefined) log.debug({ reason: notHandedOver }, 'no daemon pulls for us: pulling in this process');
-    summary = await runPull(request, log, signal, onEvent);
-  }
+/** Pulls in this process: no daemon took the pull (`notHandedOver` says why, or undefined when none was asked). */
+async function pullHere(request: PullRequest, notHandedOver: string | undefined, signal: AbortSignal, progress: ProgressPrinter): Promise<PullSummary> {
+  const [{ default: pino }, { runPull }] = await Promise.all([import('pino'), import('../containerd/pull-request')]);
+  // Logs go to stderr (stdout is the progress); quiet unless STARGAZE_LOG_LEVEL says otherwise.
+  const log = pino({ level: process.env.STARGAZE_LOG_LEVEL ?? 'warn', base: undefined }, pino.destination(2));
+  if (notHandedOver !== undefined) log.debug({ reason: notHandedOver }, 'no daemon pulls for us: pulling in this process');
+  return runPull(request, log, signal, (e) => progress.event(e));
+}
+
+/** Prints the pull's last line; what joined pulls are told. */
+function printDone(progress: ProgressPrinter, summary: PullSummary): CollapsedPull {
   progress.done(summary.name, summary.layers, summary.ms);
   return { name: summary.name, manifestDigest: summary.manifestDigest, platform: summary.platform, layers: summary.layers.map((l) => l.digest) };
 }

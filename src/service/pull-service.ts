@@ -15,6 +15,7 @@ import { onJsonLines, writeJsonLine } from '../json-lines';
 import type { Logger } from '../log';
 import type { runPull } from '../containerd/pull-request';
 import { callVersion, parsePullCall, PULL_MAX_LINE_BYTES, PULL_PROTOCOL, PULL_PROTOCOL_VERSION, type PullReply } from './pull-protocol';
+import { SharedPulls } from './shared-pulls';
 import { removeStaleSocket } from './snapshots-service';
 
 const SOCKET_MODE = 0o600;
@@ -42,6 +43,10 @@ export async function startPullServer(options: PullServerOptions): Promise<PullS
   await removeStaleSocket(address, { probe: true });
   const pulls = new Set<Promise<void>>();
   const aborts = new Set<AbortController>();
+  const shared = new SharedPulls(async (request, signal, onEvent) => {
+    const run = options.run ?? (await import('../containerd/pull-request')).runPull;
+    return run(request, log.child({ image: request.ref }), signal, onEvent);
+  });
 
   let closing: Promise<void> | undefined;
   const sockets = new Set<net.Socket>();
@@ -79,8 +84,7 @@ export async function startPullServer(options: PullServerOptions): Promise<PullS
       aborts.add(abort);
       const pullLog = log.child({ image: call.pull.ref });
       const pull = (async () => {
-        const run = options.run ?? (await import('../containerd/pull-request')).runPull;
-        const done = await run(call.pull, pullLog, abort.signal, (event) => reply({ event }));
+        const done = await shared.pull(call.pull, abort.signal, (event) => reply({ event }), () => pullLog.debug('joined the same pull in progress'));
         reply({ done });
         pullLog.info({ ms: done.ms, layers: done.layers.length }, 'pulled for rpull');
       })()

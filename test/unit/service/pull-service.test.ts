@@ -152,6 +152,32 @@ describe('pull service', () => {
     assert.match(String(await aborted), /closed the connection/);
   });
 
+  it('pulls once for identical rpulls that come while it runs; each gets the events and the summary', async () => {
+    let starts = 0;
+    let finish!: () => void;
+    let started!: () => void;
+    const running = new Promise<void>((r) => (started = r));
+    pull = (_req, _signal, onEvent) => {
+      starts++;
+      onEvent(resolvedEvent);
+      started();
+      return new Promise((resolve) => (finish = () => resolve(summary)));
+    };
+    const eventsA: PullEvent[] = [];
+    const eventsB: PullEvent[] = [];
+    const a = pullThroughDaemon(address, request, (e) => eventsA.push(e), new AbortController().signal);
+    await running;
+    const b = pullThroughDaemon(address, { ...request }, (e) => eventsB.push(e), new AbortController().signal);
+    // b is on the daemon's side once its replayed event arrived.
+    while (eventsB.length === 0) await new Promise((r) => setTimeout(r, 5));
+    finish();
+    assert.deepEqual(await a, { kind: 'pulled', summary });
+    assert.deepEqual(await b, { kind: 'pulled', summary });
+    assert.equal(starts, 1);
+    assert.deepEqual(eventsA, [resolvedEvent]);
+    assert.deepEqual(eventsB, [resolvedEvent]);
+  });
+
   it('answers bad requests with an error and keeps serving', async () => {
     pull = () => Promise.resolve(summary);
     const notJson = await exchange(address, 'this is not json\n');
