@@ -12,7 +12,7 @@
  * since a restarted FUSE server mounts the layer again from it. Recency survives restarts as the files' mtimes.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
+import { type FileHandle, mkdir, open, readdir, readFile, rename, rm, stat, utimes } from 'node:fs/promises';
 import path from 'node:path';
 import type { BudgetAccount, RestoredEntry } from './disk-budget';
 
@@ -119,7 +119,13 @@ export class TocCache {
     if (this.budget !== undefined && release === undefined) return;
     try {
       await mkdir(this.dir, { recursive: true, mode: 0o700 });
-      await writeFile(temp, Buffer.concat([meta, toc.tocJson]), { mode: 0o600 });
+      // Two buffers in one write: the TOC JSON (megabytes) is not copied on the main thread to join its header.
+      const fh = await open(temp, 'wx', 0o600);
+      try {
+        await writeAll(fh, [meta, toc.tocJson]);
+      } finally {
+        await fh.close();
+      }
       await rename(temp, file);
       release?.();
       this.budget?.add(hex, bytes, this.evictor(hex));
@@ -138,5 +144,23 @@ export class TocCache {
   private file(layerDigest: string): string | undefined {
     const hex = DIGEST_PATTERN.exec(layerDigest)?.[1];
     return hex === undefined ? undefined : path.join(this.dir, `${hex}.toc`);
+  }
+}
+
+/** writev until every byte is written: a short write (a full disk frees up, a signal) continues where it stopped. */
+async function writeAll(fh: FileHandle, buffers: Buffer[]): Promise<void> {
+  let pending = buffers.filter((b) => b.length > 0);
+  while (pending.length > 0) {
+    let { bytesWritten } = await fh.writev(pending);
+    if (bytesWritten === 0) throw new Error('writev wrote nothing');
+    const rest: Buffer[] = [];
+    for (const b of pending) {
+      if (bytesWritten >= b.length) bytesWritten -= b.length;
+      else {
+        rest.push(bytesWritten > 0 ? b.subarray(bytesWritten) : b);
+        bytesWritten = 0;
+      }
+    }
+    pending = rest;
   }
 }
