@@ -105,10 +105,29 @@ interface OpenFile {
 }
 
 /**
+ * Receives each entry as walkToc validates it, in TOC order. The entry is the receiver's: walkToc keeps
+ * nothing of it, so a receiver that keeps only what it needs lets the rest die young.
+ */
+export type TocVisitor = (entry: TocEntry, index: number) => void;
+
+/**
  * Parses and validates TOC JSON. Returns entries with cleaned names (a `chunk` entry carries the name
  * of its file) and cleaned hardlink targets. Throws EstargzFormatError naming the first problem.
  */
 export function parseToc(json: Buffer | string, opts: ParseTocOptions = {}): Toc {
+  const entries: TocEntry[] = [];
+  walkToc(json, opts, (e) => entries.push(e));
+  return { version: TOC_VERSION, entries };
+}
+
+/**
+ * parseToc without the entry list: each validated entry goes to `visit` as soon as it is checked. The checks
+ * that need the whole TOC (a hardlink's target) come after the last entry, so a visitor's work can be thrown
+ * away on an error at the end. Each raw JSON entry is dropped once visited: a TOC of tens of thousands of
+ * entries is then never held three times over (JSON objects, entries, what the visitor builds) while a young
+ * generation collection copies whatever is still alive.
+ */
+export function walkToc(json: Buffer | string, opts: ParseTocOptions, visit: TocVisitor): void {
   const maxEntries = opts.maxEntries ?? MAX_TOC_ENTRIES;
   const dataEnd = opts.tocOffset ?? opts.blobSize ?? Number.MAX_SAFE_INTEGER;
   const maxTocBytes = opts.maxTocBytes ?? MAX_TOC_BYTES;
@@ -132,9 +151,10 @@ export function parseToc(json: Buffer | string, opts: ParseTocOptions = {}): Toc
     throw new EstargzFormatError(`TOC has ${rawEntries.length} entries, more than the limit of ${maxEntries}`);
   }
 
-  const entries: TocEntry[] = [];
   /** Type of every non-chunk entry by cleaned name, to find duplicates and check hardlink targets. */
   const types = new Map<string, TocEntryType>();
+  /** Hardlinks as [name, cleaned target]: their targets may come later. */
+  const hardlinks: [string, string][] = [];
   let open: OpenFile | undefined;
   let lastDataOffset = 0;
 
@@ -147,8 +167,10 @@ export function parseToc(json: Buffer | string, opts: ParseTocOptions = {}): Toc
     open = undefined;
   };
 
-  for (let i = 0; i < rawEntries.length; i++) {
+  const count = rawEntries.length;
+  for (let i = 0; i < count; i++) {
     const e = parseEntry(rawEntries[i], i);
+    rawEntries[i] = undefined;
 
     if (e.type === 'chunk') {
       if (open === undefined || open.name !== e.name) {
@@ -170,6 +192,7 @@ export function parseToc(json: Buffer | string, opts: ParseTocOptions = {}): Toc
           throw new EstargzFormatError(`${entryAt(i, e.name)}: unsafe hardlink target ${JSON.stringify(e.linkName)}`);
         }
         e.linkName = target;
+        hardlinks.push([e.name, target]);
       }
     }
 
@@ -195,21 +218,19 @@ export function parseToc(json: Buffer | string, opts: ParseTocOptions = {}): Toc
       if (e.type === 'reg') open = { name: e.name, size: fileSize, nextChunkOffset: chunkOffset + chunkSize };
       else if (open !== undefined) open.nextChunkOffset = chunkOffset + chunkSize;
     }
-    entries.push(e);
+    visit(e, i);
   }
   closeOpenFile();
 
-  for (const e of entries) {
-    if (e.type !== 'hardlink' || e.linkName === undefined) continue;
-    const targetType = types.get(e.linkName);
+  for (const [name, target] of hardlinks) {
+    const targetType = types.get(target);
     if (targetType === undefined) {
-      throw new EstargzFormatError(`hardlink ${JSON.stringify(e.name)} points at missing ${JSON.stringify(e.linkName)}`);
+      throw new EstargzFormatError(`hardlink ${JSON.stringify(name)} points at missing ${JSON.stringify(target)}`);
     }
     if (targetType === 'dir') {
-      throw new EstargzFormatError(`hardlink ${JSON.stringify(e.name)} points at directory ${JSON.stringify(e.linkName)}`);
+      throw new EstargzFormatError(`hardlink ${JSON.stringify(name)} points at directory ${JSON.stringify(target)}`);
     }
   }
-  return { version: TOC_VERSION, entries };
 }
 
 /** An entry named in an error; built only then (a message per entry cost more than checking it). */
@@ -315,8 +336,12 @@ export interface ReadTocOptions {
   signal?: AbortSignal;
 }
 
-export interface ReadTocResult {
+export interface ReadTocResult extends ReadTocJsonResult {
   toc: Toc;
+}
+
+/** readTocJson's result: the TOC as found, not yet parsed. */
+export interface ReadTocJsonResult {
   /** The TOC JSON exactly as stored: what the toc.digest annotation is computed over. */
   tocJson: Buffer;
   /** `sha256:<hex>` of tocJson. */
@@ -350,6 +375,16 @@ const TOC_INFLATE_CHUNK_BYTES = 1024 * 1024;
  * is malformed or over the limits.
  */
 export async function readToc(blob: RangeReadable, opts: ReadTocOptions = {}): Promise<ReadTocResult> {
+  const found = await readTocJson(blob, opts);
+  const toc = parseToc(found.tocJson, { blobSize: blob.size, tocOffset: found.tocOffset, maxEntries: opts.maxEntries, maxTocBytes: opts.maxTocBytes });
+  return { ...found, toc };
+}
+
+/**
+ * readToc without parsing the JSON: for a caller that parses it its own way (walkToc), with the bounds the
+ * result gives (blob size, tocOffset). The footer and the compressed TOC's size are checked here.
+ */
+export async function readTocJson(blob: RangeReadable, opts: Pick<ReadTocOptions, 'maxTocBytes' | 'signal'> = {}): Promise<ReadTocJsonResult> {
   const maxTocBytes = opts.maxTocBytes ?? MAX_TOC_BYTES;
   if (blob.size < LEGACY_FOOTER_SIZE_BYTES) {
     throw new EstargzFormatError(`not an eStargz layer: blob of ${blob.size} bytes is smaller than any stargz footer`);
@@ -365,8 +400,7 @@ export async function readToc(blob: RangeReadable, opts: ReadTocOptions = {}): P
     if (typeof zstd === 'string') throw new EstargzFormatError(`${err.message}; zstd:chunked footer: ${zstd}`);
     const { tocJson, tocFrameOffset } = await readZstdChunkedTocJson(blob, zstd, maxTocBytes, opts.signal);
     const tocDigest = 'sha256:' + createHash('sha256').update(tocJson).digest('hex');
-    const toc = parseToc(tocJson, { blobSize: blob.size, tocOffset: tocFrameOffset, maxEntries: opts.maxEntries, maxTocBytes });
-    return { toc, tocJson, tocDigest, tocOffset: tocFrameOffset, footerSize: ZSTD_CHUNKED_FOOTER_BYTES, compression: 'zstd' };
+    return { tocJson, tocDigest, tocOffset: tocFrameOffset, footerSize: ZSTD_CHUNKED_FOOTER_BYTES, compression: 'zstd' };
   }
   const { tocOffset, footerSize } = footer;
   const tocEnd = blob.size - footerSize;
@@ -391,8 +425,7 @@ export async function readToc(blob: RangeReadable, opts: ReadTocOptions = {}): P
 
   const tocJson = extractTocJson(tarBytes, maxTocBytes);
   const tocDigest = 'sha256:' + createHash('sha256').update(tocJson).digest('hex');
-  const toc = parseToc(tocJson, { blobSize: blob.size, tocOffset, maxEntries: opts.maxEntries, maxTocBytes });
-  return { toc, tocJson, tocDigest, tocOffset, footerSize, compression: 'gzip' };
+  return { tocJson, tocDigest, tocOffset, footerSize, compression: 'gzip' };
 }
 
 /** Finds the `stargz.index.json` tar entry (after an optional PAX header) and returns its content. */

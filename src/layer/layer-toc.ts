@@ -4,7 +4,7 @@
  * nothing is started until a Layer (layer.ts) is made of it.
  */
 import { EstargzFormatError, VerificationError } from '../errors';
-import { readToc, type LayerCompression, type Toc } from '../estargz/toc';
+import { readTocJson, type LayerCompression } from '../estargz/toc';
 import type { Logger } from '../log';
 import type { BlobSource } from '../remote/blob-source';
 import type { LayerSourceInfo } from '../source/labels';
@@ -18,14 +18,18 @@ export interface BlobResolver {
   resolveBlobTail?(ref: string, digest: string, tailBytes: number, signal?: AbortSignal): Promise<{ source: BlobSource; tail: BlobTail | undefined }>;
 }
 
-/** A layer's blob and TOC, not yet checked against any mount's labels. */
+/**
+ * A layer's blob and TOC, not yet checked against any mount's labels. The JSON is parsed (and validated) only
+ * into the layer's tree (layer.ts): no list of entries is kept beside it.
+ */
 export interface LayerToc {
   blob: BlobSource;
-  toc: Toc;
+  /** The TOC JSON as stored. */
+  tocJson: Buffer;
   /** sha256 of the TOC JSON as read: what checkTocDigest compares with the toc.digest label. */
   tocDigest: string;
-  /** The TOC JSON, for the TOC cache; absent when it came from there. */
-  tocJson?: Buffer;
+  /** It came from the TOC cache (so it need not be saved there again). */
+  fromCache: boolean;
   tocOffset: number;
   compression: LayerCompression;
   /** The blob's tail as read with the TOC. */
@@ -42,10 +46,10 @@ export async function readLayerToc(registry: BlobResolver, ref: string, digest: 
       : { source: await registry.resolveBlob(ref, digest, signal), tail: undefined };
   const resolvedMs = Date.now() - started;
   const tailed = withTail(blob, undefined, fetchedTail);
-  const { toc, tocJson, tocDigest, tocOffset, compression } = await readToc(tailed, { signal });
+  const { tocJson, tocDigest, tocOffset, compression } = await readTocJson(tailed, { signal });
   const tail = await tailed.tail();
   log.debug({ layer: digest, resolvedMs, tocMs: Date.now() - started - resolvedMs, tocBytes: blob.size - tocOffset }, 'blob resolved and TOC read');
-  return { blob, toc, tocJson, tocDigest, tocOffset, compression, tail };
+  return { blob, tocJson, tocDigest, fromCache: false, tocOffset, compression, tail };
 }
 
 /**

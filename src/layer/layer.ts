@@ -13,7 +13,7 @@ import type { DiskChunkCache } from '../cache/disk-chunk-cache';
 import type { TocCache } from '../cache/toc-cache';
 import { errorMessage, EstargzFormatError, FailedPreconditionError, StargazeError, VerificationError } from '../errors';
 import type { Logger } from '../log';
-import { buildLayerTree, type LayerTree } from '../metadata/layer-tree';
+import { buildLayerTreeFromJson, type LayerTree } from '../metadata/layer-tree';
 import type { FsMetrics } from '../metrics/fs-metrics';
 import { LayerReader } from '../reader/chunk-reader';
 import type { BlobSource } from '../remote/blob-source';
@@ -111,7 +111,7 @@ export class Layer {
     log: Logger,
   ) {
     const { options, scheduler } = ctx;
-    const tree = buildLayerTree(toc.toc, { blobSize: toc.blob.size, tocOffset: toc.tocOffset, opaqueXattr: ctx.opaqueXattr });
+    const tree = buildLayerTreeFromJson(toc.tocJson, { blobSize: toc.blob.size, tocOffset: toc.tocOffset, opaqueXattr: ctx.opaqueXattr });
     const prefetchBytes = prefetchSize(options, setup.labelPrefetchBytes, tree, toc.blob.size);
     const blob = new LayerBlob(toc.blob, { ...options.parallelFetch, tail: toc.tail, scheduler });
     const reader = new LayerReader(blob, tree, {

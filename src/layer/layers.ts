@@ -6,7 +6,6 @@
 import { LRUCache } from 'lru-cache';
 import type { DiskChunkCache } from '../cache/disk-chunk-cache';
 import type { TocCache } from '../cache/toc-cache';
-import { parseToc } from '../estargz/toc';
 import type { Logger } from '../log';
 import type { FsMetrics } from '../metrics/fs-metrics';
 import { DeferredBlobSource } from '../remote/deferred-blob-source';
@@ -114,11 +113,18 @@ export class Layers {
     if (source.tocDigest === undefined || tocCache === undefined) return undefined;
     const cached = await tocCache.load(source.digest, source.tocDigest);
     if (cached === undefined) return undefined;
-    const toc = parseToc(cached.tocJson, { blobSize: cached.blobSize, tocOffset: cached.tocOffset });
     log.debug('TOC from the local cache');
     const resolve = (signal?: AbortSignal): ReturnType<BlobResolver['resolveBlob']> => registry.resolveBlob(source.ref, source.digest, signal);
     // Only eStargz TOCs are cached (saveToc), so a cached one means gzip members. load() checked its digest.
-    return { blob: new DeferredBlobSource(source.digest, cached.blobSize, resolve), toc, tocDigest: source.tocDigest, tocOffset: cached.tocOffset, compression: 'gzip', tail: undefined };
+    return {
+      blob: new DeferredBlobSource(source.digest, cached.blobSize, resolve),
+      tocJson: cached.tocJson,
+      tocDigest: source.tocDigest,
+      fromCache: true,
+      tocOffset: cached.tocOffset,
+      compression: 'gzip',
+      tail: undefined,
+    };
   }
 
   /**
@@ -127,7 +133,7 @@ export class Layers {
    */
   private saveToc(source: LayerSourceInfo, toc: LayerToc): void {
     const { tocCache } = this.deps;
-    if (tocCache === undefined || toc.tocJson === undefined || source.tocDigest !== toc.tocDigest || toc.compression !== 'gzip') return;
+    if (tocCache === undefined || toc.fromCache || source.tocDigest !== toc.tocDigest || toc.compression !== 'gzip') return;
     // save() logs its own failures; a rejection here must not become an unhandled one.
     const saving = tocCache.save(source.digest, { blobSize: toc.blob.size, tocOffset: toc.tocOffset, tocJson: toc.tocJson }).catch(() => undefined);
     this.tocSaves.add(saving);

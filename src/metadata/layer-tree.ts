@@ -1,7 +1,7 @@
 import { EstargzFormatError } from '../errors';
 import { baseName, parentName } from '../estargz/entry-name';
 import { modtimeMs } from '../estargz/modtime';
-import { NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, type Toc, type TocEntry } from '../estargz/toc';
+import { NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, walkToc, type ParseTocOptions, type Toc, type TocEntry } from '../estargz/toc';
 import { OPAQUE_XATTR } from '../overlay-xattr';
 import { modeOf, makedev, S_IFCHR } from './file-mode';
 
@@ -101,9 +101,23 @@ export interface LayerTree {
 
 /** Builds the inode table. Throws EstargzFormatError when entries contradict each other. */
 export function buildLayerTree(toc: Toc, opts: LayerTreeOptions): LayerTree {
-  return new TreeBuilder(toc, opts.tocOffset ?? opts.blobSize, opts.opaqueXattr ?? OPAQUE_XATTR).build();
+  const builder = new TreeBuilder(opts.tocOffset ?? opts.blobSize, opts.opaqueXattr ?? OPAQUE_XATTR);
+  for (const e of toc.entries) builder.add(e);
+  return builder.finish();
 }
 
+/**
+ * Parses and validates TOC JSON (walkToc, with the blob's bounds from `opts`) straight into the inode table:
+ * no list of parsed entries is made, so what a mount keeps is the tree alone. Throws EstargzFormatError as
+ * parseToc and buildLayerTree do.
+ */
+export function buildLayerTreeFromJson(json: Buffer, opts: LayerTreeOptions & Pick<ParseTocOptions, 'maxEntries' | 'maxTocBytes'>): LayerTree {
+  const builder = new TreeBuilder(opts.tocOffset ?? opts.blobSize, opts.opaqueXattr ?? OPAQUE_XATTR);
+  walkToc(json, { blobSize: opts.blobSize, tocOffset: opts.tocOffset, maxEntries: opts.maxEntries, maxTocBytes: opts.maxTocBytes }, (e) => builder.add(e));
+  return builder.finish();
+}
+
+/** Takes the entries in TOC order (add), then links, hides whiteouts and numbers the inodes (finish). */
 class TreeBuilder {
   /** Nodes by cleaned path (a hardlink's extra names are only in their parent's children). */
   private readonly byName = new Map<string, LayerNode>();
@@ -112,9 +126,18 @@ class TreeBuilder {
   private readonly explicitDirs = new Set<LayerNode>();
   private prefetchLandmarkOffset: number | undefined;
   private noPrefetch = false;
+  /** The regular file the next chunk entries continue, and its chunk list. */
+  private lastFile: { node: LayerNode; chunks: ChunkInfo[] } | undefined;
+  /** Hardlink entries: linked in finish(), as their targets may come later. */
+  private readonly links: TocEntry[] = [];
+  /**
+   * Chunks of the gzip member being walked (payload offsets never go back): their compressed range ends where
+   * the next member starts, known only when an entry of a later member comes, or at the end of the data.
+   */
+  private memberChunks: ChunkInfo[] = [];
+  private memberOffset = -1;
 
   constructor(
-    private readonly toc: Toc,
     /** Where the last payload member ends. */
     private readonly dataEnd: number,
     private readonly opaqueXattr: string,
@@ -123,36 +146,72 @@ class TreeBuilder {
     this.byName.set('', this.root);
   }
 
-  build(): LayerTree {
-    const entries = this.toc.entries;
-    const nextBoundary = memberEnds(entries, this.dataEnd);
-    /** The regular file the next chunk entries continue, and its chunk list. */
-    let lastFile: { node: LayerNode; chunks: ChunkInfo[] } | undefined;
-    for (let i = 0; i < entries.length; i++) {
-      const e = entries[i];
-      if (e.type === 'chunk') {
-        if (lastFile !== undefined) lastFile.chunks.push(chunkOf(e, lastFile.node.size, nextBoundary[i]));
-        continue;
-      }
-      if (e.type === 'hardlink') continue; // second pass: targets may come later
-      lastFile = undefined;
-      if (e.name === '') {
-        fillFromEntry(this.root, e);
-        this.explicitDirs.add(this.root);
-        continue;
-      }
-      if (this.takeLandmark(e)) continue;
-      const node = this.place(e);
-      if (e.type === 'reg' && (e.size ?? 0) > 0) {
-        const chunks = [chunkOf(e, node.size, nextBoundary[i])];
-        node.chunks = chunks;
-        lastFile = { node, chunks };
-      }
+  add(e: TocEntry): void {
+    if (e.type === 'chunk') {
+      if (this.lastFile !== undefined) this.lastFile.chunks.push(this.chunkOf(e, this.lastFile.node.size));
+      return;
     }
-    this.linkAll(entries.filter((e) => e.type === 'hardlink'));
+    if (e.type === 'hardlink') {
+      this.links.push(e);
+      return;
+    }
+    this.lastFile = undefined;
+    if (e.name === '') {
+      fillFromEntry(this.root, e);
+      this.explicitDirs.add(this.root);
+      return;
+    }
+    if (this.takeLandmark(e)) {
+      // Hidden, but its payload is a member all the same: the member before it ends where it starts.
+      if ((e.size ?? 0) > 0) this.enterMember(e.offset ?? 0, e.name);
+      return;
+    }
+    const node = this.place(e);
+    if (e.type === 'reg' && (e.size ?? 0) > 0) {
+      const chunks = [this.chunkOf(e, node.size)];
+      node.chunks = chunks;
+      this.lastFile = { node, chunks };
+    }
+  }
+
+  finish(): LayerTree {
+    this.endMember(this.dataEnd);
+    this.linkAll(this.links);
     this.applyWhiteouts(this.root);
     const nodes = assignInodes(this.root);
     return new Tree(nodes, this.prefetchLandmarkOffset, this.noPrefetch);
+  }
+
+  /** A chunk of a reg/chunk entry with a payload; its compressedEnd is set when its member's end is known. */
+  private chunkOf(e: TocEntry, fileSize: number): ChunkInfo {
+    const fileOffset = e.chunkOffset ?? 0;
+    const size = e.chunkSize !== undefined && e.chunkSize > 0 ? e.chunkSize : fileSize - fileOffset;
+    const compressedOffset = e.offset ?? 0;
+    this.enterMember(compressedOffset, e.name);
+    const chunk: ChunkInfo = { fileOffset, size, compressedOffset, compressedEnd: 0, innerOffset: e.innerOffset ?? 0, digest: e.chunkDigest };
+    this.memberChunks.push(chunk);
+    return chunk;
+  }
+
+  /** A payload of the member at `offset` comes next: the member before it, if another, ends there. */
+  private enterMember(offset: number, name: string): void {
+    // Later members start after this one (parseToc checks that offsets never go back), so only the last
+    // member can be left without a compressed range: when it starts at the end of the data.
+    if (!(this.dataEnd > offset)) {
+      throw new EstargzFormatError(`chunk of ${JSON.stringify(name)} at ${offset} has no compressed range`);
+    }
+    if (offset === this.memberOffset) return;
+    if (offset < this.memberOffset) {
+      throw new EstargzFormatError(`chunk of ${JSON.stringify(name)} at ${offset} goes back before ${this.memberOffset}`);
+    }
+    this.endMember(offset);
+    this.memberOffset = offset;
+  }
+
+  /** The member being walked ends at `end`. */
+  private endMember(end: number): void {
+    for (const c of this.memberChunks) c.compressedEnd = end;
+    this.memberChunks = [];
   }
 
   /** Landmarks are root-level files that steer prefetch; they are recorded here and hidden. */
@@ -262,35 +321,6 @@ class TreeBuilder {
       children.set(target, newWhiteout());
     }
   }
-}
-
-/** For each entry index, the end of its payload's compressed range: the next larger member offset. */
-function memberEnds(entries: readonly TocEntry[], dataEnd: number): number[] {
-  const ends = new Array<number>(entries.length);
-  let next = dataEnd;
-  let current = -1; // offset of the member being walked back through
-  for (let i = entries.length - 1; i >= 0; i--) {
-    const e = entries[i];
-    const hasPayload = (e.type === 'reg' && (e.size ?? 0) > 0) || e.type === 'chunk';
-    if (!hasPayload) continue;
-    const off = e.offset ?? 0;
-    if (off !== current) {
-      if (current >= 0) next = current;
-      current = off;
-    }
-    ends[i] = next;
-  }
-  return ends;
-}
-
-function chunkOf(e: TocEntry, fileSize: number, compressedEnd: number): ChunkInfo {
-  const fileOffset = e.chunkOffset ?? 0;
-  const size = e.chunkSize !== undefined && e.chunkSize > 0 ? e.chunkSize : fileSize - fileOffset;
-  const compressedOffset = e.offset ?? 0;
-  if (!(compressedEnd > compressedOffset)) {
-    throw new EstargzFormatError(`chunk of ${JSON.stringify(e.name)} at ${compressedOffset} has no compressed range`);
-  }
-  return { fileOffset, size, compressedOffset, compressedEnd, innerOffset: e.innerOffset ?? 0, digest: e.chunkDigest };
 }
 
 function newDir(): LayerNode {

@@ -4,13 +4,47 @@ import { test } from 'node:test';
 import { EstargzFormatError } from '../../../src/errors';
 import { parseToc } from '../../../src/estargz/toc';
 import { makedev } from '../../../src/metadata/file-mode';
-import { ROOT_INO, buildLayerTree, type LayerTree } from '../../../src/metadata/layer-tree';
+import { ROOT_INO, buildLayerTree, buildLayerTreeFromJson, type LayerTree } from '../../../src/metadata/layer-tree';
 import { OPAQUE_XATTR, USER_OPAQUE_XATTR } from '../../../src/overlay-xattr';
 
 const D = 'sha256:' + 'a'.repeat(64);
 
+/**
+ * The tree of `entries`, built both ways a layer can build it: from parsed entries, and straight from the JSON
+ * (what a mount does). Every test here thereby checks that the two agree, on the tree and on the error.
+ */
 function tree(entries: unknown[], blobSize = 10_000, tocOffset?: number): LayerTree {
-  return buildLayerTree(parseToc(JSON.stringify({ version: 1, entries })), { blobSize, tocOffset });
+  const json = JSON.stringify({ version: 1, entries });
+  let fromEntries: LayerTree | Error;
+  let fromJson: LayerTree | Error;
+  try {
+    fromEntries = buildLayerTree(parseToc(json), { blobSize, tocOffset });
+  } catch (err) {
+    fromEntries = err as Error;
+  }
+  try {
+    fromJson = buildLayerTreeFromJson(Buffer.from(json), { blobSize, tocOffset });
+  } catch (err) {
+    fromJson = err as Error;
+  }
+  if (fromEntries instanceof Error || fromJson instanceof Error) {
+    assert.ok(fromJson instanceof Error && fromEntries instanceof Error, 'both ways fail, or neither');
+    assert.equal(fromJson.constructor, fromEntries.constructor);
+    assert.equal(fromJson.message, fromEntries.message);
+    throw fromEntries;
+  }
+  assert.deepEqual(flatten(fromJson), flatten(fromEntries));
+  return fromEntries;
+}
+
+/** Every node by inode, children as names to inodes: what two trees must agree on. */
+function flatten(t: LayerTree): unknown[] {
+  const out: unknown[] = [t.prefetchLandmarkOffset, t.noPrefetch, t.chunksInBlobOrder()];
+  for (let ino = 1; ino <= t.nodeCount; ino++) {
+    const n = t.getNode(ino);
+    out.push({ ...n, children: n?.children && [...n.children].map(([name, c]) => [name, c.ino]), xattrs: n && [...n.xattrs] });
+  }
+  return out;
 }
 
 function names(t: LayerTree, path: string): string[] {
@@ -178,6 +212,7 @@ test('landmarks are hidden; the tree reports prefetch information', () => {
   assert.equal(withLandmark.noPrefetch, false);
   assert.deepEqual(names(withLandmark, '/'), ['important', 'rest', 'sub']);
   assert.deepEqual(names(withLandmark, 'sub'), ['.prefetch.landmark']);
+  assert.equal(withLandmark.resolvePath('important')?.chunks[0]?.compressedEnd, 200, "a hidden landmark's member still ends the one before it");
 
   const none = tree([
     { name: '.no.prefetch.landmark', type: 'reg', size: 1, offset: 10, chunkDigest: D },
