@@ -22,7 +22,7 @@
 const LEVELS = [
   { level: '0a', parts: ['errors.ts', 'abortable.ts', 'path-exists.ts', 'overlay-xattr.ts'], what: 'error classes with codes; leaf helpers' },
   { level: '0b', parts: ['log.ts'], what: 'the pino root logger' },
-  { level: '0c', parts: ['config', 'source', 'metrics', 'grpc', 'user-namespace.ts', 'json-lines.ts'], what: 'config, snapshot labels, metrics, proto loading, user namespace detection, JSON-lines framing' },
+  { level: '0c', parts: ['config', 'source', 'metrics', 'grpc', 'profile', 'user-namespace.ts', 'json-lines.ts'], what: 'config, snapshot labels, metrics, proto loading, the prefetch profile format, user namespace detection, JSON-lines framing' },
   { level: '1', parts: ['estargz', 'remote', 'cache'], what: 'the format (zstd framing included), registry access, caches' },
   { level: '2a', parts: ['metadata', 'task'], what: 'TOC -> inode tree; the work scheduler' },
   { level: '2b', parts: ['reader'], what: 'verifying chunk reader' },

@@ -18,6 +18,7 @@ export type ErrorCode =
   | 'ERR_LOCAL_COPY'
   | 'ERR_PROTOCOL'
   | 'ERR_PULL'
+  | 'ERR_PROFILE'
   | 'ERR_INTERNAL';
 
 export class StargazeError extends Error {
@@ -111,6 +112,20 @@ export class LocalCopyError extends StargazeError {
 export class ProtocolError extends StargazeError {
   constructor(message: string) {
     super('ERR_PROTOCOL', message);
+  }
+}
+
+/**
+ * A prefetch profile we cannot use: malformed (not JSON, not our format or version), oversized (past its
+ * bounds), or foreign (stored under a key that is not its own). Profiles are hints: the layer then mounts as
+ * if it had none.
+ */
+export class ProfileError extends StargazeError {
+  constructor(
+    message: string,
+    readonly reason: 'malformed' | 'oversized' | 'foreign' = 'malformed',
+  ) {
+    super('ERR_PROFILE', message);
   }
 }
 

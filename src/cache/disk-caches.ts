@@ -11,6 +11,7 @@ import { errorMessage } from '../errors';
 import type { Logger } from '../log';
 import { DiskBudget } from './disk-budget';
 import { DiskChunkCache } from './disk-chunk-cache';
+import { ProfileStore } from './profile-store';
 import { watchUntrackedBytes } from './root-usage';
 import { TocCache } from './toc-cache';
 
@@ -21,7 +22,7 @@ import { TocCache } from './toc-cache';
 export const ROOT_SNAPSHOT_DIRS = [path.join('snapshotter', 'snapshots')];
 
 export interface DiskCachesOptions {
-  /** The chunk cache's directory (`<root>/cache/chunks`); the TOC cache is its sibling `toc`. */
+  /** The chunk cache's directory (`<root>/cache/chunks`); the TOC cache is its sibling `toc`, the profiles `profiles`. */
   cacheDir: string;
   /** The daemon root: its untracked files count too. Without it, only the two caches are budgeted. */
   root?: string;
@@ -33,6 +34,8 @@ export interface DiskCachesOptions {
 export interface DiskCaches {
   diskCache: DiskChunkCache;
   tocCache: TocCache;
+  /** Prefetch profiles, budgeted with the caches (evicted like TOCs). */
+  profiles: ProfileStore;
   budget: DiskBudget;
   /** Settles when the background count of TOC files and untracked bytes has run once. */
   counted: Promise<void>;
@@ -45,25 +48,28 @@ export async function openDiskCaches(options: DiskCachesOptions): Promise<DiskCa
   const diskCache = await DiskChunkCache.open({ dir: options.cacheDir, maxBytes: options.maxBytes, log, budget: budget.account('chunk') });
   const tocDir = path.join(path.dirname(options.cacheDir), 'toc');
   const tocCache = new TocCache(tocDir, budget.account('toc'));
+  const profileDir = path.join(path.dirname(options.cacheDir), 'profiles');
+  const profiles = new ProfileStore(profileDir, budget.account('profile'));
   let stopWatch: (() => void) | undefined;
   let closed = false;
-  const counted = tocCache.scan().then(
-    (found) => {
-      log.info({ tocs: found.files, tocBytes: found.bytes, usedBytes: budget.usedBytes, maxBytes: budget.maxBytes }, 'disk budget counted');
+  const counted = Promise.all([tocCache.scan(), profiles.scan()]).then(
+    ([found, profilesFound]) => {
+      log.info({ tocs: found.files, tocBytes: found.bytes, profiles: profilesFound.files, profileBytes: profilesFound.bytes, usedBytes: budget.usedBytes, maxBytes: budget.maxBytes }, 'disk budget counted');
       if (options.root !== undefined && !closed) {
         const root = options.root;
         stopWatch = watchUntrackedBytes(
           budget,
-          { root, excludeDirs: ROOT_SNAPSHOT_DIRS.map((d) => path.join(root, d)), trackedDirs: [options.cacheDir, tocDir] },
+          { root, excludeDirs: ROOT_SNAPSHOT_DIRS.map((d) => path.join(root, d)), trackedDirs: [options.cacheDir, tocDir, profileDir] },
           log,
         );
       }
     },
-    (err: unknown) => log.warn({ err: errorMessage(err) }, 'could not count the TOC cache'),
+    (err: unknown) => log.warn({ err: errorMessage(err) }, 'could not count the TOC cache and profiles'),
   );
   return {
     diskCache,
     tocCache,
+    profiles,
     budget,
     counted,
     close: () => {
