@@ -45,7 +45,7 @@ export async function openLayerService(setup: LayerServiceSetup): Promise<LayerS
     log: log.child({ module: 'remote' }),
   });
   const caches = await openDiskCaches({ cacheDir: setup.cacheDir, root: setup.root, maxBytes: config.cache.diskMaxBytes, log: log.child({ module: 'cache' }) });
-  const { diskCache, tocCache } = caches;
+  const { diskCache, tocCache, profiles } = caches;
   // The snapshotter mounts overlayfs with `userxattr` in a user namespace: opaque dirs must say so in user.*.
   const opaqueXattr = await opaqueXattrHere();
   const filesystem = new StargazeFileSystem({
@@ -54,6 +54,7 @@ export async function openLayerService(setup: LayerServiceSetup): Promise<LayerS
     scheduler,
     diskCache,
     tocCache,
+    profiles,
     opaqueXattr,
     log: log.child({ module: 'fs' }),
   });

@@ -47,6 +47,35 @@ export const DEFAULT_BLOB_CHUNK_BYTES = 50_000;
 /** Above this, every missed small file would cost a download of that size: a typo, refused rather than obeyed. */
 export const MAX_BLOB_CHUNK_BYTES = 16 * 1024 * 1024;
 
+/**
+ * `[prefetch_profile]`: a layer's start window ends once its reads have been quiet this long. A starting
+ * container reads in bursts (exec, the loader, imports) with gaps well under a second; a second of quiet
+ * already means the start is mostly over, three leave room for a slow disk or a busy node.
+ */
+export const DEFAULT_PROFILE_QUIET_MS = 3_000;
+/** ... or once this long has passed since its first read: what a long-running workload reads later is not its start. */
+export const DEFAULT_PROFILE_MAX_WINDOW_SEC = 60;
+/**
+ * ... or once it has read this many distinct chunks. Also the bound on a profile's entries across the starts
+ * merged into it: about 60 bytes a chunk on disk (a 4 MiB chunk per big file, one per small file).
+ */
+export const DEFAULT_PROFILE_MAX_CHUNKS = 16_384;
+/** The most `max_chunks` may say: what a profile file may hold (profile-format.ts MAX_PROFILE_ENTRIES; a test keeps them equal). */
+export const MAX_PROFILE_CHUNKS = 65_536;
+
+export interface PrefetchProfileConfig {
+  /** `record`: the FUSE server records each mounted layer's start window into its profile. */
+  readonly record: boolean;
+  /** `replay`: a layer with a profile prefetches its chunks at mount, in place of the landmark. */
+  readonly replay: boolean;
+  /** `quiet_msec`: the window closes once the layer's reads have been quiet this long. */
+  readonly quietMs: number;
+  /** `max_window_sec`: the window closes this long after its first read at the latest. */
+  readonly maxWindowSec: number;
+  /** `max_chunks`: the window closes after this many distinct chunks; a profile keeps at most this many. */
+  readonly maxChunks: number;
+}
+
 export interface FuseConfig {
   /** Kernel attribute cache lifetime (`[fuse] attr_timeout`). */
   readonly attrTimeoutSec: number;
@@ -139,6 +168,7 @@ export interface Config {
   readonly backgroundFetchQuietMs: number;
   readonly resolver: ResolverConfig;
   readonly blob: BlobConfig;
+  readonly prefetchProfile: PrefetchProfileConfig;
   readonly fuseManager: FuseManagerConfig;
   readonly criKeychain: CriKeychainConfig;
   readonly kubeconfigKeychain: KubeconfigKeychainConfig;
@@ -201,6 +231,13 @@ export function defaultConfig(): Config {
       chunkSizeBytes: DEFAULT_BLOB_CHUNK_BYTES,
       parallelFetchConcurrency: DEFAULT_PARALLEL_FETCH_CONCURRENCY,
       parallelFetchChunkBytes: DEFAULT_PARALLEL_FETCH_CHUNK_BYTES,
+    },
+    prefetchProfile: {
+      record: true,
+      replay: true,
+      quietMs: DEFAULT_PROFILE_QUIET_MS,
+      maxWindowSec: DEFAULT_PROFILE_MAX_WINDOW_SEC,
+      maxChunks: DEFAULT_PROFILE_MAX_CHUNKS,
     },
     fuseManager: { enable: true },
     criKeychain: { enableKeychain: false, imageServicePath: DEFAULT_CRI_IMAGE_SERVICE_PATH, listenPath: '' },
@@ -336,6 +373,13 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
       chunkSizeBytes: atMost('blob.chunk_size', nonNegative('blob.chunk_size', d.blob.chunkSizeBytes), MAX_BLOB_CHUNK_BYTES),
       parallelFetchConcurrency: nonNegative('blob.parallel_fetch_concurrency', d.blob.parallelFetchConcurrency),
       parallelFetchChunkBytes: nonNegative('blob.parallel_fetch_chunk_size', d.blob.parallelFetchChunkBytes),
+    },
+    prefetchProfile: {
+      record: get<boolean>('prefetch_profile.record') ?? d.prefetchProfile.record,
+      replay: get<boolean>('prefetch_profile.replay') ?? d.prefetchProfile.replay,
+      quietMs: nonNegative('prefetch_profile.quiet_msec', d.prefetchProfile.quietMs),
+      maxWindowSec: nonNegative('prefetch_profile.max_window_sec', d.prefetchProfile.maxWindowSec),
+      maxChunks: atMost('prefetch_profile.max_chunks', nonNegative('prefetch_profile.max_chunks', d.prefetchProfile.maxChunks), MAX_PROFILE_CHUNKS),
     },
     fuseManager: { enable: get<boolean>('fuse_manager.enable') ?? d.fuseManager.enable },
     criKeychain: {

@@ -94,6 +94,14 @@ export const TABLE_KEYS: Readonly<Record<string, Readonly<Record<string, KeySpec
   snapshotter: {
     allow_invalid_mounts_on_restart: off('boolean'),
   },
+  // Ours: prefetch profiles learned from containers' starts (layer/profile-recorder.ts).
+  prefetch_profile: {
+    record: on('boolean'),
+    replay: on('boolean'),
+    quiet_msec: on('integer'),
+    max_window_sec: on('integer'),
+    max_chunks: on('integer'),
+  },
   fuse_manager: {
     enable: on('boolean'),
     address: off('string'),

@@ -7,6 +7,7 @@ import type { Config } from '../config/config';
 import { errorMessage, InvalidArgumentError, UnavailableError } from '../errors';
 import { LayerMount, lazyUnmount } from '../fuse/layer-fuse';
 import type { DiskChunkCache } from '../cache/disk-chunk-cache';
+import type { ProfileStore } from '../cache/profile-store';
 import type { TocCache } from '../cache/toc-cache';
 import type { VerifiedLayer } from '../layer/layer';
 import { layerOptionsFromConfig, type LayerOptions } from '../layer/layer-options';
@@ -58,6 +59,8 @@ export interface StargazeFsOptions {
   diskCache?: DiskChunkCache;
   /** TOCs of mounted layers, so they mount again without the registry. */
   tocCache?: TocCache;
+  /** Prefetch profiles: replayed at mount, recorded from the mounts' reads. */
+  profiles?: ProfileStore;
   log: Logger;
   /** The xattr opaque directories carry (layer-tree.ts): trusted.overlay.opaque unless overlayfs uses `userxattr`. */
   opaqueXattr?: string;
@@ -90,6 +93,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
       metrics: this.metrics,
       diskCache: options.diskCache,
       tocCache: options.tocCache,
+      profiles: options.profiles,
       opaqueXattr: options.opaqueXattr,
       log: options.log,
     });
@@ -124,7 +128,12 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const started = Date.now();
     const layer = await this.layers.open(source, log);
     const { tree, reader } = layer;
-    const mount = new LayerMount<LayerNode>(mountpoint, { root: tree.root, read: (node, pos, len, sig) => reader.read(node, pos, len, sig) }, {
+    const mount = new LayerMount<LayerNode>(mountpoint, {
+        root: tree.root,
+        read: (node, pos, len, sig) => reader.read(node, pos, len, sig),
+        // Container reads only: prefetch and background fetch do not come through the mount.
+        onRead: (path, node, pos, len) => layer.recordRead(path, node, pos, len),
+      }, {
       attrTimeoutSec: this.options.mount.attrTimeoutSec,
       entryTimeoutSec: this.options.mount.entryTimeoutSec,
       readTimeoutMs: this.options.mount.readTimeoutMs,

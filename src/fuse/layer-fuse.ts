@@ -44,6 +44,8 @@ export interface ServedLayer<N extends ServedNode> {
   readonly root: N;
   /** Reads up to `length` bytes of `node` at `position`; shorter only at end of file. */
   read(node: N, position: number, length: number, signal: AbortSignal): Promise<Buffer>;
+  /** Told of each read the kernel sends, before it is served (the prefetch profile's recorder); must not block. */
+  onRead?(path: string, node: N, position: number, length: number): void;
 }
 
 /**
@@ -272,6 +274,7 @@ export class LayerMount<N extends ServedNode> {
         if (this.failedReason !== undefined) return cb(ERRNO.EIO);
         if (pos >= node.size || len === 0) return cb(0);
         const want = Math.min(len, node.size - pos);
+        this.layer.onRead?.(path, node, pos, want);
         const signal = AbortSignal.timeout(this.readTimeoutMs);
         this.layer.read(node, pos, want, signal).then(
           (data) => {

@@ -32,6 +32,8 @@ export interface LayerOptions {
   readonly blockBytes: number;
   /** `[cache] memory_max_bytes`: decompressed chunks kept in memory, all layers together; 0: none. */
   readonly memoryCacheBytes: number;
+  /** `[prefetch_profile]`: record start windows, replay stored profiles (profile-recorder.ts, layer-profile.ts). */
+  readonly profile: { readonly record: boolean; readonly replay: boolean; readonly quietMs: number; readonly maxWindowMs: number; readonly maxChunks: number };
   /** How long a layer opened ahead of its mount waits for it (PRE_OPEN_TTL_MS). */
   readonly preOpenTtlMs: number;
 }
@@ -48,6 +50,13 @@ export function layerOptionsFromConfig(config: Config): LayerOptions {
     parallelFetch: { concurrency: config.blob.parallelFetchConcurrency, chunkBytes: config.blob.parallelFetchChunkBytes },
     blockBytes: config.blob.chunkSizeBytes,
     memoryCacheBytes: config.cache.memoryMaxBytes,
+    profile: {
+      record: config.prefetchProfile.record,
+      replay: config.prefetchProfile.replay,
+      quietMs: config.prefetchProfile.quietMs,
+      maxWindowMs: config.prefetchProfile.maxWindowSec * 1000,
+      maxChunks: config.prefetchProfile.maxChunks,
+    },
     preOpenTtlMs: PRE_OPEN_TTL_MS,
   };
 }

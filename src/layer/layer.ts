@@ -13,10 +13,12 @@ import type { DiskChunkCache } from '../cache/disk-chunk-cache';
 import type { TocCache } from '../cache/toc-cache';
 import { errorMessage, EstargzFormatError, FailedPreconditionError, StargazeError, VerificationError } from '../errors';
 import type { Logger } from '../log';
-import { buildLayerTreeFromJson, type LayerTree } from '../metadata/layer-tree';
+import type { ProfileStore } from '../cache/profile-store';
+import { buildLayerTreeFromJson, type ChunkInfo, type LayerNode, type LayerTree } from '../metadata/layer-tree';
 import type { FsMetrics } from '../metrics/fs-metrics';
 import { LayerReader } from '../reader/chunk-reader';
 import type { BlobSource } from '../remote/blob-source';
+import type { PrefetchProfile } from '../profile/profile-format';
 import type { LayerSourceInfo } from '../source/labels';
 import type { Scheduler } from '../task/scheduler';
 import { backgroundFetch, checkChainId } from './background-fetch';
@@ -26,6 +28,9 @@ import { copyFetchedLayer } from './layer-copy';
 import type { LayerOptions } from './layer-options';
 import { checkTocDigest, type LayerToc } from './layer-toc';
 import { hasLocalCopy } from './local-copy';
+import { profileKeyOf, resolveProfile, saveRecording } from './layer-profile';
+import { HeldRanges } from './held-ranges';
+import { ProfileRecorder } from './profile-recorder';
 import type { QuietLink } from './quiet-link';
 
 /** The chainID at the end of a snapshot name. */
@@ -46,6 +51,8 @@ export interface LayerContext {
   readonly diskCache?: DiskChunkCache;
   /** TOCs of served layers, kept from eviction while they are served. */
   readonly tocCache?: TocCache;
+  /** Prefetch profiles: replayed at mount, recorded while served, kept from eviction while served. */
+  readonly profiles?: ProfileStore;
   /** The xattr opaque directories carry (layer-tree.ts). */
   readonly opaqueXattr?: string;
 }
@@ -56,6 +63,8 @@ export interface LayerSetup {
   labelPrefetchBytes: number | undefined;
   /** Check chunks against their TOC digests (verifiesChunks). */
   verifyChunks: boolean;
+  /** The mount's stored prefetch profile, if any: it takes the place of the landmark and the sizes. */
+  profile?: PrefetchProfile;
 }
 
 /** What a mount does with a VerifiedLayer it serves. */
@@ -77,6 +86,8 @@ interface LayerParts {
   readonly blob: LayerBlob;
   readonly reader: LayerReader;
   readonly prefetchBytes: number;
+  /** The TOC's digest: what a recorded profile belongs to. */
+  readonly tocDigest: string;
   /** Starts the prefetch, once: later calls return the same run. */
   prefetch(): PrefetchRun;
 }
@@ -86,6 +97,8 @@ interface PrefetchRun {
   readonly prefetched: Promise<boolean>;
   /** The diff hash of the prefetched head, once (a running hash continues one pass); undefined: a full pass. */
   takeHeadHash(): Promise<DiffResume | undefined>;
+  /** The profile's prefetched bytes, once, for the background pass; undefined: none held. */
+  takeHeld(): HeldRanges | undefined;
 }
 
 /** Only verify() makes a VerifiedLayer: nothing outside this module holds this. */
@@ -97,10 +110,21 @@ function prefetchSize(options: LayerOptions, labelBytes: number | undefined, tre
   return Math.max(0, tree.prefetchLandmarkOffset ?? Math.min(labelBytes ?? options.prefetchSizeBytes, blobSize));
 }
 
+/** Compressed bytes of the members holding `chunks` (each member once). */
+function memberBytes(chunks: readonly ChunkInfo[]): number {
+  const starts = new Map<number, number>();
+  for (const c of chunks) starts.set(c.compressedOffset, Math.max(starts.get(c.compressedOffset) ?? 0, c.compressedEnd - c.compressedOffset));
+  let total = 0;
+  for (const n of starts.values()) total += n;
+  return total;
+}
+
 /** A layer whose blob and TOC are read, its prefetch maybe started, not yet checked against a mount's labels. */
 export class Layer {
   private readonly parts: LayerParts;
   private readonly verifyChunks: boolean;
+  /** The profile it was set up with (suits() compares them). */
+  private readonly profile: PrefetchProfile | undefined;
 
   /** Builds the tree and reader; nothing is fetched until prefetch() or verify(). */
   constructor(
@@ -112,7 +136,10 @@ export class Layer {
   ) {
     const { options, scheduler } = ctx;
     const tree = buildLayerTreeFromJson(toc.tocJson, { blobSize: toc.blob.size, tocOffset: toc.tocOffset, opaqueXattr: ctx.opaqueXattr });
-    const prefetchBytes = prefetchSize(options, setup.labelPrefetchBytes, tree, toc.blob.size);
+    // A profile's chunks take the place of the landmark and the sizes; `noprefetch` still means no prefetch.
+    const resolved = options.noPrefetch || setup.profile === undefined ? undefined : resolveProfile(setup.profile, tree, { digest, tocDigest: toc.tocDigest }, log);
+    const profileChunks = resolved !== undefined && resolved.length > 0 ? resolved : undefined;
+    const prefetchBytes = profileChunks !== undefined ? memberBytes(profileChunks) : prefetchSize(options, setup.labelPrefetchBytes, tree, toc.blob.size);
     const blob = new LayerBlob(toc.blob, { ...options.parallelFetch, tail: toc.tail, scheduler });
     const reader = new LayerReader(blob, tree, {
       scheduler,
@@ -129,9 +156,10 @@ export class Layer {
     // request in flight. Far more than ten listeners is normal here, not a leak.
     setMaxListeners(0, stop.signal);
     let run: PrefetchRun | undefined;
-    const prefetch = (): PrefetchRun => (run ??= startPrefetch(digest, prefetchBytes, reader, ctx, log, stop.signal));
+    const prefetch = (): PrefetchRun => (run ??= startPrefetch(digest, { bytes: prefetchBytes, profileChunks }, reader, ctx, log, stop.signal));
     this.verifyChunks = setup.verifyChunks;
-    this.parts = { digest, ctx, log, stop, tree, blob, reader, prefetchBytes, prefetch };
+    this.profile = setup.profile;
+    this.parts = { digest, ctx, log, stop, tree, blob, reader, prefetchBytes, tocDigest: toc.tocDigest, prefetch };
   }
 
   /**
@@ -145,6 +173,7 @@ export class Layer {
   /** Whether it was set up as `setup` wants (a layer opened ahead was set up before its mount's labels were known). */
   suits(setup: LayerSetup): boolean {
     const { ctx, tree, blob } = this.parts;
+    if (this.profile !== setup.profile) return false;
     return this.verifyChunks === setup.verifyChunks && this.parts.prefetchBytes === prefetchSize(ctx.options, setup.labelPrefetchBytes, tree, blob.size);
   }
 
@@ -176,6 +205,10 @@ export class VerifiedLayer {
   private readonly run: PrefetchRun;
   private serving = false;
   private closed = false;
+  /** Records the start window for the layer's prefetch profile, while served (absent: recording is off). */
+  private recorder: ProfileRecorder | undefined;
+  /** The recorded window being stored: close() waits for it. */
+  private savingProfile: Promise<void> | undefined;
   /** The mount's logger (a layer opened ahead logged its prefetch without the mountpoint). */
   readonly log: Logger;
 
@@ -221,6 +254,7 @@ export class VerifiedLayer {
     ctx.quiet.stamp();
     // Its TOC stays on disk while it is served: a restarted FUSE server mounts it again from there.
     ctx.tocCache?.pin(this.digest);
+    this.startRecording();
     // After prefetch, so what the image marked as needed first is never queued behind the rest.
     if (!ctx.options.noBackgroundFetch) void this.run.prefetched.then(() => this.queueBackgroundFetch(target));
   }
@@ -228,13 +262,39 @@ export class VerifiedLayer {
   /** Stops everything the layer started, and waits for its local copy to stop. */
   async close(): Promise<void> {
     const { ctx, stop } = this.parts;
-    if (this.serving && !this.closed) {
+    const wasServed = this.serving && !this.closed;
+    if (wasServed) {
       ctx.served.delete(this);
       ctx.tocCache?.unpin(this.digest);
     }
     this.closed = true;
     stop.abort();
+    this.recorder?.close(); // what the window read so far is still worth keeping
     await this.copying;
+    await this.savingProfile;
+    if (wasServed && this.recorder !== undefined) ctx.profiles?.unpin(profileKeyOf(this.source));
+  }
+
+  /**
+   * A container read bytes [position, position + length) of `node` at `path` (the FUSE path) through the mount:
+   * recorded for the layer's prefetch profile while its start window is open. On the read path: cheap, no I/O.
+   */
+  recordRead(path: string, node: LayerNode, position: number, length: number): void {
+    this.recorder?.record(path.slice(1), node.chunks, position, length);
+  }
+
+  /** Starts recording the start window, when `[prefetch_profile] record` is on and there is a store. */
+  private startRecording(): void {
+    const { ctx } = this.parts;
+    const { profile } = ctx.options;
+    const store = ctx.profiles;
+    if (!profile.record || store === undefined) return;
+    const { source, log } = this;
+    // Its profile stays while it is mounted: the window's entries are merged into it.
+    store.pin(profileKeyOf(source));
+    this.recorder = new ProfileRecorder({ quietMs: profile.quietMs, maxWindowMs: profile.maxWindowMs, maxChunks: profile.maxChunks }, (entries) => {
+      this.savingProfile = saveRecording({ store, source, tocDigest: this.parts.tocDigest, maxChunks: profile.maxChunks, log }, entries);
+    });
   }
 
   private async queueBackgroundFetch(target: ServeTarget): Promise<void> {
@@ -244,14 +304,18 @@ export class VerifiedLayer {
     if (await hasLocalCopy(target.mountpoint).catch(() => false)) return log.info('layer has a local copy: no background fetch');
     // At most `max_concurrency` layers at once; a layer closed while it waits leaves the queue.
     const resume = this.run.takeHeadHash();
-    await ctx.scheduler.backgroundLayers.run(() => this.fetchInBackground(target, resume), { priority: 'background', signal: stop.signal }).catch(() => undefined);
+    const held = this.run.takeHeld();
+    await ctx.scheduler.backgroundLayers
+      .run(() => this.fetchInBackground(target, resume, held), { priority: 'background', signal: stop.signal })
+      .catch(() => undefined)
+      .finally(() => held?.clear());
   }
 
   /**
    * Fetches the rest of the layer into the disk cache and checks the whole layer against the chainID it
    * was committed under. A mismatch stops the layer from being served: it is not what containerd thinks.
    */
-  private async fetchInBackground(target: ServeTarget, resume: Promise<DiffResume | undefined>): Promise<void> {
+  private async fetchInBackground(target: ServeTarget, resume: Promise<DiffResume | undefined>, held: HeldRanges | undefined): Promise<void> {
     const { ctx, stop, blob, reader, tree } = this.parts;
     const { log } = this;
     const { signal } = stop;
@@ -263,7 +327,12 @@ export class VerifiedLayer {
       const result = await backgroundFetch({
         resume: await resume,
         // Each window takes a slot in the request lane behind reads and prefetch.
-        blob: { digest: blob.digest, size: blob.size, readRange: (o, n, sig) => fetches.run(() => blob.readRange(o, n, sig), { priority: 'background', signal: sig }) } satisfies BlobSource,
+        blob: {
+          digest: blob.digest,
+          size: blob.size,
+          readRange: (o, n, sig) =>
+            fetches.run(() => (held !== undefined ? held.read(o, n, (gaps) => blob.readRanges(gaps, sig)) : blob.readRange(o, n, sig)), { priority: 'background', signal: sig }),
+        } satisfies BlobSource,
         chunks: tree.chunksInBlobOrder(),
         compression: reader.compression,
         onMember: (c, member) => reader.warm(c, member),
@@ -295,6 +364,8 @@ export class VerifiedLayer {
         return;
       }
       if (!ctx.options.copyFetchedLayers || signal.aborted) return;
+      // The copy reads the mount through FUSE: its reads are not a container's start.
+      this.recorder?.close();
       // Set before anything is awaited, so a close that comes meanwhile waits for it.
       this.copying = copyFetchedLayer({ digest: this.digest, mountpoint: target.mountpoint, tree, reader, metrics: ctx.metrics, signal, log });
       await this.copying;
@@ -310,16 +381,32 @@ export class VerifiedLayer {
  * does. The prefetched head (gzip members only: a zstd:chunked pass starts at 0) is hashed when prefetch
  * ends, and background fetch continues from that hash rather than downloading the head again.
  */
-function startPrefetch(digest: string, size: number, reader: LayerReader, ctx: LayerContext, log: Logger, signal: AbortSignal): PrefetchRun {
-  if (size <= 0) return { prefetched: Promise.resolve(false), takeHeadHash: () => Promise.resolve(undefined) };
+function startPrefetch(
+  digest: string,
+  plan: { bytes: number; profileChunks: readonly ChunkInfo[] | undefined },
+  reader: LayerReader,
+  ctx: LayerContext,
+  log: Logger,
+  signal: AbortSignal,
+): PrefetchRun {
+  const { bytes: size, profileChunks } = plan;
+  if (size <= 0) return { prefetched: Promise.resolve(false), takeHeadHash: () => Promise.resolve(undefined), takeHeld: () => undefined };
   let head: Buffer | undefined;
-  const keepHead = !ctx.options.noBackgroundFetch && reader.compression === 'gzip';
+  // A profile's chunks are scattered over the blob: no head to hash, background fetch starts at 0.
+  const keepHead = profileChunks === undefined && !ctx.options.noBackgroundFetch && reader.compression === 'gzip';
   const started = Date.now();
-  const prefetched = reader.prefetch(size, signal, keepHead ? (h) => (head = h) : undefined).then(
+  // The background pass reads every byte for the chainID check: it takes a profile's bytes from here.
+  let held = profileChunks !== undefined && !ctx.options.noBackgroundFetch ? new HeldRanges() : undefined;
+  signal.addEventListener('abort', () => held?.clear(), { once: true });
+  const fetching =
+    profileChunks !== undefined
+      ? reader.prefetchChunks(profileChunks, signal, held && ((offset, bytes) => void held?.add(offset, bytes)))
+      : reader.prefetch(size, signal, keepHead ? (h) => (head = h) : undefined);
+  const prefetched = fetching.then(
     () => {
       const elapsedMs = Date.now() - started;
       ctx.metrics.observe('prefetch_total', digest, elapsedMs);
-      log.info({ metrics: 'latency', operation: 'prefetch_total', prefetchBytes: size, elapsedMs }, 'prefetch done');
+      log.info({ metrics: 'latency', operation: 'prefetch_total', prefetchBytes: size, profileChunks: profileChunks?.length, elapsedMs }, 'prefetch done');
       return true;
     },
     (err: unknown) => {
@@ -340,6 +427,11 @@ function startPrefetch(digest: string, size: number, reader: LayerReader, ctx: L
   });
   return {
     prefetched,
+    takeHeld: () => {
+      const taken = held;
+      held = undefined;
+      return taken;
+    },
     takeHeadHash: () => {
       const taken = headHash ?? Promise.resolve(undefined);
       headHash = undefined;

@@ -5,6 +5,7 @@
  */
 import { LRUCache } from 'lru-cache';
 import type { DiskChunkCache } from '../cache/disk-chunk-cache';
+import type { ProfileStore } from '../cache/profile-store';
 import type { TocCache } from '../cache/toc-cache';
 import type { Logger } from '../log';
 import type { FsMetrics } from '../metrics/fs-metrics';
@@ -13,6 +14,7 @@ import type { LayerSourceInfo } from '../source/labels';
 import type { Scheduler } from '../task/scheduler';
 import { Layer, type LayerContext, type LayerSetup, type VerifiedLayer } from './layer';
 import type { LayerOptions } from './layer-options';
+import { loadProfile } from './layer-profile';
 import { readLayerToc, verifiesChunks, type BlobResolver, type LayerToc } from './layer-toc';
 import { PreOpener } from './pre-open';
 import { QuietLink } from './quiet-link';
@@ -28,6 +30,8 @@ export interface LayersOptions {
   diskCache?: DiskChunkCache;
   /** TOCs of mounted layers, so they mount again without the registry. */
   tocCache?: TocCache;
+  /** Prefetch profiles: replayed at mount, recorded while served. */
+  profiles?: ProfileStore;
   /** The xattr opaque directories carry (layer-tree.ts): trusted.overlay.opaque unless overlayfs uses `userxattr`. */
   opaqueXattr?: string;
   log: Logger;
@@ -53,6 +57,7 @@ export class Layers {
       memoryCache: memoryBytes > 0 ? new LRUCache<string, Buffer>({ maxSize: memoryBytes, sizeCalculation: (b) => Math.max(1, b.length) }) : undefined,
       diskCache: deps.diskCache,
       tocCache: deps.tocCache,
+      profiles: deps.profiles,
       opaqueXattr: deps.opaqueXattr,
     };
     this.preOpener = new PreOpener(options.preOpenTtlMs, (ref, digest) => this.openAhead(ref, digest));
@@ -67,7 +72,10 @@ export class Layers {
     this.ctx.quiet.stamp();
     const servedDigests = new Set([...this.served].map((l) => l.digest));
     this.preOpener.openNeighbours(source, (digest) => servedDigests.has(digest), log);
-    const setup: LayerSetup = { labelPrefetchBytes: source.prefetchBytes, verifyChunks: verifiesChunks(source, this.ctx.options) };
+    const { options, profiles } = this.ctx;
+    // Looked up before the layer is set up: a profile takes the place of the landmark in its prefetch.
+    const profile = profiles !== undefined && options.profile.replay && !options.noPrefetch ? await loadProfile(profiles, source, log) : undefined;
+    const setup: LayerSetup = { labelPrefetchBytes: source.prefetchBytes, verifyChunks: verifiesChunks(source, options), profile };
     // A layer opened ahead had no cached TOC then: no need to look (file reads wait for the libuv threads,
     // which a running prefetch keeps busy inflating).
     const early = await this.preOpener.claim(source.ref, source.digest);

@@ -324,6 +324,72 @@ export class LayerReader {
   }
 
   /**
+   * Prefetches exactly `wanted` (a prefetch profile's chunks, in its order), skipping those cached or in
+   * flight. Members that touch or overlap in the blob share one range request, up to the prefetch part size
+   * (no gap is filled: what the registry serves is exactly the members); the requests go in the order of the
+   * first chunk each holds, `concurrency` at a time in the scheduler's request lane, behind containers' reads.
+   * As in prefetch(), every chunk is in flight from the start, so a read of one joins it, and each is inflated
+   * and verified as soon as its request has arrived. Rejects with the first failure after trying them all.
+   *
+   * `onSpan` receives each request's bytes (blob offset, bytes) as they arrive: background fetch hashes them
+   * for the chainID check instead of downloading them again (layer/held-ranges.ts).
+   */
+  async prefetchChunks(wanted: readonly ChunkInfo[], signal?: AbortSignal, onSpan?: (offset: number, bytes: Buffer) => void): Promise<void> {
+    const todo = wanted.filter((c) => !this.has(this.key(c)) && !this.isLocal(c));
+    if (todo.length === 0) return;
+    const spans = memberSpans(todo, this.prefetchParallel.chunkBytes);
+    const arrived = spans.map(() => {
+      let settle!: { resolve: (b: Buffer) => void; reject: (err: unknown) => void };
+      const promise = new Promise<Buffer>((resolve, reject) => (settle = { resolve, reject }));
+      promise.catch(() => undefined); // whoever waits on it sees the failure
+      return { promise, ...settle };
+    });
+    const all = forEachBounded(
+      spans,
+      async (span, i, sig) => {
+        const bytes = await this.fromBlob(this.blob.readRange(span.offset, span.end - span.offset, sig));
+        this.stats.fetchedBytes += bytes.length;
+        onSpan?.(span.offset, bytes);
+        arrived[i]!.resolve(bytes);
+      },
+      { concurrency: this.prefetchParallel.concurrency, signal, shared: { limiter: this.scheduler.fetches, priority: 'prefetch' } },
+    ).catch((err: unknown) => {
+      for (const a of arrived) a.reject(err); // settles only those still pending
+      throw err;
+    });
+    all.catch(() => undefined); // awaited below; each chunk sees its own request's failure
+    const jobs = spans.flatMap((span, i) =>
+      span.chunks.map((c) => {
+        const key = this.key(c);
+        const p = arrived[i]!.promise
+          .then((bytes) => {
+            signal?.throwIfAborted(); // a closed layer's bytes are not worth the CPU; joined readers fetch
+            const member = bytes.subarray(c.compressedOffset - span.offset, c.compressedEnd - span.offset);
+            const priority = this.joinedByRead.has(key) ? 'read' : 'prefetch';
+            return this.scheduler.inflates.run(() => this.decode(c, member), { priority, signal });
+          })
+          .then((chunk) => {
+            this.cache?.set(key, chunk);
+            this.stats.prefetchedChunks++;
+            return chunk;
+          })
+          .finally(() => {
+            this.inflight.delete(key);
+            this.prefetching.delete(key);
+            this.joinedByRead.delete(key);
+          });
+        p.catch(() => undefined); // reported below, and readers that joined fetch on their own
+        this.inflight.set(key, p);
+        this.prefetching.add(key);
+        return p;
+      }),
+    );
+    const failed = (await Promise.allSettled(jobs)).find((r) => r.status === 'rejected');
+    await all;
+    if (failed !== undefined) throw failed.reason;
+  }
+
+  /**
    * Blob bytes [0, end) into one buffer, downloaded in parts of at most splitChunkBytes, `concurrency` in
    * flight, in order. `through(from, to)` settles once every part holding bytes [from, to) has arrived;
    * `all` once all have. The first failure stops the parts not yet asked for, and every waiter sees it.
@@ -579,6 +645,33 @@ export class LayerReader {
       throw new VerificationError(`chunk at compressed offset ${c.compressedOffset} has no chunkDigest to verify`);
     }
   }
+}
+
+/** A range of the blob holding the members of `chunks`. */
+interface MemberSpan {
+  offset: number;
+  end: number;
+  chunks: ChunkInfo[];
+}
+
+/**
+ * `chunks`' members as ranges to request: members that touch or overlap joined while the range stays within
+ * `maxBytes` (a bigger member is a range of its own), in the order of the first of `chunks` each range holds.
+ */
+export function memberSpans(chunks: readonly ChunkInfo[], maxBytes: number): MemberSpan[] {
+  const order = chunks.map((c, i) => ({ c, i })).sort((a, b) => a.c.compressedOffset - b.c.compressedOffset || a.i - b.i);
+  const spans: Array<MemberSpan & { first: number }> = [];
+  for (const { c, i } of order) {
+    const last = spans[spans.length - 1];
+    if (last !== undefined && c.compressedOffset <= last.end && Math.max(last.end, c.compressedEnd) - last.offset <= maxBytes) {
+      last.end = Math.max(last.end, c.compressedEnd);
+      last.chunks.push(c);
+      last.first = Math.min(last.first, i);
+    } else {
+      spans.push({ offset: c.compressedOffset, end: c.compressedEnd, chunks: [c], first: i });
+    }
+  }
+  return spans.sort((a, b) => a.first - b.first).map(({ offset, end, chunks: held }) => ({ offset, end, chunks: held }));
 }
 
 /** Chunks are identified by where they are and what they must hash to, so no two files can alias. */

@@ -2,9 +2,10 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after, before, describe, it } from 'node:test';
-import { type Config, defaultConfig, loadConfig, parseConfig } from '../../../src/config/config';
+import { after, before, describe, it, test } from 'node:test';
+import { type Config, defaultConfig, loadConfig, MAX_PROFILE_CHUNKS, parseConfig } from '../../../src/config/config';
 import { ConfigError } from '../../../src/errors';
+import { MAX_PROFILE_ENTRIES } from '../../../src/profile/profile-format';
 
 type DeepPartial<T> = { [K in keyof T]?: T[K] extends object ? DeepPartial<T[K]> : T[K] };
 
@@ -17,6 +18,7 @@ function merged(over: DeepPartial<Config>): Config {
     cache: { ...d.cache, ...over.cache },
     resolver: { ...d.resolver, ...over.resolver },
     blob: { ...d.blob, ...over.blob },
+    prefetchProfile: { ...d.prefetchProfile, ...over.prefetchProfile },
   } as Config;
 }
 
@@ -46,11 +48,16 @@ describe('config defaults', () => {
         parallelFetchConcurrency: 8,
         parallelFetchChunkBytes: 8388608,
       },
+      prefetchProfile: { record: true, replay: true, quietMs: 3000, maxWindowSec: 60, maxChunks: 16384 },
       fuseManager: { enable: true },
       criKeychain: { enableKeychain: false, imageServicePath: '/run/containerd/containerd.sock', listenPath: '' },
       kubeconfigKeychain: { enableKeychain: false, kubeconfigPath: '' },
     });
   });
+});
+
+test('[prefetch_profile] max_chunks is capped at what a profile file may hold', () => {
+  assert.equal(MAX_PROFILE_CHUNKS, MAX_PROFILE_ENTRIES);
 });
 
 describe('parseConfig: good configs', () => {
@@ -101,6 +108,12 @@ fetching_timeout_sec = 60
     ],
     ['memory_max_bytes = 0 turns the memory tier off (not the default)', '[cache]\nmemory_max_bytes = 0\n', { cache: { memoryMaxBytes: 0 } }, []],
     ['background_fetch_quiet_msec', 'background_fetch_quiet_msec = 1500\n', { backgroundFetchQuietMs: 1500 }, []],
+    [
+      '[prefetch_profile] keys; 0 means the default',
+      '[prefetch_profile]\nrecord = false\nreplay = false\nquiet_msec = 500\nmax_window_sec = 0\nmax_chunks = 100\n',
+      { prefetchProfile: { record: false, replay: false, quietMs: 500, maxWindowSec: 60, maxChunks: 100 } },
+      [],
+    ],
     ['background_fetch_quiet_msec = 0 waits only while reads fetch (not the default)', 'background_fetch_quiet_msec = 0\n', { backgroundFetchQuietMs: 0 }, []],
     ['negative request timeout means none', '[resolver]\nrequest_timeout_sec = -1\n', { resolver: { requestTimeoutSec: -1 } }, []],
     [
@@ -198,6 +211,8 @@ describe('parseConfig: bad configs', () => {
     ['int for string', 'metrics_address = 8080', /metrics_address must be a string, got an integer/],
     ['wrong type for ignored key', '[blob]\ncheck_always = "yes"', /blob\.check_always must be a boolean/],
     ['wrong type for chunk_size', '[blob]\nchunk_size = "big"', /blob\.chunk_size must be an integer/],
+    ['prefetch_profile.max_chunks past what a profile holds', '[prefetch_profile]\nmax_chunks = 65537', /prefetch_profile\.max_chunks must be at most 65536/],
+    ['negative prefetch_profile.quiet_msec', '[prefetch_profile]\nquiet_msec = -1', /prefetch_profile\.quiet_msec must not be negative/],
     ['table as value', 'fuse = 3', /fuse must be a table/],
     ['negative size', 'prefetch_size = -1', /prefetch_size must not be negative/],
     ['negative timeout', '[fuse]\nentry_timeout = -5', /fuse\.entry_timeout must not be negative/],

@@ -1,0 +1,80 @@
+/**
+ * Blob bytes a profile's prefetch downloaded, held for the background pass. That pass reads the whole blob front
+ * to back because the chainID check hashes every byte of it; without these it would download the profiled
+ * members a second time. It asks read() for its windows, which copies what is held and fetches only the gaps
+ * (in one multi-range request where the registry allows), and lets go of what lies behind the window.
+ *
+ * Bounded (`maxBytes`): past the bound, spans are not held and the pass downloads them again, as it does for a
+ * layer whose prefetch failed. The bytes were checked chunk by chunk when prefetched; the pass hashes them anyway.
+ */
+import type { ByteRange } from '../remote/blob-source';
+
+/** Compressed bytes held per layer at most: a profile's members beyond that are downloaded again in the background. */
+export const HELD_PROFILE_BYTES = 64 * 1024 * 1024;
+
+interface Held {
+  offset: number;
+  bytes: Buffer;
+}
+
+export class HeldRanges {
+  /** Sorted by offset, disjoint. */
+  private spans: Held[] = [];
+  private heldBytes = 0;
+
+  constructor(private readonly maxBytes = HELD_PROFILE_BYTES) {}
+
+  get bytes(): number {
+    return this.heldBytes;
+  }
+
+  /** Holds blob bytes [offset, offset + bytes.length); false when that would pass the bound or overlap a held span. */
+  add(offset: number, bytes: Buffer): boolean {
+    const end = offset + bytes.length;
+    if (bytes.length === 0 || this.heldBytes + bytes.length > this.maxBytes) return false;
+    if (this.spans.some((s) => s.offset < end && offset < s.offset + s.bytes.length)) return false;
+    this.spans.push({ offset, bytes });
+    this.spans.sort((a, b) => a.offset - b.offset);
+    this.heldBytes += bytes.length;
+    return true;
+  }
+
+  /**
+   * Blob bytes [offset, offset + length): held parts copied, the gaps from `fetch` (all of them in one call).
+   * Held spans that end by the end of the range are let go: the pass never reads behind itself.
+   */
+  async read(offset: number, length: number, fetch: (gaps: readonly ByteRange[]) => Promise<Buffer[]>): Promise<Buffer> {
+    const end = offset + length;
+    const inside = this.spans.filter((s) => s.offset < end && offset < s.offset + s.bytes.length);
+    if (inside.length === 0) return (await fetch([{ offset, length }]))[0]!;
+    const gaps: ByteRange[] = [];
+    let at = offset;
+    for (const s of inside) {
+      if (s.offset > at) gaps.push({ offset: at, length: s.offset - at });
+      at = Math.max(at, s.offset + s.bytes.length);
+    }
+    if (at < end) gaps.push({ offset: at, length: end - at });
+    const fetched = gaps.length > 0 ? await fetch(gaps) : [];
+    const out = Buffer.allocUnsafe(length);
+    for (const s of inside) {
+      const from = Math.max(offset, s.offset);
+      const to = Math.min(end, s.offset + s.bytes.length);
+      s.bytes.copy(out, from - offset, from - s.offset, to - s.offset);
+    }
+    gaps.forEach((g, i) => fetched[i]!.copy(out, g.offset - offset, 0, g.length));
+    this.release(end);
+    return out;
+  }
+
+  /** Lets go of everything (the layer closed, or the pass is over). */
+  clear(): void {
+    this.spans = [];
+    this.heldBytes = 0;
+  }
+
+  private release(upTo: number): void {
+    const kept = this.spans.filter((s) => s.offset + s.bytes.length > upTo);
+    for (const s of this.spans) if (!kept.includes(s)) this.heldBytes -= s.bytes.length;
+    this.spans = kept;
+  }
+}
