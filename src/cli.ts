@@ -14,6 +14,7 @@ const SUBCOMMANDS: Record<string, Subcommand> = {
   daemon: { summary: 'serve containerd snapshots with lazily pulled eStargz layers', load: () => import('./cmd/daemon') },
   convert: { summary: 'convert an image to eStargz (registry or oci:DIR)', load: () => import('./cmd/convert') },
   'fuse-server': { summary: '(started by the daemon) serve layer mounts across daemon restarts', load: () => import('./cmd/fuse-server') },
+  profile: { summary: 'list, show, export and import the prefetch profiles under a daemon root', load: () => import('./cmd/profile') },
   rpull: { summary: 'pull an image into containerd for lazy pulling', load: () => import('./cmd/rpull') },
   'toc-digest': { summary: 'print the TOC digest of an eStargz or zstd:chunked layer blob', load: () => import('./cmd/toc-digest') },
 };

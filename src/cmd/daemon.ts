@@ -19,9 +19,9 @@ import { CRI_KEYCHAIN_DIR, openCriKeychain, openKeychains, type KeychainPaths } 
 import { kubeconfigPath } from '../remote/kubeconfig-keychain';
 import { notifySystemdReady } from './sd-notify';
 import { openLayerService } from './wiring';
+import { DEFAULT_ROOT } from './default-root';
 
 export const DEFAULT_ADDRESS = '/run/stargaze/stargaze.sock';
-export const DEFAULT_ROOT = '/var/lib/stargaze';
 export const DEFAULT_CONFIG = '/etc/stargaze/config.toml';
 export const DEFAULT_HOSTS_DIR = '/etc/containerd/certs.d';
 /** The pull socket's name beside the snapshotter's socket: `stargaze rpull`'s default is the default daemon's. */
