@@ -8,7 +8,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import pino from 'pino';
-import { InvalidArgumentError, UsageError, errorCode, errorMessage } from '../errors';
+import { InvalidArgumentError, ProfileError, UsageError, errorCode, errorMessage } from '../errors';
+import { parseProfile, profileFiles } from '../profile/profile-format';
 import { convertImage, parsePrioritizedFiles } from '../image/converter';
 import { OciLayout, parseOciLayoutRef } from '../image/oci-layout';
 import { parsePlatform, type PlatformSpec } from '../image/platform';
@@ -44,6 +45,8 @@ has are not uploaded again; the manifest is written last.
                              zstd level 1-${MAX_ZSTD_COMPRESSION_LEVEL} (default ${DEFAULT_ZSTD_COMPRESSION_LEVEL})
   --prioritized-files FILE   paths to put first in each layer, one per line (or optimize's JSON records);
                              without it every layer gets .no.prefetch.landmark
+  --prefetch-profile FILE    a prefetch profile ('stargaze profile export'): its files are prioritized too,
+                             in the order a container read them, after --prioritized-files (repeatable)
   --zstd-chunked             write zstd:chunked layers (media type tar+zstd) instead of eStargz (gzip)
   --quiet, -q                print nothing but errors
   --help, -h                 this text
@@ -62,6 +65,8 @@ interface ConvertArgs {
   compressionLevel: number;
   zstdChunked: boolean;
   prioritizedFiles: string | undefined;
+  /** `--prefetch-profile` files, in the order given. */
+  prefetchProfiles: string[];
   quiet: boolean;
 }
 
@@ -80,6 +85,7 @@ export function parseConvertArgs(argv: string[]): ConvertArgs | 'help' {
         'chunk-size': { type: 'string' },
         'compression-level': { type: 'string' },
         'prioritized-files': { type: 'string' },
+        'prefetch-profile': { type: 'string', multiple: true },
         'zstd-chunked': { type: 'boolean', default: false },
         quiet: { type: 'boolean', short: 'q', default: false },
         help: { type: 'boolean', short: 'h', default: false },
@@ -121,6 +127,7 @@ export function parseConvertArgs(argv: string[]): ConvertArgs | 'help' {
         ? DEFAULT_COMPRESSION_LEVEL
         : parseIntFlag(v['compression-level'], '--compression-level', 0, 9),
     prioritizedFiles: v['prioritized-files'],
+    prefetchProfiles: v['prefetch-profile'] ?? [],
     quiet: v.quiet,
   };
 }
@@ -172,6 +179,17 @@ export async function main(argv: string[]): Promise<number> {
       throw new UsageError(`--prioritized-files: cannot read ${args.prioritizedFiles}: ${errorCode(err) ?? 'read error'}`);
     }
     prioritized = parsePrioritizedFiles(text);
+  }
+  if (args.prefetchProfiles.length > 0) {
+    const profiles = [];
+    for (const file of args.prefetchProfiles) {
+      try {
+        profiles.push(parseProfile(await readFile(file)));
+      } catch (err) {
+        throw new UsageError(`--prefetch-profile: ${file}: ${err instanceof ProfileError ? errorMessage(err) : (errorCode(err) ?? errorMessage(err))}`);
+      }
+    }
+    for (const f of profileFiles(profiles)) if (!prioritized.includes(f)) prioritized.push(f);
   }
 
   const logger = stderrLogger();

@@ -72,6 +72,16 @@ export function mergeEntries(before: readonly ProfileEntry[], added: readonly Pr
   return out;
 }
 
+/**
+ * The files `profiles` name, as a prioritized-files list (`stargaze convert --prefetch-profile`): absolute
+ * paths, each once, in the profiles' first-read order (the first profile's files first).
+ */
+export function profileFiles(profiles: readonly PrefetchProfile[]): string[] {
+  const seen = new Set<string>();
+  for (const p of profiles) for (const e of p.entries) seen.add(`/${e.name}`);
+  return [...seen];
+}
+
 export function serializeProfile(profile: PrefetchProfile): Buffer {
   const { version, layer, tocDigest, chainId, layers, entries } = profile;
   // One entry per line: `stargaze profile show` and a diff of two profiles stay readable.
