@@ -280,7 +280,7 @@ export class VerifiedLayer {
    * recorded for the layer's prefetch profile while its start window is open. On the read path: cheap, no I/O.
    */
   recordRead(path: string, node: LayerNode, position: number, length: number): void {
-    this.recorder?.record(path.slice(1), node.chunks, position, length);
+    this.recorder?.record(path, node.chunks, position, length);
   }
 
   /** Starts recording the start window, when `[prefetch_profile] record` is on and there is a store. */
@@ -300,11 +300,14 @@ export class VerifiedLayer {
   private async queueBackgroundFetch(target: ServeTarget): Promise<void> {
     const { ctx, stop } = this.parts;
     const { log } = this;
+    const held = this.run.takeHeld();
     // A layer copied to local disk was fetched and checked before; its copy serves new containers.
-    if (await hasLocalCopy(target.mountpoint).catch(() => false)) return log.info('layer has a local copy: no background fetch');
+    if (await hasLocalCopy(target.mountpoint).catch(() => false)) {
+      held?.clear();
+      return log.info('layer has a local copy: no background fetch');
+    }
     // At most `max_concurrency` layers at once; a layer closed while it waits leaves the queue.
     const resume = this.run.takeHeadHash();
-    const held = this.run.takeHeld();
     await ctx.scheduler.backgroundLayers
       .run(() => this.fetchInBackground(target, resume, held), { priority: 'background', signal: stop.signal })
       .catch(() => undefined)

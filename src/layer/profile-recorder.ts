@@ -40,8 +40,11 @@ export class ProfileRecorder {
     return this.state === 'closed';
   }
 
-  /** A container read bytes [position, position + length) of the regular file `name` (its TOC name). */
-  record(name: string, chunks: readonly ChunkInfo[], position: number, length: number): void {
+  /**
+   * A container read bytes [position, position + length) of the regular file at `fusePath` (`/` and its TOC
+   * name: the name is cut out only for a chunk not seen before).
+   */
+  record(fusePath: string, chunks: readonly ChunkInfo[], position: number, length: number): void {
     if (this.state === 'closed' || chunks.length === 0 || length <= 0) return;
     const now = performance.now();
     if (this.state === 'waiting') {
@@ -51,10 +54,12 @@ export class ProfileRecorder {
     }
     this.lastReadMs = now;
     const end = position + length;
+    let name: string | undefined;
     for (let i = chunkIndexAt(chunks, position); i < chunks.length && chunks[i]!.fileOffset < end; i++) {
       const c = chunks[i]!;
       if (this.seen.has(c)) continue;
       this.seen.add(c);
+      name ??= fusePath.startsWith('/') ? fusePath.slice(1) : fusePath;
       this.entries.push({ name, offset: c.fileOffset });
       if (this.entries.length >= this.options.maxChunks) return this.close();
     }
