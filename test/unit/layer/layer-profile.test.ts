@@ -181,4 +181,7 @@ test('after a profile prefetch, background fetch downloads none of its members a
   }
   await layer.close();
   await layers.close();
+  // Prefetch and background fetch read every chunk, but not through the mount: nothing was recorded.
+  assert.deepEqual((await store.load(profileKeyOf(sourceOf(l))))?.entries, entries);
+  assert.ok(!lines.some((e) => e.msg === 'prefetch profile recorded'));
 });
