@@ -129,6 +129,19 @@ export class MetadataStore {
     return new MetadataStore(db, file);
   }
 
+  /**
+   * Makes every id handed out from now on greater than `id`. AUTOINCREMENT never reuses an id of this
+   * database, but a wiped metadata.db starts again at 1 while directories named by the old ids may remain
+   * (a live mount rm -r stopped at): a new snapshot must not be renamed onto one of them.
+   */
+  reserveIdsThrough(id: number): void {
+    this.conn.transaction(() => {
+      const row = this.conn.prepare(`SELECT seq FROM sqlite_sequence WHERE name = 'snapshots'`).get() as { seq: bigint } | undefined;
+      if (row === undefined) this.conn.prepare(`INSERT INTO sqlite_sequence (name, seq) VALUES ('snapshots', ?)`).run(BigInt(id));
+      else if (row.seq < BigInt(id)) this.conn.prepare(`UPDATE sqlite_sequence SET seq = ? WHERE name = 'snapshots'`).run(BigInt(id));
+    })();
+  }
+
   private static migrate(db: Database.Database): void {
     const version = Number(db.pragma('user_version', { simple: true }));
     if (version > SCHEMA_VERSION) {

@@ -139,6 +139,10 @@ export class Snapshotter {
     // Inside a user namespace overlayfs needs `userxattr` (containerd overlayutils.NeedsUserXAttr).
     if (await inUserNamespace()) overlayOptions.push('userxattr');
     const store = MetadataStore.open(root, { durability: options.durability });
+    // Directories of an earlier metadata.db (a wiped root around live mounts): new ids pass them by. They
+    // stay for Cleanup, which never walks into a mount.
+    const ids = (await fsp.readdir(path.join(root, SNAPSHOTS_DIR))).filter((name) => /^[0-9]+$/.test(name)).map(Number);
+    if (ids.length > 0) store.reserveIdsThrough(ids.reduce((a, b) => Math.max(a, b)));
     return new Snapshotter(root, store, overlayOptions, options);
   }
 

@@ -255,6 +255,19 @@ describe('Snapshotter mounts and directories (overlay.go semantics)', () => {
     await sn.prepare('gone', ''); // the key is reusable
   });
 
+  it('with its metadata wiped, new snapshots pass the directories left behind by, and never touch them', async () => {
+    // A wiped root whose old layer mounts rm -r stopped at: their directories stay, metadata.db goes.
+    const [left] = await sn.prepare('left', '');
+    fs.writeFileSync(path.join(left!.source, 'kept'), 'data');
+    await sn.close();
+    for (const f of fs.readdirSync(root)) if (f.startsWith('metadata.db')) fs.rmSync(path.join(root, f));
+    sn = await openSnapshotter();
+    const [fresh] = await sn.prepare('fresh', '');
+    assert.notEqual(idOf(fresh!.source), idOf(left!.source));
+    assert.ok(Number(idOf(fresh!.source)) > Number(idOf(left!.source)), 'ids go on past the leftover directory');
+    assert.equal(fs.readFileSync(path.join(left!.source, 'kept'), 'utf8'), 'data', 'the leftover directory is untouched');
+  });
+
   it('cleanup never deletes through a live mount', { skip: !IS_ROOT && 'needs root to mount' }, async () => {
     const [m] = await sn.prepare('x', '');
     await sn.remove('x');
