@@ -1,25 +1,25 @@
 /**
- * `stargaze daemon`: load the config, restore remote snapshots, then serve containerd's Snapshots service
- * on a unix socket. The socket is served only once restored layers are mounted again, so containerd never
- * sees a snapshot whose directory is empty.
+ * `stargaze daemon`: load the config, listen on containerd's unix socket, restore remote snapshots, then
+ * answer containerd's Snapshots calls. Calls that come before the restored layers are mounted again wait
+ * for them (bounded), so containerd never sees a snapshot whose directory is empty, and its first dial
+ * after a restart finds the socket.
  */
 import { parseArgs } from 'node:util';
 import path from 'node:path';
 import { mkdir } from 'node:fs/promises';
 import { loadConfig, type Config } from '../config/config';
-import { FuseServerClient } from '../fs/fuse-server-client';
 import type { RemoteFileSystem } from '../fs/remote-file-system';
 import { errorMessage, UsageError } from '../errors';
 import { log, setLogLevel } from '../log';
-import { Snapshotter } from '../snapshot/snapshotter';
+import type { Snapshotter } from '../snapshot/snapshotter';
 import { startSnapshotServer } from '../service/snapshots-service';
-import { startPullServer, type PullServer } from '../service/pull-service';
-import { createCriImageProxy, startCriImageProxy, type CriImageProxy, type CriImageProxyServer } from '../service/cri-image-proxy';
-import { CRI_KEYCHAIN_DIR, openCriKeychain, openKeychains, type KeychainPaths } from '../remote/keychains';
-import { kubeconfigPath } from '../remote/kubeconfig-keychain';
+import type { PullServer } from '../service/pull-service';
+import type { CriImageProxy, CriImageProxyServer } from '../service/cri-image-proxy';
+import type { KeychainPaths } from '../remote/keychains';
 import { notifySystemdReady } from './sd-notify';
-import { openLayerService } from './wiring';
 import { DEFAULT_ROOT } from './default-root';
+// The rest is imported where it is first used, after the socket listens: loading it all first took most of
+// a second here (the layer stack, SQLite, the keychains), past containerd's first redial of the socket.
 
 export const DEFAULT_ADDRESS = '/run/stargaze/stargaze.sock';
 export const DEFAULT_CONFIG = '/etc/stargaze/config.toml';
@@ -75,40 +75,67 @@ export async function main(argv: string[]): Promise<number> {
   const configPath = values.config ?? DEFAULT_CONFIG;
   // [cri_keychain] and [kubeconfig_keychain]: used by the process resolving blobs (after docker's config.json).
   const keychains: KeychainPaths = {
-    criKeychainDir: config.criKeychain.enableKeychain ? path.join(root, CRI_KEYCHAIN_DIR) : undefined,
-    kubeconfigPath: config.kubeconfigKeychain.enableKeychain ? path.resolve(kubeconfigPath(config.kubeconfigKeychain.kubeconfigPath)) : undefined,
+    criKeychainDir: config.criKeychain.enableKeychain ? path.join(root, (await import('../remote/keychains')).CRI_KEYCHAIN_DIR) : undefined,
+    kubeconfigPath: config.kubeconfigKeychain.enableKeychain
+      ? path.resolve((await import('../remote/kubeconfig-keychain')).kubeconfigPath(config.kubeconfigKeychain.kubeconfigPath))
+      : undefined,
   };
-  const filesystem = await openFileSystem(config, {
-    root,
-    hostsDir: values['hosts-dir'],
-    configPath,
-    configExplicit: values.config !== undefined,
-    logLevel: level,
-    keychains,
-  });
-  const snapshotter = await Snapshotter.open({
-    root: path.join(root, 'snapshotter'),
-    fs: filesystem,
-    log: log.child({ module: 'snapshot' }),
-    useLocalCopies: config.copyFetchedLayers,
-  });
-  await snapshotter.restore();
   // The CRI image-service proxy: on the daemon's own socket by default (as the reference), else on its own.
+  // Its keychain is a small file: read before listening, as the proxy is a service of the socket.
   const criListenPath = config.criKeychain.listenPath === '' ? address : path.resolve(config.criKeychain.listenPath);
   let criProxy: CriImageProxy | undefined;
   let criProxyServer: CriImageProxyServer | undefined;
-  if (keychains.criKeychainDir !== undefined) {
-    const criLog = log.child({ module: 'cri-keychain' });
-    const keychain = await openCriKeychain(keychains.criKeychainDir, criLog);
-    const proxyOptions = { imageServicePath: config.criKeychain.imageServicePath, keychain, log: criLog };
-    if (criListenPath === address) criProxy = createCriImageProxy(proxyOptions);
-    else criProxyServer = await startCriImageProxy({ ...proxyOptions, listenPath: criListenPath });
-    criLog.info({ listen: criListenPath, imageService: config.criKeychain.imageServicePath }, 'serving the CRI image service proxy');
+  const criLog = log.child({ module: 'cri-keychain' });
+  const cri = keychains.criKeychainDir === undefined ? undefined : await import('../service/cri-image-proxy');
+  const criKeychain = keychains.criKeychainDir === undefined ? undefined : await (await import('../remote/keychains')).openCriKeychain(keychains.criKeychainDir, criLog);
+  const proxyOptions = criKeychain && { imageServicePath: config.criKeychain.imageServicePath, keychain: criKeychain, log: criLog };
+  if (cri && proxyOptions && criListenPath === address) criProxy = cri.createCriImageProxy(proxyOptions);
+
+  // Listen first, answer once restored: containerd redials a missing socket for about a second after the
+  // daemon went away, then backs off for up to 3 s failing every call; starting the FUSE server and mounting
+  // restored layers takes longer than that second. Calls that come meanwhile wait for `started`.
+  let markStarted!: (snapshotter: Snapshotter) => void;
+  let markFailed!: (err: unknown) => void;
+  const started = new Promise<Snapshotter>((resolve, reject) => {
+    markStarted = resolve;
+    markFailed = reject;
+  });
+  const server = await startSnapshotServer({ snapshotter: started, address, extraServices: criProxy ? [criProxy] : [] });
+  log.info({ address, sinceStartMs: Math.round(process.uptime() * 1000) }, 'listening for containerd; calls wait until restored');
+  let filesystem: FileSystem | undefined;
+  let snapshotter: Snapshotter;
+  try {
+    filesystem = await openFileSystem(config, {
+      root,
+      hostsDir: values['hosts-dir'],
+      configPath,
+      configExplicit: values.config !== undefined,
+      logLevel: level,
+      keychains,
+    });
+    const { Snapshotter } = await import('../snapshot/snapshotter');
+    snapshotter = await Snapshotter.open({
+      root: path.join(root, 'snapshotter'),
+      fs: filesystem,
+      log: log.child({ module: 'snapshot' }),
+      useLocalCopies: config.copyFetchedLayers,
+    });
+    await snapshotter.restore();
+    if (cri && proxyOptions && criListenPath !== address) criProxyServer = await cri.startCriImageProxy({ ...proxyOptions, listenPath: criListenPath });
+  } catch (err) {
+    // The calls waiting answer with the reason; then the socket goes, so containerd sees no half-started daemon.
+    markFailed(err);
+    await server.close();
+    criProxy?.close();
+    await filesystem?.close();
+    throw err;
   }
-  const server = await startSnapshotServer({ snapshotter, address, extraServices: criProxy ? [criProxy] : [] });
-  log.info({ address, root }, 'serving containerd snapshots');
+  if (proxyOptions) criLog.info({ listen: criListenPath, imageService: config.criKeychain.imageServicePath }, 'serving the CRI image service proxy');
+  markStarted(snapshotter);
+  log.info({ address, root, sinceStartMs: Math.round(process.uptime() * 1000) }, 'serving containerd snapshots');
   const pullAddress = values['pull-address'] ?? path.join(path.dirname(address), PULL_ADDRESS_FILE);
   const pullServer = pullAddress === '' ? undefined : await servePulls(pullAddress);
+  // READY=1 only now: the snapshots are restored and every call is answered at once.
   await notifySystemdReady(log);
 
   await new Promise<void>((resolve) => {
@@ -139,6 +166,7 @@ export async function main(argv: string[]): Promise<number> {
 async function servePulls(address: string): Promise<PullServer | undefined> {
   const pullLog = log.child({ module: 'pull' });
   try {
+    const { startPullServer } = await import('../service/pull-service');
     return await startPullServer({ address: path.resolve(address), log: pullLog });
   } catch (err) {
     pullLog.warn({ socket: address, err: errorMessage(err) }, 'not serving pulls for stargaze rpull: it pulls in its own process');
@@ -159,8 +187,12 @@ interface FileSystemSetup {
  * The layer mounts live in a separate FUSE server process by default ([fuse_manager] enable), so a daemon
  * restart leaves running containers' files served; with it off, the daemon serves them itself.
  */
-async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<RemoteFileSystem & { close(): Promise<void> }> {
+type FileSystem = RemoteFileSystem & { close(): Promise<void> };
+
+async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<FileSystem> {
   if (!config.fuseManager.enable) {
+    const { openKeychains } = await import('../remote/keychains');
+    const { openLayerService } = await import('./wiring');
     const keychains = await openKeychains(setup.keychains, log);
     const service = await openLayerService({
       config,
@@ -185,6 +217,7 @@ async function openFileSystem(config: Config, setup: FileSystemSetup): Promise<R
   await mkdir(dir, { recursive: true, mode: 0o700 });
   const socketPath = path.join(dir, 'fuse-server.sock');
   const logFile = path.join(dir, 'fuse-server.log');
+  const { FuseServerClient } = await import('../fs/fuse-server-client');
   const client = new FuseServerClient({
     socketPath,
     // Its stdout and stderr: what it prints before its logger exists, and a crash's stack trace. Kept apart

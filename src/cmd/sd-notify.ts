@@ -1,6 +1,7 @@
 /**
- * Readiness for systemd's `Type=notify` (script/systemd/stargaze.service): once the socket is served,
- * tell the service manager `READY=1`. Node cannot write to the unix datagram socket in
+ * Readiness for systemd's `Type=notify` (script/systemd/stargaze.service): once the daemon answers calls
+ * (its socket listens earlier, while the previous run's snapshots are mounted again), tell the service
+ * manager `READY=1`. Node cannot write to the unix datagram socket in
  * `$NOTIFY_SOCKET` itself, so this runs `systemd-notify --ready --pid=<our pid>`: the message names us
  * as the main PID, and systemd-notify waits until the manager has read it. Outside systemd
  * (no NOTIFY_SOCKET: a shell, a container, the tests) this does nothing.

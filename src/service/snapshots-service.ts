@@ -9,7 +9,7 @@ import net from 'node:net';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { loadProtoSet } from '../grpc/protos';
-import { errorCode, InvalidArgumentError } from '../errors';
+import { errorCode, errorMessage, InvalidArgumentError, UnavailableError } from '../errors';
 import { log as rootLog, type Logger } from '../log';
 import type { Snapshotter } from '../snapshot/snapshotter';
 import type { Mount, SnapshotInfo, SnapshotKind, TimestampNs } from '../snapshot/snapshot-info';
@@ -21,6 +21,11 @@ export const LIST_BATCH_SIZE = 100;
 export const MAX_LABEL_BYTES = 4096;
 /** How long close() lets in-flight calls finish before cutting them off. */
 const SHUTDOWN_GRACE_MS = 5000;
+/**
+ * How long a call that comes before the daemon serves (restored snapshots mounted again) waits for it. The
+ * daemon listens first, so containerd's first dial after a restart connects at once; its calls wait here.
+ */
+const STARTUP_WAIT_MS = 60_000;
 /** How long a connect probe of an existing socket may take before we call it live. */
 const LIVE_SOCKET_PROBE_MS = 1000;
 const SOCKET_MODE = 0o600;
@@ -129,7 +134,7 @@ function validateLabels(labels: Record<string, string> | undefined): Record<stri
 
 /** Loads the Snapshots service definition from our protos (google/protobuf types come with protobufjs). */
 export function loadSnapshotsService(): grpc.ServiceDefinition {
-  const definition = loadProtoSet('containerd', {
+  const definition = loadProtoSet('snapshots', {
     longs: String, // int64 sizes and timestamp seconds without precision loss
     enums: String,
     defaults: true,
@@ -161,36 +166,64 @@ function unary<Req, Res>(
   };
 }
 
-/** Builds the ten handlers over a Snapshotter. */
-export function createSnapshotsHandlers(snapshotter: Snapshotter, logger: Logger = rootLog.child({ module: 'service' })): grpc.UntypedServiceImplementation {
+/** A Snapshotter, or one still starting: calls wait for it (STARTUP_WAIT_MS at most). */
+export type SnapshotterSource = Snapshotter | Promise<Snapshotter>;
+
+/** The snapshotter a call runs on; UnavailableError when it is not there within STARTUP_WAIT_MS or failed to start. */
+function whenStarted(source: Promise<Snapshotter>): Promise<Snapshotter> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_resolve, reject) => {
+    timer = setTimeout(() => reject(new UnavailableError(`stargaze is still starting after ${STARTUP_WAIT_MS / 1000} s`)), STARTUP_WAIT_MS);
+  });
+  const started = source.catch((err: unknown) => {
+    throw new UnavailableError(`stargaze did not start: ${errorMessage(err)}`, { cause: err });
+  });
+  return Promise.race([started, timeout]).finally(() => clearTimeout(timer));
+}
+
+/** The handlers' way to their snapshotter: at once when started, else through whenStarted. */
+function startedSnapshotter(source: SnapshotterSource): () => Snapshotter | Promise<Snapshotter> {
+  if (!(source instanceof Promise)) return () => source;
+  // Once started, no call pays for the race and its timer again.
+  let started: Snapshotter | undefined;
+  source.then(
+    (s) => (started = s),
+    () => undefined, // each waiting call answers with the failure
+  );
+  return () => started ?? whenStarted(source);
+}
+
+/** Builds the ten handlers over a Snapshotter (or one still starting: see SnapshotterSource). */
+export function createSnapshotsHandlers(source: SnapshotterSource, logger: Logger = rootLog.child({ module: 'service' })): grpc.UntypedServiceImplementation {
   const empty: Empty = {};
+  const snapshotter = startedSnapshotter(source);
   return {
     Prepare: unary<CreateRequest, { mounts: WireMount[] }>(logger, 'Prepare', async (req) => {
-      const mounts = await snapshotter.prepare(requireField('key', req.key), req.parent ?? '', validateLabels(req.labels));
+      const mounts = await (await snapshotter()).prepare(requireField('key', req.key), req.parent ?? '', validateLabels(req.labels));
       return { mounts: toWireMounts(mounts) };
     }),
     View: unary<CreateRequest, { mounts: WireMount[] }>(logger, 'View', async (req) => {
-      const mounts = await snapshotter.view(requireField('key', req.key), req.parent ?? '', validateLabels(req.labels));
+      const mounts = await (await snapshotter()).view(requireField('key', req.key), req.parent ?? '', validateLabels(req.labels));
       return { mounts: toWireMounts(mounts) };
     }),
     Mounts: unary<KeyRequest, { mounts: WireMount[] }>(logger, 'Mounts', async (req) => {
-      return { mounts: toWireMounts(await snapshotter.mounts(requireField('key', req.key))) };
+      return { mounts: toWireMounts(await (await snapshotter()).mounts(requireField('key', req.key))) };
     }),
     Commit: unary<CommitRequest, Empty>(logger, 'Commit', async (req) => {
-      await snapshotter.commit(requireField('name', req.name), requireField('key', req.key), validateLabels(req.labels));
+      await (await snapshotter()).commit(requireField('name', req.name), requireField('key', req.key), validateLabels(req.labels));
       return empty;
     }),
     Remove: unary<KeyRequest, Empty>(logger, 'Remove', async (req) => {
-      await snapshotter.remove(requireField('key', req.key));
+      await (await snapshotter()).remove(requireField('key', req.key));
       return empty;
     }),
     Stat: unary<KeyRequest, { info: WireInfo }>(logger, 'Stat', async (req) => {
-      return { info: toWireInfo(await snapshotter.stat(requireField('key', req.key))) };
+      return { info: toWireInfo(await (await snapshotter()).stat(requireField('key', req.key))) };
     }),
     Update: unary<UpdateRequest, { info: WireInfo }>(logger, 'Update', async (req) => {
       if (req.info === null || req.info === undefined) throw new InvalidArgumentError('info must be set');
       const name = requireField('info.name', req.info.name);
-      const updated = await snapshotter.update(
+      const updated = await (await snapshotter()).update(
         { name, labels: validateLabels(req.info.labels) },
         req.update_mask?.paths ?? [],
       );
@@ -200,11 +233,11 @@ export function createSnapshotsHandlers(snapshotter: Snapshotter, logger: Logger
       void streamList(snapshotter, call, logger);
     }) as grpc.handleServerStreamingCall<ListRequest, { info: WireInfo[] }>,
     Usage: unary<KeyRequest, { size: string; inodes: string }>(logger, 'Usage', async (req) => {
-      const usage = await snapshotter.usage(requireField('key', req.key));
+      const usage = await (await snapshotter()).usage(requireField('key', req.key));
       return { size: String(usage.size), inodes: String(usage.inodes) };
     }),
     Cleanup: unary<{ snapshotter: string }, Empty>(logger, 'Cleanup', async () => {
-      await snapshotter.cleanup();
+      await (await snapshotter()).cleanup();
       return empty;
     }),
   };
@@ -212,7 +245,7 @@ export function createSnapshotsHandlers(snapshotter: Snapshotter, logger: Logger
 
 /** Streams the walk in batches of LIST_BATCH_SIZE, honouring backpressure and client cancellation. */
 async function streamList(
-  snapshotter: Snapshotter,
+  snapshotter: () => Snapshotter | Promise<Snapshotter>,
   call: grpc.ServerWritableStream<ListRequest, { info: WireInfo[] }>,
   logger: Logger,
 ): Promise<void> {
@@ -231,7 +264,7 @@ async function streamList(
   };
   try {
     let batch: WireInfo[] = [];
-    for await (const info of snapshotter.walk(call.request.filters ?? [])) {
+    for await (const info of (await snapshotter()).walk(call.request.filters ?? [])) {
       if (call.cancelled) return;
       batch.push(toWireInfo(info));
       if (batch.length >= LIST_BATCH_SIZE) {
@@ -288,15 +321,20 @@ export async function removeStaleSocket(address: string, options: { probe: boole
   await fsp.unlink(address);
 }
 
-/** Serves the Snapshots service for `snapshotter` on the unix socket `address` (mode 0600). */
+/**
+ * Serves the Snapshots service for `snapshotter` on the unix socket `address` (mode 0600). Given a promise,
+ * it listens at once and calls wait for the snapshotter (see STARTUP_WAIT_MS).
+ */
 export async function startSnapshotServer(options: {
-  snapshotter: Snapshotter;
+  snapshotter: SnapshotterSource;
   address: string;
   log?: Logger;
   /** More services on the same socket (the CRI image-service proxy when its listen_path is this socket). */
   extraServices?: { definition: grpc.ServiceDefinition; handlers: grpc.UntypedServiceImplementation }[];
 }): Promise<SnapshotServer> {
   const logger = options.log ?? rootLog.child({ module: 'service' });
+  // A start that fails while the socket is being set up is answered to each call, not an unhandled rejection.
+  if (options.snapshotter instanceof Promise) options.snapshotter.catch(() => undefined);
   const address = path.resolve(options.address);
   await fsp.mkdir(path.dirname(address), { recursive: true, mode: SOCKET_DIR_MODE });
   await removeStaleSocket(address, { probe: true });

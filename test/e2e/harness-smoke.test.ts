@@ -10,6 +10,7 @@ import { before, describe, test } from 'node:test';
 import {
   ANNOTATION_TOC_DIGEST,
   ESTARGZ_METADATA_FILES,
+  SERVING_LOG_MSG,
   bigFileFixture,
   buildBusyboxImage,
   compareTrees,
@@ -208,7 +209,8 @@ fs.mkdirSync(mnt, { recursive: true });
 if (!fs.readFileSync('/proc/self/mounts', 'utf8').includes(' ' + mnt + ' ')) cp.execFileSync('mount', ['-t', 'tmpfs', 'fake', mnt]);
 log({ msg: 'starting', args: process.argv.slice(2), pid: process.pid });
 process.stdout.write('not json\\n');
-const server = net.createServer((c) => c.end()).listen(addr, () => log({ msg: 'listening', address: addr }));
+// As the real one: it listens, then says it serves (what a (re)start waits for).
+const server = net.createServer((c) => c.end()).listen(addr, () => { log({ msg: 'listening', address: addr }); log({ msg: ${JSON.stringify(SERVING_LOG_MSG)} }); });
 process.on('SIGTERM', () => { log({ msg: 'stopping' }); server.close(() => process.exit(0)); });
 `,
     );

@@ -19,6 +19,8 @@ export const STARGAZE_COMMAND = path.join(REPO_ROOT, 'script', 'stargaze');
 /** Runs the command on this Node.js (or on STARGAZE_NODE when set, a wrapper that measures it, say). */
 export const STARGAZE_COMMAND_ENV: NodeJS.ProcessEnv = { STARGAZE_NODE: process.env.STARGAZE_NODE ?? process.execPath };
 const READY_TIMEOUT_MS = 30_000;
+/** The daemon's log line once it serves containerd: restored snapshots mounted, calls answered at once. */
+export const SERVING_LOG_MSG = 'serving containerd snapshots';
 const STOP_GRACE_MS = 10_000;
 
 /** One parsed log line. Lines that are not JSON objects become `{ level: 'unparsed', msg: line }`. */
@@ -71,8 +73,12 @@ export interface StargazeDaemon {
   killHard(): Promise<ExitStatus>;
   /** SIGTERM to the group, SIGKILL after `timeoutMs`. */
   stop(opts?: { timeoutMs?: number; signal?: NodeJS.Signals }): Promise<ExitStatus>;
-  /** Stops (or with `hard`, kills) the daemon and starts it again with the same arguments. */
-  restart(opts?: { hard?: boolean }): Promise<void>;
+  /**
+   * Stops (or with `hard`, kills) the daemon and starts it again with the same arguments. Returns once it
+   * serves (its SERVING_LOG_MSG line), or with `until: 'socket'` as soon as its socket accepts connections,
+   * as containerd sees it.
+   */
+  restart(opts?: { hard?: boolean; until?: StartedWhen }): Promise<void>;
   /** Mounts currently under the root (FUSE layer mounts, overlays). */
   mounts(): Promise<MountInfo[]>;
   /** Lazily unmounts everything under the root; returns what could not be unmounted. */
@@ -80,6 +86,9 @@ export interface StargazeDaemon {
   /** Stops the daemon, unmounts what is left under the tmp dir and removes it. */
   cleanup(): Promise<void>;
 }
+
+/** When a (re)start returns: once the socket accepts connections, or once the daemon says it serves. */
+export type StartedWhen = 'socket' | 'serving';
 
 /** Writes `<hostsDir>/<host>/hosts.toml` (containerd's hosts.toml format) for a plain-HTTP registry. */
 export async function writePlainHttpHostConfig(hostsDir: string, host: string): Promise<string> {
@@ -117,18 +126,25 @@ export async function fuseServerPid(root: string): Promise<number | undefined> {
   return Number.isInteger(pid) && pid > 1 ? pid : undefined;
 }
 
+/** True while a process with this pid exists. */
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** The FUSE server the daemon started lives in its own session (it outlives daemon restarts): stop it. */
-async function stopFuseServer(root: string): Promise<void> {
+export async function stopFuseServer(root: string): Promise<void> {
   const pid = await fuseServerPid(root);
-  if (pid === undefined) return;
-  const alive = (): boolean => {
-    try {
-      process.kill(pid, 0);
-      return true;
-    } catch {
-      return false;
-    }
-  };
+  if (pid !== undefined) await stopProcess(pid);
+}
+
+/** SIGTERM (a FUSE server unmounts its layers and exits), SIGKILL after 10 s. */
+export async function stopProcess(pid: number): Promise<void> {
+  const alive = (): boolean => processAlive(pid);
   if (!alive()) return;
   process.kill(pid, 'SIGTERM'); // it unmounts its layers and exits
   const deadline = Date.now() + 10_000;
@@ -173,7 +189,7 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<StargazeDae
   await writeFile(configPath, opts.config ?? '');
   for (const host of opts.plainHttpHosts ?? []) await writePlainHttpHostConfig(hostsDir, host);
 
-  const startOnce = async (): Promise<void> => {
+  const startOnce = async (until: StartedWhen = 'serving'): Promise<void> => {
     runStart = entries.length;
     const p = spawnGroup(process.execPath, args, {
       cwd: REPO_ROOT,
@@ -192,6 +208,13 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<StargazeDae
         timeoutMs: opts.readyTimeoutMs ?? READY_TIMEOUT_MS,
         abortIf: () => (p.isRunning() ? undefined : 'stargaze daemon exited'),
       });
+      if (until === 'serving') {
+        await waitFor('the stargaze daemon to serve', () => entries.slice(runStart).some((e) => e.msg === SERVING_LOG_MSG), {
+          timeoutMs: opts.readyTimeoutMs ?? READY_TIMEOUT_MS,
+          intervalMs: 20,
+          abortIf: () => (p.isRunning() ? undefined : 'stargaze daemon exited'),
+        });
+      }
     } catch (err) {
       await p.kill();
       const stderr = await readTail(stderrFile);
@@ -258,7 +281,7 @@ export async function startDaemon(opts: DaemonOptions = {}): Promise<StargazeDae
     restart: async (o) => {
       if (o?.hard) await proc!.kill();
       else await stop();
-      await startOnce();
+      await startOnce(o?.until);
     },
     mounts: () => mountsUnder(root),
     unmountAll: () => unmountUnder(root),

@@ -34,12 +34,17 @@ export {
   STARGAZE_COMMAND,
   STARGAZE_COMMAND_ENV,
   REPO_ROOT,
+  SERVING_LOG_MSG,
   fuseServerPid,
+  processAlive,
   startDaemon,
+  stopFuseServer,
+  stopProcess,
   writePlainHttpHostConfig,
   type DaemonOptions,
   type LogEntry,
   type StargazeDaemon,
+  type StartedWhen,
 } from './daemon';
 export { DEFAULT_MTIME_SEC, hashingTap, materializeEntries, packLayer, type EntrySpec, type FileContent, type LayerBlob, type LayerSpec } from './rootfs';
 export {

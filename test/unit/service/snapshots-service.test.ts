@@ -220,6 +220,52 @@ describe('startSnapshotServer socket handling', () => {
   });
 });
 
+describe('startSnapshotServer before the snapshotter is started', () => {
+  /** A server on its own socket whose snapshotter comes later (or never), with a client for it. */
+  async function serveLater(source: Promise<Snapshotter>): Promise<{ call<T>(method: string, req: object): Promise<T>; close(): Promise<void> }> {
+    const lateAddress = path.join(dir, 'late.sock');
+    const late = await startSnapshotServer({ snapshotter: source, address: lateAddress, log: silent });
+    const Ctor = grpc.makeClientConstructor(loadSnapshotsService(), 'Snapshots');
+    const lateClient = new Ctor(`unix://${lateAddress}`, grpc.credentials.createInsecure());
+    return {
+      call: <T>(method: string, req: object) => {
+        const fn = (lateClient as unknown as Record<string, UnaryMethod>)[method]!.bind(lateClient);
+        return new Promise<T>((resolve, reject) => fn(req, (err, res) => (err ? reject(err) : resolve(res as T))));
+      },
+      close: async () => {
+        lateClient.close();
+        await late.close();
+      },
+    };
+  }
+
+  it('listens at once; a call made before the snapshotter is there waits for it and is answered', async () => {
+    let start!: (s: Snapshotter) => void;
+    const late = await serveLater(new Promise<Snapshotter>((resolve) => (start = resolve)));
+    try {
+      assert.ok(fs.lstatSync(path.join(dir, 'late.sock')).isSocket(), 'listening before the snapshotter exists');
+      await call('Prepare', { snapshotter: 'stargaze', key: 'early', parent: '', labels: {} });
+      let answered = false;
+      const stat = late.call<{ info: WireInfo }>('Stat', { key: 'early' }).finally(() => (answered = true));
+      await new Promise((r) => setTimeout(r, 200));
+      assert.equal(answered, false, 'the call waits');
+      start(snapshotter);
+      assert.equal((await stat).info.name, 'early');
+    } finally {
+      await late.close();
+    }
+  });
+
+  it('answers UNAVAILABLE with the reason when the snapshotter fails to start', async () => {
+    const late = await serveLater(Promise.reject(new Error('fuse server did not start')));
+    try {
+      await rejectsWith(late.call('Stat', { key: 'any' }), grpc.status.UNAVAILABLE, /did not start: fuse server did not start/);
+    } finally {
+      await late.close();
+    }
+  });
+});
+
 describe('grpc status mapping', () => {
   it('maps our codes and leaves the rest UNKNOWN', () => {
     assert.equal(grpcStatusOf(new NotFoundError('x')), grpc.status.NOT_FOUND);
