@@ -8,18 +8,20 @@
  * a unix socket; a restarted daemon reconnects and finds the mounts still served.
  *
  * The server exits by itself when no daemon has been connected and it serves no mount for
- * IDLE_EXIT_MS, so it never lingers after the snapshotter is gone.
+ * IDLE_EXIT_MS, so it never lingers after the snapshotter is gone. When its socket path no longer names
+ * its socket (the root was wiped; a new daemon has started a new server there), no daemon can reach it
+ * again: it exits as soon as it serves no mount, and removes only files that are still its own.
  *
  * This is its socket side; the process, which builds the file system it serves, is cmd/fuse-server.ts.
  */
-import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import type { BigIntStats } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import { errorCode, errorMessage, FailedPreconditionError, ProtocolError, StargazeError } from '../errors';
 import type { Logger } from '../log';
 import { onJsonLines, parseRequest, requestId, writeJsonLine, type FuseServerRequest, type FuseServerResponse } from './fuse-server-protocol';
-import { mountsUnder } from './mount-table';
 import type { StargazeFileSystem } from './stargz-fs';
 
 /** How long the server stays up with no daemon connected and nothing mounted. */
@@ -56,24 +58,41 @@ export async function serveFuseServer(filesystem: ServedFileSystem, options: Fus
   await mkdir(path.dirname(socketPath), { recursive: true, mode: 0o700 });
   await removeStaleSocket(socketPath);
   const server = net.createServer((socket) => serveConnection(socket, filesystem, options));
+  // libuv unlinks a listening socket's path by name when the server closes: by then a new server may hold
+  // socketPath (a wiped root). So listen on a name of our own and rename the socket into place.
+  const listenPath = `${socketPath}.${process.pid}.new`;
+  await rm(listenPath, { force: true });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    server.listen(socketPath, () => resolve());
+    server.listen(listenPath, () => resolve());
   });
+  await rename(listenPath, socketPath);
+  const ownSocket = await stat(socketPath, { bigint: true });
   await writeFile(options.pidFile, `${process.pid}\n`, { mode: 0o600 });
   log.info({ socket: socketPath, pid: process.pid }, 'fuse server listening');
 
   let idleSince = Date.now();
+  let unreachable = false;
   await new Promise<void>((resolve) => {
     const sweep = setInterval(() => {
-      void dropVanishedMounts(filesystem, log).then(() => {
-        const busy = options.logTap.sockets.size > 0 || filesystem.list().length > 0;
+      void (async () => {
+        await dropVanishedMounts(filesystem, log);
+        if (!unreachable && !(await isSameFile(socketPath, ownSocket))) {
+          unreachable = true;
+          log.warn({ socket: socketPath }, 'socket path gone or taken (root wiped?): no daemon can reach this server; exiting once it serves no mount');
+        }
+        const mounts = filesystem.list().length;
+        if (unreachable && mounts === 0) {
+          log.info('unreachable and no mounts: exiting');
+          return done();
+        }
+        const busy = options.logTap.sockets.size > 0 || mounts > 0;
         if (busy) idleSince = Date.now();
         else if (Date.now() - idleSince > IDLE_EXIT_MS) {
           log.info('no daemon and no mounts: exiting');
           done();
         }
-      });
+      })();
     }, SWEEP_INTERVAL_MS);
     const done = (): void => {
       clearInterval(sweep);
@@ -92,12 +111,23 @@ export async function serveFuseServer(filesystem: ServedFileSystem, options: Fus
   server.close();
   for (const socket of options.logTap.sockets) socket.destroy();
   await close();
-  await rm(options.pidFile, { force: true });
-  await rm(socketPath, { force: true });
+  // A new server may have these paths by now (a wiped root): only what is still ours goes.
+  if ((await readFile(options.pidFile, 'utf8').catch(() => '')).trim() === String(process.pid)) await rm(options.pidFile, { force: true });
+  if (await isSameFile(socketPath, ownSocket)) await rm(socketPath, { force: true });
+}
+
+/**
+ * Whether `file` is still the file `was` describes. The inode alone does not tell: a filesystem reuses a
+ * freed inode number at once, so a new server's socket in a wiped root can get the old one's; its change
+ * and birth times (nanoseconds) are its own.
+ */
+async function isSameFile(file: string, was: BigIntStats): Promise<boolean> {
+  const st = await stat(file, { bigint: true }).catch(() => undefined);
+  return st !== undefined && st.dev === was.dev && st.ino === was.ino && st.ctimeNs === was.ctimeNs && st.birthtimeNs === was.birthtimeNs;
 }
 
 /** What a connection needs of the filesystem it serves (a fake in tests). */
-export type ServedFileSystem = Pick<StargazeFileSystem, 'mount' | 'check' | 'unmount' | 'list'>;
+export type ServedFileSystem = Pick<StargazeFileSystem, 'mount' | 'check' | 'unmount' | 'list' | 'dropVanished'>;
 
 /** Answers one daemon's requests on `socket` and forwards the log to it (exported for tests). */
 export function serveConnection(socket: net.Socket, filesystem: ServedFileSystem, options: Pick<FuseServerOptions, 'log' | 'logTap'>): void {
@@ -144,12 +174,11 @@ async function handle(filesystem: ServedFileSystem, request: FuseServerRequest):
 
 /** Forgets layers whose mount was removed from outside (umount -l): their FUSE session is over. */
 async function dropVanishedMounts(filesystem: ServedFileSystem, log: Logger): Promise<void> {
-  for (const { mountpoint } of filesystem.list()) {
-    if (!(await mountsUnder(mountpoint)).includes(mountpoint)) {
-      log.info({ mountpoint }, 'mount removed from outside; forgetting it');
-      await filesystem.unmount(mountpoint).catch(() => undefined);
-    }
-  }
+  const gone = await filesystem.dropVanished().catch((err: unknown) => {
+    log.warn({ err: errorMessage(err) }, 'could not read the mount table');
+    return [];
+  });
+  for (const mountpoint of gone) log.info({ mountpoint }, 'mount removed from outside; forgetting it');
 }
 
 async function removeStaleSocket(socketPath: string): Promise<void> {

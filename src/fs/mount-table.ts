@@ -6,6 +6,8 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 
 const MOUNTINFO_FILE = '/proc/self/mountinfo';
+/** Separates a mountinfo line's optional fields from the filesystem type, which the mount source follows. */
+const MOUNTINFO_SEPARATOR = '-';
 /** Field index of the mount point in a mountinfo line (proc(5)). */
 const MOUNTINFO_MOUNTPOINT_FIELD = 4;
 
@@ -36,4 +38,23 @@ export async function mountsUnder(dir: string): Promise<string[]> {
   const abs = path.resolve(dir);
   const prefix = abs.endsWith('/') ? abs : `${abs}/`;
   return (await listMountPoints()).filter((mp) => mp === abs || mp.startsWith(prefix));
+}
+
+/** Each mount in the text of a mountinfo file: its mount point and its source (exported for tests). */
+export function mountsOf(mountinfo: string): { mountpoint: string; source: string }[] {
+  const out: { mountpoint: string; source: string }[] = [];
+  for (const line of mountinfo.split('\n')) {
+    const fields = line.split(' ');
+    const mp = fields[MOUNTINFO_MOUNTPOINT_FIELD];
+    // The optional fields vary in number: the source is the second field after the separator.
+    const separator = fields.indexOf(MOUNTINFO_SEPARATOR, MOUNTINFO_MOUNTPOINT_FIELD + 1);
+    const source = separator < 0 ? undefined : fields[separator + 2];
+    if (mp !== undefined && source !== undefined) out.push({ mountpoint: unescapeMountPath(mp), source: unescapeMountPath(source) });
+  }
+  return out;
+}
+
+/** All current mounts with their sources. */
+export async function listMounts(): Promise<{ mountpoint: string; source: string }[]> {
+  return mountsOf(await fsp.readFile(MOUNTINFO_FILE, 'utf8'));
 }

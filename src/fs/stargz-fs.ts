@@ -19,7 +19,7 @@ import type { LayerNode } from '../metadata/layer-tree';
 import { FsMetrics, type LayerMetricsSnapshot } from '../metrics/fs-metrics';
 import { layerSourceFromLabels } from '../source/labels';
 import type { Scheduler } from '../task/scheduler';
-import { mountsUnder } from './mount-table';
+import { listMounts, mountsUnder } from './mount-table';
 import type { RemoteFileSystem } from './remote-file-system';
 
 export type { BlobResolver } from '../layer/layer-toc';
@@ -66,16 +66,27 @@ export interface StargazeFsOptions {
   opaqueXattr?: string;
 }
 
+/** Our mounts' source in the mount table, before the pid and count that make each one's unique. */
+const MOUNT_SOURCE_PREFIX = 'stargaze:';
+
 interface MountedLayer {
   layer: VerifiedLayer;
   mount: LayerMount<LayerNode>;
   /** True once a check() has waited for prefetch: later checks do not wait again. */
   prefetchAwaited: boolean;
+  /**
+   * The mount's source in the mount table, unique to it (MOUNT_SOURCE_PREFIX, our pid, a count). A path names
+   * a mount only until someone unmounts it: after a wiped root, a new FUSE server may mount another layer at
+   * the same path, which this one must not take for its own (nor unmount).
+   */
+  source: string;
 }
 
 export class StargazeFileSystem implements RemoteFileSystem {
   /** mountpoint → the layer served there. */
   private readonly mounted = new Map<string, MountedLayer>();
+  /** Mounts made so far: numbers each mount's source. */
+  private mountCount = 0;
   private readonly layers: Layers;
   /** Prometheus metrics of the mounted layers; served by whoever owns this filesystem. */
   readonly metrics: FsMetrics;
@@ -128,12 +139,14 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const started = Date.now();
     const layer = await this.layers.open(source, log);
     const { tree, reader } = layer;
+    const mountSource = `${MOUNT_SOURCE_PREFIX}${process.pid}.${++this.mountCount}`;
     const mount = new LayerMount<LayerNode>(mountpoint, {
         root: tree.root,
         read: (node, pos, len, sig) => reader.read(node, pos, len, sig),
         // Container reads only: prefetch and background fetch do not come through the mount.
         onRead: (path, node, pos, len) => layer.recordRead(path, node, pos, len),
       }, {
+      source: mountSource,
       attrTimeoutSec: this.options.mount.attrTimeoutSec,
       entryTimeoutSec: this.options.mount.entryTimeoutSec,
       readTimeoutMs: this.options.mount.readTimeoutMs,
@@ -153,7 +166,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
     log.info({ ref: source.ref, elapsedMs, blobSize: layer.blobSize }, 'layer mounted');
     this.metrics.observe('mount', source.digest, elapsedMs);
     layer.serve({ mountpoint, parent, fail: (reason) => mount.fail(reason) });
-    this.mounted.set(mountpoint, { layer, mount, prefetchAwaited: false });
+    this.mounted.set(mountpoint, { layer, mount, prefetchAwaited: false, source: mountSource });
   }
 
   /**
@@ -196,8 +209,26 @@ export class StargazeFileSystem implements RemoteFileSystem {
     return [...this.mounted].map(([mountpoint, { layer }]) => ({ mountpoint, digest: layer.digest }));
   }
 
-  /** Unmounts every layer; called on shutdown. */
+  /**
+   * Forgets the layers whose mount is gone (umount -l from outside, a wiped root): their FUSE session is over.
+   * Their paths are not unmounted, as another server may have mounted there since. Returns their mountpoints.
+   */
+  async dropVanished(): Promise<string[]> {
+    const present = new Set((await listMounts()).map((m) => `${m.source} ${m.mountpoint}`));
+    const gone: string[] = [];
+    for (const [mountpoint, mounted] of this.mounted) {
+      if (present.has(`${mounted.source} ${mountpoint}`)) continue;
+      this.mounted.delete(mountpoint);
+      gone.push(mountpoint);
+      await mounted.layer.close();
+      await mounted.mount.release();
+    }
+    return gone;
+  }
+
+  /** Unmounts every layer still mounted (the ones gone are only forgotten); called on shutdown. */
   async close(): Promise<void> {
+    await this.dropVanished();
     await this.layers.close();
     const mountpoints = [...this.mounted.keys()];
     const results = await Promise.allSettled(mountpoints.map((m) => this.unmount(m)));

@@ -64,6 +64,11 @@ const STATUS_DIR_INO = 0xffffff00;
 const STATUS_FILE_INO = 0xffffff01;
 
 export interface LayerMountOptions {
+  /**
+   * The mount's source in the mount table (libfuse's fsname; default `stargaze`). A unique one lets the
+   * process tell its mount from a later one at the same path: mount IDs and FUSE device numbers are reused.
+   */
+  source?: string;
   /** Seconds the kernel may cache attributes and entries; the layer is immutable, so long is safe. */
   attrTimeoutSec: number;
   entryTimeoutSec: number;
@@ -83,7 +88,17 @@ function lazyUnmountCallback(mnt: string, cb: (err: Error | null) => void): void
     runQuiet('fusermount3', ['-uz', mnt], cb);
   });
 }
-(Fuse as unknown as { unmount: typeof lazyUnmountCallback }).unmount = lazyUnmountCallback;
+/**
+ * Mountpoints whose mount the kernel no longer has (unmounted from outside): fuse-native's unmount of them
+ * only releases the session (it unrefs the handle that keeps Node's loop alive), and leaves the path alone,
+ * as another mount may be there by now.
+ */
+const releasedMountpoints = new Set<string>();
+function fuseNativeUnmount(mnt: string, cb: (err: Error | null) => void): void {
+  if (releasedMountpoints.delete(mnt)) return cb(null);
+  lazyUnmountCallback(mnt, cb);
+}
+(Fuse as unknown as { unmount: typeof fuseNativeUnmount }).unmount = fuseNativeUnmount;
 
 /** Detaches whatever is mounted at `mnt` (also a dead FUSE mount whose server is gone). */
 export function lazyUnmount(mnt: string): Promise<void> {
@@ -147,7 +162,7 @@ export class LayerMount<N extends ServedNode> {
       force: true,
       allowOther: true,
       defaultPermissions: true,
-      fsname: 'stargaze',
+      fsname: this.options.source ?? 'stargaze',
       subtype: 'stargaze',
       // auto_cache keeps the page cache across opens while a file's mtime and size stay the same: always,
       // for layer content, which never changes; never, for the status file, which is new on each stat.
@@ -172,6 +187,22 @@ export class LayerMount<N extends ServedNode> {
     if (!fuse) return;
     this.fuse = undefined;
     await new Promise<void>((resolve, reject) => fuse.unmount((err) => (err ? reject(err) : resolve())));
+  }
+
+  /**
+   * Lets go of a mount the kernel no longer has (unmounted from outside) without unmounting its path, which
+   * may hold another mount by now.
+   */
+  async release(): Promise<void> {
+    const fuse = this.fuse;
+    if (!fuse) return;
+    this.fuse = undefined;
+    releasedMountpoints.add(this.mountpoint);
+    try {
+      await new Promise<void>((resolve, reject) => fuse.unmount((err) => (err ? reject(err) : resolve())));
+    } finally {
+      releasedMountpoints.delete(this.mountpoint);
+    }
   }
 
   /** Whether `path` names the hidden status dir or file (without rendering the file, as statusNode does). */

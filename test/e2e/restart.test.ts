@@ -1,6 +1,6 @@
 /**
  * Restart readiness: containerd reaches a restarted daemon at once, also on an empty root (a new node, a
- * wiped state directory).
+ * wiped state directory), and also next to the FUSE server of the root before the wipe, still alive.
  *
  * containerd 1.6 redials a proxy plugin's socket while the file is missing for about a second, then sits in a
  * backoff of up to 3 s in which every call fails with "dial ... timeout". So the daemon must listen within
@@ -8,7 +8,8 @@
  * the moment the socket accepts connections, without waiting for containerd to reconnect.
  */
 import assert from 'node:assert/strict';
-import { rm } from 'node:fs/promises';
+import { readdir, rm, stat } from 'node:fs/promises';
+import path from 'node:path';
 import { before, describe, test } from 'node:test';
 import {
   STARGAZE_COMMAND,
@@ -16,6 +17,7 @@ import {
   buildBusyboxImage,
   convertToEstargz,
   fuseServerPid,
+  processAlive,
   run,
   startContainerd,
   startDaemon,
@@ -35,6 +37,10 @@ const notRoot = process.getuid?.() !== 0;
 const PROBE_PATH = '/restart.txt';
 const PROBE_CONTENT = 'read after a restart\n';
 const RPULL_TIMEOUT_MS = 120_000;
+/** A FUSE server whose root was wiped and that serves nothing is gone within a sweep (10 s), not 30 s. */
+const ORPHAN_EXIT_MS = 20_000;
+/** Long enough for today's idle exit (30 s after its daemon, checked every 10 s) to happen too. */
+const ORPHAN_WAIT_MS = 45_000;
 
 function lazilyPrepared(entries: LogEntry[]): LogEntry[] {
   return entries.filter((e) => e['remote-snapshot-prepared'] === 'true' || e['remote-snapshot-prepared'] === true);
@@ -112,5 +118,48 @@ describe('restart readiness', { skip: notRoot && 'e2e tests need root' }, () => 
     await rm(daemon.root, { recursive: true, force: true });
     await daemon.restart({ until: 'socket' });
     await pullAndRun('empty-root', 'ctr-remote');
+  });
+
+  test('on a wiped root, next to the FUSE server of the root before, the daemon starts and pulls; the old server exits soon and leaves the new one alone', async (t) => {
+    await pullOnce();
+    const old = await fuseServerPid(daemon.root);
+    assert.ok(old !== undefined, 'a FUSE server serves the root');
+    t.after(() => stopProcess(old));
+    // Wiped as an admin would: the mounts lazily unmounted (rm -r stops at them), then the directory removed.
+    await daemon.stop();
+    await daemon.unmountAll();
+    await rm(daemon.root, { recursive: true, force: true });
+    const wiped = Date.now();
+    assert.ok(processAlive(old), 'the old FUSE server lingers');
+    await daemon.restart({ until: 'socket' });
+    await pullAndRun('wiped-root', 'stargaze');
+    const current = await fuseServerPid(daemon.root);
+    assert.ok(current !== undefined && current !== old, 'a new FUSE server serves the wiped root');
+
+    await waitFor('the old FUSE server to exit', () => !processAlive(old), { timeoutMs: ORPHAN_WAIT_MS, intervalMs: 200 });
+    const exitedAfterMs = Date.now() - wiped;
+    assert.equal(await fuseServerPid(daemon.root), current, "the old server's exit left the new one's pid file");
+    assert.ok((await stat(path.join(daemon.root, 'fuse', 'fuse-server.sock'))).isSocket(), "the old server's exit left the new one's socket");
+    assert.ok(exitedAfterMs < ORPHAN_EXIT_MS, `the old server, unreachable and serving nothing, exited ${exitedAfterMs} ms after the wipe`);
+    // The next restart finds the new server, with its mounts, and starts no other.
+    await daemon.restart({ hard: true });
+    assert.equal(daemon.logs({ currentRunOnly: true }).filter((e) => e.msg === 'started fuse server').length, 0, 'reconnected');
+  });
+
+  test('on a root wiped around live layer mounts, the daemon starts and pulls, and the old FUSE server keeps serving them', async (t) => {
+    await pullOnce();
+    const old = await fuseServerPid(daemon.root);
+    assert.ok(old !== undefined, 'a FUSE server serves the root');
+    t.after(() => stopProcess(old));
+    await daemon.stop();
+    const layerMounts = (await daemon.mounts()).filter((m) => m.fstype === 'fuse.stargaze');
+    assert.ok(layerMounts.length > 0, 'layer mounts are up');
+    // rm -r removes all it can and stops at the mounts (their files are read-only, their directories busy).
+    await run('rm', ['-rf', daemon.root], { allowFailure: true, timeoutMs: 60_000 });
+    await daemon.restart({ until: 'socket' });
+    await pullAndRun('wiped-around-mounts', 'ctr-remote');
+    // Nothing of the old root is deleted or unmounted by the start: the old server still serves its layers.
+    assert.ok(processAlive(old), 'the old FUSE server serves live mounts: it stays');
+    for (const m of layerMounts) assert.ok((await readdir(m.mountpoint)).includes('bin'), `${m.mountpoint} still served`);
   });
 });

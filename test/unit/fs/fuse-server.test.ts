@@ -32,6 +32,9 @@ class FakeFileSystem implements ServedFileSystem {
   list(): { mountpoint: string; digest: string }[] {
     return [{ mountpoint: '/m', digest: 'sha256:1' }];
   }
+  dropVanished(): Promise<string[]> {
+    return Promise.resolve([]);
+  }
 }
 
 /** A daemon's end: sends lines, collects what comes back, and knows when the server hung up. */

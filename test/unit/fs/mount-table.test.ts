@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import { promisify } from 'node:util';
-import { mountPointsOf, mountsUnder, unescapeMountPath } from '../../../src/fs/mount-table';
+import { mountPointsOf, mountsOf, mountsUnder, unescapeMountPath } from '../../../src/fs/mount-table';
 
 const run = promisify(execFile);
 const isRoot = process.getuid?.() === 0;
@@ -42,6 +42,20 @@ test('the mount point is the fifth field of each line, whatever the optional fie
   ].join('\n');
   assert.deepEqual(mountPointsOf(mountinfo), ['/', '/with space', '/var/lib/a\\b\tc', '/no/optional/fields']);
   assert.deepEqual(mountPointsOf(''), []);
+});
+
+test('each mount comes with its source, the second field after the separator, whatever the optional fields', () => {
+  const mountinfo = [
+    '22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda rw',
+    '23 22 0:22 / /with\\040space rw,nosuid shared:2 master:3 - tmpfs my\\040tmpfs rw',
+    '25 22 0:24 / /layer ro - fuse.stargaze stargaze:1234.7 ro',
+    '',
+  ].join('\n');
+  assert.deepEqual(mountsOf(mountinfo), [
+    { mountpoint: '/', source: '/dev/vda' },
+    { mountpoint: '/with space', source: 'my tmpfs' },
+    { mountpoint: '/layer', source: 'stargaze:1234.7' },
+  ]);
 });
 
 test('mounts under a directory whose name needs escaping are found as the kernel lists them', { skip: !isRoot && 'needs root to mount' }, async (t) => {
