@@ -140,12 +140,13 @@ export class StargazeFileSystem implements RemoteFileSystem {
     const layer = await this.layers.open(source, log);
     const { tree, reader } = layer;
     const mountSource = `${MOUNT_SOURCE_PREFIX}${process.pid}.${++this.mountCount}`;
-    const mount = new LayerMount<LayerNode>(mountpoint, {
-        root: tree.root,
-        read: (node, pos, len, sig) => reader.read(node, pos, len, sig),
-        // Container reads only: prefetch and background fetch do not come through the mount.
-        onRead: (path, node, pos, len) => layer.recordRead(path, node, pos, len),
-      }, {
+    const ops = {
+      root: tree.root,
+      read: (node: LayerNode, pos: number, len: number, sig?: AbortSignal) => reader.read(node, pos, len, sig),
+      // Container reads only: prefetch and background fetch do not come through the mount.
+      onRead: (path: string, node: LayerNode, pos: number, len: number) => layer.recordRead(path, node, pos, len),
+    };
+    const mount = new LayerMount<LayerNode>(mountpoint, ops, {
       source: mountSource,
       attrTimeoutSec: this.options.mount.attrTimeoutSec,
       entryTimeoutSec: this.options.mount.entryTimeoutSec,
