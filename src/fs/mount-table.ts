@@ -40,8 +40,14 @@ export async function mountsUnder(dir: string): Promise<string[]> {
   return (await listMountPoints()).filter((mp) => mp === abs || mp.startsWith(prefix));
 }
 
+/** A mount in the table: where it is and its source. */
+export interface MountInfo {
+  mountpoint: string;
+  source: string;
+}
+
 /** Each mount in the text of a mountinfo file: its mount point and its source (exported for tests). */
-export function mountsOf(mountinfo: string): { mountpoint: string; source: string }[] {
+export function mountsOf(mountinfo: string): MountInfo[] {
   const out: { mountpoint: string; source: string }[] = [];
   for (const line of mountinfo.split('\n')) {
     const fields = line.split(' ');
@@ -55,6 +61,6 @@ export function mountsOf(mountinfo: string): { mountpoint: string; source: strin
 }
 
 /** All current mounts with their sources. */
-export async function listMounts(): Promise<{ mountpoint: string; source: string }[]> {
+export async function listMounts(): Promise<MountInfo[]> {
   return mountsOf(await fsp.readFile(MOUNTINFO_FILE, 'utf8'));
 }

@@ -19,7 +19,7 @@ import type { LayerNode } from '../metadata/layer-tree';
 import { FsMetrics, type LayerMetricsSnapshot } from '../metrics/fs-metrics';
 import { layerSourceFromLabels } from '../source/labels';
 import type { Scheduler } from '../task/scheduler';
-import { listMounts, mountsUnder } from './mount-table';
+import { listMounts, mountsUnder, type MountInfo } from './mount-table';
 import type { RemoteFileSystem } from './remote-file-system';
 
 export type { BlobResolver } from '../layer/layer-toc';
@@ -64,6 +64,8 @@ export interface StargazeFsOptions {
   log: Logger;
   /** The xattr opaque directories carry (layer-tree.ts): trusted.overlay.opaque unless overlayfs uses `userxattr`. */
   opaqueXattr?: string;
+  /** Reads the mount table (mount-table.ts listMounts); a test slows it down to race a mount against it. */
+  listMounts?: () => Promise<MountInfo[]>;
 }
 
 /** Our mounts' source in the mount table, before the pid and count that make each one's unique. */
@@ -215,10 +217,13 @@ export class StargazeFileSystem implements RemoteFileSystem {
    * Their paths are not unmounted, as another server may have mounted there since. Returns their mountpoints.
    */
   async dropVanished(): Promise<string[]> {
-    const present = new Set((await listMounts()).map((m) => `${m.source} ${m.mountpoint}`));
+    // Only what was served before the mount table was read can be missing from it: a mount that completes
+    // while the table is read is in the map but not (yet) in the table, and is not gone.
+    const before = [...this.mounted];
+    const present = new Set((await (this.options.listMounts ?? listMounts)()).map((m) => `${m.source} ${m.mountpoint}`));
     const gone: string[] = [];
-    for (const [mountpoint, mounted] of this.mounted) {
-      if (present.has(`${mounted.source} ${mountpoint}`)) continue;
+    for (const [mountpoint, mounted] of before) {
+      if (present.has(`${mounted.source} ${mountpoint}`) || this.mounted.get(mountpoint) !== mounted) continue;
       this.mounted.delete(mountpoint);
       gone.push(mountpoint);
       await mounted.layer.close();

@@ -16,6 +16,7 @@ import pino from 'pino';
 
 import { defaultConfig, type Config } from '../../../src/config/config';
 import { fileSystemOptionsFromConfig, StargazeFileSystem, type BlobResolver } from '../../../src/fs/stargz-fs';
+import { listMounts, type MountInfo } from '../../../src/fs/mount-table';
 import { hasLocalCopy, localCopyPath } from '../../../src/layer/local-copy';
 import { log } from '../../../src/log';
 import { serveMetrics } from '../../../src/metrics/fs-metrics';
@@ -458,4 +459,31 @@ test('a layer opened ahead and mounted in time keeps its prefetch past the pre-o
   assert.equal(logs.sawMessage('prefetch stopped'), false);
   await fsys.unmount(mntB);
   await until('its prefetch to stop with its unmount', () => nextSource.stalled.every((r) => r.abortedAt !== undefined), STOP_WITHIN_MS);
+});
+
+test('a layer mounted while the sweep reads the mount table is not taken for vanished', { skip: !canMount && 'needs root for FUSE' }, async () => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
+  const { blob, digest, tocDigest, diffId } = await layerFixture();
+  const registry = new MemoryRegistry();
+  registry.blobs.set(digest, new BufferBlobSource(digest, blob));
+  const mnt = path.join(dir, 'mnt');
+  await mkdir(mnt);
+  const labels = { [TARGET_SNAPSHOT_REF]: diffId, [STARGZ_REFERENCE]: 'registry.test/img:1', [STARGZ_DIGEST]: digest, [TOC_DIGEST]: tocDigest };
+  // The table as read before the mount completes: the mount finishes while the (slow) read is in flight.
+  const late: { fs?: StargazeFileSystem } = {};
+  const staleTable = async (): Promise<MountInfo[]> => {
+    const table = await listMounts();
+    await late.fs?.mount(mnt, labels);
+    return table;
+  };
+  const fsys = new StargazeFileSystem({ registry, scheduler, ...fsOptions({ ...defaultConfig(), noBackgroundFetch: true }), log: quiet, listMounts: staleTable });
+  late.fs = fsys;
+  after(async () => {
+    await fsys.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+  assert.deepEqual(await fsys.dropVanished(), []);
+  assert.deepEqual(fsys.list().map((m) => m.mountpoint), [mnt], 'the new mount is still served');
+  await fsys.check(mnt);
+  assert.equal((await run('cat', [path.join(mnt, 'etc/hello.txt')])).stdout, 'hello lazy world\n');
 });
