@@ -36,6 +36,8 @@ import { snapshotFieldAdaptor, type Mount, type SnapshotInfo, type SnapshotKind,
 /** Log field counted by the e2e scripts, as the reference's `remote-snapshot-prepared`. */
 export const REMOTE_SNAPSHOT_LOG_KEY = 'remote-snapshot-prepared';
 /** Prefix of directories being created; renamed to the snapshot id once its metadata exists. */
+/** Snapshot directory names longer than this (10^15 snapshots) are not ours: see Snapshotter.open. */
+const MAX_LEFTOVER_ID_DIGITS = 15;
 const TEMP_DIR_PREFIX = 'new-';
 const SNAPSHOTS_DIR = 'snapshots';
 const ROOT_DIR_MODE = 0o700;
@@ -140,8 +142,11 @@ export class Snapshotter {
     if (await inUserNamespace()) overlayOptions.push('userxattr');
     const store = MetadataStore.open(root, { durability: options.durability });
     // Directories of an earlier metadata.db (a wiped root around live mounts): new ids pass them by. They
-    // stay for Cleanup, which never walks into a mount.
-    const ids = (await fsp.readdir(path.join(root, SNAPSHOTS_DIR))).filter((name) => /^[0-9]+$/.test(name)).map(Number);
+    // stay for Cleanup, which never walks into a mount. Ids count snapshots one by one: a name of more than
+    // MAX_LEFTOVER_ID_DIGITS digits is no snapshot of ours, and passing it by would overflow SQLite's ids.
+    const ids = (await fsp.readdir(path.join(root, SNAPSHOTS_DIR)))
+      .filter((name) => name.length <= MAX_LEFTOVER_ID_DIGITS && /^[0-9]+$/.test(name))
+      .map(Number);
     if (ids.length > 0) store.reserveIdsThrough(ids.reduce((a, b) => Math.max(a, b)));
     return new Snapshotter(root, store, overlayOptions, options);
   }

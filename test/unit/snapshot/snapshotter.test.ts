@@ -268,6 +268,17 @@ describe('Snapshotter mounts and directories (overlay.go semantics)', () => {
     assert.equal(fs.readFileSync(path.join(left!.source, 'kept'), 'utf8'), 'data', 'the leftover directory is untouched');
   });
 
+  it('a directory named with too many digits to be a snapshot id does not stop the start nor later snapshots', async () => {
+    await sn.close();
+    fs.mkdirSync(path.join(root, 'snapshots', '99999999999999999999')); // past SQLite's 2^63 - 1
+    fs.mkdirSync(path.join(root, 'snapshots', '9223372036854775806')); // would leave no id for the next snapshot
+    sn = await openSnapshotter();
+    const [a] = await sn.prepare('after-a', '');
+    const [b] = await sn.prepare('after-b', '');
+    assert.ok(Number(idOf(b!.source)) > Number(idOf(a!.source)));
+    assert.ok(fs.existsSync(path.join(root, 'snapshots', '99999999999999999999')), 'left as it is');
+  });
+
   it('cleanup never deletes through a live mount', { skip: !IS_ROOT && 'needs root to mount' }, async () => {
     const [m] = await sn.prepare('x', '');
     await sn.remove('x');
