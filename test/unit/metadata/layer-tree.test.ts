@@ -213,6 +213,13 @@ test('landmarks are hidden; the tree reports prefetch information', () => {
   assert.deepEqual(names(withLandmark, '/'), ['important', 'rest', 'sub']);
   assert.deepEqual(names(withLandmark, 'sub'), ['.prefetch.landmark']);
   assert.equal(withLandmark.resolvePath('important')?.chunks[0]?.compressedEnd, 200, "a hidden landmark's member still ends the one before it");
+  const chunkedLandmark = tree([
+    { name: 'a', type: 'reg', size: 5, offset: 100, chunkDigest: D },
+    { name: '.prefetch.landmark', type: 'reg', size: 10, offset: 100, chunkSize: 5, chunkDigest: D },
+    { name: '.prefetch.landmark', type: 'chunk', offset: 150, chunkOffset: 5, chunkSize: 5, chunkDigest: D },
+    { name: 'rest', type: 'reg', size: 5, offset: 300, chunkDigest: D },
+  ]);
+  assert.equal(chunkedLandmark.resolvePath('a')?.chunks[0]?.compressedEnd, 150, "a landmark's later chunks are members too");
 
   const none = tree([
     { name: '.no.prefetch.landmark', type: 'reg', size: 1, offset: 10, chunkDigest: D },
