@@ -16,7 +16,7 @@ export type RunSharedPull = (request: PullRequest, signal: AbortSignal, onEvent:
 
 interface SharedPull {
   readonly abort: AbortController;
-  /** Every event so far, replayed to a caller that joins late. */
+  /** The events so far (each layer's latest progress only), replayed to a caller that joins late. */
   readonly events: PullEvent[];
   readonly listeners: Set<(e: PullEvent) => void>;
   readonly result: Promise<PullSummary>;
@@ -95,11 +95,19 @@ export class SharedPulls {
     const abort = new AbortController();
     const events: PullEvent[] = [];
     const listeners = new Set<(e: PullEvent) => void>([first]);
+    /** Where each layer's progress event is in `events`: it is replaced, not added to. */
+    const progressAt = new Map<number, number>();
     let ended = false;
     const run = async (): Promise<PullSummary> => {
       try {
         return await this.runPull(request, abort.signal, (e) => {
-          events.push(e);
+          // A download reports progress per MiB: a late caller needs only where each layer stands.
+          const at = e.type === 'layer-progress' ? progressAt.get(e.index) : undefined;
+          if (at !== undefined) events[at] = e;
+          else {
+            if (e.type === 'layer-progress') progressAt.set(e.index, events.length);
+            events.push(e);
+          }
           for (const l of listeners) l(e);
         });
       } finally {

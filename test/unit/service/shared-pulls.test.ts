@@ -68,6 +68,20 @@ describe('SharedPulls', () => {
     assert.equal(pulls.size, 0);
   });
 
+  it("replays only each layer's latest progress to a caller that joins late", async () => {
+    const manual = new ManualPull();
+    const pulls = new SharedPulls(manual.run);
+    const first = pulls.pull(request, new AbortController().signal, () => undefined);
+    const digest = startEvent.digest;
+    manual.emit?.(startEvent);
+    for (const bytes of [1, 2, 3]) manual.emit?.({ type: 'layer-progress', index: 0, digest, bytes, size: 3 });
+    const late: PullEvent[] = [];
+    const second = pulls.pull(request, new AbortController().signal, (e) => late.push(e));
+    assert.deepEqual(late, [startEvent, { type: 'layer-progress', index: 0, digest, bytes: 3, size: 3 }]);
+    manual.resolve();
+    await Promise.all([first, second]);
+  });
+
   it('runs pulls that differ in anything that decides the pull on their own', () => {
     const manual = new ManualPull();
     const pulls = new SharedPulls(manual.run);
