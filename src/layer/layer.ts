@@ -254,6 +254,8 @@ export class VerifiedLayer {
     ctx.quiet.stamp();
     // Its TOC stays on disk while it is served: a restarted FUSE server mounts it again from there.
     ctx.tocCache?.pin(this.digest);
+    // And its profile, recorded into or replayed from: a restart mounts it again with it.
+    ctx.profiles?.pin(profileKeyOf(this.source));
     this.startRecording();
     // After prefetch, so what the image marked as needed first is never queued behind the rest.
     if (!ctx.options.noBackgroundFetch) void this.run.prefetched.then(() => this.queueBackgroundFetch(target));
@@ -272,7 +274,7 @@ export class VerifiedLayer {
     this.recorder?.close(); // what the window read so far is still worth keeping
     await this.copying;
     await this.savingProfile;
-    if (wasServed && this.recorder !== undefined) ctx.profiles?.unpin(profileKeyOf(this.source));
+    if (wasServed) ctx.profiles?.unpin(profileKeyOf(this.source));
   }
 
   /**
@@ -290,8 +292,6 @@ export class VerifiedLayer {
     const store = ctx.profiles;
     if (!profile.record || store === undefined) return;
     const { source, log } = this;
-    // Its profile stays while it is mounted: the window's entries are merged into it.
-    store.pin(profileKeyOf(source));
     this.recorder = new ProfileRecorder({ quietMs: profile.quietMs, maxWindowMs: profile.maxWindowMs, maxChunks: profile.maxChunks }, (entries) => {
       this.savingProfile = saveRecording({ store, source, tocDigest: this.parts.tocDigest, maxChunks: profile.maxChunks, log }, entries);
     });

@@ -37,8 +37,9 @@ function capturingLog(): { log: Logger; lines: Array<{ level: string; msg: strin
   return { log: createMultiLogger([sink], 'debug'), lines };
 }
 
-function layersOver(blob: CountingBlobSource, profiles: ProfileStore, log: Logger, background = false): Layers {
-  const config = { ...defaultConfig(), noBackgroundFetch: !background, backgroundFetchQuietMs: 0, copyFetchedLayers: false };
+function layersOver(blob: CountingBlobSource, profiles: ProfileStore, log: Logger, background = false, record = true): Layers {
+  const base = defaultConfig();
+  const config = { ...base, noBackgroundFetch: !background, backgroundFetchQuietMs: 0, copyFetchedLayers: false, prefetchProfile: { ...base.prefetchProfile, record } };
   const options = layerOptionsFromConfig(config);
   return new Layers({
     // The layer above (in the labels) is not in this registry: opening it ahead fails, reading nothing.
@@ -184,4 +185,28 @@ test('after a profile prefetch, background fetch downloads none of its members a
   // Prefetch and background fetch read every chunk, but not through the mount: nothing was recorded.
   assert.deepEqual((await store.load(profileKeyOf(sourceOf(l))))?.entries, entries);
   assert.ok(!lines.some((e) => e.msg === 'prefetch profile recorded'));
+});
+
+test("a served layer's profile is pinned in the disk budget while it is mounted, also when only replaying", async (t) => {
+  const { l, dir } = await fixture(t);
+  const pins = new Map<string, number>();
+  const budget = {
+    pin: (key: string) => pins.set(key, (pins.get(key) ?? 0) + 1),
+    unpin: (key: string) => pins.set(key, (pins.get(key) ?? 0) - 1),
+    add: () => undefined,
+    restore: () => undefined,
+    touch: () => undefined,
+    remove: () => undefined,
+    reserve: () => () => undefined,
+  };
+  const store = new ProfileStore(path.join(dir, 'profiles'), budget);
+  const { log } = capturingLog();
+  const layers = layersOver(new CountingBlobSource(l.blob), store, log, false, false);
+  const layer = await layers.open(sourceOf(l), log);
+  layer.serve(serveAt(dir));
+  const key = profileKeyOf(sourceOf(l));
+  assert.equal(pins.get(key), 1, 'pinned while served, though nothing is recorded');
+  await layer.close();
+  assert.equal(pins.get(key), 0, 'unpinned when closed');
+  await layers.close();
 });
