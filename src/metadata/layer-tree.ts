@@ -135,6 +135,8 @@ class TreeBuilder {
    * the next member starts, known only when an entry of a later member comes, or at the end of the data.
    */
   private memberChunks: ChunkInfo[] = [];
+  /** The entries walked are a landmark's (with a payload): its chunk entries are members too. */
+  private inLandmark = false;
   private memberOffset = -1;
 
   constructor(
@@ -149,8 +151,10 @@ class TreeBuilder {
   add(e: TocEntry): void {
     if (e.type === 'chunk') {
       if (this.lastFile !== undefined) this.lastFile.chunks.push(this.chunkOf(e, this.lastFile.node.size));
+      else if (this.inLandmark) this.enterMember(e.offset ?? 0, e.name); // a chunked landmark's payload too
       return;
     }
+    this.inLandmark = false;
     if (e.type === 'hardlink') {
       this.links.push(e);
       return;
@@ -163,7 +167,10 @@ class TreeBuilder {
     }
     if (this.takeLandmark(e)) {
       // Hidden, but its payload is a member all the same: the member before it ends where it starts.
-      if ((e.size ?? 0) > 0) this.enterMember(e.offset ?? 0, e.name);
+      if ((e.size ?? 0) > 0) {
+        this.enterMember(e.offset ?? 0, e.name);
+        this.inLandmark = true;
+      }
       return;
     }
     const node = this.place(e);
