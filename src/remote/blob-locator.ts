@@ -117,7 +117,7 @@ export class BlobLocator {
     throw new RegistryError(summary, last instanceof RegistryError ? last.status : undefined);
   }
 
-  objectUrl(endpoint: RegistryEndpoint, reference: ImageReference, kind: 'blobs' | 'manifests', object: string): URL {
+  objectUrl(endpoint: RegistryEndpoint, reference: ImageReference, kind: 'blobs' | 'manifests' | 'referrers', object: string): URL {
     const prefix = endpoint.path.replace(/\/+$/, '');
     const url = new URL(`${endpoint.scheme}://${endpoint.host}${prefix}/${reference.repository}/${kind}/${object}`);
     // Mirrors learn which registry is meant from `ns`, as containerd sends it; Docker Hub's own host is not a mirror.

@@ -50,6 +50,9 @@ export const DEFAULT_CONNECTIONS_PER_ORIGIN = 16;
 /** containerd's limit for a manifest or index body. */
 export const MAX_MANIFEST_BYTES = 4 * 1024 * 1024;
 
+/** Answers of a registry without the referrers API (the spec says 404; some route the path elsewhere). */
+const REFERRERS_API_ABSENT = new Set([400, 404, 405, 501]);
+
 export const MANIFEST_MEDIA_TYPES = [
   'application/vnd.oci.image.index.v1+json',
   'application/vnd.docker.distribution.manifest.list.v2+json',
@@ -202,6 +205,72 @@ export class RegistryClient {
         }
         const mediaType = (firstHeader(res, 'content-type') ?? '').split(';')[0]?.trim() ?? '';
         return { mediaType, digest: reference.digest ?? computed, body };
+      } catch (err) {
+        throw deadline.error(err, `${what} at ${endpoint.host}`);
+      } finally {
+        deadline.dispose();
+      }
+    });
+  }
+
+  /**
+   * The referrers API's answer for `digest` (distribution spec: `GET /v2/<name>/referrers/<digest>`), filtered
+   * to `artifactType` where the registry filters: an image index, at most MAX_MANIFEST_BYTES. Undefined when
+   * the registry has no such API (404, and 400/405/501 from registries that route it elsewhere): the caller
+   * then reads the referrers tag schema. Only hosts that may resolve are asked, as for a tag.
+   */
+  async fetchReferrers(ref: string, digest: string, artifactType: string, signal?: AbortSignal): Promise<Buffer | undefined> {
+    const reference = parseReference(ref);
+    validateDigest(digest, 'manifest digest');
+    const what = `referrers of ${digest} in ${reference.name}`;
+    return this.locator.tryEndpoints(reference, ['resolve'], what, signal, async (endpoint) => {
+      const url = this.locator.objectUrl(endpoint, reference, 'referrers', digest);
+      url.searchParams.set('artifactType', artifactType);
+      const deadline = new Deadline(signal, this.transport.requestTimeoutFor(endpoint));
+      const req = { url, method: 'GET', headers: { accept: MANIFEST_MEDIA_TYPES[0] }, signal: deadline.signal, endpoint, repository: reference.repository, what } as const;
+      try {
+        return await this.transport.exchange(
+          req,
+          async (res) => {
+            if (res.statusCode === 200) return readLimited(res, MAX_MANIFEST_BYTES, what, endpoint.host);
+            await discard(res);
+            if (REFERRERS_API_ABSENT.has(res.statusCode)) return undefined;
+            throw statusError(what, endpoint.host, res.statusCode);
+          },
+          true,
+        );
+      } catch (err) {
+        throw deadline.error(err, `${what} at ${endpoint.host}`);
+      } finally {
+        deadline.dispose();
+      }
+    });
+  }
+
+  /** A whole small blob (a config, a profile) in memory, at most `limit` bytes, checked against `digest`. */
+  async fetchSmallBlob(ref: string, digest: string, limit: number, signal?: AbortSignal): Promise<Buffer> {
+    const reference = parseReference(ref);
+    validateDigest(digest, 'blob digest');
+    const what = `blob ${digest} of ${reference.name}`;
+    return this.locator.tryEndpoints(reference, ['pull'], what, signal, async (endpoint) => {
+      const url = this.locator.objectUrl(endpoint, reference, 'blobs', digest);
+      const deadline = new Deadline(signal, this.transport.requestTimeoutFor(endpoint));
+      const req = { url, method: 'GET', headers: { 'accept-encoding': 'identity' }, signal: deadline.signal, endpoint, repository: reference.repository, what } as const;
+      try {
+        const body = await this.transport.exchange(
+          req,
+          async (res) => {
+            if (res.statusCode !== 200) {
+              await discard(res);
+              throw statusError(what, endpoint.host, res.statusCode);
+            }
+            return readLimited(res, limit, what, endpoint.host);
+          },
+          true,
+        );
+        const computed = `sha256:${createHash('sha256').update(body).digest('hex')}`;
+        if (digest.startsWith('sha256:') && computed !== digest) throw new RegistryError(`${what}: ${endpoint.host} served content with digest ${computed}`);
+        return body;
       } catch (err) {
         throw deadline.error(err, `${what} at ${endpoint.host}`);
       } finally {

@@ -144,6 +144,21 @@ export class RegistryPusher {
 
   /** PUTs a manifest or index under `tagOrDigest`; returns its digest. */
   async pushManifest(tagOrDigest: string, mediaType: string, body: Buffer, signal?: AbortSignal): Promise<string> {
+    return (await this.putManifest(tagOrDigest, mediaType, body, signal)).digest;
+  }
+
+  /**
+   * PUTs a manifest that has a `subject` by its digest. `indexed`: the registry said (`OCI-Subject`) that its
+   * referrers API lists it now, so the referrers tag schema need not be updated (distribution spec, "Pushing
+   * Manifests with Subject").
+   */
+  async pushReferrer(mediaType: string, body: Buffer, signal?: AbortSignal): Promise<{ digest: string; indexed: boolean }> {
+    const digest = 'sha256:' + createHash('sha256').update(body).digest('hex');
+    const { subject } = await this.putManifest(digest, mediaType, body, signal);
+    return { digest, indexed: subject !== undefined };
+  }
+
+  private async putManifest(tagOrDigest: string, mediaType: string, body: Buffer, signal?: AbortSignal): Promise<{ digest: string; subject: string | undefined }> {
     const digest = 'sha256:' + createHash('sha256').update(body).digest('hex');
     const { endpoint } = await this.target();
     const what = `manifest ${tagOrDigest} of ${this.reference.name}`;
@@ -161,9 +176,10 @@ export class RegistryPusher {
     );
     if (res.statusCode !== 201 && res.statusCode !== 200) throw statusError(`pushing ${what}`, endpoint.host, res.statusCode, await errorBody(res));
     const echoed = firstHeader(res, 'docker-content-digest');
+    const subject = firstHeader(res, 'oci-subject');
     await discard(res);
     if (echoed !== undefined && echoed !== digest) throw new RegistryError(`pushing ${what}: ${endpoint.host} stored it as ${echoed}, expected ${digest}`);
-    return digest;
+    return { digest, subject };
   }
 
   // ---------------------------------------------------------------------------------------------------------
