@@ -73,6 +73,11 @@ export class ProfileStore {
     this.budget?.unpin(key);
   }
 
+  /** Whether a file is stored under `key`, usable or not: a fetch from the registry is only for keys with none. */
+  async has(key: string): Promise<boolean> {
+    return (await stat(this.file(key)).catch(() => undefined)) !== undefined;
+  }
+
   /** The file's bytes as stored; undefined when there is none. Throws ProfileError when it is past the bound. */
   async read(key: string): Promise<Buffer | undefined> {
     const file = this.file(key);

@@ -55,6 +55,7 @@ export async function openLayerService(setup: LayerServiceSetup): Promise<LayerS
     diskCache,
     tocCache,
     profiles,
+    profileRegistry: registry,
     opaqueXattr,
     log: log.child({ module: 'fs' }),
   });

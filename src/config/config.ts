@@ -63,6 +63,13 @@ export const DEFAULT_PROFILE_MAX_CHUNKS = 16_384;
 /** The most `max_chunks` may say: what a profile file may hold (profile-format.ts MAX_PROFILE_ENTRIES; a test keeps them equal). */
 export const MAX_PROFILE_CHUNKS = 65_536;
 
+/**
+ * ... and a mount whose image has no local profile waits this long at most for one pushed to the registry
+ * (`stargaze profile push`): a local registry answers the referrers lookup in a few ms, a remote one in a few
+ * round trips; a mount must never wait long for a hint.
+ */
+export const DEFAULT_PROFILE_FETCH_TIMEOUT_MS = 500;
+
 export interface PrefetchProfileConfig {
   /** `record`: the FUSE server records each mounted layer's start window into its profile. */
   readonly record: boolean;
@@ -74,6 +81,8 @@ export interface PrefetchProfileConfig {
   readonly maxWindowSec: number;
   /** `max_chunks`: the window closes after this many distinct chunks; a profile keeps at most this many. */
   readonly maxChunks: number;
+  /** `fetch_timeout_msec`: a mount without a local profile waits this long at most for one at the registry. */
+  readonly fetchTimeoutMs: number;
 }
 
 export interface FuseConfig {
@@ -238,6 +247,7 @@ export function defaultConfig(): Config {
       quietMs: DEFAULT_PROFILE_QUIET_MS,
       maxWindowSec: DEFAULT_PROFILE_MAX_WINDOW_SEC,
       maxChunks: DEFAULT_PROFILE_MAX_CHUNKS,
+      fetchTimeoutMs: DEFAULT_PROFILE_FETCH_TIMEOUT_MS,
     },
     fuseManager: { enable: true },
     criKeychain: { enableKeychain: false, imageServicePath: DEFAULT_CRI_IMAGE_SERVICE_PATH, listenPath: '' },
@@ -380,6 +390,7 @@ export function parseConfig(text: string, source = 'config'): LoadedConfig {
       quietMs: nonNegative('prefetch_profile.quiet_msec', d.prefetchProfile.quietMs),
       maxWindowSec: nonNegative('prefetch_profile.max_window_sec', d.prefetchProfile.maxWindowSec),
       maxChunks: atMost('prefetch_profile.max_chunks', nonNegative('prefetch_profile.max_chunks', d.prefetchProfile.maxChunks), MAX_PROFILE_CHUNKS),
+      fetchTimeoutMs: nonNegative('prefetch_profile.fetch_timeout_msec', d.prefetchProfile.fetchTimeoutMs),
     },
     fuseManager: { enable: get<boolean>('fuse_manager.enable') ?? d.fuseManager.enable },
     criKeychain: {

@@ -101,6 +101,7 @@ export const TABLE_KEYS: Readonly<Record<string, Readonly<Record<string, KeySpec
     quiet_msec: on('integer'),
     max_window_sec: on('integer'),
     max_chunks: on('integer'),
+    fetch_timeout_msec: on('integer'),
   },
   fuse_manager: {
     enable: on('boolean'),

@@ -121,6 +121,22 @@ export function labelFits(key: string, value: string): boolean {
   return Buffer.byteLength(key) + Buffer.byteLength(value) <= MAX_LABEL_BYTES;
 }
 
+/**
+ * A layers label's value for layer `i` (stargz's `stargz.layers`, CRI's `cri.image-layers`): this and the
+ * following digests, comma-joined, as many as fit the label size limit with `key`, as both clients cut it.
+ * The two keys allow the same number of sha256 digests (56), so an image's layers labels are equal under
+ * either, and so are the profile keys made from them (profile-format.ts profileKey).
+ */
+export function layersLabel(key: string, digests: readonly string[], i: number): string {
+  let list = '';
+  for (const d of digests.slice(i)) {
+    const next = list === '' ? d : `${list},${d}`;
+    if (!labelFits(key, next)) break;
+    list = next;
+  }
+  return list;
+}
+
 /** identity.ChainID step: the chain ID of `diffId` on top of `parent` (the base layer's is its diffID). */
 export function chainIdOf(parent: string | undefined, diffId: string): string {
   if (parent === undefined || parent === '') return diffId;

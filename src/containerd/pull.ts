@@ -31,6 +31,7 @@ import {
   REMOTE_URLS,
   STARGZ_DIGEST,
   STARGZ_LAYERS,
+  STARGAZE_MANIFEST_DIGEST,
   STARGZ_PREFETCH,
   STARGZ_REFERENCE,
   TARGET_SNAPSHOT_REF,
@@ -56,6 +57,7 @@ import {
   isConfigType,
   isLayerType,
   labelFits,
+  layersLabel,
   parseConfig,
   type ImageManifest,
 } from './image';
@@ -156,7 +158,14 @@ export function unpackKey(chainId: string): string {
  * the layer's `containerd.io/snapshot/*` annotations (the TOC digest among them), the stargz.* source labels,
  * and the target chainID.
  */
-export function layerLabels(ref: string, layers: readonly Descriptor[], i: number, chainId: string, prefetchBytes: number): Record<string, string> {
+export function layerLabels(
+  ref: string,
+  layers: readonly Descriptor[],
+  i: number,
+  chainId: string,
+  prefetchBytes: number,
+  manifestDigest?: string,
+): Record<string, string> {
   const desc = layers[i] as Descriptor;
   const labels: Record<string, string> = {};
   for (const [k, v] of Object.entries(desc.annotations ?? {})) {
@@ -165,15 +174,11 @@ export function layerLabels(ref: string, layers: readonly Descriptor[], i: numbe
   labels[STARGZ_REFERENCE] = ref;
   labels[STARGZ_DIGEST] = desc.digest;
   // This and the following layers, as many as fit the label size limit (skipping only costs prefetch).
-  let list = '';
-  for (const l of layers.slice(i)) {
-    const next = `${list}${l.digest},`;
-    if (!labelFits(STARGZ_LAYERS, next)) break;
-    list = next;
-  }
-  labels[STARGZ_LAYERS] = list.replace(/,$/, '');
+  labels[STARGZ_LAYERS] = layersLabel(STARGZ_LAYERS, layers.map((l) => l.digest), i);
   labels[STARGZ_PREFETCH] = String(prefetchBytes);
   if (desc.urls !== undefined && desc.urls.length > 0) labels[REMOTE_URLS] = desc.urls.join(',');
+  // Where the mount looks for a prefetch profile pushed for this image (stargaze profile push).
+  if (manifestDigest !== undefined) labels[STARGAZE_MANIFEST_DIGEST] = manifestDigest;
   labels[TARGET_SNAPSHOT_REF] = chainId;
   return labels;
 }
@@ -269,6 +274,8 @@ class Pull {
   /** Layer index -> download into the content store (bytes downloaded), started at most once. */
   private readonly fetches = new Map<number, Promise<number>>();
   private layers: readonly Descriptor[] = [];
+  /** The platform manifest's digest, passed to the snapshotter so its mounts can find a pushed prefetch profile. */
+  private manifestDigest: string | undefined;
 
   constructor(
     private readonly opts: PullOptions,
@@ -308,6 +315,7 @@ class Pull {
       if (!isLayerType(l.mediaType)) throw new UnsupportedImageError(`${this.name}: layer ${l.digest} has media type "${l.mediaType}", not a layer type`);
     }
     this.layers = layers;
+    this.manifestDigest = manifest.desc.digest;
     this.emit({ type: 'resolved', name: this.name, target: target.desc, manifest: manifest.desc, platform, layers: layers.length });
 
     const chain = chainIds(diffIds);
@@ -503,7 +511,7 @@ class Pull {
   private async prepareAndApply(i: number, sn: SnapshotsService, chainId: string, parent: string, diffId: string): Promise<{ lazy: boolean; bytes: number }> {
     const desc = this.layers[i] as Descriptor;
     const snErr = (err: unknown): unknown => snapshotterError(err, sn, this.c.address);
-    const labels = layerLabels(this.name, this.layers, i, chainId, this.opts.prefetchBytes);
+    const labels = layerLabels(this.name, this.layers, i, chainId, this.opts.prefetchBytes, this.manifestDigest);
     let key = '';
     let mounts: Mount[] | undefined;
     for (let attempt = 1; attempt <= PREPARE_ATTEMPTS && mounts === undefined; attempt++) {

@@ -13,6 +13,7 @@ import type { VerifiedLayer } from '../layer/layer';
 import { layerOptionsFromConfig, type LayerOptions } from '../layer/layer-options';
 import type { BlobResolver } from '../layer/layer-toc';
 import { Layers } from '../layer/layers';
+import type { ProfileRegistry } from '../layer/profile-fetch';
 import { layerStatusJson, statusFileName } from '../layer/status-file';
 import type { Logger } from '../log';
 import type { LayerNode } from '../metadata/layer-tree';
@@ -61,6 +62,8 @@ export interface StargazeFsOptions {
   tocCache?: TocCache;
   /** Prefetch profiles: replayed at mount, recorded from the mounts' reads. */
   profiles?: ProfileStore;
+  /** Where a mount with no local profile looks for one pushed to the registry (layer/profile-fetch.ts). */
+  profileRegistry?: ProfileRegistry;
   log: Logger;
   /** The xattr opaque directories carry (layer-tree.ts): trusted.overlay.opaque unless overlayfs uses `userxattr`. */
   opaqueXattr?: string;
@@ -107,6 +110,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
       diskCache: options.diskCache,
       tocCache: options.tocCache,
       profiles: options.profiles,
+      profileRegistry: options.profileRegistry,
       opaqueXattr: options.opaqueXattr,
       log: options.log,
     });

@@ -33,7 +33,15 @@ export interface LayerOptions {
   /** `[cache] memory_max_bytes`: decompressed chunks kept in memory, all layers together; 0: none. */
   readonly memoryCacheBytes: number;
   /** `[prefetch_profile]`: record start windows, replay stored profiles (profile-recorder.ts, layer-profile.ts). */
-  readonly profile: { readonly record: boolean; readonly replay: boolean; readonly quietMs: number; readonly maxWindowMs: number; readonly maxChunks: number };
+  readonly profile: {
+    readonly record: boolean;
+    readonly replay: boolean;
+    readonly quietMs: number;
+    readonly maxWindowMs: number;
+    readonly maxChunks: number;
+    /** `fetch_timeout_msec`: the wait for a profile pushed to the registry (profile-fetch.ts). */
+    readonly fetchTimeoutMs: number;
+  };
   /** How long a layer opened ahead of its mount waits for it (PRE_OPEN_TTL_MS). */
   readonly preOpenTtlMs: number;
 }
@@ -56,6 +64,7 @@ export function layerOptionsFromConfig(config: Config): LayerOptions {
       quietMs: config.prefetchProfile.quietMs,
       maxWindowMs: config.prefetchProfile.maxWindowSec * 1000,
       maxChunks: config.prefetchProfile.maxChunks,
+      fetchTimeoutMs: config.prefetchProfile.fetchTimeoutMs,
     },
     preOpenTtlMs: PRE_OPEN_TTL_MS,
   };

@@ -8,13 +8,15 @@ import type { DiskChunkCache } from '../cache/disk-chunk-cache';
 import type { ProfileStore } from '../cache/profile-store';
 import type { TocCache } from '../cache/toc-cache';
 import type { Logger } from '../log';
+import type { PrefetchProfile } from '../profile/profile-format';
 import type { FsMetrics } from '../metrics/fs-metrics';
 import { DeferredBlobSource } from '../remote/deferred-blob-source';
 import type { LayerSourceInfo } from '../source/labels';
 import type { Scheduler } from '../task/scheduler';
 import { Layer, type LayerContext, type LayerSetup, type VerifiedLayer } from './layer';
 import type { LayerOptions } from './layer-options';
-import { loadProfile } from './layer-profile';
+import { loadProfile, profileKeyOf } from './layer-profile';
+import { ProfileFetcher, type ProfileRegistry } from './profile-fetch';
 import { readLayerToc, verifiesChunks, type BlobResolver, type LayerToc } from './layer-toc';
 import { PreOpener } from './pre-open';
 import { QuietLink } from './quiet-link';
@@ -32,6 +34,8 @@ export interface LayersOptions {
   tocCache?: TocCache;
   /** Prefetch profiles: replayed at mount, recorded while served. */
   profiles?: ProfileStore;
+  /** Where a mount with no local profile looks for one pushed to the registry (absent: local ones only). */
+  profileRegistry?: ProfileRegistry;
   /** The xattr opaque directories carry (layer-tree.ts): trusted.overlay.opaque unless overlayfs uses `userxattr`. */
   opaqueXattr?: string;
   log: Logger;
@@ -44,6 +48,8 @@ export class Layers {
   private readonly preOpener: PreOpener;
   /** TOC cache writes not finished yet. */
   private readonly tocSaves = new Set<Promise<void>>();
+  /** Profiles pushed to the registry, for mounts that have none locally. */
+  private readonly fetcher: ProfileFetcher | undefined;
 
   constructor(private readonly deps: LayersOptions) {
     const { options } = deps;
@@ -60,6 +66,8 @@ export class Layers {
       profiles: deps.profiles,
       opaqueXattr: deps.opaqueXattr,
     };
+    this.fetcher =
+      deps.profiles !== undefined && deps.profileRegistry !== undefined ? new ProfileFetcher(deps.profileRegistry, deps.profiles, options.profile.fetchTimeoutMs) : undefined;
     this.preOpener = new PreOpener(options.preOpenTtlMs, (ref, digest) => this.openAhead(ref, digest));
   }
 
@@ -74,7 +82,7 @@ export class Layers {
     this.preOpener.openNeighbours(source, (digest) => servedDigests.has(digest), log);
     const { options, profiles } = this.ctx;
     // Looked up before the layer is set up: a profile takes the place of the landmark in its prefetch.
-    const profile = profiles !== undefined && options.profile.replay && !options.noPrefetch ? await loadProfile(profiles, source, log) : undefined;
+    const profile = profiles !== undefined && options.profile.replay && !options.noPrefetch ? await this.profileFor(profiles, source, log) : undefined;
     const setup: LayerSetup = { labelPrefetchBytes: source.prefetchBytes, verifyChunks: verifiesChunks(source, options), profile };
     // A layer opened ahead had no cached TOC then: no need to look (file reads wait for the libuv threads,
     // which a running prefetch keeps busy inflating).
@@ -93,6 +101,15 @@ export class Layers {
     if (toc.compression === 'zstd') log.debug('zstd:chunked layer');
     this.saveToc(source, toc);
     return verified;
+  }
+
+  /** The local profile of the mount, else (when the store has no file for it) one pushed to the registry. */
+  private async profileFor(profiles: ProfileStore, source: LayerSourceInfo, log: Logger): Promise<PrefetchProfile | undefined> {
+    const local = await loadProfile(profiles, source, log);
+    if (local !== undefined || this.fetcher === undefined || source.manifestDigest === undefined) return local;
+    // An unusable local file was logged already; the registry is asked only when there is none at all.
+    if (await profiles.has(profileKeyOf(source))) return undefined;
+    return this.fetcher.fetch(source, log);
   }
 
   /** Stops the layers opened ahead and waits for TOC cache writes; served layers are their mounts' to close. */

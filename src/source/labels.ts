@@ -20,6 +20,11 @@ export const STARGZ_LAYERS = 'containerd.io/snapshot/remote/stargz.layers';
 export const STARGZ_PREFETCH = 'containerd.io/snapshot/remote/stargz.prefetch';
 /** Present when the client allows an unverified mount (needs allow_no_verification in config). */
 export const STARGZ_SKIP_VERIFY = 'containerd.io/snapshot/remote/stargz.skipverify';
+/**
+ * stargaze rpull: the digest of the image's platform manifest (as CRI's cri.manifest-digest), so the mount
+ * can look up a prefetch profile pushed as a referrer of it (`stargaze profile push`). ctr-remote sets none.
+ */
+export const STARGAZE_MANIFEST_DIGEST = 'containerd.io/snapshot/remote/stargaze.manifest-digest';
 /** Comma list of the descriptor's urls. */
 export const REMOTE_URLS = 'containerd.io/snapshot/remote/urls';
 
@@ -49,7 +54,11 @@ export interface LayerSourceInfo {
   skipVerify: boolean;
   /** Digests of this and the following layers of the image, when the client said. */
   layers: string[];
+  /** The image's platform manifest digest, when the client said (CRI's label, else ours): where referrers hang. */
+  manifestDigest?: string;
 }
+
+const DIGEST = /^sha256:[0-9a-f]{64}$/;
 
 /** Returns the layer source from Prepare labels, or undefined when they do not describe a remote layer. */
 export function layerSourceFromLabels(labels: Record<string, string>): LayerSourceInfo | undefined {
@@ -68,5 +77,6 @@ export function layerSourceFromLabels(labels: Record<string, string>): LayerSour
     prefetchBytes,
     skipVerify: labels[STARGZ_SKIP_VERIFY] !== undefined,
     layers: layersLabel.split(',').filter((d) => d.length > 0),
+    manifestDigest: [labels[CRI_MANIFEST_DIGEST], labels[STARGAZE_MANIFEST_DIGEST]].find((d) => d !== undefined && DIGEST.test(d)),
   };
 }
