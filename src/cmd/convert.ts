@@ -22,9 +22,9 @@ import { RegistryClient } from '../remote/registry-client';
 import { RegistryPusher } from '../remote/registry-push';
 import { DEFAULT_CHUNK_SIZE_BYTES, DEFAULT_COMPRESSION_LEVEL } from '../estargz/writer';
 import { pathExists } from '../path-exists';
+import { DEFAULT_HOSTS_DIR } from './default-root';
 
-/** containerd's usual config_path for hosts.toml files (the daemon's default too). */
-export const DEFAULT_HOSTS_DIR = '/etc/containerd/certs.d';
+export { DEFAULT_HOSTS_DIR };
 
 const USAGE = `usage: stargaze convert [options] SRC DST
 
@@ -132,7 +132,7 @@ export function parseConvertArgs(argv: string[]): ConvertArgs | 'help' {
   };
 }
 
-function parseUser(text: string, flag: string): { username: string; password: string } {
+export function parseUser(text: string, flag: string): { username: string; password: string } {
   const colon = text.indexOf(':');
   if (colon <= 0) throw new UsageError(`${flag} wants USER:PASS`);
   return { username: text.slice(0, colon), password: text.slice(colon + 1) };
@@ -146,7 +146,7 @@ function parseIntFlag(text: string, flag: string, min: number, max: number): num
 }
 
 /** A logger for warnings (hosts.toml, credentials) on stderr: stdout carries only the result. */
-function stderrLogger(): pino.Logger {
+export function stderrLogger(): pino.Logger {
   return pino({ level: process.env.STARGAZE_LOG_LEVEL ?? 'warn', base: undefined, timestamp: pino.stdTimeFunctions.isoTime }, pino.destination(2));
 }
 
@@ -154,7 +154,7 @@ function stderrLogger(): pino.Logger {
  * The hosts dir to use for a registry. With --plain-http and no hosts.toml for it (nor a _default one), a
  * throw-away hosts dir says `server = "http://<host>"`, which is what ctr's --plain-http means.
  */
-async function hostsDirFor(domain: string, hostsDir: string, plainHttp: boolean, cleanups: Array<() => Promise<void>>): Promise<string> {
+export async function hostsDirFor(domain: string, hostsDir: string, plainHttp: boolean, cleanups: Array<() => Promise<void>>): Promise<string> {
   if (!plainHttp) return hostsDir;
   if ((await pathExists(path.join(hostsDir, domain, HOSTS_FILE))) || (await pathExists(path.join(hostsDir, DEFAULT_HOST_DIR, HOSTS_FILE)))) return hostsDir;
   const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-convert-hosts-'));

@@ -10,18 +10,23 @@ import { parseArgs } from 'node:util';
 import { PROFILE_DIR, ProfileStore } from '../cache/profile-store';
 import { errorCode, errorMessage, ProfileError, UsageError } from '../errors';
 import { keyOf, MAX_PROFILE_FILE_BYTES, parseProfile } from '../profile/profile-format';
-import { DEFAULT_ROOT } from './default-root';
+import { DEFAULT_HOSTS_DIR, DEFAULT_ROOT } from './default-root';
 
 const USAGE = `usage: stargaze profile ls [--root DIR]
        stargaze profile show KEY [--root DIR]
        stargaze profile export KEY [FILE|-] [--root DIR]
        stargaze profile import FILE|- [--root DIR]
+       stargaze profile push IMAGE [--root DIR] [--plain-http] [--hosts-dir DIR] [--user USER:PASS] [--platform P]
 
 Prefetch profiles recorded by the daemon under DIR/${PROFILE_DIR} (default root ${DEFAULT_ROOT}).
 KEY is a profile's key as 'ls' prints it, or a unique prefix of it (at least 8 characters).
 'export' writes the profile to FILE, or to standard output without FILE or with '-'.
 'import' checks a profile (version, digests, bounds) and stores it under its own key; the daemon uses it
 the next time that layer is mounted for an image with the same layers.
+'push' uploads the profiles of IMAGE's layers as an OCI artifact referring to IMAGE's manifest (platform: the
+host's, or --platform), listed through the registry's referrers API or its referrers tag (sha256-<hex>); a
+pull by 'stargaze rpull' or CRI on another node fetches them. Registry options as 'stargaze convert' DST's
+(--hosts-dir default ${DEFAULT_HOSTS_DIR}); prints the artifact's digest.
 `;
 
 /** A key prefix shorter than this is too likely to be a typo matching something else. */
@@ -29,11 +34,18 @@ const MIN_PREFIX = 8;
 
 export async function main(argv: string[]): Promise<number> {
   let positionals: string[];
-  let values: { root?: string; help?: boolean };
+  let values: { root?: string; help?: boolean; 'plain-http'?: boolean; 'hosts-dir'?: string; user?: string; platform?: string };
   try {
     ({ positionals, values } = parseArgs({
       args: argv,
-      options: { root: { type: 'string', default: DEFAULT_ROOT }, help: { type: 'boolean', short: 'h' } },
+      options: {
+        root: { type: 'string', default: DEFAULT_ROOT },
+        'plain-http': { type: 'boolean', default: false },
+        'hosts-dir': { type: 'string', default: DEFAULT_HOSTS_DIR },
+        user: { type: 'string' },
+        platform: { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
       allowPositionals: true,
       strict: true,
     }));
@@ -68,8 +80,19 @@ export async function main(argv: string[]): Promise<number> {
     case 'import':
       expect(1);
       return importProfile(store, args[0]!);
+    case 'push': {
+      expect(1);
+      // Loaded only here: the local commands need no registry client.
+      const { pushCommand } = await import('./profile-push');
+      return pushCommand(store, args[0]!, {
+        plainHttp: values['plain-http'] === true,
+        hostsDir: values['hosts-dir'] ?? DEFAULT_HOSTS_DIR,
+        user: values.user,
+        platform: values.platform,
+      });
+    }
     case undefined:
-      throw new UsageError(`profile: expected a command: ls, show, export or import\n${USAGE}`);
+      throw new UsageError(`profile: expected a command: ls, show, export, import or push\n${USAGE}`);
     default:
       throw new UsageError(`profile: unknown command '${command}'\n${USAGE}`);
   }

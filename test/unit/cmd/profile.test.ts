@@ -60,7 +60,10 @@ test('bad flags, commands, keys and files are clear errors', async (t) => {
   await writeFile(path.join(dir, 'big.json'), Buffer.alloc(MAX_PROFILE_FILE_BYTES + 1, 0x20));
   const cases: Array<[string[], number, RegExp]> = [
     [['profile', '--bogus'], 2, /Unknown option '--bogus'/],
-    [['profile'], 2, /expected a command: ls, show, export or import/],
+    [['profile'], 2, /expected a command: ls, show, export, import or push/],
+    [['profile', 'push', ...root], 2, /profile push: expected 1 argument, got 0/],
+    [['profile', 'push', '127.0.0.1:1/app:v1', '--user', 'nocolon', ...root], 2, /--user wants USER:PASS/],
+    [['profile', 'push', '127.0.0.1:1/app:v1', '--platform', 'a/b/c/d', ...root], 2, /--platform/],
     [['profile', 'rm', 'x'], 2, /unknown command 'rm'/],
     [['profile', 'show', ...root], 2, /profile show: expected 1 argument, got 0/],
     [['profile', 'show', 'abc', ...root], 2, /not a profile key/],
