@@ -28,13 +28,20 @@ export class HeldRanges {
     return this.heldBytes;
   }
 
-  /** Holds blob bytes [offset, offset + bytes.length); false when that would pass the bound or overlap a held span. */
+  /**
+   * Holds blob bytes [offset, offset + bytes.length); false when that would pass the bound or overlap a held span.
+   * A binary search and one insert: a profile's thousands of spans arrive on the main thread, in profile order.
+   */
   add(offset: number, bytes: Buffer): boolean {
     const end = offset + bytes.length;
     if (bytes.length === 0 || this.heldBytes + bytes.length > this.maxBytes) return false;
-    if (this.spans.some((s) => s.offset < end && offset < s.offset + s.bytes.length)) return false;
-    this.spans.push({ offset, bytes });
-    this.spans.sort((a, b) => a.offset - b.offset);
+    // Disjoint and sorted: only the neighbours either side of the insert point can overlap.
+    const at = this.firstStartingAtOrAfter(offset);
+    const before = this.spans[at - 1];
+    const after = this.spans[at];
+    if (before !== undefined && before.offset + before.bytes.length > offset) return false;
+    if (after !== undefined && after.offset < end) return false;
+    this.spans.splice(at, 0, { offset, bytes });
     this.heldBytes += bytes.length;
     return true;
   }
@@ -45,7 +52,12 @@ export class HeldRanges {
    */
   async read(offset: number, length: number, fetch: (gaps: readonly ByteRange[]) => Promise<Buffer[]>): Promise<Buffer> {
     const end = offset + length;
-    const inside = this.spans.filter((s) => s.offset < end && offset < s.offset + s.bytes.length);
+    const inside: Held[] = [];
+    // Spans are disjoint, so their ends are sorted too: those inside the window follow one another.
+    for (let i = Math.max(0, this.firstStartingAtOrAfter(offset) - 1); i < this.spans.length && this.spans[i]!.offset < end; i++) {
+      const s = this.spans[i]!;
+      if (offset < s.offset + s.bytes.length) inside.push(s);
+    }
     if (inside.length === 0) return (await fetch([{ offset, length }]))[0]!;
     const gaps: ByteRange[] = [];
     let at = offset;
@@ -72,9 +84,22 @@ export class HeldRanges {
     this.heldBytes = 0;
   }
 
+  /** Lets go of the spans that end by `upTo`: a prefix, since disjoint sorted spans have sorted ends. */
   private release(upTo: number): void {
-    const kept = this.spans.filter((s) => s.offset + s.bytes.length > upTo);
-    for (const s of this.spans) if (!kept.includes(s)) this.heldBytes -= s.bytes.length;
-    this.spans = kept;
+    let n = 0;
+    for (; n < this.spans.length && this.spans[n]!.offset + this.spans[n]!.bytes.length <= upTo; n++) this.heldBytes -= this.spans[n]!.bytes.length;
+    if (n > 0) this.spans.splice(0, n);
+  }
+
+  /** Index of the first span starting at or after `offset` (spans.length when none does). */
+  private firstStartingAtOrAfter(offset: number): number {
+    let lo = 0;
+    let hi = this.spans.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.spans[mid]!.offset < offset) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
   }
 }
