@@ -4,13 +4,42 @@
  * members a second time. It asks read() for its windows, which copies what is held and fetches only the gaps
  * (in one multi-range request where the registry allows), and lets go of what lies behind the window.
  *
- * Bounded (`maxBytes`): past the bound, spans are not held and the pass downloads them again, as it does for a
- * layer whose prefetch failed. The bytes were checked chunk by chunk when prefetched; the pass hashes them anyway.
+ * Bounded twice: per layer (`maxBytes`) and per process (a HeldBudget all layers share, since a layer's pass can
+ * wait indefinitely behind other layers and the quiet-link gate). A span past either bound is not held and the
+ * pass downloads it again, as it does for a layer whose prefetch failed. What is let go returns to the budget.
+ * The bytes were checked chunk by chunk when prefetched; the pass hashes them anyway.
  */
 import type { ByteRange } from '../remote/blob-source';
 
 /** Compressed bytes held per layer at most: a profile's members beyond that are downloaded again in the background. */
 export const HELD_PROFILE_BYTES = 64 * 1024 * 1024;
+
+/** Compressed bytes held by all layers of a process at most (20 profiled layers would otherwise hold 1.3 GB). */
+export const HELD_PROFILE_TOTAL_BYTES = 256 * 1024 * 1024;
+
+/** The process-wide bound on held profile bytes, shared by every layer's HeldRanges (layers.ts makes it). */
+export class HeldBudget {
+  /** Bytes held now, by all layers together. */
+  private used = 0;
+
+  constructor(readonly maxBytes = HELD_PROFILE_TOTAL_BYTES) {}
+
+  get bytes(): number {
+    return this.used;
+  }
+
+  /** Counts `n` more bytes as held; false (nothing counted) when that would pass the bound. */
+  take(n: number): boolean {
+    if (this.used + n > this.maxBytes) return false;
+    this.used += n;
+    return true;
+  }
+
+  /** `n` held bytes were let go. */
+  give(n: number): void {
+    this.used = Math.max(0, this.used - n);
+  }
+}
 
 interface Held {
   offset: number;
@@ -22,7 +51,11 @@ export class HeldRanges {
   private spans: Held[] = [];
   private heldBytes = 0;
 
-  constructor(private readonly maxBytes = HELD_PROFILE_BYTES) {}
+  constructor(
+    private readonly maxBytes = HELD_PROFILE_BYTES,
+    /** Shared with the other layers of the process; absent: only the per-layer bound. */
+    private readonly budget?: HeldBudget,
+  ) {}
 
   get bytes(): number {
     return this.heldBytes;
@@ -41,6 +74,7 @@ export class HeldRanges {
     const after = this.spans[at];
     if (before !== undefined && before.offset + before.bytes.length > offset) return false;
     if (after !== undefined && after.offset < end) return false;
+    if (this.budget !== undefined && !this.budget.take(bytes.length)) return false;
     this.spans.splice(at, 0, { offset, bytes });
     this.heldBytes += bytes.length;
     return true;
@@ -80,6 +114,7 @@ export class HeldRanges {
 
   /** Lets go of everything (the layer closed, or the pass is over). */
   clear(): void {
+    this.budget?.give(this.heldBytes);
     this.spans = [];
     this.heldBytes = 0;
   }
@@ -87,8 +122,12 @@ export class HeldRanges {
   /** Lets go of the spans that end by `upTo`: a prefix, since disjoint sorted spans have sorted ends. */
   private release(upTo: number): void {
     let n = 0;
-    for (; n < this.spans.length && this.spans[n]!.offset + this.spans[n]!.bytes.length <= upTo; n++) this.heldBytes -= this.spans[n]!.bytes.length;
-    if (n > 0) this.spans.splice(0, n);
+    let freed = 0;
+    for (; n < this.spans.length && this.spans[n]!.offset + this.spans[n]!.bytes.length <= upTo; n++) freed += this.spans[n]!.bytes.length;
+    if (n === 0) return;
+    this.spans.splice(0, n);
+    this.heldBytes -= freed;
+    this.budget?.give(freed);
   }
 
   /** Index of the first span starting at or after `offset` (spans.length when none does). */

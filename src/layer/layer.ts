@@ -29,7 +29,7 @@ import type { LayerOptions } from './layer-options';
 import { checkTocDigest, type LayerToc } from './layer-toc';
 import { hasLocalCopy } from './local-copy';
 import { profileKeyOf, resolveProfile, saveRecording } from './layer-profile';
-import { HeldRanges } from './held-ranges';
+import { HELD_PROFILE_BYTES, HeldRanges, type HeldBudget } from './held-ranges';
 import { ProfileRecorder } from './profile-recorder';
 import type { QuietLink } from './quiet-link';
 
@@ -53,6 +53,8 @@ export interface LayerContext {
   readonly tocCache?: TocCache;
   /** Prefetch profiles: replayed at mount, recorded while served, kept from eviction while served. */
   readonly profiles?: ProfileStore;
+  /** Bounds the profile bytes all layers hold for their background passes together (held-ranges.ts). */
+  readonly heldBudget: HeldBudget;
   /** The xattr opaque directories carry (layer-tree.ts). */
   readonly opaqueXattr?: string;
 }
@@ -399,7 +401,7 @@ function startPrefetch(
   const keepHead = profileChunks === undefined && !ctx.options.noBackgroundFetch && reader.compression === 'gzip';
   const started = Date.now();
   // The background pass reads every byte for the chainID check: it takes a profile's bytes from here.
-  let held = profileChunks !== undefined && !ctx.options.noBackgroundFetch ? new HeldRanges() : undefined;
+  let held = profileChunks !== undefined && !ctx.options.noBackgroundFetch ? new HeldRanges(HELD_PROFILE_BYTES, ctx.heldBudget) : undefined;
   signal.addEventListener('abort', () => held?.clear(), { once: true });
   const fetching =
     profileChunks !== undefined

@@ -1,7 +1,7 @@
 /**
  * The process's layers: Layers.open() takes a mount's labels to a VerifiedLayer, from a layer opened ahead
  * (pre-open.ts), the TOC cache, or the registry, and opens the image's following layers meanwhile. What every
- * layer shares (memory cache, scheduler, the quiet-link gate) is made here once.
+ * layer shares (memory cache, scheduler, the quiet-link gate, the bound on held profile bytes) is made here once.
  */
 import { LRUCache } from 'lru-cache';
 import type { DiskChunkCache } from '../cache/disk-chunk-cache';
@@ -15,6 +15,7 @@ import type { LayerSourceInfo } from '../source/labels';
 import type { Scheduler } from '../task/scheduler';
 import { Layer, type LayerContext, type LayerSetup, type VerifiedLayer } from './layer';
 import type { LayerOptions } from './layer-options';
+import { HeldBudget } from './held-ranges';
 import { loadProfile, profileKeyOf } from './layer-profile';
 import { ProfileFetcher, type ProfileRegistry } from './profile-fetch';
 import { readLayerToc, verifiesChunks, type BlobResolver, type LayerToc } from './layer-toc';
@@ -64,6 +65,7 @@ export class Layers {
       diskCache: deps.diskCache,
       tocCache: deps.tocCache,
       profiles: deps.profiles,
+      heldBudget: new HeldBudget(),
       opaqueXattr: deps.opaqueXattr,
     };
     this.fetcher =

@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
-import { HeldRanges } from '../../../src/layer/held-ranges';
+import { HeldBudget, HeldRanges } from '../../../src/layer/held-ranges';
 import type { ByteRange } from '../../../src/remote/blob-source';
 
 const blob = Buffer.from(Array.from({ length: 100 }, (_, i) => i));
@@ -34,6 +34,28 @@ test('past its bound it holds nothing more', () => {
   assert.equal(held.add(20, span(20, 30)), false);
   held.clear();
   assert.equal(held.bytes, 0);
+});
+
+test('layers share one budget: a span past it is not held, and what a layer lets go returns to it', async () => {
+  const budget = new HeldBudget(40);
+  const a = new HeldRanges(1000, budget);
+  const b = new HeldRanges(1000, budget);
+  assert.equal(a.add(0, span(0, 20)), true);
+  assert.equal(b.add(0, span(0, 15)), true);
+  assert.equal(budget.bytes, 35);
+  assert.equal(b.add(50, span(50, 60)), false, 'past the budget, though within the own bound of its layer');
+  assert.equal(a.add(40, span(40, 45)), true, 'what still fits is held');
+  assert.equal(budget.bytes, 40);
+  assert.equal(a.add(30, span(30, 31)), false);
+  const fetch = (gaps: readonly ByteRange[]): Promise<Buffer[]> => Promise.resolve(gaps.map((g) => span(g.offset, g.offset + g.length)));
+  // b's background pass consumes its span: the bytes go back to the budget.
+  assert.deepEqual(await b.read(0, 30, fetch), blob.subarray(0, 30));
+  assert.equal(budget.bytes, 25);
+  assert.equal(b.add(50, span(50, 60)), true, 'room again');
+  b.clear(); // its layer closed
+  a.clear(); // a local copy made a's bytes moot
+  assert.equal(budget.bytes, 0);
+  assert.equal(a.bytes + b.bytes, 0);
 });
 
 test('many spans cost no quadratic work: adds out of order and windows that let go of a few at a time', async () => {
