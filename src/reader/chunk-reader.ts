@@ -331,8 +331,10 @@ export class LayerReader {
    * As in prefetch(), every chunk is in flight from the start, so a read of one joins it, and each is inflated
    * and verified as soon as its request has arrived. Rejects with the first failure after trying them all.
    *
-   * `onSpan` receives each request's bytes (blob offset, bytes) as they arrive: background fetch hashes them
-   * for the chainID check instead of downloading them again (layer/held-ranges.ts).
+   * `onSpan` receives each request's bytes (blob offset, bytes) once every chunk in them decoded and verified,
+   * and never when one failed: background fetch hashes them for the chainID check instead of downloading them
+   * again (layer/held-ranges.ts), and a corrupt answer held for it would fail the whole layer's check, where
+   * downloading it again costs one request.
    */
   async prefetchChunks(wanted: readonly ChunkInfo[], signal?: AbortSignal, onSpan?: (offset: number, bytes: Buffer) => void): Promise<void> {
     const todo = wanted.filter((c) => !this.has(this.key(c)) && !this.isLocal(c));
@@ -349,7 +351,6 @@ export class LayerReader {
       async (span, i, sig) => {
         const bytes = await this.fromBlob(this.blob.readRange(span.offset, span.end - span.offset, sig));
         this.stats.fetchedBytes += bytes.length;
-        onSpan?.(span.offset, bytes);
         arrived[i]!.resolve(bytes);
       },
       { concurrency: this.prefetchParallel.concurrency, signal, shared: { limiter: this.scheduler.fetches, priority: 'prefetch' } },
@@ -358,8 +359,10 @@ export class LayerReader {
       throw err;
     });
     all.catch(() => undefined); // awaited below; each chunk sees its own request's failure
-    const jobs = spans.flatMap((span, i) =>
-      span.chunks.map((c) => {
+    /** Each span handed to onSpan once all its chunks passed (settles either way). */
+    const handedOn: Promise<void>[] = [];
+    const jobs = spans.flatMap((span, i) => {
+      const chunkJobs = span.chunks.map((c) => {
         const key = this.key(c);
         const p = arrived[i]!.promise
           .then((bytes) => {
@@ -382,9 +385,19 @@ export class LayerReader {
         this.inflight.set(key, p);
         this.prefetching.add(key);
         return p;
-      }),
-    );
+      });
+      if (onSpan !== undefined) {
+        handedOn.push(
+          Promise.all([arrived[i]!.promise, ...chunkJobs]).then(
+            ([bytes]) => onSpan(span.offset, bytes),
+            () => undefined, // a chunk failed (or the request did): the span's bytes are not trusted
+          ),
+        );
+      }
+      return chunkJobs;
+    });
     const failed = (await Promise.allSettled(jobs)).find((r) => r.status === 'rejected');
+    await Promise.all(handedOn);
     await all;
     if (failed !== undefined) throw failed.reason;
   }

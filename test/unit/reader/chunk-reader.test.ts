@@ -577,3 +577,28 @@ test("a read that joins a prefetch's chunk is not queued behind other layers' pr
   await holder;
   await prefetch;
 });
+
+test('prefetchChunks hands on a span only once all its chunks verified: none with a corrupt chunk', async () => {
+  const l = await layer();
+  const { node: n0 } = open(l);
+  const [f0, f1, f2] = n0('file').chunks;
+  const small = n0('small').chunks[0];
+  assert.ok(f0 && f1 && f2 && small);
+  assert.equal(f1.compressedOffset, f0.compressedEnd, 'the file chunks touch: one request');
+  const blob = Buffer.from(l.blob);
+  blob[f1.compressedOffset + 20] ^= 0x55; // the middle chunk of the file's span is corrupt
+  const { reader, source } = open({ ...l, blob }, { prefetchParallel: { concurrency: 2, chunkBytes: 1 << 20 } });
+  const handed: Array<{ offset: number; bytes: Buffer; cached: boolean }> = [];
+  await assert.rejects(
+    reader.prefetchChunks([f0, f1, f2, small], undefined, (offset, bytes) => handed.push({ offset, bytes: Buffer.from(bytes), cached: reader.stats.prefetchedChunks > 0 })),
+    (err: unknown) => err instanceof VerificationError || err instanceof EstargzFormatError,
+  );
+  assert.equal(source.reads.length, 2, 'the file span and the small file, one request each');
+  // Held for the background pass, the corrupt span would fail the layer's chainID check: it is not handed on.
+  assert.deepEqual(
+    handed.map((h) => [h.offset, h.bytes.length]),
+    [[small.compressedOffset, small.compressedEnd - small.compressedOffset]],
+  );
+  assert.ok(handed[0]?.bytes.equals(l.blob.subarray(small.compressedOffset, small.compressedEnd)));
+  assert.ok(handed[0]?.cached, 'handed on after its chunk was decoded and cached');
+});
