@@ -3,8 +3,8 @@
  *
  * Range reads expect 206 with a matching Content-Range; a 200 (server ignored Range) is read only up to the
  * wanted slice and the rest of the connection is dropped, so a whole blob is never buffered. Multi-range reads
- * send one GET `Range: bytes=a-b,c-d` and parse multipart/byteranges as a stream; a 400 switches that host to
- * single ranges (as does force_single_range_mode).
+ * send one GET `Range: bytes=a-b,c-d` and parse multipart/byteranges as a stream; a 400, or a 200 (the blob from
+ * its start), switches that host to single ranges (as does force_single_range_mode).
  *
  * Each read is one request (Transport.exchange: its retries, a body cut short included), bounded end to end by
  * the fetch timeout ([blob] fetching_timeout_sec). Besides retries, a read may change where it reads from,
@@ -30,7 +30,7 @@ export const MAX_RANGES_PER_REQUEST = 64;
 
 /** Which hosts get single ranges only. */
 export class SingleRangeHosts {
-  /** Hosts that answered 400 to a multi-range request. */
+  /** Hosts that answered a multi-range request with 400, or with 200 (the whole blob). */
   private readonly hosts = new Set<string>();
 
   constructor(
@@ -43,11 +43,12 @@ export class SingleRangeHosts {
     return this.forced || this.hosts.has(host);
   }
 
-  /** `host` refused a multi-range request (400). */
-  add(host: string): void {
+  /** `host` refused a multi-range request (400), or answered it with the whole blob (200). */
+  add(host: string, answer: 400 | 200 = 400): void {
     if (this.hosts.has(host)) return;
     this.hosts.add(host);
-    this.log.info({ host }, 'registry host refused a multi-range request; using single ranges for it');
+    const what = answer === 400 ? 'refused a multi-range request' : 'answered a multi-range request with the whole blob';
+    this.log.info({ host, status: answer }, `registry host ${what}; using single ranges for it`);
   }
 }
 
@@ -98,7 +99,9 @@ export class RegistryBlobSource implements BlobSource {
    * more than MAX_RANGES_PER_REQUEST split over parallel requests). Answers understood: 206 multipart/byteranges
    * (parsed as a stream; the Content-Type may be missing), 206 with one Content-Range (a server that merged the
    * ranges), 200 (the whole blob, read only up to the last wanted byte). Whatever the answer left out is read
-   * with single ranges. A 400 switches the host to single ranges for good, as does force_single_range_mode.
+   * with single ranges. A 400 or a 200 switches the host to single ranges for good, as does
+   * force_single_range_mode: after a 200, each later request (a background pass asks one per window) would read
+   * the blob from its start again, quadratic in the blob's size.
    */
   async readRanges(ranges: readonly ByteRange[], signal?: AbortSignal): Promise<Buffer[]> {
     for (const r of ranges) this.checkRange(r.offset, r.length);
@@ -244,6 +247,8 @@ export class RegistryBlobSource implements BlobSource {
     }
     if (res.statusCode === 200) {
       // The server ignored Range: take what we want from the whole blob, stop after the last wanted byte.
+      // Single ranges from now on: another multi-range request would read the blob from 0 again.
+      this.ctx.singleRangeHosts.add(host, 200);
       const len = parseNonNegativeInt(firstHeader(res, 'content-length'));
       if (len !== undefined && len !== this.size) {
         res.body.destroy();

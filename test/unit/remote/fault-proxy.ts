@@ -8,6 +8,7 @@
  *   status           answer `status` (with Retry-After when `retryAfterSec` is set)
  *   ignore-range     Range is dropped: the registry answers 200 with the whole blob
  *   reject-multi-range  400 for a Range with more than one range
+ *   ignore-multi-range  a Range with more than one range is dropped: 200 with the whole blob (single ranges pass)
  *   strip-content-type  206 answers lose their Content-Type
  *   redirect         307 to a storage URL on this proxy that expires after `ttlMs` (then 403, as S3 does)
  *   corrupt          one body byte is flipped (for digest checks)
@@ -23,6 +24,7 @@ export type Fault =
   | { kind: 'status'; status: number; retryAfterSec?: number; times?: number }
   | { kind: 'ignore-range' }
   | { kind: 'reject-multi-range' }
+  | { kind: 'ignore-multi-range' }
   | { kind: 'strip-content-type' }
   | { kind: 'redirect'; ttlMs: number }
   | { kind: 'corrupt'; times?: number };
@@ -117,6 +119,9 @@ export async function startFaultProxy(target: () => string, opts: { port?: numbe
           return;
         }
         pass(req, res, url, {});
+        return;
+      case 'ignore-multi-range':
+        pass(req, res, url, { dropRange: (req.headers.range ?? '').includes(',') });
         return;
       case 'strip-content-type':
         pass(req, res, url, { stripContentType: true });

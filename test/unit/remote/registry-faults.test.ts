@@ -184,6 +184,25 @@ describe('registry client through faults', () => {
     assert.ok(proxy.blobRequests().slice(before).every((r) => !r.range?.includes(',')));
   });
 
+  it('multi-range: a host that answers one with 200 gets single ranges after, so windows do not read from 0 each time', async () => {
+    // A real docker-registry answers multi-range requests with 206 multipart; some registries and CDNs answer
+    // 200 with the whole blob. The proxy plays one: multi-range requests lose their Range, single ones keep it.
+    const src = (await client().resolveBlob(ref(), digest)) as RegistryBlobSource;
+    proxy.setFault({ kind: 'ignore-multi-range' });
+    const windows = [scattered(BLOB_BYTES / 4, 4, 1000), scattered(BLOB_BYTES / 4, 4, 1000).map((r) => ({ offset: r.offset + Math.floor(BLOB_BYTES / 2), length: r.length }))];
+    let before = proxy.blobRequests().length;
+    let out = await src.readRanges(windows[0]!);
+    windows[0]!.forEach((r, i) => assert.ok(out[i]?.equals(data.subarray(r.offset, r.offset + r.length)), `range ${i}`));
+    assert.equal(proxy.blobRequests().slice(before).length, 1, 'one multi-range request, answered 200');
+    before = proxy.blobRequests().length;
+    out = await src.readRanges(windows[1]!);
+    windows[1]!.forEach((r, i) => assert.ok(out[i]?.equals(data.subarray(r.offset, r.offset + r.length)), `range ${i}`));
+    const later = proxy.blobRequests().slice(before);
+    assert.equal(later.length, windows[1]!.length);
+    assert.ok(later.every((r) => r.range !== undefined && !r.range.includes(',')), 'host is in single-range mode: no read from 0');
+    proxy.setFault({ kind: 'none' });
+  });
+
   it('multi-range reads survive a reset mid-body', async () => {
     const src = (await client().resolveBlob(ref(), digest)) as RegistryBlobSource;
     proxy.setFault({ kind: 'reset-mid-body', afterBytes: 5_000, times: 1 });
