@@ -23,8 +23,9 @@ export interface ProfileRecorderOptions {
 
 export class ProfileRecorder {
   /** Chunks seen, by identity: a hardlink's second name reads the same chunks and adds nothing. */
-  private readonly seen = new Set<ChunkInfo>();
-  private readonly entries: ProfileEntry[] = [];
+  private seen = new Set<ChunkInfo>();
+  /** The window's entries so far; handed over (not kept) when it closes. */
+  private entries: ProfileEntry[] = [];
   private state: 'waiting' | 'recording' | 'closed' = 'waiting';
   private lastReadMs = 0;
   private startedMs = 0;
@@ -71,8 +72,11 @@ export class ProfileRecorder {
     this.state = 'closed';
     clearTimeout(this.timer);
     this.timer = undefined;
-    this.seen.clear();
-    if (this.entries.length > 0) this.onClosed(this.entries);
+    // Its layer keeps the recorder until unmount: what it recorded (about 1 MB at max_chunks) must not stay with it.
+    const entries = this.entries;
+    this.entries = [];
+    this.seen = new Set();
+    if (entries.length > 0) this.onClosed(entries);
   }
 
   /** One timer for the window: it fires when it may be over and re-arms for whatever is left. */

@@ -1,6 +1,8 @@
 /** The start window's recorder: first-read order, each chunk once, and the three ways the window ends. */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 
 import { ProfileRecorder } from '../../../src/layer/profile-recorder';
 import type { ChunkInfo } from '../../../src/metadata/layer-tree';
@@ -77,4 +79,20 @@ test('a window with no read closes with nothing to store', () => {
   const { rec, windows } = recorder();
   rec.close();
   assert.deepEqual(windows, []);
+});
+
+test('a closed window lets go of its entries: the recorder lives until unmount, the entries need not', async () => {
+  setFlagsFromString('--expose-gc');
+  const gc = runInNewContext('gc') as () => void;
+  const a = chunksOf(1000);
+  let handed: WeakRef<ProfileEntry[]> | undefined;
+  const rec = new ProfileRecorder({ quietMs: 10_000, maxWindowMs: 60_000, maxChunks: 1000 }, (entries) => (handed = new WeakRef(entries)));
+  rec.record('usr/lib/big', a, 0, 100_000);
+  rec.close();
+  assert.ok(handed?.deref()?.length === 1000);
+  // The store has saved them and dropped them: only the recorder (kept by its layer) could still hold them.
+  await new Promise((r) => setImmediate(r));
+  gc();
+  assert.equal(handed.deref(), undefined, 'the handed entries are garbage once their receiver is done with them');
+  assert.ok(rec.closed);
 });
