@@ -15,6 +15,10 @@
  *             test/e2e/harness/peer.ts) with `ctr-remote images rpull`, then the same create and start as lazy, on
  *             the very image lazy pulls (converted by `stargaze convert`: the reference reads and verifies it);
  * - peer-opt: the same on lazy-opt's image.
+ * - lazy-profile: lazy's image under a repository of its own, with a prefetch profile pushed for it: once per
+ *             image and run, a recording start (fresh daemon: rpull, create, run; the daemon records what the
+ *             start read) and `stargaze profile push`; then each sample is a new node as in lazy (fresh daemon
+ *             root and containerd) whose rpull finds the profile through the registry and prefetches it.
  * Without STARGAZE_PEER_BIN the peer modes are left out with one note.
  *
  * Network: the registry (docker-registry, plus the harness's byte-counting proxy) on loopback, reached either
@@ -35,13 +39,15 @@
  * Knobs (environment):
  *   BENCH_SAMPLES=3                                 samples per image, mode and link
  *   BENCH_STARTUP_IMAGES=debian,python,node,gcc     from startup-images.ts IMAGE_SPECS (also g++)
- *   BENCH_STARTUP_MODES=legacy,lazy,lazy-opt[,peer,peer-opt]   the peer modes by default when STARGAZE_PEER_BIN is set
+ *   BENCH_STARTUP_MODES=legacy,lazy,lazy-opt,lazy-profile[,peer,peer-opt]   the peer modes by default when STARGAZE_PEER_BIN is set
  *   STARGAZE_PEER_BIN=/path/to/containerd-stargz-grpc
  *   BENCH_STARTUP_LINKS=direct,20ms-200mbit,20ms-50mbit   `direct` or `<rtt>ms-<rate>mbit`
  *   BENCH_STARTUP_REBUILD=1                         rebuild the cached images (bench-results/startup-cache)
  *   BENCH_STARTUP_RERECORD=1                        re-record the prioritized files only
  *   BENCH_STARTUP_DAEMON_CONFIG='no_background_fetch = true'   daemon config.toml (default: empty, defaults)
  *   BENCH_STARTUP_PEER_CONFIG='...'                 the peer's config.toml (default: empty, its defaults)
+ *   BENCH_RECORD_COST_SAMPLES=9, BENCH_RECORD_COST_IMAGE=python   with lazy-profile: the FUSE server's CPU over a lazy
+ *                                                   start with recording on and off, in interleaved pairs (0: skip)
  *
  * `stargaze convert` runs registry to registry; its result is kept as an OCI layout in
  * bench-results/startup-cache/converted, keyed by source layers, prioritized files and a hash of the compiled
@@ -69,7 +75,9 @@ import {
   REPO_ROOT,
   STARGZ_SNAPSHOTTER,
   fetchManifest,
+  fuseServerPid,
   peerBinary,
+  waitFor,
   peerProxyPlugin,
   run,
   startContainerd,
@@ -83,20 +91,76 @@ import { expectLazyMounts } from './daemon-arm';
 import { buildImages, type CachedImage } from './startup-images';
 
 const MIB = 1024 * 1024;
-const MODES = ['legacy', 'lazy', 'lazy-opt', 'peer', 'peer-opt'] as const;
+const MODES = ['legacy', 'lazy', 'lazy-opt', 'lazy-profile', 'peer', 'peer-opt'] as const;
 type Mode = (typeof MODES)[number];
 const PEER_MODES: readonly Mode[] = ['peer', 'peer-opt'];
 /** The peer mode each stargaze mode is measured against: the same image, the reference's daemon and client. */
-const PEER_OF: Partial<Record<Mode, Mode>> = { lazy: 'peer', 'lazy-opt': 'peer-opt' };
+const PEER_OF: Partial<Record<Mode, Mode>> = { lazy: 'peer', 'lazy-opt': 'peer-opt', 'lazy-profile': 'peer' };
+/** The stargaze modes: the daemon pulls with `stargaze rpull`. */
+const STARGAZE_MODES: readonly Mode[] = ['lazy', 'lazy-opt', 'lazy-profile'];
 /** The image tag each mode pulls (see publish). */
-const TAG_OF: Record<Mode, 'plain' | 'esgz' | 'esgz-opt'> = {
+const TAG_OF: Record<Mode, 'plain' | 'esgz' | 'esgz-opt' | 'esgz-profiled'> = {
   legacy: 'plain',
   lazy: 'esgz',
   'lazy-opt': 'esgz-opt',
+  'lazy-profile': 'esgz-profiled',
   peer: 'esgz',
   'peer-opt': 'esgz-opt',
 };
 const STEP_TIMEOUT_MS = 900_000;
+/** How long a recording start waits for the daemon to store a profile per layer (each after quiet_msec, 3 s). */
+const PROFILE_WAIT_MS = 60_000;
+
+/** An image as pushed: `repo:tag` on the registry, its layers' compressed bytes and digests. */
+interface Published {
+  repoTag: string;
+  bytes: number;
+  layers: string[];
+}
+
+/**
+ * lazy-profile's image: lazy's, copied (same digests) into a repository of its own, so that only this mode's
+ * pulls find the profile pushed for it (referrers are per repository). A recording start on a fresh daemon
+ * (rpull, create, run: the daemon records what the start reads, per layer) is followed by
+ * `stargaze profile push`, which attaches the profile to the image's manifest in the registry.
+ */
+async function publishProfiled(registry: Registry, image: CachedImage, esgz: Published): Promise<Published> {
+  const [repo, tag] = esgz.repoTag.split(':') as [string, string];
+  const repoTag = `${repo}-profiled:${tag}`;
+  await run(
+    'skopeo',
+    ['--insecure-policy', 'copy', '--quiet', '--preserve-digests', '--src-tls-verify=false', '--dest-tls-verify=false', `docker://${registry.host}/${esgz.repoTag}`, `docker://${registry.host}/${repoTag}`],
+    { timeoutMs: STEP_TIMEOUT_MS },
+  );
+  const scope = new CleanupStack();
+  try {
+    const daemon = await startDaemon({ scope, logLevel: 'info', plainHttpHosts: [registry.host], config: daemonConfig() });
+    const containerd = await startContainerd({ scope, stargazeAddress: daemon.address, stargazeRoot: daemon.root });
+    const ns = containerd.newNamespace('record');
+    const ref = `${registry.host}/${repoTag}`;
+    const id = containerd.uniqueId('record');
+    await run(STARGAZE_COMMAND, ['rpull', '--pull-address', daemon.pullAddress, '--address', containerd.address, '--namespace', ns, '--plain-http', ref], {
+      env: STARGAZE_COMMAND_ENV,
+      timeoutMs: STEP_TIMEOUT_MS,
+    });
+    await containerd.ctr(['containers', 'create', '--net-host', '--snapshotter', STARGZ_SNAPSHOTTER, ref, id], { namespace: ns, timeoutMs: STEP_TIMEOUT_MS });
+    const started = await containerd.ctr(['tasks', 'start', id], { namespace: ns, timeoutMs: STEP_TIMEOUT_MS });
+    if (!started.stdout.includes(image.spec.expect)) throw new Error(`${image.spec.name}: the recording start printed ${JSON.stringify(started.stdout)}`);
+    // A layer's profile is stored once its reads have been quiet for a while: every layer the start read.
+    await waitFor(
+      `a profile per layer of ${image.spec.name}`,
+      async () => {
+        const ls = await run(STARGAZE_COMMAND, ['profile', 'ls', '--root', daemon.root], { env: STARGAZE_COMMAND_ENV });
+        return ls.stdout.trim().split('\n').length - 1 >= esgz.layers.length;
+      },
+      { timeoutMs: PROFILE_WAIT_MS, intervalMs: 500 },
+    );
+    await run(STARGAZE_COMMAND, ['profile', 'push', '--root', daemon.root, '--plain-http', ref], { env: STARGAZE_COMMAND_ENV, timeoutMs: STEP_TIMEOUT_MS });
+  } finally {
+    await scope.run();
+  }
+  return { ...esgz, repoTag };
+}
 
 export interface Link {
   name: string;
@@ -112,6 +176,16 @@ export interface Sample {
   fetchedBytes: number;
   /** Blob GETs the registry answered from the pull to the end of the run. */
   blobGets: number;
+  /** stargaze modes: CPU time (user + system) of the FUSE server from its start to the end of the run. */
+  fuseCpuMs?: number;
+}
+
+/** User + system CPU time of a process so far, from /proc/PID/stat (clock ticks of 10 ms). */
+async function cpuMsOf(pid: number): Promise<number> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+  // Fields after the command name (in parentheses, which may hold spaces): utime and stime are the 12th and 13th.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) * 10;
 }
 
 export interface StartupRow {
@@ -216,7 +290,7 @@ async function publish(
   registry: Registry,
   image: CachedImage,
   notes: string[],
-): Promise<Record<'plain' | 'esgz' | 'esgz-opt', { repoTag: string; bytes: number; layers: string[] }>> {
+): Promise<Record<'plain' | 'esgz' | 'esgz-opt', Published> & { 'esgz-profiled'?: Published }> {
   const repo = `bench/${image.spec.name.replace(/[^a-z0-9]/g, 'x')}`;
   const plain = `${registry.host}/${repo}:plain`;
   await run(
@@ -292,12 +366,13 @@ async function sample(
   image: CachedImage,
   mode: Mode,
   published: { repoTag: string; layers: string[] },
+  config = daemonConfig(),
 ): Promise<Sample> {
   const scope = new CleanupStack();
   try {
-    const stargaze = mode === 'lazy' || mode === 'lazy-opt';
+    const stargaze = STARGAZE_MODES.includes(mode);
     const peer = PEER_MODES.includes(mode);
-    const daemon = stargaze ? await startDaemon({ scope, logLevel: 'info', plainHttpHosts: [pullHost], config: daemonConfig() }) : undefined;
+    const daemon = stargaze ? await startDaemon({ scope, logLevel: 'info', plainHttpHosts: [pullHost], config }) : undefined;
     // the reference reaches registries on loopback over plain HTTP without a hosts config
     const peerDaemon = peer ? await startPeer({ scope, config: peerConfig() }) : undefined;
     const containerd = await startContainerd({
@@ -336,13 +411,43 @@ async function sample(
     }
     const fetchedBytes = published.layers.reduce((n, d) => n + registry.bytesServed(d), 0);
     const blobGets = registry.blobRequests().filter((r) => r.method === 'GET').length;
-    return { pullMs: pull.durationMs, createMs: create.durationMs, runMs: started.durationMs, fetchedBytes, blobGets };
+    const fusePid = daemon !== undefined ? await fuseServerPid(daemon.root) : undefined;
+    const fuseCpuMs = fusePid !== undefined ? await cpuMsOf(fusePid) : undefined;
+    return { pullMs: pull.durationMs, createMs: create.durationMs, runMs: started.durationMs, fetchedBytes, blobGets, fuseCpuMs };
   } finally {
     await scope.run();
   }
 }
 
 const secs = (ms: number): string => (ms / 1000).toFixed(2);
+
+/** Interleaved pairs of the recording-cost comparison (BENCH_RECORD_COST_SAMPLES). */
+const RECORD_COST_SAMPLES = Number(process.env.BENCH_RECORD_COST_SAMPLES ?? 9);
+
+/**
+ * What recording a profile costs: the FUSE server's CPU time over a lazy start (pull, create, run of the image
+ * without a profile) with recording on (the default) against `[prefetch_profile] record = false`, in
+ * interleaved pairs, each on a fresh daemon. Returns a note with both medians and their ratio.
+ */
+async function recordingCost(registry: Registry, pullHost: string, image: CachedImage, esgz: Published, linkName: string): Promise<string> {
+  const on: number[] = [];
+  const off: number[] = [];
+  const base = daemonConfig();
+  for (let i = 0; i < RECORD_COST_SAMPLES; i++) {
+    for (const record of i % 2 === 0 ? [true, false] : [false, true]) {
+      const config = record ? base : `${base}[prefetch_profile]\nrecord = false\n`;
+      const r = await sample(registry, pullHost, image, 'lazy', esgz, config);
+      if (r.fuseCpuMs === undefined) throw new Error('the FUSE server was gone before its CPU time was read');
+      (record ? on : off).push(r.fuseCpuMs);
+    }
+  }
+  const mOn = median(on);
+  const mOff = median(off);
+  return (
+    `${linkName} ${image.spec.name}: FUSE server CPU over a lazy start, recording on ${mOn.toFixed(0)} ms vs off ${mOff.toFixed(0)} ms ` +
+    `(medians of ${RECORD_COST_SAMPLES} interleaved pairs; on/off ${(mOn / mOff).toFixed(3)}; on ${on.join(' ')}; off ${off.join(' ')})`
+  );
+}
 
 /**
  * One row per link, image and mode. `vs legacy`: total over legacy's total; `stargaze/peer`: a stargaze mode's total,
@@ -447,8 +552,13 @@ export async function benchStartup(): Promise<{ rows: StartupRow[]; notes: strin
     const published = new Map<string, Awaited<ReturnType<typeof publish>>>();
     for (const image of images) {
       say(`${image.spec.name}: push (skopeo) and stargaze convert (plain, --prioritized-files)`);
-      published.set(image.spec.name, await publish(registry, image, notes));
+      const pub = await publish(registry, image, notes);
       say(notes[notes.length - 1]!);
+      if (modes.includes('lazy-profile')) {
+        say(`${image.spec.name}: a recording start and stargaze profile push (lazy-profile)`);
+        pub['esgz-profiled'] = await publishProfiled(registry, image, pub.esgz);
+      }
+      published.set(image.spec.name, pub);
     }
     for (const link of links) {
       const linkScope = new CleanupStack();
@@ -459,7 +569,7 @@ export async function benchStartup(): Promise<{ rows: StartupRow[]; notes: strin
         for (let s = 0; s < samples; s++) {
           for (const image of shuffled(images)) {
             for (const mode of shuffled(modes)) {
-              const pub = published.get(image.spec.name)![TAG_OF[mode]];
+              const pub = published.get(image.spec.name)![TAG_OF[mode]]!;
               const r = await sample(registry, pullHost, image, mode, pub);
               const key = `${image.spec.name}\0${mode}`;
               collected.set(key, [...(collected.get(key) ?? []), r]);
@@ -470,6 +580,13 @@ export async function benchStartup(): Promise<{ rows: StartupRow[]; notes: strin
             }
           }
         }
+        const costImage = process.env.BENCH_RECORD_COST_IMAGE ?? 'python';
+        for (const image of images) {
+          if (!modes.includes('lazy-profile') || image.spec.name !== costImage || RECORD_COST_SAMPLES <= 0) continue;
+          say(`${link.name} ${image.spec.name}: what recording costs (${RECORD_COST_SAMPLES} interleaved pairs)`);
+          notes.push(await recordingCost(registry, pullHost, image, published.get(image.spec.name)!.esgz, link.name));
+          say(notes[notes.length - 1]!);
+        }
         for (const image of images) {
           for (const mode of modes) {
             const ss = collected.get(`${image.spec.name}\0${mode}`) ?? [];
@@ -477,7 +594,7 @@ export async function benchStartup(): Promise<{ rows: StartupRow[]; notes: strin
               link: link.name,
               image: image.spec.name,
               mode,
-              imageBytes: published.get(image.spec.name)![TAG_OF[mode]].bytes,
+              imageBytes: published.get(image.spec.name)![TAG_OF[mode]]!.bytes,
               pull: median(ss.map((x) => x.pullMs)),
               create: median(ss.map((x) => x.createMs)),
               run: median(ss.map((x) => x.runMs)),
