@@ -135,9 +135,11 @@ export class Layer {
     setup: LayerSetup,
     ctx: LayerContext,
     log: Logger,
+    /** The tree of this very TOC, built by a layer set up before (layers.ts reopen): not built again. */
+    built?: LayerTree,
   ) {
     const { options, scheduler } = ctx;
-    const tree = buildLayerTreeFromJson(toc.tocJson, { blobSize: toc.blob.size, tocOffset: toc.tocOffset, opaqueXattr: ctx.opaqueXattr });
+    const tree = built ?? buildLayerTreeFromJson(toc.tocJson, { blobSize: toc.blob.size, tocOffset: toc.tocOffset, opaqueXattr: ctx.opaqueXattr });
     // A profile's chunks take the place of the landmark and the sizes; `noprefetch` still means no prefetch.
     const resolved = options.noPrefetch || setup.profile === undefined ? undefined : resolveProfile(setup.profile, tree, { digest, tocDigest: toc.tocDigest }, log);
     const profileChunks = resolved !== undefined && resolved.length > 0 ? resolved : undefined;
@@ -170,6 +172,15 @@ export class Layer {
    */
   prefetch(): void {
     this.parts.prefetch();
+  }
+
+  /**
+   * This layer set up again as `setup` wants (a layer opened ahead, whose mount wants another prefetch): it
+   * stops, and the new one shares its tree, which depends on the TOC alone.
+   */
+  reopened(setup: LayerSetup, log: Logger): Layer {
+    this.close();
+    return new Layer(this.digest, this.toc, setup, this.parts.ctx, log, this.parts.tree);
   }
 
   /** Whether it was set up as `setup` wants (a layer opened ahead was set up before its mount's labels were known). */

@@ -83,26 +83,39 @@ export class Layers {
     const servedDigests = new Set([...this.served].map((l) => l.digest));
     this.preOpener.openNeighbours(source, (digest) => servedDigests.has(digest), log);
     const { options, profiles } = this.ctx;
-    // Looked up before the layer is set up: a profile takes the place of the landmark in its prefetch.
-    const profile = profiles !== undefined && options.profile.replay && !options.noPrefetch ? await this.profileFor(profiles, source, log) : undefined;
-    const setup: LayerSetup = { labelPrefetchBytes: source.prefetchBytes, verifyChunks: verifiesChunks(source, options), profile };
+    // Looked up while the TOC is read (a registry lookup is round trips of its own), and needed only once the
+    // layer is set up: a profile takes the place of the landmark in its prefetch.
+    const looking = profiles !== undefined && options.profile.replay && !options.noPrefetch ? this.profileFor(profiles, source, log) : undefined;
     // A layer opened ahead had no cached TOC then: no need to look (file reads wait for the libuv threads,
     // which a running prefetch keeps busy inflating).
-    const early = await this.preOpener.claim(source.ref, source.digest);
+    const early = this.preOpener.claim(source.ref, source.digest);
+    const reading = early !== undefined ? early : this.readToc(source, log);
+    // Whichever fails first is the mount's error; the other's outcome is not waited for.
+    looking?.catch(() => undefined);
+    reading.catch(() => undefined);
+    const [profile, found] = await Promise.all([looking, reading]);
+    const setup: LayerSetup = { labelPrefetchBytes: source.prefetchBytes, verifyChunks: verifiesChunks(source, options), profile };
     let layer: Layer;
-    if (early !== undefined) {
+    if (found instanceof Layer) {
       log.debug('blob and TOC were read ahead of the mount');
       // Its prefetch runs already; it is used when it was set up as this mount wants.
-      layer = early.suits(setup) ? early : this.reopen(early, setup, log);
+      layer = found.suits(setup) ? found : found.reopened(setup, log);
+    } else if (found !== undefined) {
+      layer = new Layer(source.digest, found, setup, this.ctx, log);
     } else {
-      const toc = (await this.cachedToc(source, log)) ?? (await readLayerToc(this.deps.registry, source.ref, source.digest, AbortSignal.timeout(OPEN_TIMEOUT_MS), this.deps.log));
-      layer = new Layer(source.digest, toc, setup, this.ctx, log);
+      // Opened ahead, but that failed: the mount reads the TOC itself.
+      layer = new Layer(source.digest, await this.readToc(source, log), setup, this.ctx, log);
     }
     const verified = layer.verify(source, log);
     const { toc } = layer;
     if (toc.compression === 'zstd') log.debug('zstd:chunked layer');
     this.saveToc(source, toc);
     return verified;
+  }
+
+  /** The mount's TOC: from the TOC cache when it holds the one the labels name, else from the registry. */
+  private async readToc(source: LayerSourceInfo, log: Logger): Promise<LayerToc> {
+    return (await this.cachedToc(source, log)) ?? (await readLayerToc(this.deps.registry, source.ref, source.digest, AbortSignal.timeout(OPEN_TIMEOUT_MS), this.deps.log));
   }
 
   /** The local profile of the mount, else (when the store has no file for it) one pushed to the registry. */
@@ -118,11 +131,6 @@ export class Layers {
   async close(): Promise<void> {
     this.preOpener.close();
     await Promise.allSettled(this.tocSaves);
-  }
-
-  private reopen(early: Layer, setup: LayerSetup, log: Logger): Layer {
-    early.close();
-    return new Layer(early.digest, early.toc, setup, this.ctx, log);
   }
 
   /** A neighbour layer, its prefetch started as a mount with no prefetch label would. */

@@ -210,3 +210,41 @@ test("a served layer's profile is pinned in the disk budget while it is mounted,
   assert.equal(pins.get(key), 0, 'unpinned when closed');
   await layers.close();
 });
+
+test("a mount looks its image's profile up in the registry while it reads the TOC, not before", async (t) => {
+  const { l, store } = await fixture(t);
+  const blob = new CountingBlobSource(l.blob);
+  const { log } = capturingLog();
+  let lookups = 0;
+  let answer!: () => void;
+  const answered = new Promise<void>((resolve) => (answer = resolve));
+  // The lookup is held until the TOC has been read: a mount that waited for it first would never read it.
+  const profileRegistry = {
+    fetchReferrers: async (): Promise<Buffer | undefined> => {
+      lookups++;
+      await answered;
+      return undefined;
+    },
+    fetchManifest: (): Promise<{ body: Buffer; digest: string }> => Promise.reject(new Error('no tag')),
+    fetchSmallBlob: (): Promise<Buffer> => Promise.reject(new Error('no blob')),
+  };
+  const config = { ...defaultConfig(), noBackgroundFetch: true, copyFetchedLayers: false };
+  const options = layerOptionsFromConfig(config);
+  const layers = new Layers({
+    registry: { resolveBlob: (_ref, digest) => (digest === blob.digest ? Promise.resolve(blob) : Promise.reject(new Error(`no blob ${digest}`))) },
+    scheduler: new Scheduler(schedulerLimits(config)),
+    options: { ...options, profile: { ...options.profile, fetchTimeoutMs: 60_000 } },
+    metrics: new FsMetrics(() => [], () => undefined),
+    profiles: store,
+    profileRegistry,
+    log,
+  });
+  const opening = layers.open({ ...sourceOf(l), manifestDigest: sha256('manifest') }, log);
+  await until('the TOC read while the lookup is pending', () => blob.reads.some((r) => r.offset + r.length === l.blob.length), 5_000);
+  assert.equal(lookups, 1);
+  answer();
+  const layer = await opening;
+  assert.equal(await layer.prefetched, true, 'no profile: the landmark is prefetched as before');
+  await layer.close();
+  await layers.close();
+});
