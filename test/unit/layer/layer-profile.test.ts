@@ -240,10 +240,11 @@ test("a mount looks its image's profile up in the registry while it reads the TO
     log,
   });
   const opening = layers.open({ ...sourceOf(l), manifestDigest: sha256('manifest') }, log);
+  // The lookup cannot finish before answer(): a mount that waited for it before reading would time out here.
   await until('the TOC read while the lookup is pending', () => blob.reads.some((r) => r.offset + r.length === l.blob.length), 5_000);
-  assert.equal(lookups, 1);
   answer();
   const layer = await opening;
+  assert.equal(lookups, 1, 'the registry was asked');
   assert.equal(await layer.prefetched, true, 'no profile: the landmark is prefetched as before');
   await layer.close();
   await layers.close();
