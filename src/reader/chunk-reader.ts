@@ -299,24 +299,7 @@ export class LayerReader {
       const priority = this.joinedByRead.has(this.key(c)) ? 'read' : 'prefetch';
       return this.scheduler.inflates.run(() => this.decode(c, member), { priority, signal });
     };
-    const jobs = wanted.map((c) => {
-      const key = this.key(c);
-      const p = inflate(c)
-        .then((chunk) => {
-          this.cache?.set(key, chunk);
-          this.stats.prefetchedChunks++;
-          return chunk;
-        })
-        .finally(() => {
-          this.inflight.delete(key);
-          this.prefetching.delete(key);
-          this.joinedByRead.delete(key);
-        });
-      p.catch(() => undefined); // reported below, and readers that joined fetch on their own
-      this.inflight.set(key, p);
-      this.prefetching.add(key);
-      return p;
-    });
+    const jobs = wanted.map((c) => this.prefetchJob(this.key(c), inflate(c)));
     const failed = (await Promise.allSettled(jobs)).find((r) => r.status === 'rejected');
     await head.all; // the download's own failure first, when there was one
     onHead?.(head.bytes);
@@ -364,27 +347,13 @@ export class LayerReader {
     const jobs = spans.flatMap((span, i) => {
       const chunkJobs = span.chunks.map((c) => {
         const key = this.key(c);
-        const p = arrived[i]!.promise
-          .then((bytes) => {
-            signal?.throwIfAborted(); // a closed layer's bytes are not worth the CPU; joined readers fetch
-            const member = bytes.subarray(c.compressedOffset - span.offset, c.compressedEnd - span.offset);
-            const priority = this.joinedByRead.has(key) ? 'read' : 'prefetch';
-            return this.scheduler.inflates.run(() => this.decode(c, member), { priority, signal });
-          })
-          .then((chunk) => {
-            this.cache?.set(key, chunk);
-            this.stats.prefetchedChunks++;
-            return chunk;
-          })
-          .finally(() => {
-            this.inflight.delete(key);
-            this.prefetching.delete(key);
-            this.joinedByRead.delete(key);
-          });
-        p.catch(() => undefined); // reported below, and readers that joined fetch on their own
-        this.inflight.set(key, p);
-        this.prefetching.add(key);
-        return p;
+        const decoded = arrived[i]!.promise.then((bytes) => {
+          signal?.throwIfAborted(); // a closed layer's bytes are not worth the CPU; joined readers fetch
+          const member = bytes.subarray(c.compressedOffset - span.offset, c.compressedEnd - span.offset);
+          const priority = this.joinedByRead.has(key) ? 'read' : 'prefetch';
+          return this.scheduler.inflates.run(() => this.decode(c, member), { priority, signal });
+        });
+        return this.prefetchJob(key, decoded);
       });
       if (onSpan !== undefined) {
         handedOn.push(
@@ -400,6 +369,28 @@ export class LayerReader {
     await Promise.all(handedOn);
     await all;
     if (failed !== undefined) throw failed.reason;
+  }
+
+  /**
+   * A prefetched chunk's job, from its decode on: in flight from now on (a read of the chunk joins it), in the
+   * memory cache once it verified. Its failure is the caller's to report; readers that joined fetch on their own.
+   */
+  private prefetchJob(key: string, decoded: Promise<Buffer>): Promise<Buffer> {
+    const p = decoded
+      .then((chunk) => {
+        this.cache?.set(key, chunk);
+        this.stats.prefetchedChunks++;
+        return chunk;
+      })
+      .finally(() => {
+        this.inflight.delete(key);
+        this.prefetching.delete(key);
+        this.joinedByRead.delete(key);
+      });
+    p.catch(() => undefined);
+    this.inflight.set(key, p);
+    this.prefetching.add(key);
+    return p;
   }
 
   /**
