@@ -93,7 +93,15 @@ export class Layers {
     // Whichever fails first is the mount's error; the other's outcome is not waited for.
     looking?.catch(() => undefined);
     reading.catch(() => undefined);
-    const [profile, found] = await Promise.all([looking, reading]);
+    let profile: PrefetchProfile | undefined;
+    let found: Layer | LayerToc | undefined;
+    try {
+      [profile, found] = await Promise.all([looking, reading]);
+    } catch (err) {
+      // The layer opened ahead is this mount's now: nobody else would stop its prefetch.
+      void early?.then((l) => l?.close(), () => undefined);
+      throw err;
+    }
     const setup: LayerSetup = { labelPrefetchBytes: source.prefetchBytes, verifyChunks: verifiesChunks(source, options), profile };
     let layer: Layer;
     if (found instanceof Layer) {
