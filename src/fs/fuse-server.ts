@@ -59,8 +59,9 @@ export async function serveFuseServer(filesystem: ServedFileSystem, options: Fus
   await removeStaleSocket(socketPath);
   const server = net.createServer((socket) => serveConnection(socket, filesystem, options));
   // libuv unlinks a listening socket's path by name when the server closes: by then a new server may hold
-  // socketPath (a wiped root). So listen on a name of our own and rename the socket into place.
-  const listenPath = `${socketPath}.${process.pid}.new`;
+  // socketPath (a wiped root). So listen on a name of our own and rename the socket into place. The name is
+  // short: a unix socket's path has at most 107 bytes, and socketPath's own must still fit beside it.
+  const listenPath = path.join(path.dirname(socketPath), `.${process.pid}`);
   await rm(listenPath, { force: true });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
