@@ -189,7 +189,12 @@ export async function main(argv: string[]): Promise<number> {
         throw new UsageError(`--prefetch-profile: ${file}: ${err instanceof ProfileError ? errorMessage(err) : (errorCode(err) ?? errorMessage(err))}`);
       }
     }
-    for (const f of profileFiles(profiles)) if (!prioritized.includes(f)) prioritized.push(f);
+    const listed = new Set(prioritized);
+    for (const f of profileFiles(profiles)) {
+      if (listed.has(f)) continue;
+      listed.add(f);
+      prioritized.push(f);
+    }
   }
 
   const logger = stderrLogger();
