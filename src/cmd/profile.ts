@@ -5,7 +5,6 @@
  */
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { text } from 'node:stream/consumers';
 import { parseArgs } from 'node:util';
 import { PROFILE_DIR, ProfileStore } from '../cache/profile-store';
 import { errorCode, errorMessage, ProfileError, UsageError } from '../errors';
@@ -146,7 +145,7 @@ async function importProfile(store: ProfileStore, file: string): Promise<number>
   try {
     // A file past the bound is not read into memory at all.
     if (file !== '-' && (await stat(file)).size > MAX_PROFILE_FILE_BYTES) throw new ProfileError(`${file}: profile larger than ${MAX_PROFILE_FILE_BYTES} bytes`, 'oversized');
-    input = file === '-' ? await text(process.stdin) : await readFile(file, 'utf8');
+    input = file === '-' ? await readBounded(process.stdin, MAX_PROFILE_FILE_BYTES, file) : await readFile(file, 'utf8');
   } catch (err) {
     if (err instanceof ProfileError) throw err;
     throw new UsageError(`cannot read ${file}: ${errorCode(err) ?? errorMessage(err)}`);
@@ -161,4 +160,17 @@ async function importProfile(store: ProfileStore, file: string): Promise<number>
   await store.save(profile);
   process.stdout.write(`${keyOf(profile)}\n`);
   return 0;
+}
+
+/** A stream's text, refused as soon as it passes `limit` bytes: standard input is read no further than that. */
+async function readBounded(stream: NodeJS.ReadableStream, limit: number, name: string): Promise<string> {
+  const parts: Buffer[] = [];
+  let total = 0;
+  for await (const chunk of stream) {
+    const buf = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
+    total += buf.length;
+    if (total > limit) throw new ProfileError(`${name}: profile larger than ${limit} bytes`, 'oversized');
+    parts.push(buf);
+  }
+  return Buffer.concat(parts).toString('utf8');
 }

@@ -80,3 +80,27 @@ test('bad flags, commands, keys and files are clear errors', async (t) => {
   const empty = await stargaze(['profile', 'ls', ...root]);
   assert.equal(empty.stdout, 'KEY  LAYER  ENTRIES  BYTES  MODIFIED\n', 'no profiles yet: a header only');
 });
+
+test('import - refuses standard input past the bound once it has read that much, not after all of it', async (t) => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-profile-cli-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const { spawn } = await import('node:child_process');
+  const child = spawn(process.execPath, [CLI, 'profile', 'import', '-', '--root', path.join(dir, 'root')], { stdio: ['pipe', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  child.stdin.on('error', () => undefined); // the command stops reading: later writes fail with EPIPE
+  // Input that never ends (stdin stays open): the command must answer past MAX_PROFILE_FILE_BYTES, not wait for
+  // an end that never comes (reading all of it first, it would hang until the test's timeout).
+  const block = Buffer.alloc(1024 * 1024, 0x20);
+  let written = 0;
+  const feed = (): void => {
+    while (written <= 4 * MAX_PROFILE_FILE_BYTES && child.stdin.writable) {
+      written += block.length;
+      if (!child.stdin.write(block)) return void child.stdin.once('drain', feed);
+    }
+  };
+  feed();
+  const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+  assert.equal(code, 1);
+  assert.match(stderr, /-: profile larger than/);
+});
