@@ -31,7 +31,10 @@ import {
   suiteScope,
   waitFor,
   withHost,
+  rangeOf,
+  unionOf,
   type BlobRequest,
+  type ByteRange,
   type Containerd,
   type LogEntry,
   type Registry,
@@ -50,27 +53,6 @@ const WORKLOAD = ['/bin/sh', '/app/run.sh'];
 const WORKLOAD_OUT = `${300 * KiB + 3 * MiB}\ntop\n`;
 /** Short windows: the test waits for them to close. */
 const CONFIG = 'no_background_fetch = true\n[prefetch_profile]\nquiet_msec = 500\n';
-
-type Range = [number, number];
-
-/** Sorted, merged [from, to) ranges. */
-function union(ranges: readonly Range[]): Range[] {
-  const out: Range[] = [];
-  for (const [a, b] of [...ranges].sort((x, y) => x[0] - y[0])) {
-    const last = out[out.length - 1];
-    if (last !== undefined && a <= last[1]) last[1] = Math.max(last[1], b);
-    else out.push([a, b]);
-  }
-  return out;
-}
-
-/** `[from, to)` of a `bytes=a-b` request, or of a suffix `bytes=-n` of a blob of `size` bytes. */
-function rangeOf(q: BlobRequest, size: number): Range | undefined {
-  const suffix = /^bytes=-(\d+)$/.exec(q.range ?? '');
-  if (suffix) return [Math.max(0, size - Number(suffix[1])), size];
-  const m = /^bytes=(\d+)-(\d+)$/.exec(q.range ?? '');
-  return m ? [Number(m[1]), Number(m[2]) + 1] : undefined;
-}
 
 async function stargaze(args: string[]): Promise<string> {
   return (await run(process.execPath, [DEFAULT_CLI_PATH, ...args], { cwd: REPO_ROOT, timeoutMs: 60_000 })).stdout;
@@ -188,7 +170,7 @@ describe('prefetch profiles end to end', { skip: notRoot && 'e2e tests need root
       assert.equal(output, WORKLOAD_OUT);
       const { toc, tocOffset } = await readToc(new BufferBlobSource(base.digest, base.blob));
       const tree = buildLayerTree(toc, { blobSize: base.size, tocOffset });
-      const members: Range[] = profile.entries.map((e) => {
+      const members: ByteRange[] = profile.entries.map((e) => {
         const c = tree.resolvePath(e.name)!.chunks.find((x) => x.fileOffset === e.offset)!;
         return [c.compressedOffset, c.compressedEnd];
       });
@@ -198,9 +180,9 @@ describe('prefetch profiles end to end', { skip: notRoot && 'e2e tests need root
       // The mount's first request is the blob's tail (footer and TOC): profiled members inside it need no request.
       const tail = ranges.find((r) => r[1] === base.size);
       assert.ok(tail, `the tail was read: ${JSON.stringify(ranges)}`);
-      const expected = union(members.map(([a, b]): Range => [a, Math.min(b, tail[0])]).filter(([a, b]) => a < b));
+      const expected = unionOf(members.map(([a, b]): ByteRange => [a, Math.min(b, tail[0])]).filter(([a, b]) => a < b));
       const prefetched = ranges.filter((r) => r !== tail);
-      assert.deepEqual(union(prefetched), expected, 'the registry served exactly the profiled members before create returned');
+      assert.deepEqual(unionOf(prefetched), expected, 'the registry served exactly the profiled members before create returned');
       assert.ok(expected.length >= 2 && prefetched.length >= 2, `the unread file in between is skipped: ${JSON.stringify(prefetched)}`);
       const done = logs.find((e) => e.msg === 'prefetch done' && e.layer === base.digest);
       assert.equal(done?.profileChunks, profile.entries.length, 'the profile was replayed, all of it');

@@ -40,7 +40,10 @@ import {
   suiteScope,
   waitFor,
   withHost,
+  rangeOf,
+  unionOf,
   type BlobRequest,
+  type ByteRange,
   type Containerd,
   type LogEntry,
   type Registry,
@@ -60,25 +63,6 @@ const RECORD_CONFIG = 'no_background_fetch = true\n[prefetch_profile]\nquiet_mse
 const FETCH_CONFIG = `no_background_fetch = true\n[prefetch_profile]\nrecord = false\nfetch_timeout_msec = ${FETCH_TIMEOUT_MS}\n`;
 const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
 const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
-
-type Range = [number, number];
-
-function union(ranges: readonly Range[]): Range[] {
-  const out: Range[] = [];
-  for (const [a, b] of [...ranges].sort((x, y) => x[0] - y[0])) {
-    const last = out[out.length - 1];
-    if (last !== undefined && a <= last[1]) last[1] = Math.max(last[1], b);
-    else out.push([a, b]);
-  }
-  return out;
-}
-
-function rangeOf(q: BlobRequest, size: number): Range | undefined {
-  const suffix = /^bytes=-(\d+)$/.exec(q.range ?? '');
-  if (suffix) return [Math.max(0, size - Number(suffix[1])), size];
-  const m = /^bytes=(\d+)-(\d+)$/.exec(q.range ?? '');
-  return m ? [Number(m[1]), Number(m[2]) + 1] : undefined;
-}
 
 async function stargaze(args: string[]): Promise<string> {
   return (await run(process.execPath, [DEFAULT_CLI_PATH, ...args], { cwd: REPO_ROOT, timeoutMs: 120_000 })).stdout;
@@ -267,7 +251,7 @@ describe('prefetch profiles shared through the registry', { skip: notRoot && 'e2
 
       const { toc, tocOffset } = await readToc(new BufferBlobSource(base.digest, base.blob));
       const tree = buildLayerTree(toc, { blobSize: base.size, tocOffset });
-      const members: Range[] = recorded.entries.map((e) => {
+      const members: ByteRange[] = recorded.entries.map((e) => {
         const c = tree.resolvePath(e.name)!.chunks.find((x) => x.fileOffset === e.offset)!;
         return [c.compressedOffset, c.compressedEnd];
       });
@@ -276,8 +260,8 @@ describe('prefetch profiles shared through the registry', { skip: notRoot && 'e2
       const ranges = gets.map((q) => rangeOf(q, base.size)!);
       const tail = ranges.find((r) => r[1] === base.size);
       assert.ok(tail, `the tail was read: ${JSON.stringify(ranges)}`);
-      const expected = union(members.map(([a, b]): Range => [a, Math.min(b, tail[0])]).filter(([a, b]) => a < b));
-      assert.deepEqual(union(ranges.filter((r) => r !== tail)), expected, 'the registry served exactly the profiled members before the first read');
+      const expected = unionOf(members.map(([a, b]): ByteRange => [a, Math.min(b, tail[0])]).filter(([a, b]) => a < b));
+      assert.deepEqual(unionOf(ranges.filter((r) => r !== tail)), expected, 'the registry served exactly the profiled members before the first read');
       assert.ok(expected.length >= 2, 'the unread file in between is skipped');
       const done = logs.find((e) => e.msg === 'prefetch done' && e.layer === base.digest);
       assert.equal(done?.profileChunks, recorded.entries.length, 'the fetched profile was replayed, all of it');

@@ -16,7 +16,7 @@ export {
   type RunResult,
 } from './exec';
 export { KEEP_TMP_ENV, createTmpRoot, makeTmpRoot, mountsUnder, removeTree, unmountUnder, type MountInfo, type TmpRoot } from './tmp';
-export { startRegistry, type BlobRequest, type Registry, type RegistryOptions } from './registry';
+export { rangeOf, startRegistry, unionOf, type BlobRequest, type ByteRange, type Registry, type RegistryOptions } from './registry';
 export {
   STARGZ_SNAPSHOTTER,
   startContainerd,

@@ -29,6 +29,28 @@ export interface BlobRequest {
   bytes: number;
 }
 
+/** A byte range `[from, to)` of a blob. */
+export type ByteRange = [number, number];
+
+/** `[from, to)` of a request's `bytes=a-b` range, or of a suffix `bytes=-n` of a blob of `size` bytes. */
+export function rangeOf(q: BlobRequest, size: number): ByteRange | undefined {
+  const suffix = /^bytes=-(\d+)$/.exec(q.range ?? '');
+  if (suffix) return [Math.max(0, size - Number(suffix[1])), size];
+  const m = /^bytes=(\d+)-(\d+)$/.exec(q.range ?? '');
+  return m ? [Number(m[1]), Number(m[2]) + 1] : undefined;
+}
+
+/** Sorted, merged ranges: what a set of requests covered. */
+export function unionOf(ranges: readonly ByteRange[]): ByteRange[] {
+  const out: ByteRange[] = [];
+  for (const [a, b] of [...ranges].sort((x, y) => x[0] - y[0])) {
+    const last = out[out.length - 1];
+    if (last !== undefined && a <= last[1]) last[1] = Math.max(last[1], b);
+    else out.push([a, b]);
+  }
+  return out;
+}
+
 export interface Registry {
   /** `127.0.0.1:<port>` of the registry itself (push here; not counted). */
   readonly host: string;

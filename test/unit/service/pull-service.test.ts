@@ -12,19 +12,8 @@ import type { PullEvent } from '../../../src/containerd/pull';
 import { preloadPull, type PullRequest, type PullSummary, type runPull } from '../../../src/containerd/pull-request';
 import { parsePullCall, parsePullReply } from '../../../src/service/pull-protocol';
 import { startPullServer, type PullServer } from '../../../src/service/pull-service';
+import { request } from './pull-fixture';
 
-const request: PullRequest = {
-  ref: 'registry.example/app:v1',
-  address: '/run/containerd/containerd.sock',
-  namespace: 'default',
-  snapshotter: 'stargz',
-  platform: { os: 'linux', architecture: 'amd64' },
-  prefetchBytes: 10,
-  hostsDir: '/etc/containerd/certs.d',
-  plainHttp: false,
-  user: { username: 'u', password: 'p' },
-  dockerConfigDir: '/root/.docker',
-};
 
 const summary: PullSummary = { name: request.ref, manifestDigest: `sha256:${'a'.repeat(64)}`, platform: 'linux/amd64', layers: [{ digest: `sha256:${'b'.repeat(64)}`, outcome: 'lazy', bytes: 0 }], ms: 12 };
 const resolvedEvent: PullEvent = {

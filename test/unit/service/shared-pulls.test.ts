@@ -4,19 +4,8 @@ import { describe, it } from 'node:test';
 import type { PullEvent } from '../../../src/containerd/pull';
 import type { PullRequest, PullSummary } from '../../../src/containerd/pull-request';
 import { SharedPulls, sharedPullKey } from '../../../src/service/shared-pulls';
+import { request } from './pull-fixture';
 
-const request: PullRequest = {
-  ref: 'registry.example/app:v1',
-  address: '/run/containerd/containerd.sock',
-  namespace: 'default',
-  snapshotter: 'stargz',
-  platform: { os: 'linux', architecture: 'amd64' },
-  prefetchBytes: 10,
-  hostsDir: '/etc/containerd/certs.d',
-  plainHttp: false,
-  user: { username: 'u', password: 'p' },
-  dockerConfigDir: '/root/.docker',
-};
 const summary: PullSummary = { name: request.ref, manifestDigest: `sha256:${'a'.repeat(64)}`, platform: 'linux/amd64', layers: [], ms: 12 };
 const startEvent: PullEvent = { type: 'layer-start', index: 0, digest: `sha256:${'b'.repeat(64)}`, size: 3 };
 
