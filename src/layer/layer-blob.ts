@@ -3,8 +3,10 @@
  *
  * - withTail(): the footer and the TOC in one round trip. readToc asks for the footer, then for the TOC before
  *   it; reading a tail sized to hold a typical TOC on the first request serves both (the reference also reads
- *   the blob's tail in one piece). LayerBlob keeps that tail, so background fetch does not fetch again the
- *   bytes of it that lie before the TOC.
+ *   the blob's tail in one piece). LayerBlob keeps the part of that tail before the TOC (the compressed TOC is of
+ *   no use once the tree is built), so prefetch and background fetch do not fetch those bytes again, until the
+ *   layer lets it go (releaseTail): it is a copy of up to 512 KiB of blob per layer, which the disk cache holds
+ *   once those passes are over.
  * - LayerBlob: a long range (the prefetch range from offset 0 is often tens of MiB) is read as parallel range
  *   requests, as `[blob] parallel_fetch_*` configure: a registry or CDN may cap each connection.
  */
@@ -82,25 +84,42 @@ export interface LayerBlobOptions {
   concurrency: number;
   /** The process's scheduler: the requests of a split range take slots in its request lane. */
   scheduler: Scheduler;
-  /** The blob's tail as read with the TOC: reads inside it are served from memory. */
+  /** The blob's tail as read with the TOC: reads inside it are served from memory, until releaseTail(). */
   tail?: BlobTail;
+  /** Where the payload ends (the TOC's offset): only the tail's bytes before it are kept. */
+  payloadEnd?: number;
 }
 
 export class LayerBlob implements BlobSource {
   readonly digest: string;
   readonly size: number;
+  private tail: BlobTail | undefined;
+  /** The options but the tail, which is this.tail's alone to hold. */
+  private readonly opts: Omit<LayerBlobOptions, 'tail' | 'payloadEnd'>;
 
   constructor(
     private readonly blob: BlobSource,
-    private readonly opts: LayerBlobOptions,
+    { tail, payloadEnd, ...opts }: LayerBlobOptions,
   ) {
     this.digest = blob.digest;
     this.size = blob.size;
+    this.opts = opts;
+    this.tail = payloadOf(tail, payloadEnd ?? blob.size);
+  }
+
+  /** Bytes of the blob held in memory (the kept tail). */
+  get heldBytes(): number {
+    return this.tail?.data.length ?? 0;
+  }
+
+  /** Lets the tail go: later reads of it fetch (the disk cache has what prefetch and background fetch read). */
+  releaseTail(): void {
+    this.tail = undefined;
   }
 
   /** Reads inside the tail come from memory; one that ends inside it fetches only what comes before. */
   async readRange(offset: number, length: number, signal?: AbortSignal): Promise<Buffer> {
-    const tail = this.opts.tail;
+    const tail = this.tail;
     const end = offset + length;
     if (tail === undefined || end <= tail.offset || end > tail.offset + tail.data.length) return this.fetch(offset, length, signal);
     if (offset >= tail.offset) return tail.data.subarray(offset - tail.offset, end - tail.offset);
@@ -134,4 +153,14 @@ export class LayerBlob implements BlobSource {
     );
     return out;
   }
+}
+
+/**
+ * The part of `tail` before `end`, in a buffer of its own (a view would keep the whole tail's memory); undefined
+ * when nothing of it lies before `end`.
+ */
+function payloadOf(tail: BlobTail | undefined, end: number): BlobTail | undefined {
+  if (tail === undefined || end <= tail.offset) return undefined;
+  if (end >= tail.offset + tail.data.length) return tail;
+  return { offset: tail.offset, data: Buffer.from(tail.data.subarray(0, end - tail.offset)) };
 }

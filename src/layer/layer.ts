@@ -144,7 +144,7 @@ export class Layer {
     const resolved = options.noPrefetch || setup.profile === undefined ? undefined : resolveProfile(setup.profile, tree, { digest, tocDigest: toc.tocDigest }, log);
     const profileChunks = resolved !== undefined && resolved.length > 0 ? resolved : undefined;
     const prefetchBytes = profileChunks !== undefined ? memberBytes(profileChunks) : prefetchSize(options, setup.labelPrefetchBytes, tree, toc.blob.size);
-    const blob = new LayerBlob(toc.blob, { ...options.parallelFetch, tail: toc.tail, scheduler });
+    const blob = new LayerBlob(toc.blob, { ...options.parallelFetch, tail: toc.tail, payloadEnd: toc.tocOffset, scheduler });
     const reader = new LayerReader(blob, tree, {
       scheduler,
       memoryCacheBytes: ctx.memoryCache ? undefined : 0,
@@ -270,8 +270,11 @@ export class VerifiedLayer {
     // And its profile, recorded into or replayed from: a restart mounts it again with it.
     ctx.profiles?.pin(profileKeyOf(this.source));
     this.startRecording();
-    // After prefetch, so what the image marked as needed first is never queued behind the rest.
-    if (!ctx.options.noBackgroundFetch) void this.run.prefetched.then(() => this.queueBackgroundFetch(target));
+    // After prefetch, so what the image marked as needed first is never queued behind the rest. The blob's tail
+    // kept in memory serves those passes; once they are over it is one more copy of what the disk cache holds.
+    const { blob } = this.parts;
+    if (ctx.options.noBackgroundFetch) void this.run.prefetched.then(() => blob.releaseTail());
+    else void this.run.prefetched.then(() => this.queueBackgroundFetch(target)).finally(() => blob.releaseTail());
   }
 
   /** Stops everything the layer started, and waits for its local copy to stop. */

@@ -14,8 +14,12 @@ import type { Layer } from './layer';
 export type OpenAhead = (ref: string, digest: string) => Promise<Layer | undefined>;
 
 export class PreOpener {
-  /** Layers opened ahead of their mount, by `ref \0 digest`: undefined when that failed (the mount tries again). */
-  private readonly opened = new Map<string, Promise<Layer | undefined>>();
+  /**
+   * Layers opened ahead of their mount, by `ref \0 digest`: undefined when that failed (the mount tries again),
+   * each with the timer that closes it when its mount does not come. A claim stops the timer: its closure holds
+   * the layer, and with it the layer's TOC JSON, which must go as soon as the mount has built its tree.
+   */
+  private readonly opened = new Map<string, { layer: Promise<Layer | undefined>; expiry: NodeJS.Timeout }>();
 
   constructor(
     private readonly ttlMs: number,
@@ -27,20 +31,19 @@ export class PreOpener {
     for (const digest of source.layers) {
       const key = preOpenKey(source.ref, digest);
       if (digest === source.digest || skip(digest) || this.opened.has(key)) continue;
-      const opened = this.open(source.ref, digest).catch((err: unknown) => {
+      const layer = this.open(source.ref, digest).catch((err: unknown) => {
         log.debug({ neighbour: digest, err: errorMessage(err) }, 'could not open a following layer ahead of its mount');
         return undefined;
       });
-      this.opened.set(key, opened);
-      setTimeout(() => {
-        if (this.opened.get(key) !== opened) return; // claimed by its mount
+      const expiry = setTimeout(() => {
         this.opened.delete(key);
-        void opened.then((layer) => {
-          if (layer === undefined) return;
-          layer.close();
+        void layer.then((l) => {
+          if (l === undefined) return;
+          l.close();
           log.debug({ neighbour: digest, preOpenTtlMs: this.ttlMs }, 'layer opened ahead was not mounted in time: its prefetch stopped');
         });
       }, this.ttlMs).unref();
+      this.opened.set(key, { layer, expiry });
     }
   }
 
@@ -48,13 +51,18 @@ export class PreOpener {
   claim(ref: string, digest: string): Promise<Layer | undefined> | undefined {
     const key = preOpenKey(ref, digest);
     const opened = this.opened.get(key);
+    if (opened === undefined) return undefined;
     this.opened.delete(key);
-    return opened;
+    clearTimeout(opened.expiry);
+    return opened.layer;
   }
 
   /** Closes every layer opened ahead and not claimed. */
   close(): void {
-    for (const opened of this.opened.values()) void opened.then((layer) => layer?.close());
+    for (const { layer, expiry } of this.opened.values()) {
+      clearTimeout(expiry);
+      void layer.then((l) => l?.close());
+    }
     this.opened.clear();
   }
 }
