@@ -150,7 +150,7 @@ class TreeBuilder {
 
   add(e: TocEntry): void {
     if (e.type === 'chunk') {
-      if (this.lastFile !== undefined) this.lastFile.chunks.push(this.chunkOf(e, this.lastFile.node.size));
+      if (this.lastFile !== undefined) this.lastFile.chunks.push(this.chunkOf(e, this.lastFile.node.size, undefined));
       else if (this.inLandmark) this.enterMember(e.offset ?? 0, e.name); // a chunked landmark's payload too
       return;
     }
@@ -175,7 +175,7 @@ class TreeBuilder {
     }
     const node = this.place(e);
     if (e.type === 'reg' && (e.size ?? 0) > 0) {
-      const chunks = [this.chunkOf(e, node.size)];
+      const chunks = [this.chunkOf(e, node.size, node.digest)];
       node.chunks = chunks;
       this.lastFile = { node, chunks };
     }
@@ -190,12 +190,14 @@ class TreeBuilder {
   }
 
   /** A chunk of a reg/chunk entry with a payload; its compressedEnd is set when its member's end is known. */
-  private chunkOf(e: TocEntry, fileSize: number): ChunkInfo {
+  private chunkOf(e: TocEntry, fileSize: number, fileDigest: string | undefined): ChunkInfo {
     const fileOffset = e.chunkOffset ?? 0;
     const size = e.chunkSize !== undefined && e.chunkSize > 0 ? e.chunkSize : fileSize - fileOffset;
     const compressedOffset = e.offset ?? 0;
     this.enterMember(compressedOffset, e.name);
-    const chunk: ChunkInfo = { fileOffset, size, compressedOffset, compressedEnd: 0, innerOffset: e.innerOffset ?? 0, digest: e.chunkDigest };
+    // A file of one chunk has the same digest twice: the tree keeps one string of it (tens of thousands of files).
+    const digest = e.chunkDigest !== undefined && e.chunkDigest === fileDigest ? fileDigest : e.chunkDigest;
+    const chunk: ChunkInfo = { fileOffset, size, compressedOffset, compressedEnd: 0, innerOffset: e.innerOffset ?? 0, digest };
     this.memberChunks.push(chunk);
     return chunk;
   }

@@ -296,3 +296,22 @@ test('an empty TOC is an empty root', () => {
   assert.equal(t.root.mode, 0o40755);
   assert.equal(t.root.nlink, 2);
 });
+
+test('file and chunk digests: a file of one chunk with the same digest twice keeps both values', () => {
+  const E = 'sha256:' + 'e'.repeat(64);
+  const t = tree([
+    { name: 'one', type: 'reg', size: 3, offset: 10, digest: D, chunkDigest: D },
+    { name: 'other', type: 'reg', size: 3, offset: 20, digest: D, chunkDigest: E },
+    { name: 'big', type: 'reg', size: 8, offset: 30, digest: E, chunkSize: 4, chunkDigest: D },
+    { name: 'big', type: 'chunk', offset: 40, chunkOffset: 4, chunkDigest: E },
+    { name: 'bare', type: 'reg', size: 3, offset: 50 },
+  ]);
+  const digests = (p: string): unknown[] => {
+    const n = t.resolvePath(p);
+    return [n?.digest, ...(n?.chunks.map((c) => c.digest) ?? [])];
+  };
+  assert.deepEqual(digests('one'), [D, D]);
+  assert.deepEqual(digests('other'), [D, E]);
+  assert.deepEqual(digests('big'), [E, D, E]);
+  assert.deepEqual(digests('bare'), [undefined, undefined]);
+});
