@@ -16,12 +16,25 @@ const SERVER_START_TIMEOUT_MS = 15_000;
 const CONNECT_RETRY_MS = 100;
 /** Bound on one request; mount has its own (shorter) bound inside the server. */
 const REQUEST_TIMEOUT_MS = 120_000;
+/**
+ * Node flags of the server: it collects the garbage a burst of mounts leaves once the burst is over (an idle
+ * server would keep it for good: idle-collector.ts).
+ */
+const SERVER_NODE_FLAGS = ['--expose-gc'];
+/**
+ * glibc malloc serves buffers of this size and more with their own mappings, which free() gives back to the
+ * system. Its default threshold rises to the largest buffer freed so far, after which a mount's transient buffers
+ * (the blob's tail, the inflated TOC: hundreds of KiB each) come from the heap, where freed memory stays resident.
+ * Smaller buffers (a FUSE read's 128 KiB) stay on the heap. An explicit MALLOC_MMAP_THRESHOLD_ in the daemon's
+ * environment wins.
+ */
+const SERVER_MMAP_THRESHOLD_BYTES = 256 * 1024;
 
 export interface FuseServerClientOptions {
   socketPath: string;
   /** Where the started server's stdout/stderr go (its own log). */
   logFile: string;
-  /** argv (after node) that starts `stargaze fuse-server ...`. */
+  /** argv (after node and its flags) that starts `stargaze fuse-server ...`. */
   serverArgv: string[];
   log: Logger;
 }
@@ -137,8 +150,9 @@ export class FuseServerClient implements RemoteFileSystem {
   private async startServer(): Promise<void> {
     const logFile = await open(this.options.logFile, 'a', 0o600);
     try {
-      const child = spawn(process.execPath, this.options.serverArgv, {
+      const child = spawn(process.execPath, [...SERVER_NODE_FLAGS, ...this.options.serverArgv], {
         detached: true,
+        env: { MALLOC_MMAP_THRESHOLD_: String(SERVER_MMAP_THRESHOLD_BYTES), ...process.env },
         stdio: ['ignore', logFile.fd, logFile.fd],
       });
       child.unref();

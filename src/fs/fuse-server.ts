@@ -22,12 +22,15 @@ import { Writable } from 'node:stream';
 import { errorCode, errorMessage, FailedPreconditionError, ProtocolError, StargazeError } from '../errors';
 import type { Logger } from '../log';
 import { onJsonLines, parseRequest, requestId, writeJsonLine, type FuseServerRequest, type FuseServerResponse } from './fuse-server-protocol';
+import { IdleCollector } from './idle-collector';
 import type { StargazeFileSystem } from './stargz-fs';
 
 /** How long the server stays up with no daemon connected and nothing mounted. */
 const IDLE_EXIT_MS = 30_000;
 /** How often it looks for mounts removed behind its back (lazy umount by an admin or a test). */
 const SWEEP_INTERVAL_MS = 10_000;
+/** Garbage is collected once no mount or unmount has come for this long (idle-collector.ts). */
+const COLLECT_QUIET_MS = 1_000;
 
 export interface FuseServerOptions {
   socketPath: string;
@@ -35,6 +38,8 @@ export interface FuseServerOptions {
   log: Logger;
   /** Receives every log line, so it can be forwarded to connected daemons. */
   logTap: LogTap;
+  /** Told of every mount and unmount, to collect the garbage they leave once they stop coming. */
+  collector?: IdleCollector;
 }
 
 /** A Writable for pino that copies each log line to the connected daemons. */
@@ -57,7 +62,8 @@ export async function serveFuseServer(filesystem: ServedFileSystem, options: Fus
   const { socketPath, log } = options;
   await mkdir(path.dirname(socketPath), { recursive: true, mode: 0o700 });
   await removeStaleSocket(socketPath);
-  const server = net.createServer((socket) => serveConnection(socket, filesystem, options));
+  const collector = options.collector ?? new IdleCollector(COLLECT_QUIET_MS);
+  const server = net.createServer((socket) => serveConnection(socket, filesystem, { ...options, collector }));
   // libuv unlinks a listening socket's path by name when the server closes: by then a new server may hold
   // socketPath (a wiped root). So listen on a name of our own and rename the socket into place. The name is
   // short: a unix socket's path has at most 107 bytes, and socketPath's own must still fit beside it.
@@ -110,6 +116,7 @@ export async function serveFuseServer(filesystem: ServedFileSystem, options: Fus
     process.on('SIGTERM', onSignal);
   });
   server.close();
+  collector.close();
   for (const socket of options.logTap.sockets) socket.destroy();
   await close();
   // A new server may have these paths by now (a wiped root): only what is still ours goes.
@@ -131,8 +138,8 @@ async function isSameFile(file: string, was: BigIntStats): Promise<boolean> {
 export type ServedFileSystem = Pick<StargazeFileSystem, 'mount' | 'check' | 'unmount' | 'list' | 'dropVanished'>;
 
 /** Answers one daemon's requests on `socket` and forwards the log to it (exported for tests). */
-export function serveConnection(socket: net.Socket, filesystem: ServedFileSystem, options: Pick<FuseServerOptions, 'log' | 'logTap'>): void {
-  const { log, logTap } = options;
+export function serveConnection(socket: net.Socket, filesystem: ServedFileSystem, options: Pick<FuseServerOptions, 'log' | 'logTap' | 'collector'>): void {
+  const { log, logTap, collector } = options;
   logTap.sockets.add(socket);
   socket.on('close', () => logTap.sockets.delete(socket));
   socket.on('error', (err) => log.debug({ err: errorMessage(err) }, 'daemon connection error'));
@@ -142,7 +149,7 @@ export function serveConnection(socket: net.Socket, filesystem: ServedFileSystem
     if (id === undefined) return void socket.destroy(new ProtocolError('fuse server protocol: a request without an integer id'));
     // parseRequest inside the promise: a malformed request is answered as an error, like a failed one.
     Promise.resolve(message)
-      .then((m) => handle(filesystem, parseRequest(m)))
+      .then((m) => handle(filesystem, parseRequest(m), collector))
       .then(
         (mounts) => writeJsonLine(socket, { id, ok: true, mounts } satisfies FuseServerResponse),
         (err: unknown) =>
@@ -157,16 +164,17 @@ export function serveConnection(socket: net.Socket, filesystem: ServedFileSystem
 }
 
 /** Runs one request; `list` answers with the mounts, the others with nothing. */
-async function handle(filesystem: ServedFileSystem, request: FuseServerRequest): Promise<{ mountpoint: string; digest: string }[] | undefined> {
+async function handle(filesystem: ServedFileSystem, request: FuseServerRequest, collector: IdleCollector | undefined): Promise<{ mountpoint: string; digest: string }[] | undefined> {
   switch (request.op) {
     case 'mount':
-      await filesystem.mount(request.mountpoint, request.labels, request.parent);
+      // Failed or not, a mount leaves its TOC's garbage.
+      await filesystem.mount(request.mountpoint, request.labels, request.parent).finally(() => collector?.poke());
       return undefined;
     case 'check':
       await filesystem.check(request.mountpoint);
       return undefined;
     case 'unmount':
-      await filesystem.unmount(request.mountpoint);
+      await filesystem.unmount(request.mountpoint).finally(() => collector?.poke());
       return undefined;
     case 'list':
       return filesystem.list();

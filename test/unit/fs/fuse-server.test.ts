@@ -13,6 +13,7 @@ import pino from 'pino';
 import { NotFoundError } from '../../../src/errors';
 import { onJsonLines, writeJsonLine } from '../../../src/fs/fuse-server-protocol';
 import { LogTap, serveConnection, type ServedFileSystem } from '../../../src/fs/fuse-server';
+import { IdleCollector } from '../../../src/fs/idle-collector';
 
 class FakeFileSystem implements ServedFileSystem {
   calls: unknown[][] = [];
@@ -81,14 +82,18 @@ describe('fuse server connection', () => {
   const fs = new FakeFileSystem();
   const logTap = new LogTap();
   const log = pino({ level: 'silent' });
+  /** Garbage collections the connection asked for (a stand-in for V8's gc: a test cannot see a real one). */
+  let collections = 0;
+  const collector = new IdleCollector(30, () => void collections++);
 
   before(async () => {
     dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fuse-server-'));
     socketPath = path.join(dir, 'fuse.sock');
-    server = net.createServer((socket) => serveConnection(socket, fs, { log, logTap }));
+    server = net.createServer((socket) => serveConnection(socket, fs, { log, logTap, collector }));
     await new Promise<void>((resolve) => server.listen(socketPath, resolve));
   });
   after(async () => {
+    collector.close();
     await new Promise<void>((resolve) => server.close(() => resolve()));
     await rm(dir, { recursive: true, force: true });
   });
@@ -107,6 +112,25 @@ describe('fuse server connection', () => {
     assert.deepEqual(await daemon.answer(4), { id: 4, ok: true });
     assert.deepEqual(await daemon.answer(5), { id: 5, ok: true });
     assert.deepEqual(fs.calls.slice(-4), [['mount', '/x', labels, 'p'], ['mount', '/missing', labels, undefined], ['check', '/x'], ['unmount', '/x']]);
+    daemon.socket.destroy();
+  });
+
+  test('the garbage of a burst of mounts and unmounts, failed ones too, is collected once, after the burst', async () => {
+    const daemon = await Daemon.connect(socketPath);
+    await new Promise((r) => setTimeout(r, 60)); // whatever an earlier test left is collected
+    const before = collections;
+    writeJsonLine(daemon.socket, { id: 1, op: 'mount', mountpoint: '/x', labels: {} });
+    writeJsonLine(daemon.socket, { id: 2, op: 'mount', mountpoint: '/missing', labels: {} });
+    writeJsonLine(daemon.socket, { id: 3, op: 'unmount', mountpoint: '/x' });
+    for (const id of [1, 2, 3]) await daemon.answer(id);
+    assert.equal(collections, before, 'not during the burst');
+    await new Promise((r) => setTimeout(r, 80));
+    assert.equal(collections, before + 1);
+    writeJsonLine(daemon.socket, { id: 4, op: 'list' });
+    writeJsonLine(daemon.socket, { id: 5, op: 'check', mountpoint: '/x', labels: {} });
+    for (const id of [4, 5]) await daemon.answer(id);
+    await new Promise((r) => setTimeout(r, 80));
+    assert.equal(collections, before + 1, 'list and check leave no garbage worth a collection');
     daemon.socket.destroy();
   });
 
