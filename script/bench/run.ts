@@ -118,6 +118,17 @@ async function runLayerMemory(): Promise<Record<string, unknown>> {
         '\n',
     );
   }
+  const fixed = results.fixedCost;
+  if (fixed) {
+    const mib = (n: number): string => `${n.toFixed(1)} MiB`;
+    process.stdout.write(
+      `\n  fixed cost (stargaze): idle RSS ${mib(fixed.idleRssMib)} vs floor + ${fixed.budgetMib} MiB = ${mib(fixed.floorRssMib + fixed.budgetMib)}: ` +
+        `${mib(fixed.overFloorMib)} over the floor (target <= ${fixed.budgetMib} MiB: ${fixed.withinBudget ? 'met' : 'not met'})\n` +
+        `    floor: two empty Node processes, RSS ${mib(fixed.floorRssMib)} (PSS ${mib(fixed.floorPssMib)})\n` +
+        `    daemon      ${mib(fixed.daemonRssMib)} vs its floor ${mib(fixed.daemonFloorRssMib)}\n` +
+        `    FUSE server ${mib(fixed.fuseServerRssMib)} vs its floor ${mib(fixed.fuseServerFloorRssMib)}\n`,
+    );
+  }
   for (const note of notes) process.stdout.write(`  note: ${note}\n`);
   return { results, notes };
 }

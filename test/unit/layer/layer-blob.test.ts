@@ -128,3 +128,24 @@ test('LayerBlob: keeps only the tail before the TOC, and lets it go on releaseTa
   const none = new LayerBlob(blob, { chunkBytes: 0, concurrency: 1, tail, payloadEnd: 90_000, scheduler });
   assert.equal(none.heldBytes, 0, 'a tail of TOC alone is not kept');
 });
+
+test('LayerBlob: a streamed read is one request however long, and takes what lies in the tail from memory', async () => {
+  const blob = memoryBlob(100_000);
+  const t = withTail(blob, 10_000);
+  await t.readRange(100_000 - 51, 51);
+  const lb = new LayerBlob(blob, { chunkBytes: 10_000, concurrency: 3, tail: await t.tail(), scheduler });
+  const cases: Array<[number, number, Array<[number, number]>]> = [
+    [0, 45_000, [[0, 45_000]]], // long enough to be split by readRange: still one request
+    [92_000, 8_000, []], // inside the tail
+    [86_000, 8_000, [[86_000, 4_000]]], // straddling: only the part before the tail
+  ];
+  for (const [offset, length, requests] of cases) {
+    blob.reads.length = 0;
+    const into = Buffer.alloc(length);
+    const told: number[] = [];
+    await lb.readRangeInto(offset, into, (n) => told.push(n));
+    assert.deepEqual(into, blob.data.subarray(offset, offset + length), `${offset}+${length}`);
+    assert.deepEqual(blob.reads, requests, `${offset}+${length}: requests`);
+    assert.equal(told.at(-1), length);
+  }
+});
