@@ -21,14 +21,6 @@ const REQUEST_TIMEOUT_MS = 120_000;
  * server would keep it for good: idle-collector.ts).
  */
 const SERVER_NODE_FLAGS = ['--expose-gc'];
-/**
- * glibc malloc serves buffers of this size and more with their own mappings, which free() gives back to the
- * system. Its default threshold rises to the largest buffer freed so far, after which a mount's transient buffers
- * (the blob's tail, the inflated TOC: hundreds of KiB each) come from the heap, where freed memory stays resident.
- * Smaller buffers (a FUSE read's 128 KiB) stay on the heap. An explicit MALLOC_MMAP_THRESHOLD_ in the daemon's
- * environment wins.
- */
-const SERVER_MMAP_THRESHOLD_BYTES = 256 * 1024;
 
 export interface FuseServerClientOptions {
   socketPath: string;
@@ -152,7 +144,6 @@ export class FuseServerClient implements RemoteFileSystem {
     try {
       const child = spawn(process.execPath, [...SERVER_NODE_FLAGS, ...this.options.serverArgv], {
         detached: true,
-        env: { MALLOC_MMAP_THRESHOLD_: String(SERVER_MMAP_THRESHOLD_BYTES), ...process.env },
         stdio: ['ignore', logFile.fd, logFile.fd],
       });
       child.unref();
