@@ -29,9 +29,11 @@ const LAYERS_PER_IMAGE = 4;
 const ALL_LAYERS = 1 + IMAGES * LAYERS_PER_IMAGE;
 /**
  * Threads and descriptors the daemon and FUSE server may hold above their idle level once everything is removed
- * (libuv's pool and gRPC's connection to containerd start on first use); a per-layer leak would be 13 or more.
+ * (connections to containerd and between the two processes, libuv's pool start on first use; seen: 0 threads and
+ * 5 descriptors more); a leak of one per layer would be 13 or more.
  */
-const SLACK = 6;
+const THREAD_SLACK = 4;
+const FD_SLACK = 8;
 
 interface Counts {
   threads: number;
@@ -103,7 +105,7 @@ describe('a busy node in small: many lazy layers, a restart, removal', { skip: n
     for (const img of images) await runAndCheck(img);
   });
 
-  test('removing the images (GC) leaves no mount and no snapshot directory; threads and descriptors come back', async () => {
+  test('removing the images (GC) leaves no mount and no snapshot directory; threads and descriptors come back', async (t) => {
     await containerd.removeImages(images.map((img) => img.ref));
     const left = await containerd.ctr(['snapshots', '--snapshotter', 'stargz', 'ls']);
     assert.deepEqual(left.stdout.split('\n').slice(1).filter((l) => l.trim() !== ''), [], 'containerd lists no stargz snapshot');
@@ -114,11 +116,12 @@ describe('a busy node in small: many lazy layers, a restart, removal', { skip: n
       'threads and descriptors back at their idle level',
       async () => {
         const now = await daemonCounts(daemon);
-        return now.threads <= idle.threads + SLACK && now.fds <= idle.fds + SLACK ? now : undefined;
+        return now.threads <= idle.threads + THREAD_SLACK && now.fds <= idle.fds + FD_SLACK ? now : undefined;
       },
       { timeoutMs: 10_000, intervalMs: 250 },
     ).catch(async () => daemonCounts(daemon));
-    assert.ok(settled.threads <= idle.threads + SLACK, `threads ${settled.threads}, idle ${idle.threads}`);
-    assert.ok(settled.fds <= idle.fds + SLACK, `descriptors ${settled.fds}, idle ${idle.fds}`);
+    t.diagnostic(`threads ${settled.threads} (idle ${idle.threads}), descriptors ${settled.fds} (idle ${idle.fds})`);
+    assert.ok(settled.threads <= idle.threads + THREAD_SLACK, `threads ${settled.threads}, idle ${idle.threads}`);
+    assert.ok(settled.fds <= idle.fds + FD_SLACK, `descriptors ${settled.fds}, idle ${idle.fds}`);
   });
 });
