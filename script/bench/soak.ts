@@ -17,7 +17,7 @@
  * at BENCH_SOAK_WARMUP_MINUTES (5) and the maximum after it (target: at most 10 % above); after the last removal,
  * the mounts (/proc/self/mountinfo) and snapshot directories left under each root (target: none).
  */
-import { readdir } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import { loadavg } from 'node:os';
 import path from 'node:path';
 import { CleanupStack, PEER_MISSING_NOTE, makeTmpRoot, peerBinary, startRegistry } from '../../test/e2e/harness';
@@ -33,10 +33,20 @@ const LAYERS = Number(process.env.BENCH_SOAK_LAYERS ?? 5);
 const PROBE_BYTES = 4 * 1024 * 1024;
 const FILES_PER_LAYER = 3;
 const DISK_MAX_BYTES = 67_108_864;
-const CONFIG: Record<DaemonKind, string> = { stargaze: `[cache]\ndisk_max_bytes = ${DISK_MAX_BYTES}\n`, peer: '' };
+/** BENCH_SOAK_MEMORY_MAX_BYTES: stargaze's `[cache] memory_max_bytes` (default: its default, 256 MiB). */
+const MEMORY_MAX_BYTES = process.env.BENCH_SOAK_MEMORY_MAX_BYTES;
+/** BENCH_SOAK_STARGAZE_CONFIG: top-level keys put before stargaze's `[cache]` table (`copy_fetched_layers = false`, say). */
+const CONFIG: Record<DaemonKind, string> = {
+  stargaze:
+    `${process.env.BENCH_SOAK_STARGAZE_CONFIG ?? ''}\n[cache]\ndisk_max_bytes = ${DISK_MAX_BYTES}\n` +
+    (MEMORY_MAX_BYTES === undefined ? '' : `memory_max_bytes = ${Number(MEMORY_MAX_BYTES)}\n`),
+  peer: '',
+};
+/** Limit of each step: a hung daemon fails an iteration instead of holding the loop. */
+const STEP_TIMEOUT_MS = 120_000;
 /** Where each daemon keeps a directory per snapshot, under its root. */
 const SNAPSHOT_DIRS: Record<DaemonKind, string> = { stargaze: path.join('snapshotter', 'snapshots'), peer: path.join('snapshotter', 'snapshots') };
-/** Failures (reads, removals) after which the loop stops: the defect is shown by then. */
+/** Failures (reads, removals) after which an arm stops (the other goes on): the defect is shown by then. */
 const MAX_FAILURES = 5;
 /** The flatness target: the maximum after the warm-up at most this much above the level at its end. */
 export const FLAT_TARGET_RATIO = 1.1;
@@ -60,6 +70,8 @@ export interface SoakArm {
   readsChecked: number;
   /** Reads that failed or returned other bytes, with what happened. */
   failures: string[];
+  /** Why the arm stopped before the end, if it did. */
+  stopped?: string;
   /** Snapshots the loop had to remove by hand after containerd's GC (`ctr snapshots rm`). */
   snapshotsLeftByGc: number;
   /** Most FUSE mounts left under the root right after a removal. */
@@ -108,23 +120,40 @@ async function snapshotsLeft(d: DaemonWithContainerd): Promise<string[]> {
     .filter((k) => k !== '');
 }
 
+/** Where each thread of the daemon's processes waits (/proc/PID/task/TID/wchan), for a failure's message. */
+async function stateOf(d: DaemonWithContainerd): Promise<string> {
+  const groups = d.kind === 'peer' ? [d.daemon.pid()] : await stargazeGroups(d.daemon.pid(), d.daemon.root);
+  const out: string[] = [];
+  for (const pid of groups) {
+    const tids = await readdir(`/proc/${pid}/task`).catch(() => [] as string[]);
+    const waits = new Map<string, number>();
+    for (const tid of tids) {
+      const w = (await readFile(`/proc/${pid}/task/${tid}/wchan`, 'utf8').catch(() => '?')) || 'running';
+      waits.set(w, (waits.get(w) ?? 0) + 1);
+    }
+    const main = (await readFile(`/proc/${pid}/wchan`, 'utf8').catch(() => '?')) || 'running';
+    out.push(`pid ${pid}: main thread in ${main}; threads ${[...waits].map(([w, n]) => `${n} ${w}`).join(', ')}`);
+  }
+  return `\n      ${d.kind} processes: ${out.join(' | ')}`;
+}
+
 /** One iteration of one arm: pull, run and check, remove, GC. */
 async function iterate(d: DaemonWithContainerd, img: BusyImage, arm: SoakArm): Promise<void> {
   const { containerd, snapshotter, namespace } = d;
   try {
-    await containerd.rpull(img.ref, { snapshotter, namespace, timeoutMs: 300_000 });
+    await containerd.rpull(img.ref, { snapshotter, namespace, timeoutMs: STEP_TIMEOUT_MS });
     await expectLazyMounts(d.kind, d.daemon, img.layers);
-    const r = await containerd.runContainer(img.ref, probeCommand(img.probes), { snapshotter, namespace, timeoutMs: 300_000, allowFailure: true });
+    const r = await containerd.runContainer(img.ref, probeCommand(img.probes), { snapshotter, namespace, timeoutMs: STEP_TIMEOUT_MS, allowFailure: true });
     if (r.code !== 0) throw new Error(`container exit ${r.code}: ${r.stderr.trim()}`);
     checkProbeSums(r.stdout, img.probes);
     arm.readsChecked += img.probes.length;
   } catch (err) {
-    arm.failures.push(`iteration ${arm.iterations + 1} (${img.ref}): ${err instanceof Error ? err.message : String(err)}`);
+    arm.failures.push(`iteration ${arm.iterations + 1} (${img.ref}): ${err instanceof Error ? err.message : String(err)}${await stateOf(d)}`);
   }
   try {
-    await containerd.removeImages([img.ref], { namespace });
+    await containerd.removeImages([img.ref], { namespace, timeoutMs: STEP_TIMEOUT_MS });
   } catch (err) {
-    arm.failures.push(`iteration ${arm.iterations + 1} (${img.ref}) removal: ${err instanceof Error ? err.message : String(err)}`);
+    arm.failures.push(`iteration ${arm.iterations + 1} (${img.ref}) removal: ${err instanceof Error ? err.message : String(err)}${await stateOf(d)}`);
   }
   // children before parents: the list is a chain, so remove from its tip while anything is left
   for (let left = await snapshotsLeft(d), round = 0; left.length > 0 && round < LAYERS + 2; left = await snapshotsLeft(d), round++) {
@@ -149,7 +178,7 @@ function summarize(arm: SoakArm, warmupSec: number): void {
 export async function benchSoak(): Promise<SoakResults> {
   const kinds: DaemonKind[] = peerBinary() === undefined ? ['stargaze'] : ['stargaze', 'peer'];
   const notes = [
-    `configs: stargaze ${CONFIG.stargaze.trim().replace('\n', ' ')}; peer defaults; sums over stargaze's daemon + FUSE server, the peer's one process`,
+    `configs: stargaze ${CONFIG.stargaze.trim().replaceAll('\n', ' ')}; peer defaults; sums over stargaze's daemon + FUSE server, the peer's one process`,
     `load average at start: ${load()}`,
   ];
   if (!kinds.includes('peer')) notes.push(PEER_MISSING_NOTE);
@@ -184,16 +213,19 @@ export async function benchSoak(): Promise<SoakResults> {
     let lastSample = -Infinity;
     for (let i = 0; Date.now() < endAt; i++) {
       const img = images[i % images.length]!;
-      for (const [k, d] of daemons.entries()) await iterate(d, img, arms[k]!);
-      if (arms.some((a) => a.failures.length >= MAX_FAILURES)) {
-        notes.push(`stopped after ${MAX_FAILURES} failed reads`);
-        break;
+      for (const [k, d] of daemons.entries()) {
+        const arm = arms[k]!;
+        if (arm.stopped !== undefined) continue;
+        await iterate(d, img, arm);
+        if (arm.failures.length >= MAX_FAILURES) arm.stopped = `stopped after ${MAX_FAILURES} failures, ${((Date.now() - start) / 60_000).toFixed(1)} min in`;
       }
+      if (arms.every((a) => a.stopped !== undefined)) break;
       if (Date.now() - lastSample < SAMPLE_SEC * 1000) continue;
       lastSample = Date.now();
       const tSec = (lastSample - start) / 1000;
       const line: string[] = [];
       for (const [k, d] of daemons.entries()) {
+        if (arms[k]!.stopped !== undefined) continue;
         const f = await footprintOf(d);
         arms[k]!.samples.push({ tSec, rssKib: f.rssKib, pssKib: f.pssKib, threads: f.threads, fds: f.fds });
         line.push(`${d.kind} RSS ${(f.rssKib / 1024).toFixed(1)} MiB, ${f.threads} threads, ${f.fds} fds, ${arms[k]!.iterations} iterations`);
@@ -238,6 +270,7 @@ export async function reportSoak(): Promise<Record<string, unknown>> {
       process.stdout.write('    too short for a level and a maximum after it\n');
     }
     process.stdout.write(`    after the last removal: ${a.mountsLeft.length} mounts, ${a.snapshotDirsLeft.length} snapshot dirs left under the root\n`);
+    if (a.stopped !== undefined) process.stdout.write(`    ${a.stopped}\n`);
     for (const f of a.failures) process.stdout.write(`    failure: ${f}\n`);
     for (const m of a.mountsLeft) process.stdout.write(`    mount left: ${m}\n`);
     for (const d of a.snapshotDirsLeft) process.stdout.write(`    snapshot dir left: ${d}\n`);
