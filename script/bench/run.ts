@@ -13,6 +13,7 @@ import { benchRpullDownload } from './rpull-download';
 import { benchReadDisk } from './read-disk';
 import { benchFirstRead } from './first-read';
 import { benchRpullConcurrent } from './rpull-concurrent';
+import { benchSnapshotScale, snapshotScaleTable } from './snapshot-scale';
 
 const BENCHES: Record<string, () => Promise<Record<string, unknown>>> = {
   'read-throughput': runReadThroughput,
@@ -23,7 +24,17 @@ const BENCHES: Record<string, () => Promise<Record<string, unknown>>> = {
   'read-disk': runReadDisk,
   'first-read': runFirstRead,
   'rpull-concurrent': runRpullConcurrent,
+  'snapshot-scale': runSnapshotScale,
 };
+
+async function runSnapshotScale(): Promise<Record<string, unknown>> {
+  if (process.getuid?.() !== 0) throw new Error('the snapshot-scale benchmark runs the daemons (FUSE server): run it as root');
+  process.stdout.write('snapshot scale: committed snapshots created, listed, statted straight on each daemon\'s socket (no containerd)\n');
+  const r = await benchSnapshotScale(); // prints its samples as they come
+  process.stdout.write(`\n  ${r.snapshots} snapshots in chains of ${r.chain}; medians of ${r.repeats} passes per sample\n${snapshotScaleTable(r)}\n`);
+  for (const note of r.notes) process.stdout.write(`  note: ${note}\n`);
+  return { ...r };
+}
 
 async function runRpullDownload(): Promise<Record<string, unknown>> {
   if (process.getuid?.() !== 0) throw new Error('the rpull-download benchmark runs containerd and the daemon: run it as root');
