@@ -20,6 +20,11 @@
  *   Usage      of the same names, the same way.
  * Every answer is checked (counts, names found), so a daemon that answers wrong fails the bench instead of winning.
  *
+ * Then, for stargaze alone and in this process (listHeap): the Snapshots service over a Snapshotter whose store
+ * holds the same BENCH_SNAPSHOTS rows, a client on its socket, and the heap after full GCs before the first List,
+ * after every 10 of HEAP_LISTS full Lists, and 1 s into a List whose client stopped reading after its first
+ * message: what serving Lists keeps, which must not grow with the Lists nor with a slow reader.
+ *
  * Arms alternate order from sample to sample (BENCH_SAMPLES, default 1: a create of 10,000 takes tens of seconds);
  * each number is the median over its passes and samples; ratios are stargaze / peer of the medians (below 1:
  * stargaze faster or smaller).
@@ -30,10 +35,25 @@
  */
 import crypto from 'node:crypto';
 import { readFile } from 'node:fs/promises';
+import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
+import v8 from 'node:v8';
+import vm from 'node:vm';
 import * as grpc from '@grpc/grpc-js';
-import { loadSnapshotsService } from '../../src/service/snapshots-service';
-import { CleanupStack, PEER_MISSING_NOTE, peerBinary, startDaemon, startPeer, type PeerDaemon, type StargazeDaemon } from '../../test/e2e/harness';
+import pino from 'pino';
+import { loadSnapshotsService, startSnapshotServer } from '../../src/service/snapshots-service';
+import { MetadataStore } from '../../src/snapshot/metadata-store';
+import { Snapshotter } from '../../src/snapshot/snapshotter';
+import {
+  CleanupStack,
+  PEER_MISSING_NOTE,
+  makeTmpRoot,
+  peerBinary,
+  startDaemon,
+  startPeer,
+  type PeerDaemon,
+  type StargazeDaemon,
+} from '../../test/e2e/harness';
 import type { DaemonKind } from './daemon-arm';
 import { footprintOfGroups, stargazeGroups, type Footprint } from './footprint';
 import { median } from './startup';
@@ -86,6 +106,27 @@ class SnapshotsClient {
       stream.on('data', (m: { info: WireInfo[] }) => messages.push(m.info));
       stream.on('error', reject);
       stream.on('end', () => resolve(messages));
+    });
+  }
+
+  /** A full List whose reader stops after the first message, runs `whilePaused`, then reads the rest. */
+  pausedList<T>(whilePaused: () => Promise<T>): Promise<T> {
+    const fn = (this.client as unknown as Record<string, (req: object) => grpc.ClientReadableStream<{ info: WireInfo[] }>>)['List']!.bind(this.client);
+    return new Promise((resolve, reject) => {
+      const stream = fn({ snapshotter: 'bench', filters: [] });
+      let result: T | undefined;
+      let first = true;
+      stream.on('data', () => {
+        if (!first) return;
+        first = false;
+        stream.pause();
+        whilePaused().then((r) => {
+          result = r;
+          stream.resume();
+        }, reject);
+      });
+      stream.on('error', reject);
+      stream.on('end', () => (first ? reject(new Error('List ended before its first message')) : resolve(result as T)));
     });
   }
 
@@ -146,6 +187,15 @@ export interface ArmSummary {
   listRssGrowthMib: number;
 }
 
+export interface ListHeap {
+  /** Heap used after full GCs before the first List, MiB. */
+  beforeMib: number;
+  /** The same after every 10 Lists. */
+  afterListsMib: number[];
+  /** 1 s into a List whose client read one message and stopped. */
+  pausedReaderMib: number;
+}
+
 export interface SnapshotScaleResult {
   snapshots: number;
   chain: number;
@@ -155,7 +205,65 @@ export interface SnapshotScaleResult {
   arms: ArmSummary[];
   /** stargaze / peer of each median; undefined without the peer. */
   ratio?: Record<'createMs' | 'listMs' | 'filteredMs' | 'statMs' | 'usageMs' | 'rssMib', number>;
+  listHeap: ListHeap;
   notes: string[];
+}
+
+const HEAP_LISTS = 50;
+
+/** `gc()` of this process, with V8's flag turned on now (the bench is not started with --expose-gc). */
+function exposedGc(): () => void {
+  v8.setFlagsFromString('--expose-gc');
+  return vm.runInNewContext('gc') as () => void;
+}
+
+/** The in-process List memory check described at the top. */
+async function listHeap(): Promise<ListHeap> {
+  const scope = new CleanupStack();
+  try {
+    const root = await makeTmpRoot('bench-list-heap', scope);
+    // The rows are written straight into the store (no directories, no fsync): only Lists are measured here.
+    const store = MetadataStore.open(root, { durability: 'normal' });
+    for (let c = 0, n = 0; n < SNAPSHOTS; c++) {
+      const labels = { [GROUP_LABEL]: String(c % GROUPS) };
+      let parent = '';
+      for (let l = 0; l < CHAIN && n < SNAPSHOTS; l++, n++) {
+        const name = snapshotName(c, l);
+        store.createSnapshot('active', `extract-${n} ${name}`, parent, labels);
+        store.commitActive(`extract-${n} ${name}`, name, { size: 4096, inodes: 1 }, labels);
+        parent = name;
+      }
+    }
+    store.close();
+    const silent = pino({ level: 'silent' });
+    const snapshotter = await Snapshotter.open({ root, log: silent });
+    scope.after(() => snapshotter.close());
+    const server = await startSnapshotServer({ snapshotter, address: path.join(root, 'list-heap.sock'), log: silent });
+    scope.after(() => server.close());
+    const client = new SnapshotsClient(server.address);
+    scope.after(() => client.close());
+
+    const gc = exposedGc();
+    const heapMib = (): number => {
+      gc();
+      gc();
+      return process.memoryUsage().heapUsed / (MIB * MIB);
+    };
+    const beforeMib = heapMib();
+    const afterListsMib: number[] = [];
+    for (let i = 1; i <= HEAP_LISTS; i++) {
+      const infos = (await client.list([])).reduce((n, m) => n + m.length, 0);
+      if (infos !== SNAPSHOTS) throw new Error(`in-process List answered ${infos} infos, expected ${SNAPSHOTS}`);
+      if (i % 10 === 0) afterListsMib.push(heapMib());
+    }
+    const pausedReaderMib = await client.pausedList(async () => {
+      await delay(1000);
+      return heapMib();
+    });
+    return { beforeMib, afterListsMib, pausedReaderMib };
+  } finally {
+    await scope.run();
+  }
 }
 
 async function timedList(client: SnapshotsClient, filters: string[], pid: number, expected: number): Promise<ListPass> {
@@ -289,7 +397,8 @@ export async function benchSnapshotScale(): Promise<SnapshotScaleResult> {
   if (ours.maxInfosPerMessage > MAX_INFOS_PER_MESSAGE) {
     notes.push(`stargaze sent ${ours.maxInfosPerMessage} infos in one List message: more than containerd's ${MAX_INFOS_PER_MESSAGE}`);
   }
-  return { snapshots: SNAPSHOTS, chain: CHAIN, repeats: REPEATS, statSample: STAT_SAMPLE, samples, arms, ratio, notes };
+  process.stdout.write(`  stargaze in-process: heap during ${HEAP_LISTS} Lists and a paused reader\n`);
+  return { snapshots: SNAPSHOTS, chain: CHAIN, repeats: REPEATS, statSample: STAT_SAMPLE, samples, arms, ratio, listHeap: await listHeap(), notes };
 }
 
 /** The result as the table `npm run bench` prints. */
@@ -313,5 +422,11 @@ export function snapshotScaleTable(r: SnapshotScaleResult): string {
     const ratio = r.ratio && ratioKey ? cell(`${r.ratio[ratioKey].toFixed(2)}x`) : '';
     lines.push(`  ${label.padEnd(34)}${r.arms.map((a) => cell(value(a))).join('')}${ratio}`);
   }
+  const h = r.listHeap;
+  lines.push(
+    `  stargaze List memory (in-process, heap after GC): ${h.beforeMib.toFixed(2)} MiB before, ` +
+      `${h.afterListsMib.map((m) => m.toFixed(2)).join(' / ')} after each 10 Lists, ` +
+      `${h.pausedReaderMib.toFixed(2)} MiB with a reader paused after one message`,
+  );
   return lines.join('\n');
 }
