@@ -2,8 +2,12 @@
  * What a daemon costs the node it runs on, read from /proc: resident memory, threads and open descriptors,
  * summed over every process of the daemon. A daemon is named by the process groups it runs in: stargaze's
  * daemon and its FUSE server (a session of its own, so it outlives the daemon), the peer's single process.
+ *
+ * Also here: the floor of a Node process, an empty `node -e` started with the same binary, flags and
+ * NODE_OPTIONS as one of stargaze's processes, so what stargaze adds to Node itself can be told apart.
  */
-import { readdir, readFile } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { readdir, readFile, readlink } from 'node:fs/promises';
 import path from 'node:path';
 import { fuseServerPid } from '../../test/e2e/harness';
 
@@ -70,4 +74,63 @@ export async function footprintOfGroups(groups: number[]): Promise<Footprint> {
 export async function stargazeGroups(daemonPid: number, root: string): Promise<number[]> {
   const fuse = await fuseServerPid(root);
   return fuse === undefined ? [daemonPid] : [daemonPid, fuse];
+}
+
+/** What keeps an empty Node process alive without doing anything: the floor's whole program. */
+const EMPTY_NODE_PROGRAM = 'setInterval(() => {}, 1e9)';
+
+/** How a Node process was started: its binary, the flags before its script, and NODE_OPTIONS. */
+export interface NodeInvocation {
+  binary: string;
+  execArgv: string[];
+  nodeOptions: string | undefined;
+}
+
+/**
+ * Reads how the Node process `pid` was started, from /proc: its binary (exe), its Node and V8 flags (the
+ * arguments before the first one that names a script, a `.js` file) and NODE_OPTIONS from its environment.
+ */
+export async function nodeInvocationOf(pid: number): Promise<NodeInvocation> {
+  const [exe, cmdline, environ] = await Promise.all([
+    readlink(`/proc/${pid}/exe`),
+    readFile(`/proc/${pid}/cmdline`, 'utf8'),
+    readFile(`/proc/${pid}/environ`, 'utf8'),
+  ]);
+  const args = cmdline.split('\0').slice(1, -1);
+  const script = args.findIndex((a) => !a.startsWith('-') && a.endsWith('.js'));
+  if (script < 0) throw new Error(`process ${pid} (${args.join(' ')}): no script among its arguments`);
+  const nodeOptions = environ
+    .split('\0')
+    .find((e) => e.startsWith('NODE_OPTIONS='))
+    ?.slice('NODE_OPTIONS='.length);
+  return { binary: exe, execArgv: args.slice(0, script), nodeOptions };
+}
+
+/** An empty Node process started as another was: a process group of its own, stopped by `stop()`. */
+export interface FloorProcess {
+  pid: number;
+  stop(): void;
+}
+
+/**
+ * Starts the floor of `like`: `node <its flags> -e 'setInterval(...)'` with its NODE_OPTIONS and nothing
+ * else, in a process group of its own (footprintOfGroups measures it like a daemon's group).
+ */
+export function startEmptyNode(like: NodeInvocation): FloorProcess {
+  const env: NodeJS.ProcessEnv = { PATH: process.env.PATH };
+  if (like.nodeOptions !== undefined) env.NODE_OPTIONS = like.nodeOptions;
+  const child = spawn(like.binary, [...like.execArgv, '-e', EMPTY_NODE_PROGRAM], { stdio: 'ignore', detached: true, env });
+  const pid = child.pid;
+  if (pid === undefined) throw new Error(`${like.binary}: could not start an empty Node process`);
+  child.unref();
+  return {
+    pid,
+    stop: () => {
+      try {
+        process.kill(-pid, 'SIGKILL');
+      } catch {
+        // gone already
+      }
+    },
+  };
 }

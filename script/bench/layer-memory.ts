@@ -20,7 +20,12 @@
  * Each point is taken 2 s after the step (SETTLE_MS) from /proc: VmRSS, Pss (smaps_rollup), threads and open fds
  * summed over the daemon's process groups (footprint.ts). RSS counts pages two processes share (the Node binary,
  * shared libraries: stargaze runs two Node processes) once for each; PSS divides them among their users.
- * containerd's and the bench's own processes are not counted. Per layer (RSS): (mounted - idle) / layers and
+ * containerd's and the bench's own processes are not counted.
+ *
+ * The floor (stargaze only): right after the idle footprint, two empty Node processes (`node -e 'setInterval(...)'`)
+ * started with the same binary, flags and NODE_OPTIONS as the daemon and as the FUSE server (footprint.ts
+ * `startEmptyNode`), measured SETTLE_MS later while the daemon still runs. Idle RSS over the floor is what
+ * stargaze's own code and data cost beyond two Node processes; the target is at most FIXED_COST_BUDGET_MIB. Per layer (RSS): (mounted - idle) / layers and
  * (after reads - mounted) / layers, taken in each sample. The arms alternate order from sample to sample, each
  * number is the median over samples (so a per-layer number is the median of the per-sample differences, not the
  * difference of the medians shown), and ratios are stargaze / peer of the medians.
@@ -45,7 +50,7 @@ import {
 } from '../../test/e2e/harness';
 import { makeTar, pushRawImage, type RawLayer } from '../../test/e2e/harness/raw-image';
 import { expectLazyMounts, startDaemonWithContainerd, type DaemonKind, type DaemonWithContainerd } from './daemon-arm';
-import { footprintOfGroups, stargazeGroups, type Footprint } from './footprint';
+import { footprintOfGroups, nodeInvocationOf, stargazeGroups, startEmptyNode, type Footprint } from './footprint';
 import { median } from './startup';
 
 const LAYERS = Number(process.env.BENCH_LAYERS ?? 50);
@@ -58,6 +63,8 @@ const PULL_TIMEOUT_MS = 600_000;
 /** Both daemons understand these keys: no prefetch at mount, no background fetch of the rest of each layer. */
 const DAEMON_CONFIG = 'noprefetch = true\nno_background_fetch = true\n';
 const MIB = 1024 * 1024;
+/** The fixed-cost target: stargaze's idle RSS (daemon + FUSE server) at most this far above its floor. */
+export const FIXED_COST_BUDGET_MIB = 25;
 
 /** What the table shows, per arm, in this order, with its row label; RSS and PSS in MiB, per-layer deltas in KiB. */
 export const METRIC_LABELS = {
@@ -79,8 +86,18 @@ export const METRIC_LABELS = {
 export type Metric = keyof typeof METRIC_LABELS;
 export const METRICS = Object.keys(METRIC_LABELS) as Metric[];
 
+/** stargaze's idle footprint per process, and the floor of each: an empty Node process started like it. */
+export interface FloorSample {
+  daemon: Footprint;
+  fuseServer: Footprint;
+  daemonFloor: Footprint;
+  fuseServerFloor: Footprint;
+}
+
 export interface ArmSample {
   idle: Footprint;
+  /** stargaze only. */
+  floor?: FloorSample;
   mounted: Footprint;
   afterReads: Footprint;
   /** Blob bytes the daemon fetched through the counting proxy, pull and reads together. */
@@ -101,8 +118,27 @@ export interface LayerMemoryResults {
   /** Compressed size of all the layers. */
   imageMib: number;
   arms: ArmResult[];
+  /** stargaze's idle RSS against two empty Node processes started with the same flags (medians over samples). */
+  fixedCost?: FixedCost;
   /** stargaze / peer of each median; absent without the peer, null where a value is not positive (a delta GC made negative). */
   ratio?: Record<Metric, number | null>;
+}
+
+export interface FixedCost {
+  /** RSS and PSS of the two empty Node processes together. */
+  floorRssMib: number;
+  floorPssMib: number;
+  /** stargaze's idle RSS (daemon + FUSE server), the same as its idleRssMib. */
+  idleRssMib: number;
+  /** idle RSS - floor RSS, the median over samples of each sample's difference. */
+  overFloorMib: number;
+  budgetMib: number;
+  withinBudget: boolean;
+  /** Each process at idle and its own floor. */
+  daemonRssMib: number;
+  daemonFloorRssMib: number;
+  fuseServerRssMib: number;
+  fuseServerFloorRssMib: number;
 }
 
 /** The file of layer `i` the reads cat (present for any file count >= 1). */
@@ -141,10 +177,34 @@ async function groupsOf(d: DaemonWithContainerd): Promise<number[]> {
 
 async function settledFootprint(d: DaemonWithContainerd): Promise<Footprint> {
   await delay(SETTLE_MS);
+  return footprintNow(d);
+}
+
+async function footprintNow(d: DaemonWithContainerd): Promise<Footprint> {
   const groups = await groupsOf(d);
   const f = await footprintOfGroups(groups);
   if (f.pids.length < groups.length) throw new Error(`a daemon process is gone (groups ${groups.join(', ')}; see ${d.daemon.logFile})`);
   return f;
+}
+
+/**
+ * stargaze's idle footprint per process, then the floor of each: an empty Node process started with its
+ * binary, flags and NODE_OPTIONS, measured after the same settle time, stopped again.
+ */
+async function floorSample(d: DaemonWithContainerd, scope: CleanupStack): Promise<FloorSample> {
+  const [daemonGroup, fuseGroup] = await groupsOf(d);
+  const [daemon, fuseServer] = [await footprintOfGroups([daemonGroup!]), await footprintOfGroups([fuseGroup!])];
+  const floors = [];
+  for (const pid of [daemonGroup!, fuseGroup!]) {
+    const floor = startEmptyNode(await nodeInvocationOf(pid));
+    scope.after(() => Promise.resolve(floor.stop()));
+    floors.push(floor);
+  }
+  await delay(SETTLE_MS);
+  const [daemonFloor, fuseServerFloor] = [await footprintOfGroups([floors[0]!.pid]), await footprintOfGroups([floors[1]!.pid])];
+  if (daemonFloor.pids.length !== 1 || fuseServerFloor.pids.length !== 1) throw new Error('an empty Node process of the floor exited');
+  for (const floor of floors) floor.stop();
+  return { daemon, fuseServer, daemonFloor, fuseServerFloor };
 }
 
 /** One sample of one arm: fresh daemon and containerd, the three footprints, everything torn down. */
@@ -153,7 +213,10 @@ async function sample(arm: DaemonKind, registry: Registry, ref: string): Promise
   try {
     const d = await startDaemonWithContainerd({ kind: arm, scope, pullHost: registry.countingHost, config: DAEMON_CONFIG });
     const { containerd, snapshotter, namespace } = d;
-    const idle = await settledFootprint(d);
+    await delay(SETTLE_MS);
+    // both processes at the same instant, as the sum, and as the floor compares them
+    const floor = arm === 'stargaze' ? await floorSample(d, scope) : undefined;
+    const idle = floor ? sumFootprints(floor.daemon, floor.fuseServer) : await footprintNow(d);
 
     registry.resetCounters();
     await containerd.rpull(ref, { snapshotter, namespace, timeoutMs: PULL_TIMEOUT_MS });
@@ -169,10 +232,36 @@ async function sample(arm: DaemonKind, registry: Registry, ref: string): Promise
       await containerd.unmountImage(rootfs, { namespace });
     }
     const afterReads = await settledFootprint(d);
-    return { idle, mounted, afterReads, fetchedBytes: registry.bytesServed() };
+    return { idle, ...(floor ? { floor } : {}), mounted, afterReads, fetchedBytes: registry.bytesServed() };
   } finally {
     await scope.run();
   }
+}
+
+function sumFootprints(a: Footprint, b: Footprint): Footprint {
+  return { rssKib: a.rssKib + b.rssKib, pssKib: a.pssKib + b.pssKib, threads: a.threads + b.threads, fds: a.fds + b.fds, pids: [...a.pids, ...b.pids] };
+}
+
+function fixedCostOf(samples: ArmSample[]): FixedCost | undefined {
+  const floors = samples.map((s) => s.floor).filter((f): f is FloorSample => f !== undefined);
+  if (floors.length === 0) return undefined;
+  const mib = (kib: number): number => kib / 1024;
+  const med = (pick: (f: FloorSample) => number): number => median(floors.map(pick));
+  const floorRss = (f: FloorSample): number => mib(f.daemonFloor.rssKib + f.fuseServerFloor.rssKib);
+  const idleRss = (f: FloorSample): number => mib(f.daemon.rssKib + f.fuseServer.rssKib);
+  const overFloorMib = med((f) => idleRss(f) - floorRss(f));
+  return {
+    floorRssMib: med(floorRss),
+    floorPssMib: med((f) => mib(f.daemonFloor.pssKib + f.fuseServerFloor.pssKib)),
+    idleRssMib: med(idleRss),
+    overFloorMib,
+    budgetMib: FIXED_COST_BUDGET_MIB,
+    withinBudget: overFloorMib <= FIXED_COST_BUDGET_MIB,
+    daemonRssMib: med((f) => mib(f.daemon.rssKib)),
+    daemonFloorRssMib: med((f) => mib(f.daemonFloor.rssKib)),
+    fuseServerRssMib: med((f) => mib(f.fuseServer.rssKib)),
+    fuseServerFloorRssMib: med((f) => mib(f.fuseServerFloor.rssKib)),
+  };
 }
 
 function metricsOf(s: ArmSample): Record<Metric, number> {
@@ -221,10 +310,15 @@ export async function benchLayerMemory(): Promise<{ results: LayerMemoryResults;
         const r = await sample(arm, registry, ref);
         samples.get(arm)!.push(r);
         const m = metricsOf(r);
+        const f = r.floor;
+        const floorText = f
+          ? `, floor RSS ${((f.daemonFloor.rssKib + f.fuseServerFloor.rssKib) / 1024).toFixed(1)} MiB (daemon ${(f.daemon.rssKib / 1024).toFixed(1)} ` +
+            `vs ${(f.daemonFloor.rssKib / 1024).toFixed(1)}, FUSE server ${(f.fuseServer.rssKib / 1024).toFixed(1)} vs ${(f.fuseServerFloor.rssKib / 1024).toFixed(1)})`
+          : '';
         process.stdout.write(
           `  #${s + 1} ${arm.padEnd(8)} RSS idle ${m.idleRssMib.toFixed(1)} / mounted ${m.mountedRssMib.toFixed(1)} / ` +
             `after reads ${m.afterReadsRssMib.toFixed(1)} MiB, PSS ${m.idlePssMib.toFixed(1)} / ${m.mountedPssMib.toFixed(1)} / ` +
-            `${m.afterReadsPssMib.toFixed(1)} MiB, fetched ${(r.fetchedBytes / MIB).toFixed(1)} MiB, load ${load()}\n`,
+            `${m.afterReadsPssMib.toFixed(1)} MiB${floorText}, fetched ${(r.fetchedBytes / MIB).toFixed(1)} MiB, load ${load()}\n`,
         );
       }
     }
@@ -244,6 +338,13 @@ export async function benchLayerMemory(): Promise<{ results: LayerMemoryResults;
     notes.push('a negative per-layer delta: the daemon freed more (garbage collection) than the step added; take BENCH_SAMPLES >= 3');
   }
   const [ours, peer] = results;
+  const fixedCost = ours ? fixedCostOf(ours.samples) : undefined;
+  if (fixedCost) {
+    notes.push(
+      `floor: two empty Node processes (node -e 'setInterval(...)') with the daemon's and the FUSE server's binary, flags and NODE_OPTIONS, ` +
+        `measured ${SETTLE_MS} ms after they started, while the daemon ran; over floor = the median of each sample's idle RSS - floor RSS`,
+    );
+  }
   return {
     results: {
       layers: LAYERS,
@@ -251,6 +352,7 @@ export async function benchLayerMemory(): Promise<{ results: LayerMemoryResults;
       samples: SAMPLES,
       imageMib: imageBytes / MIB,
       arms: results,
+      ...(fixedCost ? { fixedCost } : {}),
       ...(ours && peer ? { ratio: eachMetric((k) => (ours.median[k] > 0 && peer.median[k] > 0 ? ours.median[k] / peer.median[k] : null)) } : {}),
     },
     notes,

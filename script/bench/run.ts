@@ -13,6 +13,7 @@ import { benchRpullDownload } from './rpull-download';
 import { benchReadDisk } from './read-disk';
 import { benchFirstRead } from './first-read';
 import { benchRpullConcurrent } from './rpull-concurrent';
+import { benchSnapshotScale, snapshotScaleTable } from './snapshot-scale';
 import { reportBusyNode, reportRestartAtSize } from './busy-node';
 import { reportSoak } from './soak';
 
@@ -25,6 +26,7 @@ const BENCHES: Record<string, () => Promise<Record<string, unknown>>> = {
   'read-disk': runReadDisk,
   'first-read': runFirstRead,
   'rpull-concurrent': runRpullConcurrent,
+  'snapshot-scale': runSnapshotScale,
   'busy-node': reportBusyNode,
   'restart-at-size': reportRestartAtSize,
   soak: reportSoak,
@@ -32,6 +34,15 @@ const BENCHES: Record<string, () => Promise<Record<string, unknown>>> = {
 
 /** Slow benchmarks (minutes each): run only when named, `npm run bench -- busy-node restart-at-size soak`. */
 const OPT_IN = new Set(['busy-node', 'restart-at-size', 'soak']);
+
+async function runSnapshotScale(): Promise<Record<string, unknown>> {
+  if (process.getuid?.() !== 0) throw new Error('the snapshot-scale benchmark runs the daemons (FUSE server): run it as root');
+  process.stdout.write('snapshot scale: committed snapshots created, listed, statted straight on each daemon\'s socket (no containerd)\n');
+  const r = await benchSnapshotScale(); // prints its samples as they come
+  process.stdout.write(`\n  ${r.snapshots} snapshots in chains of ${r.chain}; medians of ${r.repeats} passes per sample\n${snapshotScaleTable(r)}\n`);
+  for (const note of r.notes) process.stdout.write(`  note: ${note}\n`);
+  return { ...r };
+}
 
 async function runRpullDownload(): Promise<Record<string, unknown>> {
   if (process.getuid?.() !== 0) throw new Error('the rpull-download benchmark runs containerd and the daemon: run it as root');
@@ -124,6 +135,17 @@ async function runLayerMemory(): Promise<Record<string, unknown>> {
         results.arms.map((a) => cell(a.median[key].toFixed(1))).join('') +
         (ratio ? cell(ratio[key] === null ? 'n/a' : `${ratio[key].toFixed(2)}x`) : '') +
         '\n',
+    );
+  }
+  const fixed = results.fixedCost;
+  if (fixed) {
+    const mib = (n: number): string => `${n.toFixed(1)} MiB`;
+    process.stdout.write(
+      `\n  fixed cost (stargaze): idle RSS ${mib(fixed.idleRssMib)} vs floor + ${fixed.budgetMib} MiB = ${mib(fixed.floorRssMib + fixed.budgetMib)}: ` +
+        `${mib(fixed.overFloorMib)} over the floor (target <= ${fixed.budgetMib} MiB: ${fixed.withinBudget ? 'met' : 'not met'})\n` +
+        `    floor: two empty Node processes, RSS ${mib(fixed.floorRssMib)} (PSS ${mib(fixed.floorPssMib)})\n` +
+        `    daemon      ${mib(fixed.daemonRssMib)} vs its floor ${mib(fixed.daemonFloorRssMib)}\n` +
+        `    FUSE server ${mib(fixed.fuseServerRssMib)} vs its floor ${mib(fixed.fuseServerFloorRssMib)}\n`,
     );
   }
   for (const note of notes) process.stdout.write(`  note: ${note}\n`);

@@ -62,7 +62,7 @@
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { loadavg } from 'node:os';
 import path from 'node:path';
 import {
@@ -86,6 +86,7 @@ import {
   startRegistry,
   type Registry,
   type RunResult,
+  type StargazeDaemon,
 } from '../../test/e2e/harness';
 import { expectLazyMounts } from './daemon-arm';
 import { buildImages, type CachedImage } from './startup-images';
@@ -372,7 +373,10 @@ async function sample(
   try {
     const stargaze = STARGAZE_MODES.includes(mode);
     const peer = PEER_MODES.includes(mode);
-    const daemon = stargaze ? await startDaemon({ scope, logLevel: 'info', plainHttpHosts: [pullHost], config }) : undefined;
+    const daemon = stargaze
+      ? await startDaemon({ scope, logLevel: TRACE_DIR === undefined ? 'info' : 'debug', plainHttpHosts: [pullHost], config })
+      : undefined;
+    if (daemon !== undefined && TRACE_DIR !== undefined) scope.after(() => keepTrace(daemon, `${image.spec.name}-${mode}`));
     // the reference reaches registries on loopback over plain HTTP without a hosts config
     const peerDaemon = peer ? await startPeer({ scope, config: peerConfig() }) : undefined;
     const containerd = await startContainerd({
@@ -417,6 +421,21 @@ async function sample(
   } finally {
     await scope.run();
   }
+}
+
+/**
+ * BENCH_STARTUP_TRACE_DIR: each stargaze sample runs at debug level and leaves its daemon's and FUSE server's logs
+ * there (`IMAGE-MODE-N.daemon.log`, `.fuse-server.log`), to see where a start's time goes.
+ */
+const TRACE_DIR = process.env.BENCH_STARTUP_TRACE_DIR;
+let traced = 0;
+
+async function keepTrace(daemon: StargazeDaemon, name: string): Promise<void> {
+  if (TRACE_DIR === undefined) return;
+  const base = path.join(TRACE_DIR, `${name}-${++traced}`);
+  await mkdir(TRACE_DIR, { recursive: true });
+  await copyFile(daemon.logFile, `${base}.daemon.log`).catch(() => undefined);
+  await copyFile(path.join(daemon.root, 'fuse', 'fuse-server.log'), `${base}.fuse-server.log`).catch(() => undefined);
 }
 
 const secs = (ms: number): string => (ms / 1000).toFixed(2);

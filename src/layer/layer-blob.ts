@@ -5,11 +5,13 @@
  *   it; reading a tail sized to hold a typical TOC on the first request serves both (the reference also reads
  *   the blob's tail in one piece). LayerBlob keeps that tail, so background fetch does not fetch again the
  *   bytes of it that lie before the TOC.
- * - LayerBlob: a long range (the prefetch range from offset 0 is often tens of MiB) is read as parallel range
- *   requests, as `[blob] parallel_fetch_*` configure: a registry or CDN may cap each connection.
+ * - LayerBlob: a long range a read or background fetch asks for is read as parallel range requests, as
+ *   `[blob] parallel_fetch_*` configure: a registry or CDN may cap each connection. Prefetch instead streams its
+ *   range (often tens of MiB from offset 0) as one request, as the reference reads it (readRangeInto), and
+ *   inflates each member as soon as its own bytes are in.
  */
 import type { RangeReadable } from '../estargz/toc';
-import { readRangesOf, type BlobSource, type ByteRange } from '../remote/blob-source';
+import { readRangeIntoOf, readRangesOf, type BlobSource, type ByteRange } from '../remote/blob-source';
 import { splitChunkBytes } from '../remote/parallel-fetch';
 import { forEachBounded } from '../task/bounded';
 import type { Scheduler } from '../task/scheduler';
@@ -110,6 +112,17 @@ export class LayerBlob implements BlobSource {
 
   readRanges(ranges: readonly ByteRange[], signal?: AbortSignal): Promise<Buffer[]> {
     return readRangesOf(this.blob, ranges, signal);
+  }
+
+  /** One request streamed into `into` (never split: its reader uses the start before the end); the tail from memory. */
+  async readRangeInto(offset: number, into: Buffer, arrived: (n: number) => void, signal?: AbortSignal): Promise<void> {
+    const tail = this.opts.tail;
+    const end = offset + into.length;
+    if (tail === undefined || end <= tail.offset || end > tail.offset + tail.data.length) return readRangeIntoOf(this.blob, offset, into, arrived, signal);
+    const fromTail = Math.max(offset, tail.offset);
+    if (fromTail > offset) await readRangeIntoOf(this.blob, offset, into.subarray(0, fromTail - offset), arrived, signal);
+    tail.data.copy(into, fromTail - offset, fromTail - tail.offset, end - tail.offset);
+    arrived(into.length);
   }
 
   /** One request, or parallel ones for a long range (a registry may cap each connection). */

@@ -121,6 +121,11 @@ function memberBytes(chunks: readonly ChunkInfo[]): number {
   return total;
 }
 
+/** The inode tree of `toc`: CPU on the main thread, tens of milliseconds for a TOC of thousands of entries. */
+export function treeOf(toc: LayerToc, ctx: LayerContext): LayerTree {
+  return buildLayerTreeFromJson(toc.tocJson, { blobSize: toc.blob.size, tocOffset: toc.tocOffset, opaqueXattr: ctx.opaqueXattr });
+}
+
 /** A layer whose blob and TOC are read, its prefetch maybe started, not yet checked against a mount's labels. */
 export class Layer {
   private readonly parts: LayerParts;
@@ -135,11 +140,11 @@ export class Layer {
     setup: LayerSetup,
     ctx: LayerContext,
     log: Logger,
-    /** The tree of this very TOC, built by a layer set up before (layers.ts reopen): not built again. */
+    /** The tree of this very TOC (treeOf), built before: by a layer set up before (reopened), or by the mount while it waited for its profile. */
     built?: LayerTree,
   ) {
     const { options, scheduler } = ctx;
-    const tree = built ?? buildLayerTreeFromJson(toc.tocJson, { blobSize: toc.blob.size, tocOffset: toc.tocOffset, opaqueXattr: ctx.opaqueXattr });
+    const tree = built ?? treeOf(toc, ctx);
     // A profile's chunks take the place of the landmark and the sizes; `noprefetch` still means no prefetch.
     const resolved = options.noPrefetch || setup.profile === undefined ? undefined : resolveProfile(setup.profile, tree, { digest, tocDigest: toc.tocDigest }, log);
     const profileChunks = resolved !== undefined && resolved.length > 0 ? resolved : undefined;

@@ -8,12 +8,13 @@ import type { DiskChunkCache } from '../cache/disk-chunk-cache';
 import type { ProfileStore } from '../cache/profile-store';
 import type { TocCache } from '../cache/toc-cache';
 import type { Logger } from '../log';
+import type { LayerTree } from '../metadata/layer-tree';
 import type { PrefetchProfile } from '../profile/profile-format';
 import type { FsMetrics } from '../metrics/fs-metrics';
 import { DeferredBlobSource } from '../remote/deferred-blob-source';
 import type { LayerSourceInfo } from '../source/labels';
 import type { Scheduler } from '../task/scheduler';
-import { Layer, type LayerContext, type LayerSetup, type VerifiedLayer } from './layer';
+import { Layer, treeOf, type LayerContext, type LayerSetup, type VerifiedLayer } from './layer';
 import type { LayerOptions } from './layer-options';
 import { HeldBudget } from './held-ranges';
 import { loadProfile, profileKeyOf } from './layer-profile';
@@ -89,12 +90,13 @@ export class Layers {
     // A layer opened ahead had no cached TOC then: no need to look (file reads wait for the libuv threads,
     // which a running prefetch keeps busy inflating).
     const early = this.preOpener.claim(source.ref, source.digest);
-    const reading = early !== undefined ? early : this.readToc(source, log);
+    // The tree is built as soon as the TOC is in, while the profile lookup may still wait for the registry.
+    const reading = early !== undefined ? early : this.readToc(source, log).then((toc) => ({ toc, tree: treeOf(toc, this.ctx) }));
     // Whichever fails first is the mount's error; the other's outcome is not waited for.
     looking?.catch(() => undefined);
     reading.catch(() => undefined);
     let profile: PrefetchProfile | undefined;
-    let found: Layer | LayerToc | undefined;
+    let found: Layer | { toc: LayerToc; tree: LayerTree } | undefined;
     try {
       [profile, found] = await Promise.all([looking, reading]);
     } catch (err) {
@@ -109,7 +111,7 @@ export class Layers {
       // Its prefetch runs already; it is used when it was set up as this mount wants.
       layer = found.suits(setup) ? found : found.reopened(setup, log);
     } else if (found !== undefined) {
-      layer = new Layer(source.digest, found, setup, this.ctx, log);
+      layer = new Layer(source.digest, found.toc, setup, this.ctx, log, found.tree);
     } else {
       // Opened ahead, but that failed: the mount reads the TOC itself.
       layer = new Layer(source.digest, await this.readToc(source, log), setup, this.ctx, log);

@@ -5,8 +5,8 @@ import { LRUCache } from 'lru-cache';
 import { EstargzFormatError, VerificationError } from '../errors';
 import type { ChunkInfo, LayerNode, LayerTree } from '../metadata/layer-tree';
 import type { BlobSource } from '../remote/blob-source';
-import { readRangesOf } from '../remote/blob-source';
-import { parallelOptions, splitChunkBytes } from '../remote/parallel-fetch';
+import { readRangeIntoOf, readRangesOf } from '../remote/blob-source';
+import { parallelOptions } from '../remote/parallel-fetch';
 import { inflateRange } from './inflate-range';
 import { zstdPool } from './zstd-pool';
 import { abortable } from '../abortable';
@@ -78,10 +78,8 @@ export interface LayerReaderOptions {
   /** How the blob's members are compressed: gzip (eStargz, the default) or zstd frames (zstd:chunked). */
   compression?: 'gzip' | 'zstd';
   /**
-   * How prefetch downloads its range (downloadInParts): parts of at most splitChunkBytes(range, concurrency,
-   * chunkBytes), as `[blob] parallel_fetch_*` cut a long range, cut at member ends where they fall,
-   * `concurrency` at a time; 1 is one request. Default: DEFAULT_PARALLEL_FETCH_CONCURRENCY and
-   * DEFAULT_PARALLEL_FETCH_CHUNK_BYTES.
+   * How a profile's prefetch (prefetchChunks) requests its members: requests of at most `chunkBytes`,
+   * `concurrency` at a time. Default: DEFAULT_PARALLEL_FETCH_CONCURRENCY and DEFAULT_PARALLEL_FETCH_CHUNK_BYTES.
    */
   prefetchParallel?: { concurrency: number; chunkBytes: number };
   /**
@@ -270,8 +268,8 @@ export class LayerReader {
   }
 
   /**
-   * Fetches blob bytes [0, n) (n: the last member end up to upToCompressedOffset) in parts
-   * (downloadInParts) and caches every chunk whose member lies inside it. Rejects with the download's
+   * Fetches blob bytes [0, n) (n: the last member end up to upToCompressedOffset) with one streamed request
+   * (downloadHead) and caches every chunk whose member lies inside it. Rejects with the download's
    * failure, else the first chunk error after trying them all.
    *
    * `onHead` receives the fetched bytes, blob [0, n), once all have arrived: background fetch hashes them for
@@ -284,13 +282,13 @@ export class LayerReader {
       .filter((c) => c.compressedEnd <= limit && !this.has(this.key(c)) && !this.isLocal(c));
     if (wanted.length === 0) return;
     const fetchEnd = wanted.reduce((max, c) => Math.max(max, c.compressedEnd), 0);
-    const head = this.downloadInParts(fetchEnd, 'prefetch', signal);
+    const head = this.downloadHead(fetchEnd, 'prefetch', signal);
     head.all.catch(() => undefined); // awaited below; each chunk sees its own part's failure
 
     // Every wanted chunk is in flight from now on: a container reading one of them while the prefetch
     // range downloads joins it instead of fetching the same bytes again. A chunk is inflated as soon as
-    // its part has arrived, so inflating overlaps the download and such a reader waits for its part only,
-    // not for the whole range. Inflating takes the scheduler's inflate slots, behind reads.
+    // its member's bytes have arrived, so inflating overlaps the download and such a reader waits for its own
+    // bytes only, not for the whole range. Inflating takes the scheduler's inflate slots, behind reads.
     const inflate = async (c: ChunkInfo): Promise<Buffer> => {
       await head.through(c.compressedOffset, c.compressedEnd);
       signal?.throwIfAborted(); // a closed layer's downloaded parts are not worth the CPU; joined readers fetch
@@ -394,71 +392,52 @@ export class LayerReader {
   }
 
   /**
-   * Blob bytes [0, end) into one buffer, downloaded in parts of at most splitChunkBytes, `concurrency` in
-   * flight, in order. `through(from, to)` settles once every part holding bytes [from, to) has arrived;
-   * `all` once all have. The first failure stops the parts not yet asked for, and every waiter sees it.
-   * With a concurrency of 1 (`[blob] parallel_fetch_concurrency = 1`: no parallel requests) it is one part.
-   * `priority` is the parts' place in the scheduler's request lane.
+   * Blob bytes [0, end) into one buffer, streamed by one request (BlobSource.readRangeInto) that takes a slot
+   * of the scheduler's request lane at `priority`. `through(from, to)` settles once bytes [from, to) have
+   * arrived, `all` once all have; a failure settles every waiter with it.
    */
-  private downloadInParts(end: number, priority: Priority, signal?: AbortSignal): { bytes: Buffer; all: Promise<void>; through(from: number, to: number): Promise<void> } {
-    const { concurrency, chunkBytes } = this.prefetchParallel;
-    const starts = [0];
-    if (concurrency > 1) {
-      // Cut at member ends where they fall, so a chunk usually waits for one part only; a stretch longer than
-      // a part without one (a big member) is cut anyway. No part is longer than partBytes, so LayerBlob, which
-      // splits only ranges of twice its chunk size, sends each as one request.
-      const partBytes = splitChunkBytes(end, concurrency, chunkBytes);
-      let last = 0; // the last cut
-      let memberEnd = 0; // the last member end seen after it
-      const cutBefore = (at: number): void => {
-        while (at - last > partBytes) starts.push((last = memberEnd > last ? memberEnd : last + partBytes));
-      };
-      for (const c of this.tree.chunksInBlobOrder()) {
-        if (c.compressedEnd <= last || c.compressedEnd >= end) continue; // a hostile TOC's members may overlap
-        cutBefore(c.compressedEnd);
-        memberEnd = c.compressedEnd;
-      }
-      cutBefore(end);
-    }
+  private downloadHead(end: number, priority: Priority, signal?: AbortSignal): { bytes: Buffer; all: Promise<void>; through(from: number, to: number): Promise<void> } {
     const bytes = Buffer.allocUnsafe(end);
-    const arrived = starts.map(() => {
-      let settle!: { resolve: () => void; reject: (err: unknown) => void };
-      const promise = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
-      promise.catch(() => undefined); // whoever waits on it sees the failure
-      return { promise, ...settle };
-    });
-    // The parts take slots in the scheduler's request lane, behind every layer's reads. The first failure stops
-    // the parts not yet asked for (forEachBounded aborts the signal the others got), and every waiter sees it.
-    const all = forEachBounded(
-      starts,
-      async (from, i, sig) => {
-        const to = i + 1 < starts.length ? (starts[i + 1] as number) : end;
-        const part = await this.fromBlob(this.blob.readRange(from, to - from, sig));
-        this.stats.fetchedBytes += part.length;
-        part.copy(bytes, from);
-        arrived[i]!.resolve();
-      },
-      { concurrency, signal, shared: { limiter: this.scheduler.fetches, priority } },
-    ).catch((err: unknown) => {
-      for (const a of arrived) a.reject(err); // settles only those still pending
-      throw err;
-    });
-    /** Index of the part holding byte `offset`. */
-    const partOf = (offset: number): number => {
-      let lo = 0;
-      let hi = starts.length - 1;
-      while (lo < hi) {
-        const mid = (lo + hi + 1) >> 1;
-        if ((starts[mid] as number) <= offset) lo = mid;
-        else hi = mid - 1;
-      }
-      return lo;
-    };
+    let arrived = 0;
+    let failure: { err: unknown } | undefined;
+    /** Waiters by the end they wait for, ascending. */
+    const waiting: Array<{ to: number; resolve: () => void; reject: (err: unknown) => void }> = [];
+    const all = this.scheduler.fetches
+      .run(
+        () =>
+          this.fromBlob(
+            readRangeIntoOf(
+              this.blob,
+              0,
+              bytes,
+              (n) => {
+                this.stats.fetchedBytes += n - arrived;
+                arrived = n;
+                let done = 0;
+                while (done < waiting.length && (waiting[done] as { to: number }).to <= n) waiting[done++]!.resolve();
+                if (done > 0) waiting.splice(0, done);
+              },
+              signal,
+            ),
+          ),
+        { priority, signal },
+      )
+      .catch((err: unknown) => {
+        failure = { err };
+        for (const w of waiting.splice(0)) w.reject(err);
+        throw err;
+      });
     return {
       bytes,
       all,
-      through: async (from, to) => {
-        for (let i = partOf(from); i <= partOf(Math.max(from, to - 1)); i++) await arrived[i]!.promise;
+      through: (from, to) => {
+        if (to <= arrived) return Promise.resolve();
+        if (failure !== undefined) return Promise.reject(failure.err);
+        return new Promise<void>((resolve, reject) => {
+          let at = waiting.length;
+          while (at > 0 && (waiting[at - 1] as { to: number }).to > to) at--;
+          waiting.splice(at, 0, { to, resolve, reject });
+        });
       },
     };
   }

@@ -18,6 +18,20 @@ export interface BlobSource {
    * other when ranges overlap. Use `readRangesOf()` to call it on any BlobSource.
    */
   readRanges?(ranges: readonly ByteRange[], signal?: AbortSignal): Promise<Buffer[]>;
+  /**
+   * Optional: reads bytes [offset, offset + into.length) into `into` with one request, calling `arrived(n)` as
+   * they come: bytes [0, n) of `into` are final, and n only grows. For a long range whose start is of use
+   * before its end (prefetch inflates each member once its bytes are in). Use `readRangeIntoOf()` to call it
+   * on any BlobSource.
+   */
+  readRangeInto?(offset: number, into: Buffer, arrived: (n: number) => void, signal?: AbortSignal): Promise<void>;
+}
+
+/** `blob.readRangeInto(...)` when the source has it, else one readRange copied into `into` once it is whole. */
+export async function readRangeIntoOf(blob: BlobSource, offset: number, into: Buffer, arrived: (n: number) => void, signal?: AbortSignal): Promise<void> {
+  if (blob.readRangeInto !== undefined) return blob.readRangeInto(offset, into, arrived, signal);
+  (await blob.readRange(offset, into.length, signal)).copy(into);
+  arrived(into.length);
 }
 
 /** Bytes [offset, offset + length) of a blob. */

@@ -4,7 +4,7 @@
  * then. A failed resolve is not remembered, so reads succeed again once the registry is back.
  */
 import { RegistryError } from '../errors';
-import { readRangesOf, type BlobSource, type ByteRange } from './blob-source';
+import { readRangeIntoOf, readRangesOf, type BlobSource, type ByteRange } from './blob-source';
 
 export class DeferredBlobSource implements BlobSource {
   private resolving: Promise<BlobSource> | undefined;
@@ -21,6 +21,10 @@ export class DeferredBlobSource implements BlobSource {
 
   async readRanges(ranges: readonly ByteRange[], signal?: AbortSignal): Promise<Buffer[]> {
     return readRangesOf(await this.source(signal), ranges, signal);
+  }
+
+  async readRangeInto(offset: number, into: Buffer, arrived: (n: number) => void, signal?: AbortSignal): Promise<void> {
+    return readRangeIntoOf(await this.source(signal), offset, into, arrived, signal);
   }
 
   private source(signal?: AbortSignal): Promise<BlobSource> {

@@ -113,6 +113,36 @@ export async function readSlice(body: Readable, skip: number, length: number, wh
   return out;
 }
 
+/**
+ * readSlice into `into` (length: into.length), calling `arrived(n)` each time bytes [0, n) of it are in. A body
+ * that ends early is a TransientRegistryError, as for readSlice; what arrived before stays written.
+ */
+export async function readSliceInto(body: Readable, skip: number, into: Buffer, arrived: (n: number) => void, what: string, host: string, exact: boolean): Promise<void> {
+  const length = into.length;
+  let written = 0;
+  let toSkip = skip;
+  for await (const raw of body as AsyncIterable<Buffer>) {
+    let chunk = raw;
+    if (toSkip > 0) {
+      if (chunk.length <= toSkip) {
+        toSkip -= chunk.length;
+        continue;
+      }
+      chunk = chunk.subarray(toSkip);
+      toSkip = 0;
+    }
+    if (written + chunk.length > length && exact) {
+      throw new RegistryError(`${what}: ${host} sent more bytes than the range holds`);
+    }
+    written += chunk.copy(into, written, 0, Math.min(chunk.length, length - written));
+    arrived(written);
+    if (!exact && written === length) break; // leaving the loop destroys the body: the rest is never read
+  }
+  if (written !== length) {
+    throw new TransientRegistryError(`${what}: ${host} ended the body after ${written} of ${length} bytes`);
+  }
+}
+
 /** Passes a blob through, hashing it; fails the stream at the end on a digest or length mismatch. */
 export class DigestVerifier extends Transform {
   private readonly hash: ReturnType<typeof createHash> | undefined;

@@ -19,7 +19,7 @@ import https from 'node:https';
 import { homedir } from 'node:os';
 import path from 'node:path';
 import { createSecureContext, type SecureContext } from 'node:tls';
-import { LineCounter, parseAllDocuments, visit } from 'yaml';
+import type * as Yaml from 'yaml';
 import type { Logger } from '../log';
 import { authKeyHost, DOCKER_HUB_AUTH_KEY, type CredentialProvider, type RegistryCredentials } from './credentials';
 import { isDockerHub } from './reference';
@@ -43,6 +43,9 @@ const MAX_RESPONSE_BYTES = 32 * 1024 * 1024;
  * source, which here may be a token or a key, and these errors are logged.
  */
 export function parseKubeconfig(text: string, file: string): unknown {
+  // Loaded here, on the first kubeconfig read: every process that may serve layers imports this module, and
+  // only those with [kubeconfig_keychain] on ever read one.
+  const { LineCounter, parseAllDocuments, visit } = require('yaml') as typeof Yaml;
   const lineCounter = new LineCounter();
   // `<<` merge keys as go-yaml reads them. No document at all (empty, or only comments) is an empty list.
   const [doc] = parseAllDocuments(text, { lineCounter, prettyErrors: false, merge: true });

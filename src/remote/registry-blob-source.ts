@@ -18,7 +18,7 @@ import type { Logger } from '../log';
 import { requestTo, type BlobLocation, type BlobLocator } from './blob-locator';
 import type { BlobSource, ByteRange } from './blob-source';
 import { Deadline, isAborted } from './deadline';
-import { discard, firstHeader, parseContentRange, parseNonNegativeInt, readSlice } from './http-response';
+import { discard, firstHeader, parseContentRange, parseNonNegativeInt, readSlice, readSliceInto } from './http-response';
 import { boundaryOf, ByteRangesParser } from './multipart-byteranges';
 import { planRanges, RangeFiller, resultsOf, type MergedRange } from './range-plan';
 import type { ImageReference } from './reference';
@@ -92,6 +92,27 @@ export class RegistryBlobSource implements BlobSource {
     if (length === 0) return Buffer.alloc(0);
     const rangeWhat = `${this.what} bytes ${offset}-${offset + length - 1}`;
     return this.exchange(rangeWhat, `bytes=${offset}-${offset + length - 1}`, signal, (res, host) => this.readResponse(res, offset, length, rangeWhat, host));
+  }
+
+  /**
+   * One request, written into `into` as it arrives. A retry (a body cut short) reads the range from its start
+   * again into the same bytes, so `arrived` is told only when the count passes what it was told before.
+   */
+  async readRangeInto(offset: number, into: Buffer, arrived: (n: number) => void, signal?: AbortSignal): Promise<void> {
+    const length = into.length;
+    this.checkRange(offset, length);
+    if (length === 0) return arrived(0);
+    const rangeWhat = `${this.what} bytes ${offset}-${offset + length - 1}`;
+    let told = 0;
+    const tell = (n: number): void => {
+      if (n <= told) return;
+      told = n;
+      arrived(n);
+    };
+    await this.exchange(rangeWhat, `bytes=${offset}-${offset + length - 1}`, signal, async (res, host) => {
+      const answer = await this.rangeAnswer(res, offset, length, rangeWhat, host);
+      await readSliceInto(res.body, answer === 'range' ? 0 : offset, into, tell, rangeWhat, host, answer === 'range');
+    });
   }
 
   /**
@@ -268,6 +289,15 @@ export class RegistryBlobSource implements BlobSource {
   }
 
   private async readResponse(res: Dispatcher.ResponseData, offset: number, length: number, what: string, host: string): Promise<Buffer> {
+    const answer = await this.rangeAnswer(res, offset, length, what, host);
+    return answer === 'range' ? readSlice(res.body, 0, length, what, host, true) : readSlice(res.body, offset, length, what, host, false);
+  }
+
+  /**
+   * Whether `res` holds exactly bytes [offset, offset + length) (206) or the whole blob (200: the server
+   * ignored Range; the caller keeps only its slice and drops the connection after it). Anything else throws.
+   */
+  private async rangeAnswer(res: Dispatcher.ResponseData, offset: number, length: number, what: string, host: string): Promise<'range' | 'whole'> {
     if (res.statusCode === 206) {
       const type = firstHeader(res, 'content-type') ?? '';
       const range = parseContentRange(firstHeader(res, 'content-range'));
@@ -279,16 +309,15 @@ export class RegistryBlobSource implements BlobSource {
           206,
         );
       }
-      return readSlice(res.body, 0, length, what, host, true);
+      return 'range';
     }
     if (res.statusCode === 200) {
-      // The server ignored Range and sends the whole blob: keep only our slice, drop the connection after it.
       const len = parseNonNegativeInt(firstHeader(res, 'content-length'));
       if (len !== undefined && len !== this.size) {
         res.body.destroy();
         throw new RegistryError(`${what}: ${host} sent a ${len}-byte blob, expected ${this.size}`, 200);
       }
-      return readSlice(res.body, offset, length, what, host, false);
+      return 'whole';
     }
     await discard(res);
     throw unexpectedAnswer(what, host, res.statusCode);

@@ -107,3 +107,24 @@ test('LayerBlob: reads inside the tail read with the TOC come from memory', asyn
   assert.deepEqual(blob.reads, [[86_000, 4_000]], 'straddling: only the part before the tail');
   assert.deepEqual(await lb.readRange(0, 1_000), blob.data.subarray(0, 1_000));
 });
+
+test('LayerBlob: a streamed read is one request however long, and takes what lies in the tail from memory', async () => {
+  const blob = memoryBlob(100_000);
+  const t = withTail(blob, 10_000);
+  await t.readRange(100_000 - 51, 51);
+  const lb = new LayerBlob(blob, { chunkBytes: 10_000, concurrency: 3, tail: await t.tail(), scheduler });
+  const cases: Array<[number, number, Array<[number, number]>]> = [
+    [0, 45_000, [[0, 45_000]]], // long enough to be split by readRange: still one request
+    [92_000, 8_000, []], // inside the tail
+    [86_000, 8_000, [[86_000, 4_000]]], // straddling: only the part before the tail
+  ];
+  for (const [offset, length, requests] of cases) {
+    blob.reads.length = 0;
+    const into = Buffer.alloc(length);
+    const told: number[] = [];
+    await lb.readRangeInto(offset, into, (n) => told.push(n));
+    assert.deepEqual(into, blob.data.subarray(offset, offset + length), `${offset}+${length}`);
+    assert.deepEqual(blob.reads, requests, `${offset}+${length}: requests`);
+    assert.equal(told.at(-1), length);
+  }
+});

@@ -15,6 +15,7 @@ import { defaultConfig } from '../../../src/config/config';
 import { layerOptionsFromConfig } from '../../../src/layer/layer-options';
 import { profileKeyOf } from '../../../src/layer/layer-profile';
 import { Layers } from '../../../src/layer/layers';
+import * as layerModule from '../../../src/layer/layer';
 import { createMultiLogger, type Logger } from '../../../src/log';
 import { FsMetrics } from '../../../src/metrics/fs-metrics';
 import { MAX_PROFILE_FILE_BYTES, PROFILE_FORMAT_VERSION, serializeProfile, type PrefetchProfile } from '../../../src/profile/profile-format';
@@ -211,7 +212,7 @@ test("a served layer's profile is pinned in the disk budget while it is mounted,
   await layers.close();
 });
 
-test("a mount looks its image's profile up in the registry while it reads the TOC, not before", async (t) => {
+test("a mount looks its image's profile up in the registry while it reads the TOC and builds its tree, not before", async (t) => {
   const { l, store } = await fixture(t);
   const blob = new CountingBlobSource(l.blob);
   const { log } = capturingLog();
@@ -239,9 +240,17 @@ test("a mount looks its image's profile up in the registry while it reads the TO
     profileRegistry,
     log,
   });
+  // The tree is CPU the mount spends while the lookup's round trips are under way, not after them.
+  let treesBuilt = 0;
+  const treeOf = layerModule.treeOf;
+  t.mock.method(layerModule, 'treeOf', (...args: Parameters<typeof treeOf>) => {
+    treesBuilt++;
+    return treeOf(...args);
+  });
   const opening = layers.open({ ...sourceOf(l), manifestDigest: sha256('manifest') }, log);
   // The lookup cannot finish before answer(): a mount that waited for it before reading would time out here.
   await until('the TOC read while the lookup is pending', () => blob.reads.some((r) => r.offset + r.length === l.blob.length), 5_000);
+  await until('the tree built while the lookup is pending', () => treesBuilt === 1, 5_000);
   answer();
   const layer = await opening;
   assert.equal(lookups, 1, 'the registry was asked');

@@ -262,88 +262,102 @@ test('a read that joined a failed prefetch fetches on its own', async () => {
   assert.deepEqual(await data, SMALL);
 });
 
-test('prefetch downloads a long range in parts cut at member ends, and a chunk is ready once its part is', async () => {
+/**
+ * A blob source that streams a range as a registry does: readRangeInto hands bytes on in slices of `slice`, and
+ * stops before byte `holdAt` until release() (or fails there with `failAt`).
+ */
+class StreamingBlobSource extends CountingBlobSource {
+  private release!: () => void;
+  private readonly gate = new Promise<void>((r) => (this.release = r));
+  readonly streamed: Array<{ offset: number; length: number }> = [];
+
+  constructor(
+    private readonly blob: Buffer,
+    private readonly slice: number,
+    private readonly stop: { holdAt?: number; failAt?: number },
+  ) {
+    super(blob);
+  }
+
+  letGo(): void {
+    this.release();
+  }
+
+  async readRangeInto(offset: number, into: Buffer, arrived: (n: number) => void): Promise<void> {
+    this.streamed.push({ offset, length: into.length });
+    const stopAt = (this.stop.failAt ?? this.stop.holdAt ?? Infinity) - offset;
+    for (let n = 0; n < into.length; ) {
+      // a slice ends where the stream stops, so the bytes before it are all in when it does
+      const next = Math.min(into.length, n + this.slice, n < stopAt ? stopAt : Infinity);
+      if (n >= stopAt && this.stop.failAt !== undefined) throw new Error('registry hiccup');
+      if (n >= stopAt) await this.gate;
+      this.blob.copy(into, n, offset + n, offset + next);
+      n = next;
+      arrived(n);
+      await new Promise((r) => setImmediate(r));
+    }
+  }
+}
+
+test('prefetch streams its range as one request, and a chunk is ready as soon as its own bytes are in', async () => {
   const l = await layer(['small', 'file']);
   const tree0 = buildLayerTree(l.toc, { blobSize: l.blob.length, tocOffset: l.tocOffset });
   const landmark = tree0.prefetchLandmarkOffset!;
-  // Parts of about 2 KiB, 2 at a time. The part holding the start of the range arrives at once; the others
-  // wait until the test lets them go, which it does only once a read of the first part's chunk is served.
-  const source = new CountingBlobSource(l.blob);
-  const read = source.readRange.bind(source);
-  let release!: () => void;
-  const gate = new Promise<void>((r) => (release = r));
-  source.readRange = async (offset: number, length: number) => {
-    if (offset > 0) await gate;
-    return read(offset, length);
-  };
+  const smallChunk = tree0.resolvePath('small')!.chunks[0]!;
+  // The stream stops right after 'small' (first in the blob) until the test lets it go, which it does only once
+  // a read of 'small' was served.
+  const source = new StreamingBlobSource(l.blob, 100, { holdAt: smallChunk.compressedEnd });
   const reader = new LayerReader(source, tree0, { scheduler, ...MEMBER_READS, prefetchParallel: { concurrency: 2, chunkBytes: 2 * CHUNK } });
-  const ends = new Set(tree0.chunksInBlobOrder().map((c) => c.compressedEnd));
   let head: Buffer | undefined;
   const prefetch = reader.prefetch(landmark, undefined, (h) => (head = h));
-  // 'small' comes first in the blob: its chunk is in the first part, served while the rest is held back.
   const small = reader.read(tree0.resolvePath('small')!, 0, SMALL.length);
   const first = await Promise.race([small, new Promise<'stuck'>((r) => setTimeout(() => r('stuck'), 10_000))]);
-  release();
-  assert.notEqual(first, 'stuck', "the first part's chunk waited for the other parts");
+  source.letGo();
+  assert.notEqual(first, 'stuck', "the first chunk waited for the rest of the range");
   assert.deepEqual(first, SMALL);
   await prefetch;
 
-  assert.ok(source.reads.length >= 3, `${source.reads.length} parts`);
-  let next = 0;
-  for (const r of [...source.reads].sort((a, b) => a.offset - b.offset)) {
-    assert.equal(r.offset, next, 'the parts cover the range without gaps or overlaps');
-    next = r.offset + r.length;
-    assert.ok(ends.has(next), 'each part ends at a member end');
-    assert.ok(r.length <= 2 * CHUNK, `a part of ${r.length} bytes`);
-  }
-  assert.ok(head !== undefined && head.equals(l.blob.subarray(0, next)), "the head handed on is the blob's bytes");
+  assert.equal(source.streamed.length, 1, 'one request');
+  assert.equal(source.reads.length, 0, 'no other read');
+  const end = source.streamed[0]!.length;
+  assert.equal(source.streamed[0]!.offset, 0);
+  assert.ok(tree0.chunksInBlobOrder().some((c) => c.compressedEnd === end), 'the range ends at a member end');
+  assert.ok(head !== undefined && head.equals(l.blob.subarray(0, end)), "the head handed on is the blob's bytes");
+  assert.equal(reader.stats.fetchedBytes, end);
   assert.deepEqual(await reader.read(tree0.resolvePath('file')!, 0, FILE.length), FILE);
-  assert.equal(source.reads.filter((r) => r.offset >= next).length, 0, 'prioritized files need no further fetch');
-});
-
-test('prefetch parts are no longer than the part size: a member longer than a part spans two', async () => {
-  const l = await layer(['small', 'file']);
-  const tree0 = buildLayerTree(l.toc, { blobSize: l.blob.length, tocOffset: l.tocOffset });
-  const source = new CountingBlobSource(l.blob);
-  // A chunk of 1 KiB of random bytes is a member of more than 1 KiB: parts of 512 bytes cut through each.
-  const reader = new LayerReader(source, tree0, { scheduler, ...MEMBER_READS, prefetchParallel: { concurrency: 3, chunkBytes: 512 } });
-  let head: Buffer | undefined;
-  await reader.prefetch(tree0.prefetchLandmarkOffset!, undefined, (h) => (head = h));
-  assert.ok(source.reads.every((r) => r.length <= 512), `parts: ${source.reads.map((r) => r.length).join(' ')}`);
-  assert.ok(head !== undefined && head.equals(l.blob.subarray(0, head.length)));
-  const reads = source.reads.length;
-  assert.deepEqual(await reader.read(tree0.resolvePath('file')!, 0, FILE.length), FILE);
-  assert.deepEqual(await reader.read(tree0.resolvePath('small')!, 0, SMALL.length), SMALL);
-  assert.equal(source.reads.length, reads, 'every prioritized chunk came from the parts');
+  assert.equal(source.reads.length, 0, 'prioritized files need no further fetch');
   assert.equal(reader.stats.prefetchedChunks, 1 + 6);
-
-  // With no parallel requests (concurrency 1) the range is one read, as before.
-  const single = open(l, { prefetchParallel: { concurrency: 1, chunkBytes: 512 } });
-  await single.reader.prefetch(tree0.prefetchLandmarkOffset!);
-  assert.equal(single.source.reads.length, 1);
 });
 
-test('a part that fails fails the prefetch, hands on no head, and no further part is asked for', async () => {
+test('a source that cannot stream gets the prefetch range as one plain read', async () => {
+  const l = await layer(['small', 'file']);
+  const single = open(l, { prefetchParallel: { concurrency: 3, chunkBytes: 512 } });
+  let head: Buffer | undefined;
+  await single.reader.prefetch(single.tree.prefetchLandmarkOffset!, undefined, (h) => (head = h));
+  assert.equal(single.source.reads.length, 1);
+  assert.ok(head !== undefined && head.equals(l.blob.subarray(0, head.length)));
+  assert.deepEqual(await single.reader.read(single.node('file'), 0, FILE.length), FILE);
+  assert.deepEqual(await single.reader.read(single.node('small'), 0, SMALL.length), SMALL);
+  assert.equal(single.source.reads.length, 1, 'every prioritized chunk came from the one read');
+});
+
+test('a stream that breaks off fails the prefetch and hands on no head; the chunks that arrived stay, a read of the others fetches', async () => {
   const l = await layer(['small', 'file']);
   const tree0 = buildLayerTree(l.toc, { blobSize: l.blob.length, tocOffset: l.tocOffset });
-  const source = new CountingBlobSource(l.blob);
-  const read = source.readRange.bind(source);
-  let readsAtFailure: number | undefined;
-  source.readRange = async (offset: number, length: number) => {
-    if (offset > 0 && readsAtFailure === undefined) {
-      readsAtFailure = source.reads.length;
-      throw new Error('registry hiccup');
-    }
-    return read(offset, length);
-  };
-  const reader = new LayerReader(source, tree0, { scheduler, ...MEMBER_READS, prefetchParallel: { concurrency: 2, chunkBytes: 2 * CHUNK } });
+  const smallChunk = tree0.resolvePath('small')!.chunks[0]!;
+  const source = new StreamingBlobSource(l.blob, 100, { failAt: smallChunk.compressedEnd });
+  const reader = new LayerReader(source, tree0, { scheduler, ...MEMBER_READS });
   let head: Buffer | undefined;
-  await assert.rejects(reader.prefetch(tree0.prefetchLandmarkOffset!, undefined, (h) => (head = h)), /hiccup/);
+  const prefetch = reader.prefetch(tree0.prefetchLandmarkOffset!, undefined, (h) => (head = h));
+  // joins the prefetch of the file's chunks, which never arrive
+  const file = reader.read(tree0.resolvePath('file')!, 0, FILE.length);
+  await assert.rejects(prefetch, /hiccup/);
   assert.equal(head, undefined);
-  assert.ok(readsAtFailure !== undefined);
-  assert.equal(source.reads.length, readsAtFailure, 'no part was asked for after the failure');
-  // (A read that joined the failed prefetch fetches on its own: see the test of a one-part prefetch above.)
-  assert.deepEqual(await reader.read(tree0.resolvePath('file')!, 0, FILE.length), FILE);
+  assert.deepEqual(await file, FILE);
+  const reads = source.reads.length;
+  assert.ok(reads > 0, 'the read fetched on its own');
+  assert.deepEqual(await reader.read(tree0.resolvePath('small')!, 0, SMALL.length), SMALL);
+  assert.equal(source.reads.length, reads, "'small' arrived before the break and was kept");
 });
 
 test('a reader streaming a file gets the next chunk fetched ahead, one at most; a first or jumping read does not', async () => {

@@ -80,6 +80,23 @@ describe('registry client through faults', () => {
     assert.ok((await src.readRange(0, 1_000_000)).equals(data.subarray(0, 1_000_000)));
   });
 
+  it('a streamed read (readRangeInto) tells its progress as it goes; cut off mid-way, it is read again and the count never goes back', async () => {
+    const src = (await client().resolveBlob(ref(), digest)) as RegistryBlobSource;
+    for (const f of [{ kind: 'none' }, { kind: 'reset-mid-body', afterBytes: 300_000, times: 1 }, { kind: 'ignore-range' }] as const) {
+      proxy.setFault(f);
+      const before = proxy.blobRequests().length;
+      const into = Buffer.alloc(2_000_000);
+      const told: number[] = [];
+      await src.readRangeInto(100_000, into, (n) => told.push(n));
+      assert.ok(into.equals(data.subarray(100_000, 2_100_000)), `${f.kind}: the bytes`);
+      assert.ok(told.length > 1, `${f.kind}: told ${told.length} times`);
+      assert.ok(told.every((n, i) => i === 0 || n > told[i - 1]!), `${f.kind}: the count only grows`);
+      assert.equal(told.at(-1), into.length);
+      assert.equal(proxy.blobRequests().length - before, f.kind === 'reset-mid-body' ? 2 : 1, `${f.kind}: requests`);
+    }
+    proxy.setFault({ kind: 'none' });
+  });
+
   it('503 with Retry-After is waited out; 429 is retried; 501 is not', async () => {
     const c = client();
     const src = await c.resolveBlob(ref(), digest);
