@@ -1,7 +1,7 @@
 /**
  * `npm run bench`: runs the benchmarks and prints their numbers; results also go to bench-results/
  * (git-ignored) as JSON, so runs can be compared. Pick benchmarks by name: `npm run bench -- registry-fetch`
- * or BENCH=read-throughput,registry-fetch (default: all).
+ * or BENCH=read-throughput,registry-fetch (default: all but the slow ones in OPT_IN, which run only when named).
  */
 import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
@@ -13,6 +13,9 @@ import { benchRpullDownload } from './rpull-download';
 import { benchReadDisk } from './read-disk';
 import { benchFirstRead } from './first-read';
 import { benchRpullConcurrent } from './rpull-concurrent';
+import { benchSnapshotScale, snapshotScaleTable } from './snapshot-scale';
+import { reportBusyNode, reportRestartAtSize } from './busy-node';
+import { reportSoak } from './soak';
 
 const BENCHES: Record<string, () => Promise<Record<string, unknown>>> = {
   'read-throughput': runReadThroughput,
@@ -23,7 +26,23 @@ const BENCHES: Record<string, () => Promise<Record<string, unknown>>> = {
   'read-disk': runReadDisk,
   'first-read': runFirstRead,
   'rpull-concurrent': runRpullConcurrent,
+  'snapshot-scale': runSnapshotScale,
+  'busy-node': reportBusyNode,
+  'restart-at-size': reportRestartAtSize,
+  soak: reportSoak,
 };
+
+/** Slow benchmarks (minutes each): run only when named, `npm run bench -- busy-node restart-at-size soak`. */
+const OPT_IN = new Set(['busy-node', 'restart-at-size', 'soak']);
+
+async function runSnapshotScale(): Promise<Record<string, unknown>> {
+  if (process.getuid?.() !== 0) throw new Error('the snapshot-scale benchmark runs the daemons (FUSE server): run it as root');
+  process.stdout.write('snapshot scale: committed snapshots created, listed, statted straight on each daemon\'s socket (no containerd)\n');
+  const r = await benchSnapshotScale(); // prints its samples as they come
+  process.stdout.write(`\n  ${r.snapshots} snapshots in chains of ${r.chain}; medians of ${r.repeats} passes per sample\n${snapshotScaleTable(r)}\n`);
+  for (const note of r.notes) process.stdout.write(`  note: ${note}\n`);
+  return { ...r };
+}
 
 async function runRpullDownload(): Promise<Record<string, unknown>> {
   if (process.getuid?.() !== 0) throw new Error('the rpull-download benchmark runs containerd and the daemon: run it as root');
@@ -157,7 +176,7 @@ async function runRegistryFetch(): Promise<Record<string, unknown>> {
 
 async function main(): Promise<void> {
   const wanted = [...process.argv.slice(2), ...(process.env.BENCH ?? '').split(',')].map((s) => s.trim()).filter((s) => s !== '');
-  const names = wanted.length > 0 ? wanted : Object.keys(BENCHES);
+  const names = wanted.length > 0 ? wanted : Object.keys(BENCHES).filter((name) => !OPT_IN.has(name));
   for (const name of names) if (BENCHES[name] === undefined) throw new Error(`unknown benchmark ${name}; known: ${Object.keys(BENCHES).join(', ')}`);
   const outDir = path.resolve(__dirname, '..', '..', '..', 'bench-results');
   await mkdir(outDir, { recursive: true });

@@ -14,6 +14,7 @@ import { log as rootLog, type Logger } from '../log';
 import type { Snapshotter } from '../snapshot/snapshotter';
 import type { Mount, SnapshotInfo, SnapshotKind, TimestampNs } from '../snapshot/snapshot-info';
 import { toServiceError } from './grpc-status';
+import { encodeListResponse, encodeStatResponse } from './snapshots-wire';
 
 /** Infos per ListSnapshotsResponse, as containerd's snapshot service batches them. */
 export const LIST_BATCH_SIZE = 100;
@@ -38,6 +39,7 @@ const NS_PER_S = 1_000_000_000n;
 type WireKind = 'UNKNOWN' | 'VIEW' | 'ACTIVE' | 'COMMITTED';
 
 interface WireTimestamp {
+  /** A number on the way out: protobufjs encodes it without parsing a decimal string (seconds stay far below 2^53). */
   seconds: string | number;
   nanos: number;
 }
@@ -99,7 +101,7 @@ function toWireTimestamp(ns: TimestampNs): WireTimestamp {
     seconds -= 1n;
     nanos += NS_PER_S;
   }
-  return { seconds: seconds.toString(), nanos: Number(nanos) };
+  return { seconds: Number(seconds), nanos: Number(nanos) };
 }
 
 function toWireInfo(info: SnapshotInfo): WireInfo {
@@ -144,6 +146,22 @@ export function loadSnapshotsService(): grpc.ServiceDefinition {
   // A service definition is a map of method definitions; a message type would carry `format`.
   if (service === undefined || 'format' in service) throw new Error(`${SERVICE_NAME} not found in our protos`);
   return service;
+}
+
+/**
+ * The service definition the server answers with: List and Stat answers are encoded straight from SnapshotInfo
+ * (snapshots-wire.ts), so their handlers hand over infos, not wire objects. Clients use loadSnapshotsService().
+ */
+export function snapshotsServerDefinition(): grpc.ServiceDefinition {
+  const definition = loadSnapshotsService();
+  const list = definition.List;
+  const stat = definition.Stat;
+  if (list === undefined || stat === undefined) throw new Error(`${SERVICE_NAME} lacks List or Stat in our protos`);
+  return {
+    ...definition,
+    List: { ...list, responseSerialize: encodeListResponse },
+    Stat: { ...stat, responseSerialize: encodeStatResponse },
+  };
 }
 
 /** Runs `fn` and answers the unary call with its result or its error's status. */
@@ -193,7 +211,10 @@ function startedSnapshotter(source: SnapshotterSource): () => Snapshotter | Prom
   return () => started ?? whenStarted(source);
 }
 
-/** Builds the ten handlers over a Snapshotter (or one still starting: see SnapshotterSource). */
+/**
+ * Builds the ten handlers over a Snapshotter (or one still starting: see SnapshotterSource), for the definition
+ * snapshotsServerDefinition() returns.
+ */
 export function createSnapshotsHandlers(source: SnapshotterSource, logger: Logger = rootLog.child({ module: 'service' })): grpc.UntypedServiceImplementation {
   const empty: Empty = {};
   const snapshotter = startedSnapshotter(source);
@@ -217,8 +238,8 @@ export function createSnapshotsHandlers(source: SnapshotterSource, logger: Logge
       await (await snapshotter()).remove(requireField('key', req.key));
       return empty;
     }),
-    Stat: unary<KeyRequest, { info: WireInfo }>(logger, 'Stat', async (req) => {
-      return { info: toWireInfo(await (await snapshotter()).stat(requireField('key', req.key))) };
+    Stat: unary<KeyRequest, SnapshotInfo>(logger, 'Stat', async (req) => {
+      return (await snapshotter()).stat(requireField('key', req.key));
     }),
     Update: unary<UpdateRequest, { info: WireInfo }>(logger, 'Update', async (req) => {
       if (req.info === null || req.info === undefined) throw new InvalidArgumentError('info must be set');
@@ -229,9 +250,9 @@ export function createSnapshotsHandlers(source: SnapshotterSource, logger: Logge
       );
       return { info: toWireInfo(updated) };
     }),
-    List: ((call: grpc.ServerWritableStream<ListRequest, { info: WireInfo[] }>) => {
+    List: ((call: grpc.ServerWritableStream<ListRequest, SnapshotInfo[]>) => {
       void streamList(snapshotter, call, logger);
-    }) as grpc.handleServerStreamingCall<ListRequest, { info: WireInfo[] }>,
+    }) as grpc.handleServerStreamingCall<ListRequest, SnapshotInfo[]>,
     Usage: unary<KeyRequest, { size: string; inodes: string }>(logger, 'Usage', async (req) => {
       const usage = await (await snapshotter()).usage(requireField('key', req.key));
       return { size: String(usage.size), inodes: String(usage.inodes) };
@@ -243,14 +264,17 @@ export function createSnapshotsHandlers(source: SnapshotterSource, logger: Logge
   };
 }
 
-/** Streams the walk in batches of LIST_BATCH_SIZE, honouring backpressure and client cancellation. */
+/**
+ * Streams the walk in batches of LIST_BATCH_SIZE, honouring backpressure and client cancellation: the walk reads
+ * its next page only once the last batch was taken, so a slow client holds up the walk, not memory.
+ */
 async function streamList(
   snapshotter: () => Snapshotter | Promise<Snapshotter>,
-  call: grpc.ServerWritableStream<ListRequest, { info: WireInfo[] }>,
+  call: grpc.ServerWritableStream<ListRequest, SnapshotInfo[]>,
   logger: Logger,
 ): Promise<void> {
-  const send = async (batch: WireInfo[]): Promise<void> => {
-    if (!call.write({ info: batch })) {
+  const send = async (batch: SnapshotInfo[]): Promise<void> => {
+    if (!call.write(batch)) {
       await new Promise<void>((resolve) => {
         const done = (): void => {
           call.off('drain', done);
@@ -263,13 +287,20 @@ async function streamList(
     }
   };
   try {
-    let batch: WireInfo[] = [];
-    for await (const info of (await snapshotter()).walk(call.request.filters ?? [])) {
+    let batch: SnapshotInfo[] = [];
+    for await (const page of (await snapshotter()).walkPages(call.request.filters ?? [])) {
       if (call.cancelled) return;
-      batch.push(toWireInfo(info));
-      if (batch.length >= LIST_BATCH_SIZE) {
-        await send(batch);
-        batch = [];
+      // A page of exactly a batch goes out as it is.
+      if (batch.length === 0 && page.length === LIST_BATCH_SIZE) {
+        await send(page);
+        continue;
+      }
+      for (const info of page) {
+        batch.push(info);
+        if (batch.length >= LIST_BATCH_SIZE) {
+          await send(batch);
+          batch = [];
+        }
       }
     }
     if (batch.length > 0 && !call.cancelled) await send(batch);
@@ -339,8 +370,9 @@ export async function startSnapshotServer(options: {
   await fsp.mkdir(path.dirname(address), { recursive: true, mode: SOCKET_DIR_MODE });
   await removeStaleSocket(address, { probe: true });
 
-  const server = new grpc.Server();
-  server.addService(loadSnapshotsService(), createSnapshotsHandlers(options.snapshotter, logger));
+  // Channelz keeps per-call counters for a debug service we do not serve: off, a little less work per call.
+  const server = new grpc.Server({ 'grpc.enable_channelz': 0 });
+  server.addService(snapshotsServerDefinition(), createSnapshotsHandlers(options.snapshotter, logger));
   for (const extra of options.extraServices ?? []) server.addService(extra.definition, extra.handlers);
   await new Promise<void>((resolve, reject) => {
     server.bindAsync(`unix://${address}`, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(err) : resolve()));

@@ -29,17 +29,24 @@ export async function diskUsage(root: string): Promise<SnapshotUsage> {
     size += st.blocks * STAT_BLOCK_BYTES;
   };
 
-  const rootStat = await fsp.lstat(root, { bigint: true });
+  // The root's listing is read beside its stat, not after it: most upper dirs a Commit measures are empty or
+  // small, and each step is a round trip through libuv's thread pool. A root that is no directory fails the
+  // listing; the stat decides what that means.
+  const [rootStat, rootEntries] = await Promise.all([
+    fsp.lstat(root, { bigint: true }),
+    fsp.readdir(root, { withFileTypes: true }).catch((err: unknown) => err),
+  ]);
   account(rootStat);
   if (!rootStat.isDirectory()) return { size: Number(size), inodes: seen.size };
+  if (!Array.isArray(rootEntries)) throw rootEntries;
 
-  const queue: string[] = [root];
-  const scanDir = async (dir: string): Promise<void> => {
+  const queue: string[] = [];
+  const scanDir = async (dir: string, listed?: Dirent[]): Promise<void> => {
     let entries: Dirent[];
     try {
-      entries = await fsp.readdir(dir, { withFileTypes: true });
+      entries = listed ?? (await fsp.readdir(dir, { withFileTypes: true }));
     } catch (err) {
-      if (isEnoent(err) && dir !== root) return; // removed while we walked
+      if (isEnoent(err)) return; // removed while we walked
       throw err;
     }
     for (const entry of entries) {
@@ -56,6 +63,7 @@ export async function diskUsage(root: string): Promise<SnapshotUsage> {
     }
   };
 
+  await scanDir(root, rootEntries as Dirent[]);
   const running = new Set<Promise<void>>();
   while (queue.length > 0 || running.size > 0) {
     while (queue.length > 0 && running.size < DU_DIR_CONCURRENCY) {

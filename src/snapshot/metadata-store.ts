@@ -16,7 +16,7 @@ import Database from 'better-sqlite3';
 import fs from 'node:fs';
 import path from 'node:path';
 import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from '../errors';
-import { parseFilters, type Filter } from './filters';
+import { AllFilter, ALWAYS, AnyFilter, parseFilters, Selector, type Filter } from './filters';
 import { nowNs, snapshotFieldAdaptor, type SnapshotInfo, type SnapshotKind, type SnapshotUsage } from './snapshot-info';
 
 /** File name of the database inside the snapshotter root. */
@@ -25,6 +25,8 @@ export const METADATA_DB_FILE = 'metadata.db';
 export const WALK_PAGE_ROWS = 100;
 /** Default wait for a database another process holds (only another daemon on the same root would). */
 const DEFAULT_BUSY_TIMEOUT_MS = 2000;
+/** Statements kept compiled for filtered listings (one per filter shape, values are bound); the cache starts over past this. */
+const MAX_FILTER_STATEMENTS = 64;
 /** Bumped when the schema changes; stored in PRAGMA user_version. */
 const SCHEMA_VERSION = 1;
 
@@ -66,6 +68,14 @@ interface SnapshotRow {
 const SELECT_COLUMNS = `s.id, s.name, p.name AS parent_name, s.parent_id, s.kind, s.created_ns, s.updated_ns,
   s.labels, s.size, s.inodes FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id`;
 
+/**
+ * What a listing reads of each row, in this order, as arrays (better-sqlite3's raw mode): only the columns of an
+ * info, the id as text, so that a page makes no object or BigInt it does not hand on.
+ */
+const LIST_COLUMNS = `CAST(s.id AS TEXT), s.name, p.name, s.kind, s.created_ns, s.updated_ns, s.labels
+  FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id`;
+type ListRow = [id: string, name: string, parentName: string | null, kind: string, createdNs: bigint, updatedNs: bigint, labels: string];
+
 function isKind(k: string): k is SnapshotKind {
   return k === 'view' || k === 'active' || k === 'committed';
 }
@@ -77,13 +87,70 @@ function cleanLabels(labels: Record<string, string> | undefined): Record<string,
   return Object.fromEntries(out);
 }
 
+/** The labels column (written by us: an object of strings) as it is parsed; anything else in it is left out. */
 function parseLabels(json: string): Record<string, string> {
   const parsed: unknown = JSON.parse(json);
-  const out: [string, string][] = [];
-  if (parsed !== null && typeof parsed === 'object') {
-    for (const [k, v] of Object.entries(parsed)) if (typeof v === 'string') out.push([k, v]);
+  if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) return {};
+  const labels = parsed as Record<string, unknown>;
+  for (const k in labels) {
+    if (typeof labels[k] !== 'string') {
+      const out: [string, string][] = [];
+      for (const [key, v] of Object.entries(labels)) if (typeof v === 'string') out.push([key, v]);
+      return Object.fromEntries(out);
+    }
   }
-  return Object.fromEntries(out);
+  return labels as Record<string, string>;
+}
+
+/** A WHERE clause over SELECT_COLUMNS's aliases, and its parameters in order. */
+interface SqlCondition {
+  sql: string;
+  params: string[];
+}
+
+/** `$."<key>"`: the JSON path of a label; undefined for a key the path syntax cannot quote. */
+function labelPath(key: string): string | undefined {
+  return /["\\]/.test(key) ? undefined : `$."${key}"`;
+}
+
+/** One selector as SQL, or undefined when it has no SQL form here (the row filter decides it alone). */
+function selectorToSql(sel: Selector): SqlCondition | undefined {
+  const [field, ...rest] = sel.fieldpath;
+  if (field === 'labels' && rest.length > 0) {
+    const jsonPath = labelPath(rest.join('.'));
+    if (jsonPath === undefined) return undefined;
+    if (sel.operator === '==') return { sql: 'json_extract(s.labels, ?) = ?', params: [jsonPath, sel.value] };
+    if (sel.operator === 'present') return { sql: 'json_type(s.labels, ?) IS NOT NULL', params: [jsonPath] };
+    return undefined;
+  }
+  if (sel.operator !== '==' || rest.length > 0) return undefined;
+  if (field === 'name') return { sql: 's.name = ?', params: [sel.value] };
+  if (field === 'kind') return { sql: 's.kind = ?', params: [sel.value] };
+  if (field === 'parent') return { sql: "COALESCE(p.name, '') = ?", params: [sel.value] };
+  return undefined;
+}
+
+/**
+ * A condition every row `filter` matches satisfies: the filter pushed into SQL as far as it goes, so a filtered
+ * walk reads only the rows that may match instead of parsing every row's labels. It may let through more than
+ * the filter (a selector without an SQL form is left out), never less; undefined when it restricts nothing.
+ * Rows are matched against the filter itself after it, so the answer is the filter's exactly.
+ */
+export function filterToSql(filter: Filter): SqlCondition | undefined {
+  if (filter === ALWAYS) return undefined;
+  if (filter instanceof Selector) return selectorToSql(filter);
+  if (filter instanceof AllFilter) {
+    const parts = filter.filters.map(filterToSql).filter((c): c is SqlCondition => c !== undefined);
+    if (parts.length === 0) return undefined;
+    return { sql: parts.map((c) => `(${c.sql})`).join(' AND '), params: parts.flatMap((c) => c.params) };
+  }
+  if (filter instanceof AnyFilter) {
+    const parts = filter.filters.map(filterToSql);
+    if (parts.length === 0 || parts.some((c) => c === undefined)) return undefined;
+    const conds = parts as SqlCondition[];
+    return { sql: conds.map((c) => `(${c.sql})`).join(' OR '), params: conds.flatMap((c) => c.params) };
+  }
+  return undefined;
 }
 
 function rowToInfo(row: SnapshotRow): SnapshotInfo {
@@ -102,6 +169,10 @@ export class MetadataStore {
   /** The open database; null after close(). */
   private db: Database.Database | null;
   readonly file: string;
+  /** Compiled statements by their SQL: compiling costs more than running most of them. */
+  private readonly statements = new Map<string, Database.Statement>();
+  /** Compiled listing statements by their WHERE clause; bounded by MAX_FILTER_STATEMENTS. */
+  private readonly filterStatements = new Map<string, Database.Statement>();
 
   private constructor(db: Database.Database, file: string) {
     this.db = db;
@@ -136,9 +207,9 @@ export class MetadataStore {
    */
   reserveIdsThrough(id: number): void {
     this.conn.transaction(() => {
-      const row = this.conn.prepare(`SELECT seq FROM sqlite_sequence WHERE name = 'snapshots'`).get() as { seq: bigint } | undefined;
-      if (row === undefined) this.conn.prepare(`INSERT INTO sqlite_sequence (name, seq) VALUES ('snapshots', ?)`).run(BigInt(id));
-      else if (row.seq < BigInt(id)) this.conn.prepare(`UPDATE sqlite_sequence SET seq = ? WHERE name = 'snapshots'`).run(BigInt(id));
+      const row = this.stmt(`SELECT seq FROM sqlite_sequence WHERE name = 'snapshots'`).get() as { seq: bigint } | undefined;
+      if (row === undefined) this.stmt(`INSERT INTO sqlite_sequence (name, seq) VALUES ('snapshots', ?)`).run(BigInt(id));
+      else if (row.seq < BigInt(id)) this.stmt(`UPDATE sqlite_sequence SET seq = ? WHERE name = 'snapshots'`).run(BigInt(id));
     })();
   }
 
@@ -171,14 +242,32 @@ export class MetadataStore {
     return this.db;
   }
 
+  /** `sql` compiled once per store. */
+  private stmt(sql: string): Database.Statement {
+    let statement = this.statements.get(sql);
+    if (statement === undefined) {
+      statement = this.conn.prepare(sql);
+      this.statements.set(sql, statement);
+    }
+    return statement;
+  }
+
   private rowByName(name: string): SnapshotRow | undefined {
-    return this.conn.prepare(`SELECT ${SELECT_COLUMNS} WHERE s.name = ?`).get(name) as SnapshotRow | undefined;
+    return this.stmt(`SELECT ${SELECT_COLUMNS} WHERE s.name = ?`).get(name) as SnapshotRow | undefined;
+  }
+
+  /** Id and kind of the snapshot `name`; undefined when there is none (no error built for the common miss). */
+  lookup(name: string): { id: string; kind: SnapshotKind } | undefined {
+    const row = this.stmt('SELECT id, kind FROM snapshots WHERE name = ?').get(name) as { id: bigint; kind: string } | undefined;
+    if (row === undefined) return undefined;
+    if (!isKind(row.kind)) throw new Error(`corrupt metadata: snapshot ${name} has kind ${row.kind}`);
+    return { id: String(row.id), kind: row.kind };
   }
 
   /** Ids of `id` and its ancestors, nearest first. */
   private chainIds(id: bigint): string[] {
-    const rows = this.conn
-      .prepare(
+    const rows = this
+      .stmt(
         `WITH RECURSIVE chain(id, parent_id, depth) AS (
            SELECT id, parent_id, 0 FROM snapshots WHERE id = ?
            UNION ALL
@@ -202,16 +291,16 @@ export class MetadataStore {
     return this.conn.transaction((): SnapshotRecord => {
       let parentId: bigint | null = null;
       if (parent !== '') {
-        const p = this.rowByName(parent);
+        const p = this.lookup(parent);
         if (p === undefined) throw new NotFoundError(`missing parent "${parent}": snapshot does not exist`);
         // containerd's MetaStore answers InvalidArgument here (its metastore tests assert it).
         if (p.kind !== 'committed') throw new InvalidArgumentError(`parent "${parent}" is not committed snapshot`);
-        parentId = p.id;
+        parentId = BigInt(p.id);
       }
-      if (this.rowByName(key) !== undefined) throw new AlreadyExistsError(`snapshot ${key}: already exists`);
+      if (this.lookup(key) !== undefined) throw new AlreadyExistsError(`snapshot ${key}: already exists`);
       const now = nowNs();
-      const info = this.conn
-        .prepare(
+      const info = this
+        .stmt(
           `INSERT INTO snapshots (name, parent_id, kind, created_ns, updated_ns, labels)
            VALUES (?, ?, ?, ?, ?, ?) RETURNING id`,
         )
@@ -263,8 +352,8 @@ export class MetadataStore {
       }
       const cleaned = cleanLabels(Object.fromEntries(labels));
       const updated = nowNs();
-      this.conn
-        .prepare('UPDATE snapshots SET labels = ?, updated_ns = ? WHERE id = ?')
+      this
+        .stmt('UPDATE snapshots SET labels = ?, updated_ns = ? WHERE id = ?')
         .run(JSON.stringify(cleaned), updated, row.id);
       return { ...current, labels: cleaned, updatedAt: updated };
     })();
@@ -283,21 +372,21 @@ export class MetadataStore {
     expectedId?: string,
   ): string {
     return this.conn.transaction((): string => {
-      if (this.rowByName(name) !== undefined) throw new AlreadyExistsError(`committed snapshot ${name}: already exists`);
-      const row = this.rowByName(key);
+      if (this.lookup(name) !== undefined) throw new AlreadyExistsError(`committed snapshot ${name}: already exists`);
+      const row = this.lookup(key);
       if (row === undefined) throw new NotFoundError(`failed to get active snapshot "${key}": snapshot does not exist`);
       if (row.kind !== 'active') throw new FailedPreconditionError(`snapshot "${key}" is not active`);
-      if (expectedId !== undefined && String(row.id) !== expectedId) {
+      if (expectedId !== undefined && row.id !== expectedId) {
         throw new FailedPreconditionError(`snapshot "${key}" changed while it was being committed`);
       }
       const now = nowNs();
-      this.conn
-        .prepare(
+      this
+        .stmt(
           `UPDATE snapshots SET name = ?, kind = 'committed', created_ns = ?, updated_ns = ?, labels = ?,
              size = ?, inodes = ? WHERE id = ?`,
         )
-        .run(name, now, now, JSON.stringify(cleanLabels(labels)), BigInt(usage.size), BigInt(usage.inodes), row.id);
-      return String(row.id);
+        .run(name, now, now, JSON.stringify(cleanLabels(labels)), BigInt(usage.size), BigInt(usage.inodes), BigInt(row.id));
+      return row.id;
     })();
   }
 
@@ -306,9 +395,9 @@ export class MetadataStore {
     return this.conn.transaction((): { id: string; kind: SnapshotKind } => {
       const row = this.rowByName(key);
       if (row === undefined) throw new NotFoundError(`snapshot ${key}: snapshot does not exist`);
-      const child = this.conn.prepare('SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1').get(row.id);
+      const child = this.stmt('SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1').get(row.id);
       if (child !== undefined) throw new FailedPreconditionError(`cannot remove snapshot with child: ${key}`);
-      this.conn.prepare('DELETE FROM snapshots WHERE id = ?').run(row.id);
+      this.stmt('DELETE FROM snapshots WHERE id = ?').run(row.id);
       return { id: String(row.id), kind: rowToInfo(row).kind };
     })();
   }
@@ -335,8 +424,8 @@ export class MetadataStore {
     if (name === '') return [];
     const row = this.rowByName(name);
     if (row === undefined) throw new NotFoundError(`snapshot ${name}: snapshot does not exist`);
-    const rows = this.conn
-      .prepare(
+    const rows = this
+      .stmt(
         `WITH RECURSIVE chain(id, name, parent_id, labels, depth) AS (
            SELECT id, name, parent_id, labels, 0 FROM snapshots WHERE id = ?
            UNION ALL
@@ -349,16 +438,38 @@ export class MetadataStore {
 
   /** containerd storage.IDMap: id -> name of every snapshot. */
   idMap(): Map<string, string> {
-    const rows = this.conn.prepare('SELECT id, name FROM snapshots').all() as { id: bigint; name: string }[];
+    const rows = this.stmt('SELECT id, name FROM snapshots').all() as { id: bigint; name: string }[];
     return new Map(rows.map((r) => [String(r.id), r.name]));
   }
 
-  /** One page of snapshots with id greater than `afterId`, in id order. */
-  listPage(afterId: string | undefined, limit: number = WALK_PAGE_ROWS): { id: string; info: SnapshotInfo }[] {
-    const rows = this.conn
-      .prepare(`SELECT ${SELECT_COLUMNS} WHERE s.id > ? ORDER BY s.id LIMIT ?`)
-      .all(BigInt(afterId ?? 0), limit) as SnapshotRow[];
-    return rows.map((r) => ({ id: String(r.id), info: rowToInfo(r) }));
+  /**
+   * One page of snapshots with id greater than `afterId`, in id order; with `where` (filterToSql), only rows
+   * satisfying it. A page may be short before the end only when `where` left rows out: the walk ends at an empty page.
+   */
+  listPage(afterId: string | undefined, limit: number = WALK_PAGE_ROWS, where?: SqlCondition): { id: string; info: SnapshotInfo }[] {
+    const after = BigInt(afterId ?? 0);
+    let rows: ListRow[];
+    if (where === undefined) {
+      rows = this.stmt(`SELECT ${LIST_COLUMNS} WHERE s.id > ? ORDER BY s.id LIMIT ?`).raw(true).all(after, limit) as ListRow[];
+    } else {
+      let statement = this.filterStatements.get(where.sql);
+      if (statement === undefined) {
+        if (this.filterStatements.size >= MAX_FILTER_STATEMENTS) this.filterStatements.clear();
+        statement = this.conn.prepare(`SELECT ${LIST_COLUMNS} WHERE s.id > ? AND (${where.sql}) ORDER BY s.id LIMIT ?`).raw(true);
+        this.filterStatements.set(where.sql, statement);
+      }
+      rows = statement.all(after, ...where.params, limit) as ListRow[];
+    }
+    const page: { id: string; info: SnapshotInfo }[] = new Array<{ id: string; info: SnapshotInfo }>(rows.length);
+    for (let i = 0; i < rows.length; i++) {
+      const [id, name, parentName, kind, createdNs, updatedNs, labels] = rows[i]!;
+      if (!isKind(kind)) throw new Error(`corrupt metadata: snapshot ${name} has kind ${kind}`);
+      page[i] = {
+        id,
+        info: { name, parent: parentName ?? '', kind, createdAt: createdNs, updatedAt: updatedNs, labels: parseLabels(labels) },
+      };
+    }
+    return page;
   }
 
   /**
@@ -368,9 +479,10 @@ export class MetadataStore {
    */
   walkInfo(filters: readonly string[] | Filter, fn: (info: SnapshotInfo, id: string) => void): void {
     const filter = Array.isArray(filters) ? parseFilters(filters) : (filters as Filter);
+    const where = filterToSql(filter);
     let after: string | undefined;
     for (;;) {
-      const page = this.listPage(after);
+      const page = this.listPage(after, WALK_PAGE_ROWS, where);
       if (page.length === 0) return;
       for (const { id, info } of page) if (filter.match(snapshotFieldAdaptor(info))) fn(info, id);
       after = page[page.length - 1]!.id;

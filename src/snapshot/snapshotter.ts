@@ -25,8 +25,8 @@ import { log as rootLog, type Logger } from '../log';
 import { layerSourceFromLabels, REMOTE_SNAPSHOT, REMOTE_SNAPSHOT_VALUE, TARGET_SNAPSHOT_REF } from '../source/labels';
 import { diskUsage } from './disk-usage';
 import type { RemoteFileSystem } from '../fs/remote-file-system';
-import { parseFilters } from './filters';
-import { MetadataStore, WALK_PAGE_ROWS, type ChainEntry, type MetadataStoreOptions } from './metadata-store';
+import { ALWAYS, parseFilters } from './filters';
+import { filterToSql, MetadataStore, WALK_PAGE_ROWS, type ChainEntry, type MetadataStoreOptions } from './metadata-store';
 import { mountsUnder } from '../fs/mount-table';
 import { hasLocalCopy, localCopyPath } from '../layer/local-copy';
 import { inUserNamespace } from '../user-namespace';
@@ -99,6 +99,28 @@ async function pathExists(p: string): Promise<boolean> {
   }
 }
 
+/** Promise.all, but it waits for every promise to settle before it rejects with the first failure. */
+async function allOrFirstError<T extends readonly unknown[]>(promises: T): Promise<{ -readonly [K in keyof T]: Awaited<T[K]> }> {
+  const results = await Promise.allSettled(promises);
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed !== undefined) throw failed.reason;
+  return results.map((r) => (r as PromiseFulfilledResult<unknown>).value) as { -readonly [K in keyof T]: Awaited<T[K]> };
+}
+
+/**
+ * The mode bits a directory made in `dir` loses: mkdir of a probe with 0777, read back, removed. The umask is
+ * process-wide and nothing in the daemon changes it, so once is enough.
+ */
+async function creationModeMask(dir: string): Promise<number> {
+  const probe = path.join(dir, `${TEMP_DIR_PREFIX}mode-probe-${crypto.randomBytes(4).toString('hex')}`);
+  await fsp.mkdir(probe, { mode: 0o777 });
+  try {
+    return ~(await fsp.lstat(probe)).mode & 0o777;
+  } finally {
+    await fsp.rmdir(probe);
+  }
+}
+
 export class Snapshotter {
   readonly root: string;
   private readonly snapshotsDir: string;
@@ -117,9 +139,19 @@ export class Snapshotter {
   /** Ids of remote snapshots seen with a complete local copy: a copy lasts as long as its snapshot. */
   private readonly localCopies = new Set<string>();
   private readonly useLocalCopies: boolean;
+  /** Mode bits a new directory under snapshots/ loses (the umask, or a default ACL): measured once at open. */
+  private readonly creationMask: number;
+  /** Owner of the directories this process creates. */
+  private readonly owner = { uid: process.geteuid?.() ?? 0, gid: process.getegid?.() ?? 0 };
   private closed = false;
 
-  private constructor(root: string, store: MetadataStore, overlayOptions: string[], options: SnapshotterOptions) {
+  private constructor(
+    root: string,
+    store: MetadataStore,
+    overlayOptions: string[],
+    creationMask: number,
+    options: SnapshotterOptions,
+  ) {
     this.root = root;
     this.snapshotsDir = path.join(root, SNAPSHOTS_DIR);
     this.store = store;
@@ -127,6 +159,7 @@ export class Snapshotter {
     this.log = options.log ?? rootLog.child({ module: 'snapshot' });
     this.overlayOptions = overlayOptions;
     this.useLocalCopies = options.useLocalCopies ?? true;
+    this.creationMask = creationMask;
   }
 
   /** Creates the root if needed and opens its metadata. */
@@ -148,7 +181,8 @@ export class Snapshotter {
       .filter((name) => name.length <= MAX_LEFTOVER_ID_DIGITS && /^[0-9]+$/.test(name))
       .map(Number);
     if (ids.length > 0) store.reserveIdsThrough(ids.reduce((a, b) => Math.max(a, b)));
-    return new Snapshotter(root, store, overlayOptions, options);
+    const creationMask = await creationModeMask(path.join(root, SNAPSHOTS_DIR));
+    return new Snapshotter(root, store, overlayOptions, creationMask, options);
   }
 
   private upperPath(id: string): string {
@@ -226,8 +260,10 @@ export class Snapshotter {
     this.assertOpen();
     requireName('name', name);
     requireName('key', key);
-    const { id, info } = this.store.getInfo(key);
-    if (info.kind !== 'active') throw new FailedPreconditionError(`snapshot "${key}" is not active`);
+    const snapshot = this.store.lookup(key);
+    if (snapshot === undefined) throw new NotFoundError(`snapshot ${key}: snapshot does not exist`);
+    const { id, kind } = snapshot;
+    if (kind !== 'active') throw new FailedPreconditionError(`snapshot "${key}" is not active`);
     const usage = await diskUsage(this.upperPath(id));
     this.store.commitActive(key, name, usage, labels, id);
   }
@@ -245,13 +281,26 @@ export class Snapshotter {
    * the first item, so syntax errors surface as InvalidArgumentError from the first next().
    */
   async *walk(filters: readonly string[] = []): AsyncGenerator<SnapshotInfo> {
+    for await (const page of this.walkPages(filters)) yield* page;
+  }
+
+  /**
+   * walk() a page at a time: the infos of up to WALK_PAGE_ROWS snapshots (fewer when filtered), each page read
+   * in one short synchronous query, with a turn of the event loop between pages. The filter is pushed into the
+   * query as far as SQL can take it (filterToSql) and applied in full to what it returns. Empty pages are not
+   * yielded.
+   */
+  async *walkPages(filters: readonly string[] = []): AsyncGenerator<SnapshotInfo[]> {
     this.assertOpen();
     const filter = parseFilters(filters);
+    const where = filterToSql(filter);
     let after: string | undefined;
     for (;;) {
-      const page = this.store.listPage(after, WALK_PAGE_ROWS);
+      const page = this.store.listPage(after, WALK_PAGE_ROWS, where);
       if (page.length === 0) return;
-      for (const { info } of page) if (filter.match(snapshotFieldAdaptor(info))) yield info;
+      const infos: SnapshotInfo[] = [];
+      for (const { info } of page) if (filter === ALWAYS || filter.match(snapshotFieldAdaptor(info))) infos.push(info);
+      if (infos.length > 0) yield infos;
       after = page[page.length - 1]!.id;
       await yieldToEventLoop();
       if (this.closed) return;
@@ -261,7 +310,7 @@ export class Snapshotter {
   /** Convenience: walk() collected into an array. */
   async list(filters: readonly string[] = []): Promise<SnapshotInfo[]> {
     const out: SnapshotInfo[] = [];
-    for await (const info of this.walk(filters)) out.push(info);
+    for await (const page of this.walkPages(filters)) out.push(...page);
     return out;
   }
 
@@ -391,14 +440,7 @@ export class Snapshotter {
 
   private async prepareRemote(key: string, parent: string, labels: Record<string, string>, target: string): Promise<Mount[]> {
     const alreadyExists = (): AlreadyExistsError => new AlreadyExistsError(`target snapshot "${target}": already exists`);
-    const committed = (): boolean => {
-      try {
-        return this.store.getInfo(target).info.kind === 'committed';
-      } catch (err) {
-        if (err instanceof NotFoundError) return false;
-        throw err;
-      }
-    };
+    const committed = (): boolean => this.store.lookup(target)?.kind === 'committed';
     if (committed()) throw alreadyExists();
     // Wait for any in-flight attempt on the same target; if it committed, we are done too.
     for (let inflight = this.remotePrepares.get(target); inflight !== undefined; inflight = this.remotePrepares.get(target)) {
@@ -495,32 +537,31 @@ export class Snapshotter {
   ): Promise<{ mounts: Mount[]; id: string }> {
     // Early checks: fail before touching the disk (the store re-checks atomically on insert).
     const chain = this.store.chain(parent);
-    if (chain.length > 0 && this.store.getInfo(parent).info.kind !== 'committed') {
+    if (chain.length > 0 && this.store.lookup(parent)?.kind !== 'committed') {
       throw new InvalidArgumentError(`parent "${parent}" is not committed snapshot`);
     }
     if (this.exists(key)) throw new AlreadyExistsError(`snapshot ${key}: already exists`);
     const local = await this.localFlags(chain);
     if (opts.checkAncestors !== false) await this.checkAncestors(chain, local);
 
-    const tempName = `${TEMP_DIR_PREFIX}${crypto.randomBytes(8).toString('hex')}`;
+    const tempName = `${TEMP_DIR_PREFIX}${crypto.randomUUID()}`; // randomUUID draws from a cached pool
     const tempDir = path.join(this.snapshotsDir, tempName);
     this.pendingDirs.add(tempName);
     try {
       await fsp.mkdir(tempDir, { mode: ROOT_DIR_MODE });
       const upper = path.join(tempDir, 'fs');
-      await fsp.mkdir(upper, { mode: UPPER_DIR_MODE });
-      await fsp.chmod(upper, UPPER_DIR_MODE); // independent of the daemon's umask
-      if (kind === 'active') {
-        const work = path.join(tempDir, 'work');
-        await fsp.mkdir(work, { mode: WORK_DIR_MODE });
-        await fsp.chmod(work, WORK_DIR_MODE);
-      }
       const lowerPaths = this.lowerPaths(chain, local);
-      if (chain.length > 0) {
-        // The new upper dir belongs to whoever owns the parent's root, as in overlay.go (the local copy's
-        // root when there is one: it has the same owner, and the FUSE server need not answer).
-        const st = await fsp.stat(lowerPaths[0]!);
-        await fsp.lchown(upper, st.uid, st.gid);
+      // Each step is a round trip through libuv's thread pool: the independent ones go at once (all settled
+      // before a failure removes the temp dir, so none creates anything in it afterwards).
+      const [, , parentRoot] = await allOrFirstError([
+        this.makeDir(upper, UPPER_DIR_MODE),
+        kind === 'active' ? this.makeDir(path.join(tempDir, 'work'), WORK_DIR_MODE) : undefined,
+        chain.length > 0 ? fsp.stat(lowerPaths[0]!) : undefined,
+      ] as const);
+      // The new upper dir belongs to whoever owns the parent's root, as in overlay.go (the local copy's
+      // root when there is one: it has the same owner, and the FUSE server need not answer). mkdir made it ours.
+      if (parentRoot !== undefined && (parentRoot.uid !== this.owner.uid || parentRoot.gid !== this.owner.gid)) {
+        await fsp.lchown(upper, parentRoot.uid, parentRoot.gid);
       }
       const record = this.store.createSnapshot(kind, key, parent, labels);
       try {
@@ -544,14 +585,14 @@ export class Snapshotter {
     }
   }
 
+  /** mkdir with exactly `mode`, whatever the daemon's umask (chmod only when the umask takes bits of it away). */
+  private async makeDir(dir: string, mode: number): Promise<void> {
+    await fsp.mkdir(dir, { mode });
+    if ((mode & this.creationMask) !== 0) await fsp.chmod(dir, mode);
+  }
+
   private exists(key: string): boolean {
-    try {
-      this.store.getInfo(key);
-      return true;
-    } catch (err) {
-      if (err instanceof NotFoundError) return false;
-      throw err;
-    }
+    return this.store.lookup(key) !== undefined;
   }
 
   /**

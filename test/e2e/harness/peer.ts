@@ -60,6 +60,18 @@ export interface PeerDaemon {
   pid(): number;
   isRunning(): boolean;
   mounts(): Promise<MountInfo[]>;
+  /**
+   * SIGTERM, SIGKILL after a grace period; with `hard`, SIGKILL at once (a crash: its FUSE mounts stay behind,
+   * served by no one). 0.12 unmounts its remote snapshots on SIGTERM and removes their directories, and then fails
+   * to start on that root ("failed to restore remote snapshot ... bad mount point"): a restart of it with remote
+   * snapshots needs `hard`.
+   */
+  stop(opts?: { hard?: boolean }): Promise<void>;
+  /**
+   * Stops it (`hard`: SIGKILL) and starts it again with the same root, socket and config; returns once its socket
+   * accepts connections (it restores its snapshots, mounting every remote one again, before it listens).
+   */
+  restart(opts?: { hard?: boolean; readyTimeoutMs?: number }): Promise<void>;
   /** SIGTERM, SIGKILL after a grace period; unmounts what it left under its root and removes the tmp dir. */
   cleanup(): Promise<void>;
 }
@@ -90,17 +102,24 @@ export async function startPeer(opts: PeerOptions = {}): Promise<PeerDaemon> {
       await tmp.remove();
     })());
   opts.scope?.after(cleanup);
-  try {
-    await mkdir(root, { recursive: true });
-    await writeFile(configPath, opts.config ?? '');
+  const startOnce = async (readyTimeoutMs = READY_TIMEOUT_MS): Promise<void> => {
     const p = spawnGroup(binary, ['-address', address, '-root', root, '-config', configPath, '-log-level', opts.logLevel ?? 'info'], {
       stdoutFile: logFile, // stderr too
     });
     proc = p;
     await waitFor(`peer socket ${address}`, () => socketAccepts(address), {
-      timeoutMs: READY_TIMEOUT_MS,
+      timeoutMs: readyTimeoutMs,
       abortIf: () => (p.isRunning() ? undefined : 'the peer daemon exited'),
     });
+  };
+  const stop = async (o?: { hard?: boolean }): Promise<void> => {
+    if (proc && o?.hard) await proc.kill();
+    else if (proc) await proc.stop(STOP_GRACE_MS);
+  };
+  try {
+    await mkdir(root, { recursive: true });
+    await writeFile(configPath, opts.config ?? '');
+    await startOnce();
   } catch (err) {
     const log = await readTail(logFile).catch(() => '');
     if (!opts.scope) await cleanup();
@@ -112,9 +131,14 @@ export async function startPeer(opts: PeerOptions = {}): Promise<PeerDaemon> {
     root,
     configPath,
     logFile,
-    pid: () => proc.pid,
+    pid: () => proc!.pid,
     isRunning: () => proc?.isRunning() ?? false,
     mounts: () => mountsUnder(root),
+    stop,
+    restart: async (o) => {
+      await stop(o);
+      await startOnce(o?.readyTimeoutMs);
+    },
     cleanup,
   };
 }

@@ -176,6 +176,59 @@ describe('Snapshots gRPC service', () => {
     assert.deepEqual(await list(['name==none']), []);
   });
 
+  it('serves hundreds of committed snapshots in chains: List in messages of at most 100, filtered List, Stat and Usage', async () => {
+    // As containerd unpacks: Prepare on the previous layer, write into it, Commit under the chain id; 6 chains of 50.
+    const chains = 6;
+    const depth = 50;
+    const group = (c: number): string => String(c % 4);
+    const created = new Map<string, { parent: string; group: string; bytes: number }>();
+    for (let c = 0; c < chains; c++) {
+      let parent = '';
+      for (let l = 0; l < depth; l++) {
+        const name = `sha256:chain-${c}-layer-${l}`;
+        const key = `extract-${c}-${l} ${name}`;
+        const labels = { 'containerd.io/snapshot/bench.group': group(c) };
+        const { mounts } = await call<{ mounts: WireMount[] }>('Prepare', { key, parent, labels });
+        const upper = mounts[0]!.type === 'bind' ? mounts[0]!.source : /upperdir=([^,]+)/.exec(mounts[0]!.options.join(','))![1]!;
+        const bytes = l % 10 === 0 ? 8192 : 0;
+        if (bytes > 0) fs.writeFileSync(path.join(upper, 'file'), Buffer.alloc(bytes, 1));
+        await call('Commit', { name, key, labels });
+        created.set(name, { parent, group: group(c), bytes });
+        parent = name;
+      }
+    }
+    const messages = await list();
+    assert.ok(messages.every((m) => m.length > 0 && m.length <= LIST_BATCH_SIZE), `message sizes ${messages.map((m) => m.length).join(',')}`);
+    const listed = messages.flat();
+    assert.deepEqual(listed.map((i) => i.name).sort(), [...created.keys()].sort());
+    for (const info of listed) {
+      const want = created.get(info.name)!;
+      assert.equal(info.kind, 'COMMITTED');
+      assert.equal(info.parent, want.parent);
+      assert.deepEqual(info.labels, { 'containerd.io/snapshot/bench.group': want.group });
+    }
+
+    const byGroup = await list(['labels."containerd.io/snapshot/bench.group"==1']);
+    assert.ok(byGroup.every((m) => m.length <= LIST_BATCH_SIZE));
+    const wantGroup = [...created].filter(([, c]) => c.group === '1').map(([n]) => n);
+    assert.deepEqual(byGroup.flat().map((i) => i.name).sort(), wantGroup.sort());
+    // containerd's look-up after a remote Prepare answered AlreadyExists: one snapshot by label and parent.
+    const one = (await list(['labels."containerd.io/snapshot/bench.group"==2,parent==sha256:chain-2-layer-9'])).flat();
+    assert.deepEqual(one.map((i) => i.name), ['sha256:chain-2-layer-10']);
+    const either = (await list(['name==sha256:chain-0-layer-0', 'parent==sha256:chain-5-layer-48'])).flat();
+    assert.deepEqual(either.map((i) => i.name).sort(), ['sha256:chain-0-layer-0', 'sha256:chain-5-layer-49']);
+
+    for (const [name, want] of created) {
+      const { info } = await call<{ info: WireInfo }>('Stat', { key: name });
+      assert.equal(info.name, name);
+      assert.equal(info.parent, want.parent);
+      const usage = await call<{ size: string; inodes: string }>('Usage', { key: name });
+      assert.equal(usage.inodes, want.bytes > 0 ? '2' : '1', name);
+      // An empty upper dir is one directory's blocks; one with the file holds its 8 KiB too.
+      assert.ok(want.bytes > 0 ? Number(usage.size) >= want.bytes : Number(usage.size) < 8192, `${name} size ${usage.size}`);
+    }
+  });
+
   it('a remote Prepare answers ALREADY_EXISTS and the target is found by containerd\'s filter', async () => {
     const chain = 'sha256:aaaa';
     const labels = {

@@ -114,6 +114,48 @@ describe('MetadataStore (containerd MetaStoreSuite)', () => {
     assert.equal(store.listPage(undefined, 100).length, 100);
   });
 
+  it('Walk with filters pushed into SQL answers what the filters alone answer', () => {
+    // Labels with dots, quotes and a backslash in keys and values; parents, kinds and names of each sort.
+    const labelSets: Record<string, string>[] = [
+      {},
+      { 'containerd.io/snapshot.ref': 'sha256:aa', group: '1' },
+      { 'containerd.io/snapshot.ref': 'sha256:bb', group: '2', 'q"uote': 'x' },
+      { group: '1', 'back\\slash': 'y', empty: 'v"al' },
+    ];
+    let parent = '';
+    for (let i = 0; i < 260; i++) {
+      const labels = labelSets[i % labelSets.length];
+      if (i % 3 === 2) {
+        store.createSnapshot('view', `view-${i}`, parent, labels);
+        continue;
+      }
+      store.createSnapshot('active', `tmp-${i}`, i % 7 === 0 ? '' : parent, labels);
+      store.commitActive(`tmp-${i}`, `c-${i}`, { size: i, inodes: 1 }, labels);
+      parent = `c-${i}`;
+    }
+    const all: SnapshotInfo[] = [];
+    store.walkInfo([], (info) => all.push(info));
+    assert.equal(all.length, 260);
+    const cases: [string[], (i: SnapshotInfo) => boolean][] = [
+      [['labels.group==1'], (i) => i.labels.group === '1'],
+      [['labels."containerd.io/snapshot.ref"==sha256:bb,parent==c-13'], (i) => i.labels['containerd.io/snapshot.ref'] === 'sha256:bb' && i.parent === 'c-13'],
+      [['labels."containerd.io/snapshot.ref"'], (i) => 'containerd.io/snapshot.ref' in i.labels],
+      [['labels."q\\"uote"==x'], (i) => i.labels['q"uote'] === 'x'],
+      [['labels."back\\\\slash"'], (i) => 'back\\slash' in i.labels],
+      [['labels.empty=="v\\"al"'], (i) => i.labels.empty === 'v"al'],
+      [['parent==""'], (i) => i.parent === ''],
+      [['kind==view', 'name==c-7'], (i) => i.kind === 'view' || i.name === 'c-7'],
+      [['kind==committed,name~=^c-1[0-9]$'], (i) => i.kind === 'committed' && /^c-1[0-9]$/.test(i.name)],
+      [['labels.group!=1', 'name==view-2'], (i) => i.labels.group !== '1' || i.name === 'view-2'],
+      [['labels.group==3'], () => false],
+    ];
+    for (const [filters, want] of cases) {
+      const got: string[] = [];
+      store.walkInfo(filters, (info) => got.push(info.name));
+      assert.deepEqual(got, all.filter(want).map((i) => i.name), `filters ${JSON.stringify(filters)}`);
+    }
+  });
+
   it('GetSnapshot', () => {
     store.createSnapshot('active', 'committed-tmp-1', '');
     store.commitActive('committed-tmp-1', 'committed-1', { size: 0, inodes: 0 });

@@ -145,6 +145,23 @@ describe('Snapshotter mounts and directories (overlay.go semantics)', () => {
     assert.deepEqual(leftovers, [], 'the temp dir was renamed');
   });
 
+  it('fs 0755 and work 0711 under a umask that takes those bits away (077), and no mode probe left behind', async () => {
+    await sn.close();
+    const saved = process.umask(0o077);
+    try {
+      sn = await openSnapshotter();
+      const [m] = await sn.prepare('a', '');
+      assert.equal(fs.statSync(m!.source).mode & 0o777, 0o755);
+      assert.equal(fs.statSync(path.join(path.dirname(m!.source), 'work')).mode & 0o777, 0o711);
+      await sn.commit('c', 'a');
+      const [child] = await sn.prepare('child', 'c');
+      assert.equal(fs.statSync(overlayOpt(child!.options, 'upperdir')!).mode & 0o777, 0o755);
+    } finally {
+      process.umask(saved);
+    }
+    assert.deepEqual(fs.readdirSync(path.join(root, 'snapshots')).filter((d) => d.startsWith('new-')), []);
+  });
+
   it('view without parent: ro bind, no work dir', async () => {
     const [m] = await sn.view('v', '');
     assert.equal(m!.type, 'bind');
