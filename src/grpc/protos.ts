@@ -9,6 +9,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import * as protoLoader from '@grpc/proto-loader';
+import * as protobuf from 'protobufjs';
 
 /** The proto files of each set, relative to proto/. */
 export const PROTO_SETS = {
@@ -43,4 +44,21 @@ export function findProtoDir(start: string = __dirname): string {
 /** The package definition of a set (google/protobuf types come with protobufjs). */
 export function loadProtoSet(set: ProtoSet, options: LoadOptions, protoDir: string = findProtoDir()): protoLoader.PackageDefinition {
   return protoLoader.loadSync([...PROTO_SETS[set]], { ...options, keepCase: true, includeDirs: [protoDir] });
+}
+
+/**
+ * The protobufjs root of a set, parsed as proto-loader parses it (keepCase; our files found under proto/, the
+ * google/protobuf ones from protobufjs's bundle): for a message encoded with protobufjs's own Type.encode from
+ * objects already shaped like it, where proto-loader's serializer would convert every object first.
+ */
+export function loadProtoRoot(set: ProtoSet, protoDir: string = findProtoDir()): protobuf.Root {
+  const root = new protobuf.Root();
+  const bundled = root.resolvePath.bind(root);
+  root.resolvePath = (origin, target) => {
+    const ours = path.join(protoDir, target);
+    return fs.existsSync(ours) ? ours : bundled(origin, target);
+  };
+  root.loadSync([...PROTO_SETS[set]], { keepCase: true });
+  root.resolveAll();
+  return root;
 }

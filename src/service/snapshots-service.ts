@@ -1,20 +1,20 @@
 /**
  * containerd.services.snapshots.v1.Snapshots over gRPC: the proxy-snapshotter API containerd calls on our
  * unix socket. Each RPC validates its request, calls the Snapshotter and maps errors to status codes
- * (grpc-status.ts). Protos are our copies under proto/, loaded at runtime with proto-loader.
+ * (grpc-status.ts). Protos are our copies under proto/, loaded at runtime with proto-loader; List and Stat
+ * answers are encoded with protobufjs's types of the same files (infoAnswerSerializers).
  */
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import { loadProtoSet } from '../grpc/protos';
+import { loadProtoRoot, loadProtoSet } from '../grpc/protos';
 import { errorCode, errorMessage, InvalidArgumentError, UnavailableError } from '../errors';
 import { log as rootLog, type Logger } from '../log';
 import type { Snapshotter } from '../snapshot/snapshotter';
 import type { Mount, SnapshotInfo, SnapshotKind, TimestampNs } from '../snapshot/snapshot-info';
 import { toServiceError } from './grpc-status';
-import { encodeListResponse, encodeStatResponse } from './snapshots-wire';
 
 /** Infos per ListSnapshotsResponse, as containerd's snapshot service batches them. */
 export const LIST_BATCH_SIZE = 100;
@@ -94,7 +94,8 @@ type Empty = Record<string, never>;
 
 const KIND_TO_WIRE: Record<SnapshotKind, WireKind> = { view: 'VIEW', active: 'ACTIVE', committed: 'COMMITTED' };
 
-function toWireTimestamp(ns: TimestampNs): WireTimestamp {
+/** Seconds and nanos of a Timestamp (nanos in [0, 1e9), as protobuf requires). */
+function toWireTimestamp(ns: TimestampNs): { seconds: number; nanos: number } {
   let seconds = ns / NS_PER_S;
   let nanos = ns % NS_PER_S;
   if (nanos < 0n) {
@@ -148,19 +149,85 @@ export function loadSnapshotsService(): grpc.ServiceDefinition {
   return service;
 }
 
+// --- List and Stat answers: protobufjs's Type.encode over objects shaped like the messages ---
+
 /**
- * The service definition the server answers with: List and Stat answers are encoded straight from SnapshotInfo
- * (snapshots-wire.ts), so their handlers hand over infos, not wire objects. Clients use loadSnapshotsService().
+ * A Timestamp as Type.encode takes it. A field at its proto3 default is left undefined, so it is not written (as
+ * Go leaves it out); seconds as a number, which protobufjs writes as int64 without parsing a decimal string.
+ */
+interface TimestampMessage {
+  seconds: number | undefined;
+  nanos: number | undefined;
+}
+
+/** An Info as Type.encode takes it: the enum as its number, an empty parent left out. */
+interface InfoMessage {
+  name: string;
+  parent: string | undefined;
+  kind: number;
+  created_at: TimestampMessage;
+  updated_at: TimestampMessage;
+  labels: Record<string, string>;
+}
+
+function toTimestampMessage(ns: TimestampNs): TimestampMessage {
+  const { seconds, nanos } = toWireTimestamp(ns);
+  return { seconds: seconds === 0 ? undefined : seconds, nanos: nanos === 0 ? undefined : nanos };
+}
+
+/** Type.encode's writer gives a Buffer on Node; anything else is viewed as one, not copied. */
+function asBuffer(bytes: Uint8Array): Buffer {
+  return Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+/**
+ * The serializers of the List and Stat answers, from SnapshotInfo. proto-loader's serializer would run
+ * Type.fromObject first, building a second message object per info (a Timestamp and a Long per time) from the
+ * loader-shaped one; here the info's message object is the one encoded.
+ */
+function infoAnswerSerializers(): { list: (infos: SnapshotInfo[]) => Buffer; stat: (info: SnapshotInfo) => Buffer } {
+  const root = loadProtoRoot('snapshots');
+  const listType = root.lookupType('containerd.services.snapshots.v1.ListSnapshotsResponse');
+  const statType = root.lookupType('containerd.services.snapshots.v1.StatSnapshotResponse');
+  const kinds = root.lookupEnum('containerd.services.snapshots.v1.Kind').values;
+  const kindNumber = (kind: SnapshotKind): number => {
+    const n = kinds[KIND_TO_WIRE[kind]];
+    if (n === undefined) throw new Error(`snapshot kind ${kind} is not in our protos`);
+    return n;
+  };
+  const kindNumbers: Record<SnapshotKind, number> = {
+    view: kindNumber('view'),
+    active: kindNumber('active'),
+    committed: kindNumber('committed'),
+  };
+  const toInfoMessage = (info: SnapshotInfo): InfoMessage => ({
+    name: info.name,
+    parent: info.parent === '' ? undefined : info.parent,
+    kind: kindNumbers[info.kind],
+    created_at: toTimestampMessage(info.createdAt),
+    updated_at: toTimestampMessage(info.updatedAt),
+    labels: info.labels,
+  });
+  return {
+    list: (infos) => asBuffer(listType.encode({ info: infos.map(toInfoMessage) }).finish()),
+    stat: (info) => asBuffer(statType.encode({ info: toInfoMessage(info) }).finish()),
+  };
+}
+
+/**
+ * The service definition the server answers with: List and Stat answers are encoded from SnapshotInfo
+ * (infoAnswerSerializers), so their handlers hand over infos, not wire objects. Clients use loadSnapshotsService().
  */
 export function snapshotsServerDefinition(): grpc.ServiceDefinition {
   const definition = loadSnapshotsService();
   const list = definition.List;
   const stat = definition.Stat;
   if (list === undefined || stat === undefined) throw new Error(`${SERVICE_NAME} lacks List or Stat in our protos`);
+  const serializers = infoAnswerSerializers();
   return {
     ...definition,
-    List: { ...list, responseSerialize: encodeListResponse },
-    Stat: { ...stat, responseSerialize: encodeStatResponse },
+    List: { ...list, responseSerialize: serializers.list },
+    Stat: { ...stat, responseSerialize: serializers.stat },
   };
 }
 

@@ -1,17 +1,20 @@
 /**
- * The hand-written encoding of List and Stat answers, read back with proto-loader's decoder of our protos (the
- * one containerd's messages are checked against elsewhere): every field, the defaults proto3 leaves out,
- * lengths past one varint byte, multi-byte UTF-8, times before 1970 and at 0.
+ * The server's List and Stat answers (protobufjs's Type.encode over message objects built from the infos), read
+ * back with proto-loader's decoder of our protos (the one containerd's messages are checked against elsewhere):
+ * every field, the defaults proto3 leaves out, lengths past one varint byte, multi-byte UTF-8, times before 1970
+ * and at 0.
  */
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { loadSnapshotsService } from '../../../src/service/snapshots-service';
-import { encodeListResponse, encodeStatResponse } from '../../../src/service/snapshots-wire';
+import { loadSnapshotsService, snapshotsServerDefinition } from '../../../src/service/snapshots-service';
 import type { SnapshotInfo } from '../../../src/snapshot/snapshot-info';
 
 const service = loadSnapshotsService();
 const decodeList = service.List!.responseDeserialize;
 const decodeStat = service.Stat!.responseDeserialize;
+const server = snapshotsServerDefinition();
+const encodeListResponse = server.List!.responseSerialize as (infos: SnapshotInfo[]) => Buffer;
+const encodeStatResponse = server.Stat!.responseSerialize as (info: SnapshotInfo) => Buffer;
 
 interface Decoded {
   name: string;
@@ -64,7 +67,7 @@ const INFOS: SnapshotInfo[] = [
   },
 ];
 
-describe('snapshots wire encoding', () => {
+describe('snapshots List and Stat answers', () => {
   it('a List answer decodes to the infos, in order', () => {
     const decoded = decodeList(encodeListResponse(INFOS)) as { info: Decoded[] };
     assert.deepEqual(decoded.info, INFOS.map(expected));
@@ -74,6 +77,14 @@ describe('snapshots wire encoding', () => {
     const bytes = encodeListResponse([]);
     assert.equal(bytes.length, 0);
     assert.deepEqual((decodeList(bytes) as { info: Decoded[] }).info, []);
+  });
+
+  it('fields at their proto3 defaults are left out, as Go writes them', () => {
+    const bare: SnapshotInfo = { name: 'n', parent: '', kind: 'active', createdAt: 0n, updatedAt: 0n, labels: {} };
+    // info (1, bytes) of 9: name (1) "n", kind (3) ACTIVE = 2, created_at (4) and updated_at (5) empty; no parent.
+    const bytes = [0x0a, 9, 0x0a, 1, 0x6e, 0x18, 2, 0x22, 0, 0x2a, 0];
+    assert.deepEqual([...encodeStatResponse(bare)], bytes);
+    assert.deepEqual([...encodeListResponse([bare])], bytes);
   });
 
   it('a Stat answer decodes to its one info', () => {
