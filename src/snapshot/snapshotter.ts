@@ -107,19 +107,34 @@ async function allOrFirstError<T extends readonly unknown[]>(promises: T): Promi
   return results.map((r) => (r as PromiseFulfilledResult<unknown>).value) as { -readonly [K in keyof T]: Awaited<T[K]> };
 }
 
+/** How directories made in the snapshots dir come out, measured once at open (see creationOf). */
+interface DirCreation {
+  /** Mode bits a new directory loses (the umask, or a default ACL). */
+  mask: number;
+  /**
+   * Whether a new directory is exactly ours and exactly its mode minus `mask`: not so under a setgid parent (the
+   * group and the setgid bit are inherited), so then every new directory gets its chmod and lchown.
+   */
+  plain: boolean;
+}
+
 /**
- * The mode bits a directory made in `dir` loses: mkdir of a probe with 0777, read back, removed. The umask is
- * process-wide and nothing in the daemon changes it, so once is enough.
+ * How a directory made in `dir` comes out: mkdir of a probe with 0777, read back, removed. The umask is
+ * process-wide and nothing in the daemon changes it, nor the parent's setgid bit, so once is enough.
  */
-async function creationModeMask(dir: string): Promise<number> {
+async function creationOf(dir: string, owner: { uid: number; gid: number }): Promise<DirCreation> {
   const probe = path.join(dir, `${TEMP_DIR_PREFIX}mode-probe-${crypto.randomBytes(4).toString('hex')}`);
   await fsp.mkdir(probe, { mode: 0o777 });
   try {
-    return ~(await fsp.lstat(probe)).mode & 0o777;
+    const st = await fsp.lstat(probe);
+    return { mask: ~st.mode & 0o777, plain: (st.mode & 0o7000) === 0 && st.uid === owner.uid && st.gid === owner.gid };
   } finally {
     await fsp.rmdir(probe);
   }
 }
+
+/** Owner of the directories this process creates. */
+const PROCESS_OWNER = { uid: process.geteuid?.() ?? 0, gid: process.getegid?.() ?? 0 };
 
 export class Snapshotter {
   readonly root: string;
@@ -139,17 +154,17 @@ export class Snapshotter {
   /** Ids of remote snapshots seen with a complete local copy: a copy lasts as long as its snapshot. */
   private readonly localCopies = new Set<string>();
   private readonly useLocalCopies: boolean;
-  /** Mode bits a new directory under snapshots/ loses (the umask, or a default ACL): measured once at open. */
-  private readonly creationMask: number;
+  /** How a new directory under snapshots/ comes out: measured once at open. */
+  private readonly creation: DirCreation;
   /** Owner of the directories this process creates. */
-  private readonly owner = { uid: process.geteuid?.() ?? 0, gid: process.getegid?.() ?? 0 };
+  private readonly owner = PROCESS_OWNER;
   private closed = false;
 
   private constructor(
     root: string,
     store: MetadataStore,
     overlayOptions: string[],
-    creationMask: number,
+    creation: DirCreation,
     options: SnapshotterOptions,
   ) {
     this.root = root;
@@ -159,7 +174,7 @@ export class Snapshotter {
     this.log = options.log ?? rootLog.child({ module: 'snapshot' });
     this.overlayOptions = overlayOptions;
     this.useLocalCopies = options.useLocalCopies ?? true;
-    this.creationMask = creationMask;
+    this.creation = creation;
   }
 
   /** Creates the root if needed and opens its metadata. */
@@ -173,6 +188,8 @@ export class Snapshotter {
     if (await pathExists('/sys/module/overlay/parameters/index')) overlayOptions.push('index=off');
     // Inside a user namespace overlayfs needs `userxattr` (containerd overlayutils.NeedsUserXAttr).
     if (await inUserNamespace()) overlayOptions.push('userxattr');
+    // Measured before the store opens: a failure leaves nothing open.
+    const creation = await creationOf(path.join(root, SNAPSHOTS_DIR), PROCESS_OWNER);
     const store = MetadataStore.open(root, { durability: options.durability });
     // Directories of an earlier metadata.db (a wiped root around live mounts): new ids pass them by. They
     // stay for Cleanup, which never walks into a mount. Ids count snapshots one by one: a name of more than
@@ -181,8 +198,7 @@ export class Snapshotter {
       .filter((name) => name.length <= MAX_LEFTOVER_ID_DIGITS && /^[0-9]+$/.test(name))
       .map(Number);
     if (ids.length > 0) store.reserveIdsThrough(ids.reduce((a, b) => Math.max(a, b)));
-    const creationMask = await creationModeMask(path.join(root, SNAPSHOTS_DIR));
-    return new Snapshotter(root, store, overlayOptions, creationMask, options);
+    return new Snapshotter(root, store, overlayOptions, creation, options);
   }
 
   private upperPath(id: string): string {
@@ -559,8 +575,9 @@ export class Snapshotter {
         chain.length > 0 ? fsp.stat(lowerPaths[0]!) : undefined,
       ] as const);
       // The new upper dir belongs to whoever owns the parent's root, as in overlay.go (the local copy's
-      // root when there is one: it has the same owner, and the FUSE server need not answer). mkdir made it ours.
-      if (parentRoot !== undefined && (parentRoot.uid !== this.owner.uid || parentRoot.gid !== this.owner.gid)) {
+      // root when there is one: it has the same owner, and the FUSE server need not answer). mkdir made it ours
+      // unless the snapshots dir is setgid (creation not plain).
+      if (parentRoot !== undefined && (!this.creation.plain || parentRoot.uid !== this.owner.uid || parentRoot.gid !== this.owner.gid)) {
         await fsp.lchown(upper, parentRoot.uid, parentRoot.gid);
       }
       const record = this.store.createSnapshot(kind, key, parent, labels);
@@ -585,10 +602,13 @@ export class Snapshotter {
     }
   }
 
-  /** mkdir with exactly `mode`, whatever the daemon's umask (chmod only when the umask takes bits of it away). */
+  /**
+   * mkdir with exactly `mode`, whatever the daemon's umask (chmod only when the umask takes bits of it away, or
+   * a setgid parent gives bits of its own).
+   */
   private async makeDir(dir: string, mode: number): Promise<void> {
     await fsp.mkdir(dir, { mode });
-    if ((mode & this.creationMask) !== 0) await fsp.chmod(dir, mode);
+    if (!this.creation.plain || (mode & this.creation.mask) !== 0) await fsp.chmod(dir, mode);
   }
 
   private exists(key: string): boolean {

@@ -162,6 +162,25 @@ describe('Snapshotter mounts and directories (overlay.go semantics)', () => {
     assert.deepEqual(fs.readdirSync(path.join(root, 'snapshots')).filter((d) => d.startsWith('new-')), []);
   });
 
+  it('fs 0755 owned as the parent root, work 0711, when the snapshots dir is setgid and of another group', async () => {
+    await sn.close();
+    const snapshots = path.join(root, 'snapshots');
+    // A root inside a setgid directory (a volume with fsGroup, say): new dirs inherit its group and its setgid bit.
+    fs.chownSync(snapshots, 0, 65534);
+    fs.chmodSync(snapshots, 0o2755);
+    sn = await openSnapshotter();
+    const [base] = await sn.prepare('a', '');
+    await sn.commit('c', 'a');
+    // as a layer's root is: root's, 0755
+    fs.chownSync(base!.source, 0, 0);
+    fs.chmodSync(base!.source, 0o755);
+    const [child] = await sn.prepare('child', 'c');
+    const upper = fs.statSync(overlayOpt(child!.options, 'upperdir')!);
+    assert.equal(upper.mode & 0o7777, 0o755, 'no setgid bit');
+    assert.equal(fs.statSync(overlayOpt(child!.options, 'workdir')!).mode & 0o7777, 0o711);
+    assert.deepEqual([upper.uid, upper.gid], [0, 0], "owned as the parent's root");
+  });
+
   it('view without parent: ro bind, no work dir', async () => {
     const [m] = await sn.view('v', '');
     assert.equal(m!.type, 'bind');
