@@ -3,10 +3,9 @@
  *
  * - withTail(): the footer and the TOC in one round trip. readToc asks for the footer, then for the TOC before
  *   it; reading a tail sized to hold a typical TOC on the first request serves both (the reference also reads
- *   the blob's tail in one piece). LayerBlob keeps the part of that tail before the TOC (the compressed TOC is of
- *   no use once the tree is built), so prefetch and background fetch do not fetch those bytes again, until the
- *   layer lets it go (releaseTail): it is a copy of up to 512 KiB of blob per layer, which the disk cache holds
- *   once those passes are over.
+ *   the blob's tail in one piece). LayerBlob keeps that tail, so prefetch and background fetch (which hashes
+ *   every byte of the blob, the compressed TOC too, for the diff_id) do not fetch those bytes again, until the
+ *   layer lets it go (releaseTail) once those passes are over: up to 512 KiB of blob per layer.
  * - LayerBlob: a long range a read or background fetch asks for is read as parallel range requests, as
  *   `[blob] parallel_fetch_*` configure: a registry or CDN may cap each connection. Prefetch instead streams its
  *   range (often tens of MiB from offset 0) as one request, as the reference reads it (readRangeInto), and
@@ -88,8 +87,6 @@ export interface LayerBlobOptions {
   scheduler: Scheduler;
   /** The blob's tail as read with the TOC: reads inside it are served from memory, until releaseTail(). */
   tail?: BlobTail;
-  /** Where the payload ends (the TOC's offset): only the tail's bytes before it are kept. */
-  payloadEnd?: number;
 }
 
 export class LayerBlob implements BlobSource {
@@ -97,16 +94,16 @@ export class LayerBlob implements BlobSource {
   readonly size: number;
   private tail: BlobTail | undefined;
   /** The options but the tail, which is this.tail's alone to hold. */
-  private readonly opts: Omit<LayerBlobOptions, 'tail' | 'payloadEnd'>;
+  private readonly opts: Omit<LayerBlobOptions, 'tail'>;
 
   constructor(
     private readonly blob: BlobSource,
-    { tail, payloadEnd, ...opts }: LayerBlobOptions,
+    { tail, ...opts }: LayerBlobOptions,
   ) {
     this.digest = blob.digest;
     this.size = blob.size;
     this.opts = opts;
-    this.tail = payloadOf(tail, payloadEnd ?? blob.size);
+    this.tail = tail;
   }
 
   /** Bytes of the blob held in memory (the kept tail). */
@@ -166,14 +163,4 @@ export class LayerBlob implements BlobSource {
     );
     return out;
   }
-}
-
-/**
- * The part of `tail` before `end`, in a buffer of its own (a view would keep the whole tail's memory); undefined
- * when nothing of it lies before `end`.
- */
-function payloadOf(tail: BlobTail | undefined, end: number): BlobTail | undefined {
-  if (tail === undefined || end <= tail.offset) return undefined;
-  if (end >= tail.offset + tail.data.length) return tail;
-  return { offset: tail.offset, data: Buffer.from(tail.data.subarray(0, end - tail.offset)) };
 }

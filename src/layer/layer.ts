@@ -149,7 +149,7 @@ export class Layer {
     const resolved = options.noPrefetch || setup.profile === undefined ? undefined : resolveProfile(setup.profile, tree, { digest, tocDigest: toc.tocDigest }, log);
     const profileChunks = resolved !== undefined && resolved.length > 0 ? resolved : undefined;
     const prefetchBytes = profileChunks !== undefined ? memberBytes(profileChunks) : prefetchSize(options, setup.labelPrefetchBytes, tree, toc.blob.size);
-    const blob = new LayerBlob(toc.blob, { ...options.parallelFetch, tail: toc.tail, payloadEnd: toc.tocOffset, scheduler });
+    const blob = new LayerBlob(toc.blob, { ...options.parallelFetch, tail: toc.tail, scheduler });
     const reader = new LayerReader(blob, tree, {
       scheduler,
       memoryCacheBytes: ctx.memoryCache ? undefined : 0,
