@@ -400,8 +400,9 @@ export class LayerReader {
     const bytes = Buffer.allocUnsafe(end);
     let arrived = 0;
     let failure: { err: unknown } | undefined;
-    /** Waiters by the end they wait for, ascending. */
+    /** Waiters by the end they wait for, ascending; those before `settled` are settled (prefetch adds them in blob order). */
     const waiting: Array<{ to: number; resolve: () => void; reject: (err: unknown) => void }> = [];
+    let settled = 0;
     const all = this.scheduler.fetches
       .run(
         () =>
@@ -413,9 +414,7 @@ export class LayerReader {
               (n) => {
                 this.stats.fetchedBytes += n - arrived;
                 arrived = n;
-                let done = 0;
-                while (done < waiting.length && (waiting[done] as { to: number }).to <= n) waiting[done++]!.resolve();
-                if (done > 0) waiting.splice(0, done);
+                while (settled < waiting.length && (waiting[settled] as { to: number }).to <= n) waiting[settled++]!.resolve();
               },
               signal,
             ),
@@ -424,7 +423,8 @@ export class LayerReader {
       )
       .catch((err: unknown) => {
         failure = { err };
-        for (const w of waiting.splice(0)) w.reject(err);
+        for (const w of waiting.slice(settled)) w.reject(err);
+        settled = waiting.length;
         throw err;
       });
     return {
@@ -435,7 +435,7 @@ export class LayerReader {
         if (failure !== undefined) return Promise.reject(failure.err);
         return new Promise<void>((resolve, reject) => {
           let at = waiting.length;
-          while (at > 0 && (waiting[at - 1] as { to: number }).to > to) at--;
+          while (at > settled && (waiting[at - 1] as { to: number }).to > to) at--;
           waiting.splice(at, 0, { to, resolve, reject });
         });
       },

@@ -95,24 +95,37 @@ export class RegistryBlobSource implements BlobSource {
   }
 
   /**
-   * One request, written into `into` as it arrives. A retry (a body cut short) reads the range from its start
-   * again into the same bytes, so `arrived` is told only when the count passes what it was told before.
+   * One request, written into `into` as it arrives. A retry inside the request (a body cut short) reads its range
+   * from the start again into the same bytes, so `arrived` is told only when the count passes what it was told
+   * before. A request that fails after bytes arrived (its retries spent, or its fetch timeout passed: a long
+   * range on a slow link) is followed by one for the rest, each with its own timeout, as long as each brings
+   * bytes.
    */
   async readRangeInto(offset: number, into: Buffer, arrived: (n: number) => void, signal?: AbortSignal): Promise<void> {
     const length = into.length;
     this.checkRange(offset, length);
     if (length === 0) return arrived(0);
-    const rangeWhat = `${this.what} bytes ${offset}-${offset + length - 1}`;
     let told = 0;
     const tell = (n: number): void => {
       if (n <= told) return;
       told = n;
       arrived(n);
     };
-    await this.exchange(rangeWhat, `bytes=${offset}-${offset + length - 1}`, signal, async (res, host) => {
-      const answer = await this.rangeAnswer(res, offset, length, rangeWhat, host);
-      await readSliceInto(res.body, answer === 'range' ? 0 : offset, into, tell, rangeWhat, host, answer === 'range');
-    });
+    for (;;) {
+      const from = told;
+      const start = offset + from;
+      const rangeWhat = `${this.what} bytes ${start}-${offset + length - 1}`;
+      try {
+        await this.exchange(rangeWhat, `bytes=${start}-${offset + length - 1}`, signal, async (res, host) => {
+          const answer = await this.rangeAnswer(res, start, length - from, rangeWhat, host);
+          await readSliceInto(res.body, answer === 'range' ? 0 : start, into.subarray(from), (n) => tell(from + n), rangeWhat, host, answer === 'range');
+        });
+        return;
+      } catch (err) {
+        if (told === from || isAborted(signal)) throw err;
+        this.ctx.log.debug({ digest: this.digest, resumeAt: start + (told - from), err: errorMessage(err) }, 'streamed range read broke off; reading the rest');
+      }
+    }
   }
 
   /**

@@ -97,6 +97,21 @@ describe('registry client through faults', () => {
     proxy.setFault({ kind: 'none' });
   });
 
+  it('a streamed read that breaks off after its retries goes on from where it stopped, with a request for the rest', async () => {
+    const src = (await client({ retry: { ...FAST, maxRetries: 0 } }).resolveBlob(ref(), digest)) as RegistryBlobSource;
+    proxy.setFault({ kind: 'reset-mid-body', afterBytes: 300_000, times: 1 });
+    const before = proxy.blobRequests().length;
+    const into = Buffer.alloc(2_000_000);
+    await src.readRangeInto(100_000, into, () => undefined);
+    assert.ok(into.equals(data.subarray(100_000, 2_100_000)));
+    const ranges = proxy.blobRequests().slice(before).map((r) => r.range);
+    assert.equal(ranges.length, 2, `requests: ${ranges.join(' ')}`);
+    assert.equal(ranges[0], 'bytes=100000-2099999');
+    const resumedAt = Number(/^bytes=(\d+)-2099999$/.exec(ranges[1] ?? '')?.[1]);
+    assert.ok(resumedAt > 100_000 && resumedAt <= 100_000 + 300_000, `resumed at ${ranges[1]}`);
+    proxy.setFault({ kind: 'none' });
+  });
+
   it('503 with Retry-After is waited out; 429 is retried; 501 is not', async () => {
     const c = client();
     const src = await c.resolveBlob(ref(), digest);
