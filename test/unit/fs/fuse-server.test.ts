@@ -84,7 +84,7 @@ describe('fuse server connection', () => {
   const log = pino({ level: 'silent' });
   /** Garbage collections the connection asked for (a stand-in for V8's gc: a test cannot see a real one). */
   let collections = 0;
-  const collector = new IdleCollector(30, () => void collections++);
+  const collector = new IdleCollector(30, () => void collections++, 0);
 
   before(async () => {
     dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fuse-server-'));
