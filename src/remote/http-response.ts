@@ -74,12 +74,12 @@ export async function readLimited(res: Dispatcher.ResponseData, limit: number, w
 }
 
 /**
- * Copies bytes [skip, skip + length) of a body into one Buffer. With `exact`, the body must be exactly
- * `length` bytes; otherwise reading stops (and the stream is destroyed) as soon as the slice is complete.
- * A body that ends early is a TransientRegistryError: worth reading again.
+ * The pieces of a body holding its bytes [skip, skip + length), in order, none past the slice. With `exact`, the
+ * body must be exactly `length` bytes (more is a RegistryError); otherwise the pieces stop (and the stream is
+ * destroyed) as soon as the slice is complete. A body that ends early is a TransientRegistryError: worth reading
+ * again.
  */
-export async function readSlice(body: Readable, skip: number, length: number, what: string, host: string, exact: boolean): Promise<Buffer> {
-  let out: Buffer | undefined;
+async function* slicePieces(body: Readable, skip: number, length: number, what: string, host: string, exact: boolean): AsyncGenerator<Buffer> {
   let written = 0;
   let toSkip = skip;
   for await (const raw of body as AsyncIterable<Buffer>) {
@@ -95,22 +95,30 @@ export async function readSlice(body: Readable, skip: number, length: number, wh
     if (written + chunk.length > length && exact) {
       throw new RegistryError(`${what}: ${host} sent more bytes than the range holds`);
     }
-    // One chunk that is exactly the range needs no copy.
-    if (out === undefined && chunk.length === length && exact) {
-      out = chunk;
-      written = length;
+    const piece = chunk.length <= length - written ? chunk : chunk.subarray(0, length - written);
+    written += piece.length;
+    yield piece;
+    if (!exact && written === length) break; // leaving the loop destroys the body: the rest is never read
+  }
+  if (written !== length) {
+    throw new TransientRegistryError(`${what}: ${host} ended the body after ${written} of ${length} bytes`);
+  }
+}
+
+/** Bytes [skip, skip + length) of a body in one Buffer (see slicePieces for `exact` and errors). */
+export async function readSlice(body: Readable, skip: number, length: number, what: string, host: string, exact: boolean): Promise<Buffer> {
+  let out: Buffer | undefined;
+  let written = 0;
+  for await (const piece of slicePieces(body, skip, length, what, host, exact)) {
+    // One piece that is the whole slice needs no copy (the body is still read to its end: the connection is reused).
+    if (out === undefined && piece.length === length) {
+      out = piece;
       continue;
     }
     out ??= Buffer.allocUnsafe(length);
-    const n = Math.min(chunk.length, length - written);
-    chunk.copy(out, written, 0, n);
-    written += n;
-    if (!exact && written === length) break; // leaving the loop destroys the body: the rest is never read
+    written += piece.copy(out, written);
   }
-  if (written !== length || out === undefined) {
-    throw new TransientRegistryError(`${what}: ${host} ended the body after ${written} of ${length} bytes`);
-  }
-  return out;
+  return out ?? Buffer.alloc(0);
 }
 
 /**
@@ -118,28 +126,10 @@ export async function readSlice(body: Readable, skip: number, length: number, wh
  * that ends early is a TransientRegistryError, as for readSlice; what arrived before stays written.
  */
 export async function readSliceInto(body: Readable, skip: number, into: Buffer, arrived: (n: number) => void, what: string, host: string, exact: boolean): Promise<void> {
-  const length = into.length;
   let written = 0;
-  let toSkip = skip;
-  for await (const raw of body as AsyncIterable<Buffer>) {
-    let chunk = raw;
-    if (toSkip > 0) {
-      if (chunk.length <= toSkip) {
-        toSkip -= chunk.length;
-        continue;
-      }
-      chunk = chunk.subarray(toSkip);
-      toSkip = 0;
-    }
-    if (written + chunk.length > length && exact) {
-      throw new RegistryError(`${what}: ${host} sent more bytes than the range holds`);
-    }
-    written += chunk.copy(into, written, 0, Math.min(chunk.length, length - written));
+  for await (const piece of slicePieces(body, skip, into.length, what, host, exact)) {
+    written += piece.copy(into, written);
     arrived(written);
-    if (!exact && written === length) break; // leaving the loop destroys the body: the rest is never read
-  }
-  if (written !== length) {
-    throw new TransientRegistryError(`${what}: ${host} ended the body after ${written} of ${length} bytes`);
   }
 }
 
