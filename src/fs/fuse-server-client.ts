@@ -6,8 +6,10 @@
 import { spawn } from 'node:child_process';
 import { open } from 'node:fs/promises';
 import net from 'node:net';
-import { StargazeError, UnavailableError, type ErrorCode } from '../errors';
+import { errorMessage, StargazeError, UnavailableError, type ErrorCode } from '../errors';
+import { lazyUnmount } from '../fuse/lazy-unmount';
 import type { Logger } from '../log';
+import { mountsUnder } from './mount-table';
 import type { RemoteFileSystem } from './remote-file-system';
 import { onJsonLines, parseServerMessage, writeJsonLine, type FuseServerLogEvent, type FuseServerRequest, type FuseServerResponse } from './fuse-server-protocol';
 
@@ -57,7 +59,26 @@ export class FuseServerClient implements RemoteFileSystem {
     await this.request({ op: 'check', mountpoint, labels });
   }
 
+  /**
+   * The server's FUSE mount ends with its session, and a child of the server exiting just then (an umount(8)
+   * it spawned) can deadlock it: libfuse cancels the session's worker threads, which do not block SIGCHLD, and
+   * one cancelled inside libuv's SIGCHLD handler keeps libuv's signal lock for good. So the daemon, which has
+   * no FUSE threads, detaches the mount itself, between the server stopping the layer's local copy (whose tar
+   * reads the mount: the session would end as tar exits) and the server letting the session go.
+   */
   async unmount(mountpoint: string): Promise<void> {
+    try {
+      await this.request({ op: 'prepare-unmount', mountpoint });
+    } catch (err) {
+      // A server of an older version, still serving after a daemon upgrade, unmounts by itself.
+      if (err instanceof StargazeError && err.code === 'ERR_PROTOCOL') return void (await this.request({ op: 'unmount', mountpoint }));
+      throw err;
+    }
+    // Also a stale mount of a server that died: it goes the same way.
+    if ((await mountsUnder(mountpoint)).includes(mountpoint)) {
+      // Failing here, the server unmounts it by itself.
+      await lazyUnmount(mountpoint).catch((err: unknown) => this.options.log.warn({ mountpoint, err: errorMessage(err) }, 'lazy umount failed; the fuse server unmounts'));
+    }
     await this.request({ op: 'unmount', mountpoint });
   }
 

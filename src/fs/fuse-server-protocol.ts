@@ -18,6 +18,7 @@ export const MAX_LINE_BYTES = 4 * 1024 * 1024;
 export type FuseServerRequest =
   | { id: number; op: 'mount'; mountpoint: string; labels: Record<string, string>; parent?: string }
   | { id: number; op: 'check'; mountpoint: string; labels: Record<string, string> }
+  | { id: number; op: 'prepare-unmount'; mountpoint: string }
   | { id: number; op: 'unmount'; mountpoint: string }
   | { id: number; op: 'list' };
 
@@ -70,6 +71,7 @@ export function parseRequest(message: unknown): FuseServerRequest {
     }
     case 'check':
       return { id, op, mountpoint: needMountpoint(), labels: needLabels() };
+    case 'prepare-unmount':
     case 'unmount':
       return { id, op, mountpoint: needMountpoint() };
     case 'list':

@@ -135,7 +135,7 @@ async function isSameFile(file: string, was: BigIntStats): Promise<boolean> {
 }
 
 /** What a connection needs of the filesystem it serves (a fake in tests). */
-export type ServedFileSystem = Pick<StargazeFileSystem, 'mount' | 'check' | 'unmount' | 'list' | 'dropVanished'>;
+export type ServedFileSystem = Pick<StargazeFileSystem, 'mount' | 'check' | 'prepareUnmount' | 'unmount' | 'list' | 'dropVanished'>;
 
 /** Answers one daemon's requests on `socket` and forwards the log to it (exported for tests). */
 export function serveConnection(socket: net.Socket, filesystem: ServedFileSystem, options: Pick<FuseServerOptions, 'log' | 'logTap' | 'collector'>): void {
@@ -172,6 +172,9 @@ async function handle(filesystem: ServedFileSystem, request: FuseServerRequest, 
       return undefined;
     case 'check':
       await filesystem.check(request.mountpoint);
+      return undefined;
+    case 'prepare-unmount':
+      await filesystem.prepareUnmount(request.mountpoint);
       return undefined;
     case 'unmount':
       await filesystem.unmount(request.mountpoint).finally(() => collector?.poke());

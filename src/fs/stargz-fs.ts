@@ -85,6 +85,8 @@ interface MountedLayer {
    * the same path, which this one must not take for its own (nor unmount).
    */
   source: string;
+  /** The layer's close, once begun (prepareUnmount, unmount, dropVanished): it runs once. */
+  closing?: Promise<void>;
 }
 
 export class StargazeFileSystem implements RemoteFileSystem {
@@ -195,6 +197,22 @@ export class StargazeFileSystem implements RemoteFileSystem {
     if (timedOut) mounted.layer.log.warn({ prefetchTimeoutSec }, 'prefetch not done in time; going on');
   }
 
+  /**
+   * Stops what of the layer at `mountpoint` reads its own mount (the local copy's tar), so its mount can be
+   * detached by someone else before unmount(): see FuseServerClient.unmount.
+   */
+  async prepareUnmount(mountpoint: string): Promise<void> {
+    const mounted = this.mounted.get(mountpoint);
+    if (mounted) await closeLayer(mounted);
+  }
+
+  /**
+   * Unmounts `mountpoint`. A mount the kernel no longer has (the daemon detached it, see
+   * FuseServerClient.unmount) is only released, and nothing is spawned. Otherwise (the server shutting down
+   * with no daemon, or a daemon's lazy umount that failed) it spawns umount(8): a child of this process
+   * exiting as one of its FUSE sessions ends can leave libuv's signal lock taken by a cancelled libfuse
+   * worker, and every later SIGCHLD waiting for it; rare, as this is not the unmount path under load.
+   */
   async unmount(mountpoint: string): Promise<void> {
     const mounted = this.mounted.get(mountpoint);
     if (!mounted) {
@@ -206,9 +224,16 @@ export class StargazeFileSystem implements RemoteFileSystem {
       return;
     }
     this.mounted.delete(mountpoint);
-    await mounted.layer.close(); // its local copy reads the mount: it stops first
-    await mounted.mount.unmount();
+    await closeLayer(mounted); // its local copy reads the mount: it stops first
+    if (await this.isMounted(mountpoint, mounted)) await mounted.mount.unmount();
+    else await mounted.mount.release();
     mounted.layer.log.info('layer unmounted');
+  }
+
+  /** Whether the kernel still has `mounted`'s own mount at `mountpoint` (not another one at the same path). */
+  private async isMounted(mountpoint: string, mounted: MountedLayer): Promise<boolean> {
+    const table = await (this.options.listMounts ?? listMounts)();
+    return table.some((m) => m.mountpoint === mountpoint && m.source === mounted.source);
   }
 
   /** Mountpoints currently served, with the layer digest each serves. */
@@ -230,7 +255,7 @@ export class StargazeFileSystem implements RemoteFileSystem {
       if (present.has(`${mounted.source} ${mountpoint}`) || this.mounted.get(mountpoint) !== mounted) continue;
       this.mounted.delete(mountpoint);
       gone.push(mountpoint);
-      await mounted.layer.close();
+      await closeLayer(mounted);
       await mounted.mount.release();
     }
     return gone;
@@ -246,4 +271,9 @@ export class StargazeFileSystem implements RemoteFileSystem {
       if (r.status === 'rejected') this.options.log.warn({ mountpoint: mountpoints[i], err: errorMessage(r.reason) }, 'unmount failed');
     });
   }
+}
+
+/** Closes the layer once, however many of prepareUnmount, unmount and dropVanished ask. */
+function closeLayer(mounted: MountedLayer): Promise<void> {
+  return (mounted.closing ??= mounted.layer.close());
 }

@@ -5,12 +5,14 @@
  * reads are promises resolved by the layer reader. Every failure becomes an errno; a read that cannot be
  * served in time is EIO, never a hang.
  */
-import { spawn } from 'node:child_process';
 import Fuse from 'fuse-native';
 import type { FuseOps, FuseStat } from 'fuse-native';
 import { errorCode, errorMessage } from '../errors';
 import type { Logger } from '../log';
 import { fuseErrno, ERRNO } from './errno';
+import { lazyUnmountCallback } from './lazy-unmount';
+
+export { lazyUnmount } from './lazy-unmount';
 
 /** The kernel asks for at most this many bytes per read (libfuse2's default max_read is 128 KiB). */
 const FUSE_BLOCK_SIZE = 4096;
@@ -79,17 +81,7 @@ export interface LayerMountOptions {
 }
 
 /**
- * fuse-native unmounts with `fusermount -uz`, which only Debian's `fuse` package ships (it conflicts with
- * fuse3). We run as root, so a lazy umount(8) does the same job; fusermount3 is the fallback.
- */
-function lazyUnmountCallback(mnt: string, cb: (err: Error | null) => void): void {
-  runQuiet('umount', ['-l', mnt], (err) => {
-    if (!err) return cb(null);
-    runQuiet('fusermount3', ['-uz', mnt], cb);
-  });
-}
-/**
- * Mountpoints whose mount the kernel no longer has (unmounted from outside): fuse-native's unmount of them
+ * Mountpoints whose mount the kernel no longer has (unmounted by the daemon or from outside): fuse-native's unmount of them
  * only releases the session (it unrefs the handle that keeps Node's loop alive), and leaves the path alone,
  * as another mount may be there by now.
  */
@@ -99,19 +91,6 @@ function fuseNativeUnmount(mnt: string, cb: (err: Error | null) => void): void {
   lazyUnmountCallback(mnt, cb);
 }
 (Fuse as unknown as { unmount: typeof fuseNativeUnmount }).unmount = fuseNativeUnmount;
-
-/** Detaches whatever is mounted at `mnt` (also a dead FUSE mount whose server is gone). */
-export function lazyUnmount(mnt: string): Promise<void> {
-  return new Promise((resolve, reject) => lazyUnmountCallback(mnt, (err) => (err ? reject(err) : resolve())));
-}
-
-function runQuiet(cmd: string, args: string[], cb: (err: Error | null) => void): void {
-  const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-  let stderr = '';
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  child.on('error', (err) => cb(err));
-  child.on('close', (code) => cb(code === 0 ? null : new Error(`${cmd} ${args.join(' ')}: ${stderr.trim() || `exit ${code}`}`)));
-}
 
 /**
  * Options fuse-native has no name for. libfuse2 only honours our inode numbers (hardlinks sharing one
@@ -190,8 +169,8 @@ export class LayerMount<N extends ServedNode> {
   }
 
   /**
-   * Lets go of a mount the kernel no longer has (unmounted from outside) without unmounting its path, which
-   * may hold another mount by now.
+   * Lets go of a mount the kernel no longer has (unmounted by the daemon or from outside) without unmounting its
+   * path, which may hold another mount by now. Spawns nothing.
    */
   async release(): Promise<void> {
     const fuse = this.fuse;

@@ -68,3 +68,39 @@ for (const line of ['null', '7', '{"id":"1","ok":true}', '{"id":1,"ok":"yes"}'])
     await assert.rejects(c.unmount('/m'), (err: unknown) => err instanceof UnavailableError && /connection closed/.test(err.message));
   });
 }
+
+test('unmount asks the server to stop the layer, then to unmount it; a server without prepare-unmount just unmounts', async (t) => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fuse-client-'));
+  const ops: string[] = [];
+  let knowsPrepare = true;
+  const server = await standInServer(dir, (r) => {
+    ops.push(r.op);
+    return r.op === 'prepare-unmount' && !knowsPrepare
+      ? JSON.stringify({ id: r.id, ok: false, code: 'ERR_PROTOCOL', message: 'fuse server protocol: unknown operation "prepare-unmount"' })
+      : JSON.stringify({ id: r.id, ok: true });
+  });
+  const c = client(server.socketPath, dir);
+  t.after(async () => {
+    await c.close();
+    await server.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+  // The directory is no mount point: the daemon has nothing to detach between the two requests.
+  await c.unmount(dir);
+  assert.deepEqual(ops, ['prepare-unmount', 'unmount']);
+  knowsPrepare = false;
+  ops.length = 0;
+  await c.unmount(dir);
+  assert.deepEqual(ops, ['prepare-unmount', 'unmount']);
+  // Any other failure of the first step is the unmount's failure.
+  const failing = await standInServer(await mkdtemp(path.join(os.tmpdir(), 'stargaze-fuse-client-')), (r) =>
+    JSON.stringify({ id: r.id, ok: false, code: 'ERR_SNAP_UNAVAILABLE', message: 'busy' }),
+  );
+  const c2 = client(failing.socketPath, dir);
+  t.after(async () => {
+    await c2.close();
+    await failing.close();
+    await rm(path.dirname(failing.socketPath), { recursive: true, force: true });
+  });
+  await assert.rejects(c2.unmount(dir), (err: unknown) => err instanceof StargazeError && err.code === 'ERR_SNAP_UNAVAILABLE');
+});

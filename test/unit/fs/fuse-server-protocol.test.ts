@@ -174,6 +174,7 @@ describe('parseRequest', () => {
       [{ id: 2, op: 'mount', mountpoint: '/m', labels, parent: 'p' }, { id: 2, op: 'mount', mountpoint: '/m', labels, parent: 'p' }],
       [{ id: 3, op: 'check', mountpoint: '/m', labels: {} }, { id: 3, op: 'check', mountpoint: '/m', labels: {} }],
       [{ id: 4, op: 'unmount', mountpoint: '/m', labels }, { id: 4, op: 'unmount', mountpoint: '/m' }],
+      [{ id: 5, op: 'prepare-unmount', mountpoint: '/m' }, { id: 5, op: 'prepare-unmount', mountpoint: '/m' }],
       [{ id: 0, op: 'list', extra: true }, { id: 0, op: 'list' }],
     ];
     for (const [input, expected] of cases) assert.deepEqual(parseRequest(input), expected, JSON.stringify(input));
@@ -197,6 +198,7 @@ describe('parseRequest', () => {
       [{ id: 1, op: 'mount', mountpoint: '/m', labels, parent: 7 }, /parent must be a string/],
       [{ id: 1, op: 'check', mountpoint: 7, labels }, /check needs a mountpoint/],
       [{ id: 1, op: 'unmount' }, /unmount needs a mountpoint/],
+      [{ id: 1, op: 'prepare-unmount', mountpoint: '' }, /prepare-unmount needs a mountpoint/],
     ];
     for (const [input, pattern] of cases) {
       assert.throws(() => parseRequest(input), (err: unknown) => {

@@ -26,6 +26,10 @@ class FakeFileSystem implements ServedFileSystem {
     this.calls.push(['check', mountpoint]);
     return Promise.resolve();
   }
+  prepareUnmount(mountpoint: string): Promise<void> {
+    this.calls.push(['prepareUnmount', mountpoint]);
+    return Promise.resolve();
+  }
   unmount(mountpoint: string): Promise<void> {
     this.calls.push(['unmount', mountpoint]);
     return Promise.resolve();
@@ -105,13 +109,15 @@ describe('fuse server connection', () => {
     writeJsonLine(daemon.socket, { id: 2, op: 'mount', mountpoint: '/x', labels, parent: 'p' });
     writeJsonLine(daemon.socket, { id: 3, op: 'mount', mountpoint: '/missing', labels });
     writeJsonLine(daemon.socket, { id: 4, op: 'check', mountpoint: '/x', labels });
-    writeJsonLine(daemon.socket, { id: 5, op: 'unmount', mountpoint: '/x' });
+    writeJsonLine(daemon.socket, { id: 5, op: 'prepare-unmount', mountpoint: '/x' });
+    writeJsonLine(daemon.socket, { id: 6, op: 'unmount', mountpoint: '/x' });
     assert.deepEqual(await daemon.answer(1), { id: 1, ok: true, mounts: [{ mountpoint: '/m', digest: 'sha256:1' }] });
     assert.deepEqual(await daemon.answer(2), { id: 2, ok: true });
     assert.deepEqual(await daemon.answer(3), { id: 3, ok: false, code: 'ERR_SNAP_NOT_FOUND', message: 'no such layer' });
     assert.deepEqual(await daemon.answer(4), { id: 4, ok: true });
     assert.deepEqual(await daemon.answer(5), { id: 5, ok: true });
-    assert.deepEqual(fs.calls.slice(-4), [['mount', '/x', labels, 'p'], ['mount', '/missing', labels, undefined], ['check', '/x'], ['unmount', '/x']]);
+    assert.deepEqual(await daemon.answer(6), { id: 6, ok: true });
+    assert.deepEqual(fs.calls.slice(-5), [['mount', '/x', labels, 'p'], ['mount', '/missing', labels, undefined], ['check', '/x'], ['prepareUnmount', '/x'], ['unmount', '/x']]);
     daemon.socket.destroy();
   });
 

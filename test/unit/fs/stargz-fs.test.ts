@@ -470,10 +470,13 @@ test('a layer mounted while the sweep reads the mount table is not taken for van
   await mkdir(mnt);
   const labels = { [TARGET_SNAPSHOT_REF]: diffId, [STARGZ_REFERENCE]: 'registry.test/img:1', [STARGZ_DIGEST]: digest, [TOC_DIGEST]: tocDigest };
   // The table as read before the mount completes: the mount finishes while the (slow) read is in flight.
+  // Once: later reads (the unmount of close) see the table as it is.
   const late: { fs?: StargazeFileSystem } = {};
   const staleTable = async (): Promise<MountInfo[]> => {
     const table = await listMounts();
-    await late.fs?.mount(mnt, labels);
+    const mountNow = late.fs;
+    late.fs = undefined;
+    await mountNow?.mount(mnt, labels);
     return table;
   };
   const fsys = new StargazeFileSystem({ registry, scheduler, ...fsOptions({ ...defaultConfig(), noBackgroundFetch: true }), log: quiet, listMounts: staleTable });
@@ -486,4 +489,28 @@ test('a layer mounted while the sweep reads the mount table is not taken for van
   assert.deepEqual(fsys.list().map((m) => m.mountpoint), [mnt], 'the new mount is still served');
   await fsys.check(mnt);
   assert.equal((await run('cat', [path.join(mnt, 'etc/hello.txt')])).stdout, 'hello lazy world\n');
+});
+
+test('a mount detached by the daemon between prepareUnmount and unmount is let go, its path left alone', { skip: !canMount && 'needs root for FUSE' }, async () => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
+  const { blob, digest, tocDigest, diffId } = await layerFixture();
+  const registry = new MemoryRegistry();
+  registry.blobs.set(digest, new BufferBlobSource(digest, blob));
+  const mnt = path.join(dir, 'mnt');
+  await mkdir(mnt);
+  const labels = { [TARGET_SNAPSHOT_REF]: diffId, [STARGZ_REFERENCE]: 'registry.test/img:1', [STARGZ_DIGEST]: digest, [TOC_DIGEST]: tocDigest };
+  const fsys = new StargazeFileSystem({ registry, scheduler, ...fsOptions({ ...defaultConfig(), noBackgroundFetch: true }), log: quiet });
+  after(async () => {
+    await fsys.close();
+    if ((await listMounts()).some((m) => m.mountpoint === mnt)) await run('umount', ['-l', mnt]);
+    await rm(dir, { recursive: true, force: true });
+  });
+  await fsys.mount(mnt, labels);
+  await fsys.prepareUnmount(mnt);
+  assert.deepEqual(fsys.list().map((m) => m.mountpoint), [mnt], 'still served until unmount');
+  await run('umount', ['-l', mnt]); // what FuseServerClient.unmount does in the daemon
+  // An umount of the path by the server would fail now (nothing mounted there): it only lets the session go.
+  await fsys.unmount(mnt);
+  assert.deepEqual(fsys.list(), []);
+  assert.equal((await listMounts()).some((m) => m.mountpoint === mnt), false);
 });
