@@ -56,8 +56,11 @@ const MiB = 1024 * KiB;
 const SCRIPT = 'cat /app/a.bin /app/b.bin | wc -c; cat /app/top.txt\n';
 const WORKLOAD = ['/bin/sh', '/app/run.sh'];
 const WORKLOAD_OUT = `${300 * KiB + 3 * MiB}\ntop\n`;
-/** The bound a mount waits for the registry's profile. */
-const FETCH_TIMEOUT_MS = 400;
+/**
+ * The bound a mount waits for the registry's profile: room for the lookup's round trips on a loaded CI machine,
+ * where 400 ms was sometimes passed (the mount then rightly went on without the profile, and the test failed).
+ */
+const FETCH_TIMEOUT_MS = 1500;
 /** Short recording windows: the test waits for them to close. The fetching nodes record nothing. */
 const RECORD_CONFIG = 'no_background_fetch = true\n[prefetch_profile]\nquiet_msec = 500\n';
 const FETCH_CONFIG = `no_background_fetch = true\n[prefetch_profile]\nrecord = false\nfetch_timeout_msec = ${FETCH_TIMEOUT_MS}\n`;
