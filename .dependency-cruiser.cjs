@@ -20,7 +20,7 @@
  *   - 8: cli.ts dispatches to cmd/ (8a < 8b).
  */
 const LEVELS = [
-  { level: '0a', parts: ['errors.ts', 'abortable.ts', 'path-exists.ts', 'overlay-xattr.ts'], what: 'error classes with codes; leaf helpers' },
+  { level: '0a', parts: ['errors.ts', 'abortable.ts', 'path-exists.ts', 'overlay-xattr.ts', 'lazy-unmount.ts'], what: 'error classes with codes; leaf helpers' },
   { level: '0b', parts: ['log.ts'], what: 'the pino root logger' },
   { level: '0c', parts: ['config', 'source', 'metrics', 'grpc', 'profile', 'user-namespace.ts', 'json-lines.ts'], what: 'config, snapshot labels, metrics, proto loading, the prefetch profile format, user namespace detection, JSON-lines framing' },
   { level: '1', parts: ['estargz', 'remote', 'cache'], what: 'the format (zstd framing included), registry access, caches' },

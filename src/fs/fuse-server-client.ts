@@ -7,7 +7,7 @@ import { spawn } from 'node:child_process';
 import { open } from 'node:fs/promises';
 import net from 'node:net';
 import { errorMessage, StargazeError, UnavailableError, type ErrorCode } from '../errors';
-import { lazyUnmount } from '../fuse/lazy-unmount';
+import { lazyUnmount } from '../lazy-unmount';
 import type { Logger } from '../log';
 import { mountsUnder } from './mount-table';
 import type { RemoteFileSystem } from './remote-file-system';

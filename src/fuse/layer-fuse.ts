@@ -10,9 +10,9 @@ import type { FuseOps, FuseStat } from 'fuse-native';
 import { errorCode, errorMessage } from '../errors';
 import type { Logger } from '../log';
 import { fuseErrno, ERRNO } from './errno';
-import { lazyUnmountCallback } from './lazy-unmount';
+import { lazyUnmountCallback } from '../lazy-unmount';
 
-export { lazyUnmount } from './lazy-unmount';
+export { lazyUnmount } from '../lazy-unmount';
 
 /** The kernel asks for at most this many bytes per read (libfuse2's default max_read is 128 KiB). */
 const FUSE_BLOCK_SIZE = 4096;

@@ -1,6 +1,6 @@
 /**
- * A lazy unmount by child process, apart from layer-fuse.ts so the daemon can detach its FUSE server's mounts
- * without loading fuse-native (fs/fuse-server-client.ts).
+ * A lazy unmount by child process, apart from fuse/layer-fuse.ts and outside fuse/, so the daemon can detach its
+ * FUSE server's mounts (fs/fuse-server-client.ts) without loading fuse-native or the layer stack.
  */
 import { spawn } from 'node:child_process';
 
