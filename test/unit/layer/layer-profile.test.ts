@@ -7,7 +7,6 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { Writable } from 'node:stream';
 import { test } from 'node:test';
 
 import { ProfileStore } from '../../../src/cache/profile-store';
@@ -16,27 +15,16 @@ import { layerOptionsFromConfig } from '../../../src/layer/layer-options';
 import { profileKeyOf } from '../../../src/layer/layer-profile';
 import { Layers } from '../../../src/layer/layers';
 import * as layerModule from '../../../src/layer/layer';
-import { createMultiLogger, type Logger } from '../../../src/log';
+import type { Logger } from '../../../src/log';
 import { FsMetrics } from '../../../src/metrics/fs-metrics';
 import { MAX_PROFILE_FILE_BYTES, PROFILE_FORMAT_VERSION, serializeProfile, type PrefetchProfile } from '../../../src/profile/profile-format';
 import type { LayerSourceInfo } from '../../../src/source/labels';
 import { Scheduler, schedulerLimits } from '../../../src/task/scheduler';
 import { CountingBlobSource, prioritizedLayer, sha256, type PrioritizedLayer } from '../estargz/fixture';
 import { until } from '../until';
+import { capturingLog } from '../capturing-log';
 
 const MiB = 1024 * 1024;
-
-/** A logger whose lines the test reads. */
-function capturingLog(): { log: Logger; lines: Array<{ level: string; msg: string }> } {
-  const lines: Array<{ level: string; msg: string }> = [];
-  const sink = new Writable({
-    write(chunk: Buffer, _enc, cb): void {
-      for (const l of chunk.toString().split('\n').filter(Boolean)) lines.push(JSON.parse(l) as { level: string; msg: string });
-      cb();
-    },
-  });
-  return { log: createMultiLogger([sink], 'debug'), lines };
-}
 
 function layersOver(blob: CountingBlobSource, profiles: ProfileStore, log: Logger, background = false, record = true): Layers {
   const base = defaultConfig();

@@ -9,34 +9,22 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { Writable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 
 import { ProfileStore } from '../../../src/cache/profile-store';
 import { profileKeyOf } from '../../../src/layer/layer-profile';
 import { ProfileFetcher } from '../../../src/layer/profile-fetch';
-import { createMultiLogger, type Logger } from '../../../src/log';
 import { buildProfileArtifact, mergeReferrersIndex, referrersTag, type OciDescriptor } from '../../../src/profile/profile-artifact';
 import { keyOf, type PrefetchProfile } from '../../../src/profile/profile-format';
 import { RegistryClient } from '../../../src/remote/registry-client';
 import type { LayerSourceInfo } from '../../../src/source/labels';
 import { sampleProfile } from '../profile/sample';
 import { forward, pushBlob, pushManifest, sha256, startFakeServer, startRegistry, type RunningRegistry } from '../remote/registry-harness';
+import { capturingLog } from '../capturing-log';
 
 const d = (c: string): string => `sha256:${c.repeat(64)}`;
 const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
 const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
-
-function capturingLog(): { log: Logger; lines: Array<{ level: string; msg: string }> } {
-  const lines: Array<{ level: string; msg: string }> = [];
-  const sink = new Writable({
-    write(chunk: Buffer, _enc, cb): void {
-      for (const l of chunk.toString().split('\n').filter(Boolean)) lines.push(JSON.parse(l) as { level: string; msg: string });
-      cb();
-    },
-  });
-  return { log: createMultiLogger([sink], 'debug'), lines };
-}
 
 /** Pushes `profiles` as an artifact about `subject` and lists it under the tag schema, as profile push does. */
 async function pushArtifact(host: string, repo: string, subject: OciDescriptor, profiles: PrefetchProfile[], blobOverride?: Buffer): Promise<string> {
