@@ -461,7 +461,8 @@ test('a layer opened ahead and mounted in time keeps its prefetch past the pre-o
   await until('its prefetch to stop with its unmount', () => nextSource.stalled.every((r) => r.abortedAt !== undefined), STOP_WITHIN_MS);
 });
 
-test('a layer mounted while the sweep reads the mount table is not taken for vanished', { skip: !canMount && 'needs root for FUSE' }, async () => {
+/** A tmp dir with an empty mountpoint, a registry holding one layer, and the mount labels of that layer. */
+async function oneLayerSetup(): Promise<{ dir: string; registry: MemoryRegistry; mnt: string; labels: Record<string, string> }> {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
   const { blob, digest, tocDigest, diffId } = await layerFixture();
   const registry = new MemoryRegistry();
@@ -469,6 +470,11 @@ test('a layer mounted while the sweep reads the mount table is not taken for van
   const mnt = path.join(dir, 'mnt');
   await mkdir(mnt);
   const labels = { [TARGET_SNAPSHOT_REF]: diffId, [STARGZ_REFERENCE]: 'registry.test/img:1', [STARGZ_DIGEST]: digest, [TOC_DIGEST]: tocDigest };
+  return { dir, registry, mnt, labels };
+}
+
+test('a layer mounted while the sweep reads the mount table is not taken for vanished', { skip: !canMount && 'needs root for FUSE' }, async () => {
+  const { dir, registry, mnt, labels } = await oneLayerSetup();
   // The table as read before the mount completes: the mount finishes while the (slow) read is in flight.
   // Once: later reads (the unmount of close) see the table as it is.
   const late: { fs?: StargazeFileSystem } = {};
@@ -492,13 +498,7 @@ test('a layer mounted while the sweep reads the mount table is not taken for van
 });
 
 test('a mount detached by the daemon between prepareUnmount and unmount is let go, its path left alone', { skip: !canMount && 'needs root for FUSE' }, async () => {
-  const dir = await mkdtemp(path.join(os.tmpdir(), 'stargaze-fs-'));
-  const { blob, digest, tocDigest, diffId } = await layerFixture();
-  const registry = new MemoryRegistry();
-  registry.blobs.set(digest, new BufferBlobSource(digest, blob));
-  const mnt = path.join(dir, 'mnt');
-  await mkdir(mnt);
-  const labels = { [TARGET_SNAPSHOT_REF]: diffId, [STARGZ_REFERENCE]: 'registry.test/img:1', [STARGZ_DIGEST]: digest, [TOC_DIGEST]: tocDigest };
+  const { dir, registry, mnt, labels } = await oneLayerSetup();
   const fsys = new StargazeFileSystem({ registry, scheduler, ...fsOptions({ ...defaultConfig(), noBackgroundFetch: true }), log: quiet });
   after(async () => {
     await fsys.close();
